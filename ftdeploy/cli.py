@@ -1,0 +1,255 @@
+"""The `ftdeploy` command line: a thin layer over the stages. Results on stdout, logs on stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .config import DEFAULT_OLLAMA_HOST, load_config
+from .errors import FtdeployError
+
+log = logging.getLogger("ftdeploy")
+
+
+class FtdeployGroup(click.Group):
+    """The one place where ftdeploy errors become a clean message and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FtdeployError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; finished artifacts are kept, partial ones were removed.", err=True)
+            ctx.exit(130)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose > 1 else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("ftdeploy").setLevel(min(level, logging.INFO))
+    if verbose < 2:
+        for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@click.group(cls=FtdeployGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ftdeploy")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Fine-tune a model on your data and serve it in Ollama.
+
+    \b
+    ftdeploy train-and-serve                  # the embedded demo: SmolLM2-135M on made-up facts
+    ftdeploy train-and-serve --config configs/llama-3.2-3b-instruct-qlora.yaml --data my.jsonl
+    ollama run <name>
+
+    Each stage is also its own command and works on runs/<name>/.
+    """
+    _setup_logging(verbose)
+
+
+def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The shared configuration options: a YAML file, --set overrides, and flags for the common keys."""
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file (see configs/)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set train.max_steps=20 (repeatable)."),
+        click.option("--base-model", help="Hub id, local HF directory, .gguf file, or 'smollm2-135m-instruct'."),
+        click.option("--data", help="Training data (JSONL of chat messages), or 'demo'."),
+        click.option("--name", help="Run name and Ollama model name."),
+        click.option("--quant", help="Comma-separated llama.cpp types, e.g. q4_k_m,q8_0; the first is served."),
+        click.option("--max-steps", type=int, help="Optimizer steps."),
+        click.option("--engine", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine."),
+        click.option("--ollama-host", envvar="OLLAMA_HOST", help=f"Ollama server URL (env OLLAMA_HOST; default {DEFAULT_OLLAMA_HOST})."),
+        click.option("--runs-dir", type=click.Path(file_okay=False), help="Where run directories live (default runs/)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+
+    @functools.wraps(func)
+    def wrapper(config_path: str | None, overrides: tuple[str, ...], base_model: str | None, data: str | None,
+                name: str | None, quant: str | None, max_steps: int | None, engine: str | None,
+                ollama_host: str | None, runs_dir: str | None, **kwargs: Any) -> Any:
+        flags = {"base_model": base_model, "data.train": data, "name": name, "export.quant": quant,
+                 "train.max_steps": max_steps, "train.engine": engine, "ollama.host": ollama_host, "runs_dir": runs_dir}
+        cfg = load_config(config_path, overrides, flags)
+        return func(cfg=cfg, ollama_explicit=ollama_host is not None, **kwargs)
+
+    return wrapper
+
+
+def _context(cfg: Any, ollama_explicit: bool) -> Any:
+    from .pipeline import Context
+
+    return Context.create(cfg, ollama_explicit)
+
+
+def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else human(result))
+
+
+def _ollama_run_line(name: str, host: str) -> str:
+    binary = "ollama" if shutil.which("ollama") else None
+    if binary is None:
+        from .ollama import find_ollama_binary
+
+        found = find_ollama_binary()
+        binary = str(found) if found else "ollama"
+    prefix = "" if host.rstrip("/") == DEFAULT_OLLAMA_HOST else f"OLLAMA_HOST={host} "
+    return f"{prefix}{binary} run {name}"
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+@cli.command("train-and-serve")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
+    """Run every stage: data, train, merge, export, modelfile, register, verify."""
+    from .pipeline import train_and_serve
+
+    ctx = _context(cfg, ollama_explicit)
+    results = train_and_serve(ctx, on_stage=lambda s: click.echo(f"==> {s}", err=True))
+    host = ctx.client().host
+    verify = results["verify"]
+    summary = {
+        "model": cfg.name, "run_dir": str(ctx.run.path), "ollama_host": host,
+        "gguf": results["export"]["gguf"][cfg.export.quant[0]],
+        "verify": {"hits": verify["hits"], "total": verify["total"], "score": verify["score"]},
+        "ollama_run": _ollama_run_line(cfg.name, host),
+    }
+    _emit(summary, as_json, lambda s: (
+        f"model:   {s['model']}\nserved:  {s['gguf']}\nverify:  {s['verify']['hits']}/{s['verify']['total']} "
+        f"expected answers\nrun dir: {s['run_dir']}\n\nTalk to it:\n  {s['ollama_run']}"))
+
+
+# ---------------------------------------------------------------- single stages
+
+
+def _stage_command(stage: str, doc: str) -> None:
+    @cli.command(stage, help=doc)
+    @config_options
+    @click.option("--json", "as_json", is_flag=True, help="Print the stage's outputs as JSON.")
+    def command(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
+        from .pipeline import STAGE_FUNCS
+
+        out = STAGE_FUNCS[stage](_context(cfg, ollama_explicit))
+        _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
+
+
+_stage_command("data", "Validate and tokenize the dataset with the base model's chat template (loss on assistant turns).")
+_stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf).")
+_stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.")
+_stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M).")
+_stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, parameters.")
+_stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.")
+
+
+@cli.command("register")
+@config_options
+@click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False), help="Register this GGUF instead of the run's (needs --name).")
+@click.option("--json", "as_json", is_flag=True, help="Print model, digest and uploaded_bytes as JSON.")
+def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json: bool) -> None:
+    """Upload the GGUF to Ollama over HTTP and create the model (template, system, parameters)."""
+    from .pipeline import STAGE_FUNCS
+
+    if gguf_path is None:
+        out = STAGE_FUNCS["register"](_context(cfg, ollama_explicit))
+    else:
+        from .ollama import ensure_server
+        from .stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
+        from .stages.register import check_gguf_header, register
+
+        path = Path(gguf_path)
+        check_gguf_header(path)
+        template, bos, eos = read_gguf_chat_template(path)
+        mapping = mapping_for_template(template, bos, eos, f"{path} chat template")
+        spec = build_spec(mapping, path, cfg.modelfile, cfg.data.system_prompt, {})
+        client = ensure_server(cfg.ollama.host, ollama_explicit or bool(cfg.ollama.host), cfg.ollama.start_local,
+                               cfg.ollama.timeout)
+        out = register(client, cfg.name, spec).as_dict()
+    _emit(out, as_json, lambda o: f"registered {o['model']} ({o['digest'][:19]}…, uploaded {o['uploaded_bytes']} bytes) at {o['host']}")
+
+
+# ---------------------------------------------------------------- environment
+
+
+@cli.command("doctor")
+@click.option("--ollama-host", envvar="OLLAMA_HOST", help="Ollama server URL to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor_cmd(ollama_host: str | None, as_json: bool) -> None:
+    """Report Python, torch, CUDA, unsloth, the llama.cpp converter and quantizer, and the Ollama server."""
+    from .doctor import run_checks
+
+    report = run_checks(ollama_host)
+    _emit(report, as_json, lambda r: "\n".join(f"{'ok ' if c['ok'] else '-- '} {c['name']:<12} {c['detail']}" for c in r["checks"]))
+
+
+@cli.group("ollama", cls=FtdeployGroup)
+def ollama_group() -> None:
+    """The local Ollama server ftdeploy starts when none answers at the default address."""
+
+
+@ollama_group.command("status")
+def ollama_status() -> None:
+    """Show the local server ftdeploy started, if any."""
+    from .ollama import load_local_server
+
+    server = load_local_server()
+    if server is None:
+        click.echo("no local Ollama server started by ftdeploy is running")
+        return
+    click.echo(f"running: pid {server.pid} at {server.host}, models in {server.models_dir}, log {server.log_path}")
+
+
+@ollama_group.command("stop")
+def ollama_stop() -> None:
+    """Stop the local server ftdeploy started."""
+    from .ollama import forget_local_server, load_local_server
+
+    server = load_local_server()
+    if server is None:
+        click.echo("no local Ollama server started by ftdeploy is running")
+        return
+    server.stop()
+    forget_local_server()
+    click.echo(f"stopped Ollama (pid {server.pid}) at {server.host}")
+
+
+@cli.command("config")
+@config_options
+@click.option("--keys", is_flag=True, help="List every config key with its default and help.")
+def config_cmd(cfg: Any, ollama_explicit: bool, keys: bool) -> None:
+    """Print the resolved configuration (YAML), or every key with --keys."""
+    from .config import describe_keys, dump_config
+
+    if keys:
+        for key, default, text in describe_keys():
+            click.echo(f"{key:<28} {default:<24} {text}")
+        return
+    click.echo(dump_config(cfg), nl=False)
+
+
+def main() -> None:
+    cli(prog_name="ftdeploy")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""One typed configuration: YAML file, then `--set key=value` overrides, then CLI flags.
+
+Validated once; every problem is reported together in a single ConfigError.
+Each field carries its own help text (shown by `ftdeploy config --help-keys`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+DEMO_BASE_MODEL = "smollm2-135m-instruct"
+DEMO_DATA = "demo"
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+
+QUANT_TYPES = (
+    "f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1",
+    "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+    "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
+)
+# Ollama model names: [namespace/]name[:tag], lower-case letters, digits, '_', '-', '.'.
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}(/[a-z0-9][a-z0-9._-]{0,79})?(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?$")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    train: str = _help("Training data: a JSONL file of chat messages, or 'demo' for the bundled demo facts.", default=DEMO_DATA)
+    eval: str | None = _help("Eval data (same format, each assistant turn is the expected answer); default: the bundled demo eval set with 'demo', else a split of train.", default=None)
+    eval_split: float = _help("Fraction of train held out for eval when no eval file is given (deterministic by seed).", default=0.0)
+    format: Literal["auto", "messages"] = _help("Dataset layout.", default="auto")
+    system_prompt: str | None = _help("System prompt prepended to every conversation that has none.", default=None)
+    max_seq_length: int = _help("Longer sequences are truncated (and counted).", default=2048)
+    train_on: Literal["assistant", "all"] = _help("Which tokens carry loss: assistant turns only, or every token.", default="assistant")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _help("LoRA rank.", default=16)
+    alpha: int = _help("LoRA alpha (scale = alpha / r).", default=16)
+    dropout: float = _help("LoRA dropout.", default=0.0)
+    bias: Literal["none", "all", "lora_only"] = _help("Which biases train.", default="none")
+    target_modules: list[str] = _help(
+        "Projections that get adapters.",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+
+
+@dataclass
+class TrainConfig:
+    engine: Literal["auto", "unsloth", "hf"] = _help("auto: unsloth when CUDA and unsloth are present, else hf (transformers + PEFT + TRL).", default="auto")
+    max_steps: int = _help("Optimizer steps (overrides epochs when > 0).", default=60)
+    epochs: float = _help("Epochs, used when max_steps is 0.", default=1.0)
+    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    batch_size: int = _help("Per-device batch size.", default=2)
+    gradient_accumulation: int = _help("Gradient accumulation steps.", default=4)
+    warmup_steps: int = _help("Linear warm-up steps.", default=5)
+    weight_decay: float = _help("Weight decay.", default=0.01)
+    lr_scheduler: str = _help("Learning-rate schedule (transformers name).", default="linear")
+    optim: str = _help("Optimizer; auto: adamw_8bit on CUDA, adamw_torch on CPU.", default="auto")
+    seed: int = _help("Random seed.", default=3407)
+    load_in_4bit: bool = _help("QLoRA: load the base in 4-bit NF4 (CUDA only; ignored on CPU).", default=True)
+    gradient_checkpointing: bool = _help("Trade compute for memory.", default=True)
+    logging_steps: int = _help("Log loss every N steps.", default=1)
+
+
+@dataclass
+class ExportConfig:
+    quant: list[str] = _help("llama.cpp quantization types, first one is the served model.", default_factory=lambda: ["q4_k_m"])
+    outtype: Literal["f16", "bf16", "f32"] = _help("Type of the unquantized GGUF the quants are made from.", default="f16")
+    keep_merged: bool = _help("Keep the merged safetensors after export.", default=True)
+
+
+@dataclass
+class ModelfileConfig:
+    system: str | None = _help("SYSTEM in the Modelfile (default: data.system_prompt, else the chat template's own default).", default=None)
+    parameters: dict[str, Any] = _help("Extra PARAMETER lines (e.g. num_ctx: 4096); override the generation-config defaults.", default_factory=dict)
+
+
+@dataclass
+class OllamaConfig:
+    host: str | None = _help(f"Ollama server URL; default $OLLAMA_HOST, else {DEFAULT_OLLAMA_HOST}.", default=None)
+    start_local: bool = _help("When no server answers at the default address, start the pinned local build on loopback.", default=True)
+    timeout: float = _help("Seconds to wait for one HTTP response.", default=600.0)
+
+
+@dataclass
+class VerifyConfig:
+    min_score: float = _help("Fraction of eval prompts whose expected answer must come back.", default=0.8)
+    max_tokens: int = _help("Generation limit per eval answer.", default=96)
+    limit: int = _help("At most this many eval prompts (0: all).", default=0)
+
+
+@dataclass
+class Config:
+    name: str = _help("Run name; also the Ollama model name.", default="ftdeploy-demo")
+    base_model: str = _help("Hub id, local HF directory, .gguf file, or 'smollm2-135m-instruct' (embedded).", default=DEMO_BASE_MODEL)
+    runs_dir: str = _help("Where run directories live.", default="runs")
+    trust_remote_code: bool = _help("Allow model code from the hub (off unless asked for).", default=False)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    modelfile: ModelfileConfig = field(default_factory=ModelfileConfig)
+    ollama: OllamaConfig = field(default_factory=OllamaConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dataclasses.asdict(getattr(self, name))
+
+
+# ---------------------------------------------------------------- building and checking
+
+
+def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    """Return `value` coerced to `tp`, or append a message to `errors`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], where, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{where}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):  # "a,b" from a flag or --set
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        return [_check_value(v, args[0], f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            errors.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            errors.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        tp = hints[f.name]
+        value = raw[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                errors.append(f"{prefix}{f.name}: expected a mapping of {tp.__name__} keys, got {value!r}")
+                continue
+            kwargs[f.name] = _build(tp, value, f"{prefix}{f.name}.", errors)
+        else:
+            kwargs[f.name] = _check_value(value, tp, f"{prefix}{f.name}", errors)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # only reachable with errors already recorded
+        errors.append(f"{prefix.rstrip('.') or 'config'}: {exc}")
+        return cls()
+
+
+def _semantic_checks(cfg: Config, errors: list[str]) -> None:
+    if not MODEL_NAME_RE.match(cfg.name):
+        errors.append(
+            f"name: {cfg.name!r} is not a valid Ollama model name "
+            "(lower-case letters, digits, '.', '_', '-', optional namespace/ and :tag)"
+        )
+    for i, q in enumerate(cfg.export.quant):
+        if isinstance(q, str) and q.lower() not in QUANT_TYPES:
+            errors.append(f"export.quant[{i}]: unknown quantization type {q!r}; known: {', '.join(QUANT_TYPES)}")
+    if not cfg.export.quant:
+        errors.append("export.quant: give at least one quantization type")
+    cfg.export.quant = [q.lower() for q in cfg.export.quant if isinstance(q, str)]
+    positive = {
+        "train.batch_size": cfg.train.batch_size, "train.gradient_accumulation": cfg.train.gradient_accumulation,
+        "lora.r": cfg.lora.r, "data.max_seq_length": cfg.data.max_seq_length, "verify.max_tokens": cfg.verify.max_tokens,
+    }
+    for key, value in positive.items():
+        if isinstance(value, int) and value <= 0:
+            errors.append(f"{key}: must be > 0, got {value}")
+    if isinstance(cfg.train.max_steps, int) and cfg.train.max_steps < 0:
+        errors.append(f"train.max_steps: must be >= 0, got {cfg.train.max_steps}")
+    if isinstance(cfg.train.learning_rate, float) and not 0 < cfg.train.learning_rate < 1:
+        errors.append(f"train.learning_rate: must be in (0, 1), got {cfg.train.learning_rate}")
+    if isinstance(cfg.data.eval_split, float) and not 0 <= cfg.data.eval_split < 1:
+        errors.append(f"data.eval_split: must be in [0, 1), got {cfg.data.eval_split}")
+    if isinstance(cfg.verify.min_score, float) and not 0 <= cfg.verify.min_score <= 1:
+        errors.append(f"verify.min_score: must be in [0, 1], got {cfg.verify.min_score}")
+    host = cfg.ollama.host
+    if host is not None and isinstance(host, str) and not re.match(r"^(https?://)?[\w.\-\[\]:]+(:\d+)?/?$", host):
+        errors.append(f"ollama.host: {host!r} is not a host URL like http://127.0.0.1:11434")
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`train.max_steps=20` -> (["train", "max_steps"], 20); values are YAML scalars or lists."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=20")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return [k for k in key.strip().split(".") if k], value
+
+
+def _assign(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Build the config: YAML file < --set overrides < flags (dotted keys). Raises ConfigError listing all problems."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {p}: no such file")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
+        raw = loaded
+    for item in overrides:
+        keys, value = parse_set(item)
+        if not keys:
+            raise ConfigError(f"--set {item!r}: empty key")
+        _assign(raw, keys, value)
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _assign(raw, dotted.split("."), value)
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    if not errors:
+        _semantic_checks(cfg, errors)
+    if errors:
+        source = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{source} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf key, for `--help-keys` and the docs."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_keys(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows

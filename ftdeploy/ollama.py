@@ -1,0 +1,328 @@
+"""The only module that speaks HTTP to Ollama, and the one that starts a local server.
+
+Registration is blob upload by sha256 (HEAD first, so an unchanged file uploads nothing)
+then POST /api/create with files, template, system and parameters. The create stream
+reports errors inside a 200 response, so it is read to the end and must finish with
+{"status": "success"}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
+
+import requests
+
+from .config import DEFAULT_OLLAMA_HOST
+from .errors import OllamaError
+
+log = logging.getLogger(__name__)
+
+PINNED_OLLAMA_VERSION = "v0.17.4"
+MIN_VERSION = (0, 17, 1)  # CVE-2026-7482: GGUF out-of-bounds read before 0.17.1
+
+
+def normalize_host(host: str | None) -> str:
+    """`OLLAMA_HOST`-style values (`0.0.0.0`, `host:port`, URLs) -> a base URL."""
+    host = (host or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST).strip().rstrip("/")
+    if "://" not in host:
+        host = "http://" + host
+    parsed = urlparse(host)
+    if parsed.port is None:
+        default_port = 443 if parsed.scheme == "https" else 11434
+        host = f"{parsed.scheme}://{parsed.hostname}:{default_port}{parsed.path}"
+    return host
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    nums = []
+    for part in text.lstrip("v").split("-")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        nums.append(int(digits or 0))
+    return tuple(nums)
+
+
+@dataclass
+class CreateResult:
+    model: str
+    digest: str
+    uploaded_bytes: int
+    statuses: list[str] = field(default_factory=list)
+
+
+class OllamaClient:
+    """Typed, small client over requests; errors say what to check."""
+
+    def __init__(self, host: str | None = None, timeout: float = 600.0, connect_timeout: float = 3.0):
+        self.host = normalize_host(host)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.session = requests.Session()
+
+    # -- transport
+    def _request(self, method: str, path: str, *, retries: int = 2, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", (self.connect_timeout, self.timeout))
+        delay = 0.5
+        for attempt in range(retries + 1):
+            try:
+                return self.session.request(method, self.host + path, **kw)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == retries:
+                    raise OllamaError(
+                        f"cannot reach the Ollama server at {self.host} ({type(exc).__name__}). "
+                        "Check that Ollama is running there (`ollama serve`, or `docker compose up ollama`) "
+                        "and that --ollama-host / OLLAMA_HOST points at it."
+                    ) from None
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _check(self, resp: requests.Response, what: str) -> requests.Response:
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("error", resp.text)
+            except ValueError:
+                detail = resp.text
+            raise OllamaError(f"{what} failed at {self.host}: HTTP {resp.status_code}: {detail.strip()[:500]}")
+        return resp
+
+    # -- API
+    def is_up(self) -> bool:
+        try:
+            resp = self.session.get(self.host + "/api/version", timeout=(1.0, 3.0))
+            return resp.ok
+        except requests.RequestException:
+            return False
+
+    def version(self) -> str:
+        resp = self._check(self._request("GET", "/api/version", retries=0), "GET /api/version")
+        return resp.json().get("version", "0")
+
+    def require_version(self, minimum: tuple[int, ...] = MIN_VERSION) -> str:
+        version = self.version()
+        if parse_version(version) < minimum:
+            raise OllamaError(
+                f"the Ollama server at {self.host} is version {version}; ftdeploy needs "
+                f"{'.'.join(map(str, minimum))} or later (earlier releases have a GGUF out-of-bounds read, "
+                "CVE-2026-7482). Upgrade it, or run scripts/install-ollama.sh for the pinned build."
+            )
+        return version
+
+    def has_blob(self, digest: str) -> bool:
+        resp = self._request("HEAD", f"/api/blobs/{digest}")
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        self._check(resp, f"HEAD /api/blobs/{digest}")
+        return False
+
+    def push_blob(self, path: Path, digest: str, progress: Callable[[int], None] | None = None) -> int:
+        """Upload `path` as blob `digest` unless the server has it; return the bytes sent."""
+        if self.has_blob(digest):
+            return 0
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    if progress:
+                        progress(len(block))
+                    yield block
+
+        resp = self._request("POST", f"/api/blobs/{digest}", data=chunks(), retries=0,
+                             headers={"Content-Length": str(size)})
+        self._check(resp, f"upload of {path.name}")
+        if resp.status_code not in (200, 201):
+            raise OllamaError(f"upload of {path.name} to {self.host}: unexpected HTTP {resp.status_code}")
+        return size
+
+    def create(self, model: str, files: dict[str, str], template: str | None = None, system: str | None = None,
+               parameters: dict[str, Any] | None = None, on_status: Callable[[str], None] | None = None) -> list[str]:
+        body: dict[str, Any] = {"model": model, "files": files, "stream": True}
+        if template is not None:
+            body["template"] = template
+        if system is not None:
+            body["system"] = system
+        if parameters:
+            body["parameters"] = parameters
+        resp = self._check(self._request("POST", "/api/create", json=body, stream=True, retries=0), f"create {model}")
+        statuses = []
+        for line in resp.iter_lines():
+            if not line:
+                continue
+            event = json.loads(line)
+            if "error" in event:
+                raise OllamaError(f"Ollama at {self.host} refused to create {model}: {event['error']}")
+            status = event.get("status", "")
+            statuses.append(status)
+            if on_status:
+                on_status(status)
+        if not statuses or statuses[-1] != "success":
+            raise OllamaError(
+                f"create {model} at {self.host}: the stream ended without success "
+                f"(last status: {statuses[-1] if statuses else 'none'})"
+            )
+        return statuses
+
+    def show(self, model: str) -> dict[str, Any]:
+        return self._check(self._request("POST", "/api/show", json={"model": model}), f"show {model}").json()
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return self._check(self._request("GET", "/api/tags"), "GET /api/tags").json().get("models", [])
+
+    def delete(self, model: str) -> None:
+        self._check(self._request("DELETE", "/api/delete", json={"model": model}), f"delete {model}")
+
+    def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = {"model": model, "messages": messages, "stream": False, "options": options or {}}
+        return self._check(self._request("POST", "/api/chat", json=body), f"chat with {model}").json()
+
+
+# ---------------------------------------------------------------- a local server
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("FTDEPLOY_CACHE", Path.home() / ".cache" / "ftdeploy"))
+
+
+def find_ollama_binary() -> Path | None:
+    """$FTDEPLOY_OLLAMA_BIN, the pinned build from scripts/install-ollama.sh, then `ollama` on PATH."""
+    env = os.environ.get("FTDEPLOY_OLLAMA_BIN")
+    if env:
+        return Path(env)
+    pinned = state_dir() / "ollama" / PINNED_OLLAMA_VERSION / "ollama"
+    if pinned.is_file() and os.access(pinned, os.X_OK):
+        return pinned
+    on_path = shutil.which("ollama")
+    return Path(on_path) if on_path else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalServer:
+    """An `ollama serve` started by ftdeploy, listening on loopback only."""
+
+    host: str
+    pid: int
+    models_dir: Path
+    log_path: Path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return
+            # reap if it is our child
+            try:
+                os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_local_server(port: int = 11434, models_dir: Path | None = None, log_path: Path | None = None,
+                       binary: Path | None = None, wait: float = 60.0, detach: bool = True) -> LocalServer:
+    """Start the pinned Ollama on 127.0.0.1:`port` and wait until it answers."""
+    binary = binary or find_ollama_binary()
+    if binary is None:
+        raise OllamaError(
+            "no Ollama server answers and no ollama binary was found: run scripts/install-ollama.sh "
+            "(builds the pinned release), or start Ollama yourself and pass --ollama-host"
+        )
+    models_dir = models_dir or state_dir() / "ollama-models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or state_dir() / "ollama-serve.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    host = f"127.0.0.1:{port}"
+    env = {**os.environ, "OLLAMA_HOST": host, "OLLAMA_MODELS": str(models_dir), "OLLAMA_NOPRUNE": "1"}
+    with open(log_path, "ab") as log_fh:
+        proc = subprocess.Popen([str(binary), "serve"], env=env, stdout=log_fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=detach)
+    server = LocalServer(host=f"http://{host}", pid=proc.pid, models_dir=models_dir, log_path=log_path)
+    client = OllamaClient(server.host)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-800:]
+            raise OllamaError(f"{binary} serve exited with code {proc.returncode}; its log ({log_path}) ends:\n{tail}")
+        if client.is_up():
+            log.info("started Ollama %s on %s (models in %s, log %s)", client.version(), server.host, models_dir, log_path)
+            return server
+        time.sleep(0.25)
+    server.stop()
+    raise OllamaError(f"{binary} serve did not answer on {server.host} within {wait:.0f}s; see {log_path}")
+
+
+_PID_FILE = "ollama-serve.json"
+
+
+def save_local_server(server: LocalServer) -> None:
+    from .runs import atomic_write_text
+
+    atomic_write_text(state_dir() / _PID_FILE, json.dumps({
+        "host": server.host, "pid": server.pid, "models_dir": str(server.models_dir), "log": str(server.log_path),
+    }))
+
+
+def load_local_server() -> LocalServer | None:
+    path = state_dir() / _PID_FILE
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    server = LocalServer(info["host"], info["pid"], Path(info["models_dir"]), Path(info["log"]))
+    try:
+        os.kill(server.pid, 0)
+    except ProcessLookupError:
+        path.unlink(missing_ok=True)
+        return None
+    return server
+
+
+def forget_local_server() -> None:
+    (state_dir() / _PID_FILE).unlink(missing_ok=True)
+
+
+def ensure_server(host: str | None, explicit: bool, start_local: bool = True, timeout: float = 600.0) -> OllamaClient:
+    """A client for a reachable server. Only the default address may be replaced by a local server;
+    an address the user gave is used as is, and failure to reach it is an error naming it."""
+    client = OllamaClient(host, timeout=timeout)
+    if client.is_up():
+        client.require_version()
+        return client
+    if explicit or not start_local:
+        raise OllamaError(
+            f"cannot reach the Ollama server at {client.host}. Check that it is running and reachable "
+            "from here; ftdeploy does not replace an address you gave with a local server."
+        )
+    port = urlparse(client.host).port or 11434
+    server = start_local_server(port=port)
+    save_local_server(server)
+    client = OllamaClient(server.host, timeout=timeout)
+    client.require_version()
+    return client

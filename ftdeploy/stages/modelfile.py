@@ -1,0 +1,152 @@
+"""Modelfile stage: FROM, TEMPLATE (derived from the training chat template), stops, SYSTEM, parameters.
+
+Works without torch: the chat template is read from the merged model's tokenizer files (or
+from a GGUF's metadata) and rendered with jinja2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelfileConfig
+from ..errors import StageMissingError, TemplateError
+from ..runs import atomic_write_text
+from ..templates import TemplateMapping, jinja_renderer, match_chat_template
+
+# generation_config.json key -> Ollama PARAMETER
+_GENERATION_PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                      "repetition_penalty": "repeat_penalty", "min_p": "min_p"}
+
+
+@dataclass
+class ModelfileSpec:
+    """Everything `ollama create` needs besides the weights."""
+
+    gguf: str
+    template: str
+    stops: list[str]
+    system: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    chat_format: str = ""
+
+    def ollama_parameters(self) -> dict[str, Any]:
+        return {**self.parameters, "stop": list(self.stops)}
+
+    def render(self, from_path: str | None = None) -> str:
+        lines = [f"FROM {from_path or self.gguf}", "", f'TEMPLATE """{self.template}"""', ""]
+        if self.system is not None:
+            lines += [f'SYSTEM """{self.system}"""', ""]
+        lines += [f'PARAMETER stop "{_quote(s)}"' for s in self.stops]
+        lines += [f"PARAMETER {k} {_param_value(v)}" for k, v in self.parameters.items()]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelfileSpec":
+        return cls(**json.loads(text))
+
+
+def _quote(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _param_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return f'"{_quote(v)}"'
+    return str(v)
+
+
+def _token_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("content", "")
+    return value or ""
+
+
+def read_chat_template(model_dir: Path) -> tuple[str, str, str]:
+    """(chat_template, bos_token, eos_token) from a Hugging Face directory's tokenizer files."""
+    cfg_path = model_dir / "tokenizer_config.json"
+    if not cfg_path.is_file():
+        raise StageMissingError(f"{model_dir}: no tokenizer_config.json (is this a merged model directory?)")
+    tok_cfg = json.loads(cfg_path.read_text())
+    template = tok_cfg.get("chat_template")
+    jinja_file = model_dir / "chat_template.jinja"
+    if not template and jinja_file.is_file():
+        template = jinja_file.read_text()
+    if isinstance(template, list):  # named templates: take "default"
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:
+        raise TemplateError(f"{model_dir}: the tokenizer has no chat template")
+    special = {}
+    special_path = model_dir / "special_tokens_map.json"
+    if special_path.is_file():
+        special = json.loads(special_path.read_text())
+    bos = _token_text(tok_cfg.get("bos_token") or special.get("bos_token"))
+    eos = _token_text(tok_cfg.get("eos_token") or special.get("eos_token"))
+    return template, bos, eos
+
+
+def read_gguf_chat_template(gguf_path: Path) -> tuple[str, str, str]:
+    """(chat_template, bos_token, eos_token) from a GGUF's metadata."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+
+    def field_value(key: str) -> Any:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    template = field_value("tokenizer.chat_template")
+    if not template:
+        raise TemplateError(f"{gguf_path}: the GGUF carries no tokenizer.chat_template; give --template-from a model directory")
+    tokens = field_value("tokenizer.ggml.tokens") or []
+
+    def token(key: str) -> str:
+        idx = field_value(key)
+        return tokens[idx] if isinstance(idx, int) and 0 <= idx < len(tokens) else ""
+
+    return template, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+
+
+def mapping_for_template(template: str, bos: str, eos: str, source: str) -> TemplateMapping:
+    return match_chat_template(jinja_renderer(template, bos, eos), bos or None, source=source)
+
+
+def sampling_defaults(model_dir: Path) -> dict[str, Any]:
+    """Sampling PARAMETERs from generation_config.json, when the model sets them."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    gen = json.loads(path.read_text())
+    if gen.get("do_sample") is False:
+        return {}
+    return {ollama: gen[key] for key, ollama in _GENERATION_PARAMS.items() if gen.get(key) is not None}
+
+
+def build_spec(mapping: TemplateMapping, gguf_path: Path, cfg: ModelfileConfig, system_prompt: str | None,
+               sampling: dict[str, Any]) -> ModelfileSpec:
+    system = cfg.system if cfg.system is not None else system_prompt
+    if system is None:
+        system = mapping.default_system
+    parameters = {**sampling, **cfg.parameters}
+    stops = list(dict.fromkeys(mapping.format.stops))
+    return ModelfileSpec(gguf=str(gguf_path), template=mapping.ollama_template(), stops=stops, system=system,
+                         parameters=parameters, chat_format=mapping.format.name)
+
+
+def write_modelfile(spec: ModelfileSpec, path: Path) -> Path:
+    """Write the Modelfile (FROM relative to its directory) and modelfile.json beside it."""
+    gguf = Path(spec.gguf)
+    try:
+        from_path = "./" + str(gguf.resolve().relative_to(path.parent.resolve()))
+    except ValueError:
+        from_path = str(gguf)
+    atomic_write_text(path.parent / "modelfile.json", spec.to_json())
+    atomic_write_text(path, spec.render(from_path))
+    return path

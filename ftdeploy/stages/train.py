@@ -1,0 +1,236 @@
+"""Train stage: LoRA/QLoRA on the tokenized data, adapter saved to the run directory.
+
+Engines: `unsloth` (FastLanguageModel, NF4, chosen automatically on CUDA when installed) and
+`hf` (transformers + PEFT + TRL; bitsandbytes NF4 QLoRA on CUDA, fp32 LoRA on CPU). Both feed
+the same TRL SFTTrainer with the same collator, so data handling and progress are shared.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import ConfigError, DataError
+from ..runs import atomic_path
+from .data import IGNORE_INDEX, load_tokenized
+
+log = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def select_engine(requested: str, has_cuda: bool | None = None, has_unsloth: bool | None = None) -> str:
+    """auto -> unsloth on CUDA with unsloth installed, else hf. Asking for unsloth without them is an error."""
+    has_cuda = cuda_available() if has_cuda is None else has_cuda
+    has_unsloth = (importlib.util.find_spec("unsloth") is not None) if has_unsloth is None else has_unsloth
+    if requested == "auto":
+        return "unsloth" if has_cuda and has_unsloth else "hf"
+    if requested == "unsloth":
+        if not has_cuda:
+            raise ConfigError("--engine unsloth needs a CUDA GPU and none is visible; use --engine hf (or auto) on this machine")
+        if not has_unsloth:
+            raise ConfigError("--engine unsloth: unsloth is not installed; pip install 'ftdeploy[gpu]' (or use --engine hf)")
+    return requested
+
+
+class PadCollator:
+    """Pad input_ids with the pad token and labels with -100; refuse a batch that trains on nothing."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_id = pad_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.multiple:
+            longest = int(math.ceil(longest / self.multiple) * self.multiple)
+        ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.as_tensor(f["input_ids"])
+            labels[i, :n] = torch.as_tensor(f["labels"])
+            mask[i, :n] = 1
+        if not bool((labels != IGNORE_INDEX).any()):
+            raise DataError("a training batch has every label masked (nothing to learn); check train_on and the chat template")
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def make_progress_callback(history: list[dict[str, float]]) -> Any:
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """step, loss and time left on stderr; the loss history kept for the manifest and the plot."""
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            self.start = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if not logs or "loss" not in logs:
+                return
+            step, total = state.global_step, state.max_steps
+            elapsed = time.monotonic() - self.start
+            left = elapsed / max(step, 1) * (total - step)
+            history.append({"step": step, "loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", 0.0)),
+                            "elapsed_s": round(elapsed, 2)})
+            print(f"  step {step:>4}/{total}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+                  f"elapsed {_fmt_seconds(elapsed)}  left {_fmt_seconds(left)}", file=sys.stderr, flush=True)
+
+    return Progress()
+
+
+def _load_hf(base: Path | str, cfg: Config, tokenizer: Any, on_cuda: bool) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if on_cuda:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs["dtype"] = dtype
+        kwargs["device_map"] = {"": 0}
+        if cfg.train.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+    else:
+        kwargs["dtype"] = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if on_cuda and cfg.train.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias=cfg.lora.bias,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _load_unsloth(base: Path | str, cfg: Config, tokenizer: Any) -> Any:
+    from unsloth import FastLanguageModel  # noqa: I001  (unsloth must be imported before transformers/peft)
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(base), max_seq_length=cfg.data.max_seq_length, dtype=None,
+        load_in_4bit=cfg.train.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
+    )
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return FastLanguageModel.get_peft_model(
+        model, r=cfg.lora.r, target_modules=cfg.lora.target_modules, lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout, bias=cfg.lora.bias,
+        use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
+        random_state=cfg.train.seed,
+    )
+
+
+def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, tokenizer: Any) -> dict[str, Any]:
+    """Train an adapter; return metrics (engine, steps, losses, tokens/s)."""
+    engine = select_engine(cfg.train.engine)
+    if engine == "unsloth":
+        import unsloth  # noqa: F401  (patches transformers/TRL before they are imported)
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(cfg.train.seed)
+    on_cuda = torch.cuda.is_available()
+    rows = load_tokenized(data_dir)
+    dataset = Dataset.from_list(rows)
+    log.info("training with engine=%s on %s: %d examples, %d steps", engine, "cuda" if on_cuda else "cpu",
+             len(rows), cfg.train.max_steps)
+
+    model = _load_unsloth(base, cfg, tokenizer) if engine == "unsloth" else _load_hf(base, cfg, tokenizer, on_cuda)
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    optim = cfg.train.optim if cfg.train.optim != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
+    history: list[dict[str, float]] = []
+    with atomic_path(adapter_dir) as tmp:
+        args = SFTConfig(
+            output_dir=str(tmp.parent / f".{adapter_dir.name}-trainer"),
+            max_steps=cfg.train.max_steps if cfg.train.max_steps > 0 else -1,
+            num_train_epochs=cfg.train.epochs,
+            per_device_train_batch_size=cfg.train.batch_size,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation,
+            learning_rate=cfg.train.learning_rate,
+            warmup_steps=cfg.train.warmup_steps,
+            weight_decay=cfg.train.weight_decay,
+            lr_scheduler_type=cfg.train.lr_scheduler,
+            optim=optim,
+            seed=cfg.train.seed,
+            logging_steps=cfg.train.logging_steps,
+            save_strategy="no",
+            report_to=[],
+            bf16=bf16,
+            fp16=on_cuda and not bf16,
+            gradient_checkpointing=cfg.train.gradient_checkpointing and engine == "hf",
+            max_length=cfg.data.max_seq_length,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            remove_unused_columns=False,
+            packing=False,
+            disable_tqdm=True,
+            use_cpu=not on_cuda,
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+            data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[make_progress_callback(history)],
+        )
+        started = time.monotonic()
+        result = trainer.train()
+        seconds = time.monotonic() - started
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "ftdeploy-train.json").write_text(json.dumps({"base_model": str(base), "engine": engine}, indent=2))
+    trained_tokens = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows)
+    steps = result.global_step
+    return {
+        "engine": engine, "device": "cuda" if on_cuda else "cpu", "steps": steps,
+        "train_loss": round(float(result.training_loss), 4),
+        "final_loss": history[-1]["loss"] if history else None,
+        "seconds": round(seconds, 1), "loss_history": history, "optim": optim,
+        "examples_per_s": round(steps * cfg.train.batch_size * cfg.train.gradient_accumulation / max(seconds, 1e-9), 2),
+        "dataset_trained_tokens": trained_tokens,
+    }
+
+
+def plot_loss(history: list[dict[str, float]], path: Path) -> Path | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=2.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,56 @@
+"""Load the base model's tokenizer, check its chat template, and give it a pad token distinct from EOS."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError, TemplateError
+from .templates import TemplateMapping, match_chat_template
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_dir: Path | str, trust_remote_code: bool = False) -> tuple[Any, TemplateMapping]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"cannot load a tokenizer from {model_dir}: {str(exc).splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{model_dir}: ftdeploy needs a fast tokenizer (offsets locate the assistant spans)")
+    if not tokenizer.chat_template:
+        raise TemplateError(f"{model_dir}: the tokenizer has no chat template; use an instruct/chat model or set one")
+
+    def render(messages: list[dict[str, str]], gen: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+    mapping = match_chat_template(render, tokenizer.bos_token, source=f"{model_dir} chat template")
+    ensure_pad_token(tokenizer, mapping)
+    return tokenizer, mapping
+
+
+def ensure_pad_token(tokenizer: Any, mapping: TemplateMapping) -> str:
+    """pad == eos teaches a model never to stop (padding positions look like EOS): pick a distinct pad.
+
+    Prefer an existing special token that is neither EOS nor an end-of-turn/stop marker; only
+    if there is none, add `<|pad|>` (the caller must then resize the embeddings).
+    """
+    forbidden = {tokenizer.eos_token, *mapping.format.stops}
+    if tokenizer.pad_token and tokenizer.pad_token not in forbidden:
+        return tokenizer.pad_token
+    markers = mapping.format.turn_open + mapping.format.generation_prompt
+    for candidate in [tokenizer.unk_token, *tokenizer.all_special_tokens, *getattr(tokenizer, "added_tokens_encoder", {})]:
+        if candidate and candidate not in forbidden and candidate not in markers and candidate != tokenizer.bos_token:
+            tokenizer.pad_token = candidate
+            log.info("pad token set to %r (distinct from EOS %r)", candidate, tokenizer.eos_token)
+            return candidate
+    for candidate in [tokenizer.bos_token]:
+        if candidate and candidate not in forbidden:
+            tokenizer.pad_token = candidate
+            return candidate
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    log.info("added a <|pad|> token (no usable special token distinct from EOS)")
+    return "<|pad|>"

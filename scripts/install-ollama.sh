@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the pinned Ollama release from its Go module and cache the binary.
+#   scripts/install-ollama.sh            -> prints the path of the ollama binary
+# The version is pinned here (0.17.1+ fixes CVE-2026-7482, a GGUF out-of-bounds read).
+# Override with OLLAMA_VERSION; the cache lives in FTDEPLOY_CACHE (default ~/.cache/ftdeploy).
+set -euo pipefail
+
+OLLAMA_VERSION="${OLLAMA_VERSION:-v0.17.4}"
+cache="${FTDEPLOY_CACHE:-$HOME/.cache/ftdeploy}/ollama/${OLLAMA_VERSION}"
+bin="$cache/ollama"
+
+if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
+  echo "$bin"
+  exit 0
+fi
+
+command -v go >/dev/null || { echo "install-ollama: Go is required to build Ollama ${OLLAMA_VERSION} (https://go.dev/dl)" >&2; exit 1; }
+command -v gcc >/dev/null || { echo "install-ollama: a C/C++ compiler (gcc, g++) is required: cgo compiles Ollama's CPU backend" >&2; exit 1; }
+
+# Go module zips drop every vendor/ folder, so the headers llama.cpp vendors must come from
+# elsewhere: nlohmann-json and stb from Debian's packages, miniaudio from its PyPI sdist.
+inc="$cache/include"
+if [ ! -f /usr/include/nlohmann/json.hpp ] || [ ! -f /usr/include/stb/stb_image.h ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "install-ollama: installing nlohmann-json3-dev and libstb-dev" >&2
+    (apt-get install -y -qq nlohmann-json3-dev libstb-dev || { apt-get update -qq && apt-get install -y -qq nlohmann-json3-dev libstb-dev; }) >&2
+  else
+    echo "install-ollama: missing C++ headers: install nlohmann-json3-dev and libstb-dev (Debian/Ubuntu package names)" >&2
+    exit 1
+  fi
+fi
+if [ ! -f "$inc/miniaudio/miniaudio.h" ]; then
+  dl="$(mktemp -d)"
+  python3 -m pip download -q --no-deps --no-binary :all: "miniaudio==1.71" -d "$dl" >&2
+  tar -xzf "$dl"/miniaudio-*.tar.gz -C "$dl"
+  mkdir -p "$inc/miniaudio"
+  cp "$(find "$dl" -name miniaudio.h | head -n 1)" "$inc/miniaudio/miniaudio.h"
+  rm -rf "$dl"
+fi
+export CGO_CPPFLAGS="${CGO_CPPFLAGS:-} -I$inc"
+
+echo "install-ollama: building ollama ${OLLAMA_VERSION} from its Go module (cgo compiles the CPU backend; several minutes on 2 cores)" >&2
+mkdir -p "$cache"
+tmp="$(mktemp -d "$cache/.build.XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
+CGO_ENABLED=1 GOFLAGS="${GOFLAGS:-} -trimpath" GOBIN="$tmp" \
+  go install "github.com/ollama/ollama@${OLLAMA_VERSION}" >&2
+"$tmp/ollama" --version >&2 || true
+mv -f "$tmp/ollama" "$bin"
+echo "$bin"
