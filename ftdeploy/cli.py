@@ -88,6 +88,11 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 ollama_host: str | None, runs_dir: str | None, **kwargs: Any) -> Any:
         flags = {"base_model": base_model, "data.train": data, "name": name, "export.quant": quant,
                  "train.max_steps": max_steps, "train.engine": engine, "ollama.host": ollama_host, "runs_dir": runs_dir}
+        if config_path is None and base_model is None:
+            # No config and no base model: the embedded default (demo.yaml) supplies the defaults.
+            from .config import demo_config_path
+
+            config_path = str(demo_config_path())
         cfg = load_config(config_path, overrides, flags)
         return func(cfg=cfg, ollama_explicit=ollama_host is not None, **kwargs)
 

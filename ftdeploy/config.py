@@ -206,17 +206,18 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> An
 
 
 def _semantic_checks(cfg: Config, errors: list[str]) -> None:
-    if not MODEL_NAME_RE.match(cfg.name):
+    if isinstance(cfg.name, str) and not MODEL_NAME_RE.match(cfg.name):
         errors.append(
             f"name: {cfg.name!r} is not a valid Ollama model name "
             "(lower-case letters, digits, '.', '_', '-', optional namespace/ and :tag)"
         )
-    for i, q in enumerate(cfg.export.quant):
+    for i, q in enumerate(cfg.export.quant if isinstance(cfg.export.quant, list) else []):
         if isinstance(q, str) and q.lower() not in QUANT_TYPES:
             errors.append(f"export.quant[{i}]: unknown quantization type {q!r}; known: {', '.join(QUANT_TYPES)}")
-    if not cfg.export.quant:
-        errors.append("export.quant: give at least one quantization type")
-    cfg.export.quant = [q.lower() for q in cfg.export.quant if isinstance(q, str)]
+    if isinstance(cfg.export.quant, list):
+        if not cfg.export.quant:
+            errors.append("export.quant: give at least one quantization type")
+        cfg.export.quant = [q.lower() for q in cfg.export.quant if isinstance(q, str)]
     positive = {
         "train.batch_size": cfg.train.batch_size, "train.gradient_accumulation": cfg.train.gradient_accumulation,
         "lora.r": cfg.lora.r, "data.max_seq_length": cfg.data.max_seq_length, "verify.max_tokens": cfg.verify.max_tokens,
@@ -235,6 +236,12 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
     host = cfg.ollama.host
     if host is not None and isinstance(host, str) and not re.match(r"^(https?://)?[\w.\-\[\]:]+(:\d+)?/?$", host):
         errors.append(f"ollama.host: {host!r} is not a host URL like http://127.0.0.1:11434")
+
+
+def demo_config_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("ftdeploy.demo").joinpath("demo.yaml")))
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:
@@ -290,8 +297,7 @@ def load_config(
             _assign(raw, dotted.split("."), value)
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors)
-    if not errors:
-        _semantic_checks(cfg, errors)
+    _semantic_checks(cfg, errors)
     if errors:
         source = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{source} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  " + "\n  ".join(errors))

