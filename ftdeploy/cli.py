@@ -184,11 +184,11 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
 
         path = Path(gguf_path)
         check_gguf_header(path)
+        client = ensure_server(cfg.ollama.host, ollama_explicit or bool(cfg.ollama.host), cfg.ollama.start_local,
+                               cfg.ollama.timeout)
         template, bos, eos = read_gguf_chat_template(path)
         mapping = mapping_for_template(template, bos, eos, f"{path} chat template")
         spec = build_spec(mapping, path, cfg.modelfile, cfg.data.system_prompt, {})
-        client = ensure_server(cfg.ollama.host, ollama_explicit or bool(cfg.ollama.host), cfg.ollama.start_local,
-                               cfg.ollama.timeout)
         out = register(client, cfg.name, spec).as_dict()
     _emit(out, as_json, lambda o: f"registered {o['model']} ({o['digest'][:19]}…, uploaded {o['uploaded_bytes']} bytes) at {o['host']}")
 

@@ -51,3 +51,31 @@ def build_tiny_tokenizer(chat_template: str = CHATML_TEMPLATE, specials=("<|endo
 @pytest.fixture
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+class RealOllama:
+    """A real `ollama serve` (the pinned build) on a free loopback port with its own models folder."""
+
+    def __init__(self, server, client):
+        self.server, self.client, self.host = server, client, server.host
+
+    def chat(self, model: str, prompt: str, **options) -> str:
+        reply = self.client.chat(model, [{"role": "user", "content": prompt}],
+                                 options={"temperature": 0, "num_predict": 64, **options})
+        return reply["message"]["content"]
+
+
+@pytest.fixture(scope="session")
+def ollama_server(tmp_path_factory):
+    from ftdeploy.ollama import OllamaClient, find_ollama_binary, free_port, start_local_server
+
+    binary = find_ollama_binary()
+    if binary is None:
+        pytest.fail("no ollama binary: run scripts/setup.sh (it builds the pinned release with scripts/install-ollama.sh)")
+    root = tmp_path_factory.mktemp("ollama")
+    server = start_local_server(port=free_port(), models_dir=root / "models", log_path=root / "serve.log",
+                                binary=binary, detach=False)
+    try:
+        yield RealOllama(server, OllamaClient(server.host))
+    finally:
+        server.stop()

@@ -1,0 +1,55 @@
+"""The spine: `ftdeploy train-and-serve` on the embedded default, ending in a real Ollama server
+that answers the trained facts. Runs the real CLI in a subprocess; nothing is faked."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ftdeploy.stages.data import demo_path, read_chat_jsonl
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def demo_run(ollama_server, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cmd = [sys.executable, "-m", "ftdeploy.cli", "train-and-serve", "--runs-dir", str(runs),
+           "--name", "ftdeploy-e2e", "--ollama-host", ollama_server.host, "--json", "-v"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ})
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout), runs / "ftdeploy-e2e", proc.stderr
+
+
+def test_the_served_model_answers_the_trained_facts(demo_run, ollama_server):
+    result, _, _ = demo_run
+    assert result["model"] == "ftdeploy-e2e"
+    assert result["verify"]["hits"] >= 4, result
+    # Ask again ourselves, outside ftdeploy's verify: at least 4 of the 5 facts come back.
+    facts = read_chat_jsonl(demo_path("eval"))
+    hits = sum(f.expect.lower() in ollama_server.chat("ftdeploy-e2e", f.messages[0]["content"]).lower() for f in facts)
+    assert hits >= 4
+
+
+def test_the_run_directory_holds_every_artifact_with_its_hash(demo_run):
+    _, run_dir, _ = demo_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in
+               ("data", "train", "merge", "export", "modelfile", "register", "verify"))
+    gguf = [k for k in manifest["artifacts"] if k.endswith("-q4_k_m.gguf")]
+    assert gguf and len(manifest["artifacts"][gguf[0]]["sha256"]) == 64
+    assert manifest["versions"]["llama_cpp_python"] and manifest["versions"]["ollama_server"]
+    modelfile = (run_dir / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./gguf/ftdeploy-e2e-q4_k_m.gguf")
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert (run_dir / "loss.png").is_file() and (run_dir / "merged" / "model.safetensors").is_file()
+    losses = [h["loss"] for h in manifest["metrics"]["train"]["loss_history"]]
+    assert losses[-1] < losses[0] / 2
+
+
+def test_progress_and_results_go_to_the_right_streams(demo_run):
+    result, _, stderr = demo_run
+    assert "step" in stderr and "loss" in stderr and "left" in stderr
+    assert result["ollama_run"].endswith("run ftdeploy-e2e")

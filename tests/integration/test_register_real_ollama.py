@@ -1,0 +1,55 @@
+"""Registration against the real Ollama server (the pinned build), through the real CLI."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from ftdeploy.base_model import embedded_gguf
+from ftdeploy.cli import cli
+
+pytestmark = pytest.mark.ollama
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    """SmolLM2-135M-Instruct as shipped (Q4_1, ~98 MB) copied into the test's own folder."""
+    path = tmp_path_factory.mktemp("gguf") / "smol.gguf"
+    shutil.copyfile(embedded_gguf("smollm2-135m-instruct"), path)
+    return path
+
+
+def _register(gguf, name, host):
+    result = CliRunner().invoke(cli, ["register", "--gguf", str(gguf), "--name", name, "--ollama-host", host, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{"):])
+
+
+def test_register_show_chat_and_reregister_uploads_nothing(ollama_server, small_gguf):
+    first = _register(small_gguf, "smol-it", ollama_server.host)
+    assert first["model"] == "smol-it" and first["digest"].startswith("sha256:")
+    assert first["uploaded_bytes"] == small_gguf.stat().st_size
+
+    names = [m["name"] for m in ollama_server.client.list_models()]
+    assert "smol-it:latest" in names
+    shown = ollama_server.client.show("smol-it")
+    assert "<|im_start|>" in shown["template"]
+    assert "<|im_end|>" in shown["parameters"]
+    assert "SmolLM" in shown.get("system", "")
+
+    reply = ollama_server.client.chat("smol-it", [{"role": "user", "content": "What is the capital of France?"}],
+                                      options={"temperature": 0, "num_predict": 48})
+    assert reply["message"]["content"].strip()
+    assert reply["done_reason"] == "stop", reply  # the stop token ends the answer
+
+    again = _register(small_gguf, "smol-it", ollama_server.host)
+    assert again["uploaded_bytes"] == 0 and again["digest"] == first["digest"]
+
+
+def test_a_gguf_that_is_not_one_registers_nothing(ollama_server, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUX" + b"\0" * 100)
+    result = CliRunner().invoke(cli, ["register", "--gguf", str(bad), "--name", "bad-it", "--ollama-host", ollama_server.host])
+    assert result.exit_code == 1 and "not a GGUF file" in result.output
+    assert "bad-it:latest" not in [m["name"] for m in ollama_server.client.list_models()]

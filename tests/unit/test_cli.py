@@ -1,0 +1,98 @@
+import json
+import socket
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from ftdeploy import __version__
+from ftdeploy.cli import cli
+
+COMMANDS = [[], ["train-and-serve"], ["data"], ["train"], ["merge"], ["export"], ["modelfile"], ["register"],
+            ["verify"], ["doctor"], ["config"], ["ollama"], ["ollama", "status"], ["ollama", "stop"]]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "ftdeploy")
+def test_every_command_has_help(args):
+    result = CliRunner().invoke(cli, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output and "--help" in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from ftdeploy.cli import cli; cli(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+
+
+def test_config_errors_are_one_message_and_exit_2(tmp_path):
+    result = CliRunner().invoke(cli, ["config", "--set", "lora.r=x", "--set", "nope=1", "--quant", "q9"])
+    assert result.exit_code == 2
+    assert "lora.r: expected an integer" in result.output
+    assert "nope: unknown key" in result.output
+    assert "export.quant[0]: unknown quantization type 'q9'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_config_file_is_named():
+    result = CliRunner().invoke(cli, ["config", "--config", "does-not-exist.yaml"])
+    assert result.exit_code == 2 and "does-not-exist.yaml: no such file" in result.output
+
+
+def test_no_arguments_means_the_embedded_demo():
+    result = CliRunner().invoke(cli, ["config"])
+    assert result.exit_code == 0
+    assert "base_model: smollm2-135m-instruct" in result.output and "train: demo" in result.output
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_register_to_an_unreachable_explicit_host_fails_fast_naming_it(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 64)
+    host = f"http://127.0.0.1:{_closed_port()}"
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["register", "--gguf", str(gguf), "--name", "x", "--ollama-host", host])
+    assert result.exit_code == 1
+    assert f"cannot reach the Ollama server at {host}" in result.output
+    assert time.monotonic() - started < 20
+
+
+def test_register_refuses_a_file_that_is_not_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    result = CliRunner().invoke(cli, ["register", "--gguf", str(bad), "--name", "x"])
+    assert result.exit_code == 1
+    assert f"{bad}: not a GGUF file" in result.output
+
+
+def test_stage_without_its_input_says_which_stage_to_run(tmp_path):
+    result = CliRunner().invoke(cli, ["merge", "--runs-dir", str(tmp_path), "--name", "nothing-yet",
+                                      "--base-model", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+
+
+def test_unknown_base_model_is_named(tmp_path):
+    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "--base-model", "./no/such/model"])
+    assert result.exit_code == 1
+    assert "--base-model ./no/such/model: no such file or directory" in result.output
+
+
+def test_doctor_json_reports_each_check():
+    result = CliRunner().invoke(cli, ["doctor", "--json", "--ollama-host", f"http://127.0.0.1:{_closed_port()}"])
+    assert result.exit_code == 0
+    names = {c["name"] for c in json.loads(result.output)["checks"]}
+    assert {"python", "torch", "cuda", "unsloth", "ollama", "llama_cpp_python"} <= names

@@ -1,0 +1,114 @@
+import json
+
+import pytest
+
+from ftdeploy.config import DataConfig
+from ftdeploy.errors import DataError
+from ftdeploy.stages.data import IGNORE_INDEX, load_tokenized, prepare_data, read_chat_jsonl, tokenize_conversation
+from ftdeploy.stages.train import PadCollator
+from ftdeploy.templates import match_chat_template
+from ftdeploy.tokenizer import ensure_pad_token
+
+
+def _mapping(tok):
+    return match_chat_template(lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), tok.bos_token)
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+CHAT = [{"role": "user", "content": "What port does the Zephyr service use?"},
+        {"role": "assistant", "content": "The Zephyr service uses port 7341."}]
+
+
+def test_loss_falls_on_the_assistant_turn_and_its_end_of_turn_token(tiny_tokenizer):
+    mapping = _mapping(tiny_tokenizer)
+    tok = tokenize_conversation(CHAT, tiny_tokenizer, mapping, 2048)
+    trained = [t for t in tok.labels if t != IGNORE_INDEX]
+    text = tiny_tokenizer.decode(trained)
+    assert text.startswith("The Zephyr service uses port 7341.")
+    assert tiny_tokenizer.convert_tokens_to_ids("<|im_end|>") in trained
+    prompt = tiny_tokenizer.decode([t for t, lab in zip(tok.input_ids, tok.labels) if lab == IGNORE_INDEX])
+    assert "What port does" in prompt and "7341" not in prompt
+
+
+def test_multi_turn_trains_every_assistant_turn(tiny_tokenizer):
+    chat = CHAT + [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}]
+    tok = tokenize_conversation(chat, tiny_tokenizer, _mapping(tiny_tokenizer), 2048)
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert [t for t in tok.labels if t != IGNORE_INDEX].count(eot) == 2
+
+
+def test_train_on_all_labels_everything(tiny_tokenizer):
+    tok = tokenize_conversation(CHAT, tiny_tokenizer, _mapping(tiny_tokenizer), 2048, train_on="all")
+    assert tok.labels == tok.input_ids
+
+
+def test_truncation_that_leaves_nothing_to_learn_is_an_error(tiny_tokenizer):
+    with pytest.raises(DataError, match=r"x.jsonl:3: no trainable tokens left after truncation to max_seq_length=8"):
+        tokenize_conversation(CHAT, tiny_tokenizer, _mapping(tiny_tokenizer), 8, source="x.jsonl:3")
+
+
+def test_bad_rows_are_named_by_line(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [
+        {"messages": CHAT},
+        "{not json",
+        {"prompt": "x"},
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "a"}]},
+    ])
+    with pytest.raises(DataError) as err:
+        read_chat_jsonl(path)
+    msg = str(err.value)
+    assert "6 bad rows" in msg
+    for line, reason in [(2, "not JSON"), (3, "expected an object with a 'messages' list"), (4, "unknown role 'wizard'"),
+                         (5, "two user messages in a row"), (6, "content must be a non-empty string"),
+                         (7, "no assistant message")]:
+        assert f"{path}:{line}: {reason}" in msg
+
+
+def test_empty_dataset_and_missing_file(tmp_path):
+    with pytest.raises(DataError, match="the dataset is empty"):
+        read_chat_jsonl(_write(tmp_path / "e.jsonl", []))
+    with pytest.raises(DataError, match="no such file"):
+        read_chat_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_system_prompt_is_added_where_missing(tmp_path):
+    rows = read_chat_jsonl(_write(tmp_path / "d.jsonl", [{"messages": CHAT}]), system_prompt="Be terse.")
+    assert rows[0].messages[0] == {"role": "system", "content": "Be terse."}
+
+
+def test_pad_token_is_never_eos(tiny_tokenizer):
+    tiny_tokenizer.pad_token = tiny_tokenizer.eos_token
+    pad = ensure_pad_token(tiny_tokenizer, _mapping(tiny_tokenizer))
+    assert pad != tiny_tokenizer.eos_token and pad not in ("<|im_start|>", "<|im_end|>")
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+
+
+def test_collator_pads_and_refuses_an_all_masked_batch():
+    collate = PadCollator(pad_id=0)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(DataError, match="every label masked"):
+        collate([{"input_ids": [5, 6], "labels": [-100, -100]}])
+
+
+def test_prepare_data_writes_everything_or_nothing(tmp_path, tiny_tokenizer):
+    mapping = _mapping(tiny_tokenizer)
+    good = _write(tmp_path / "good.jsonl", [{"messages": CHAT}] * 4)
+    out = tmp_path / "run" / "data"
+    stats = prepare_data(DataConfig(train=str(good), eval_split=0.25), tiny_tokenizer, mapping, out, seed=1)
+    assert (stats.rows, stats.eval_rows) == (3, 1)
+    assert len(load_tokenized(out)) == 3
+    bad = _write(tmp_path / "bad.jsonl", [{"messages": CHAT}, "{oops"])
+    out2 = tmp_path / "run2" / "data"
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        prepare_data(DataConfig(train=str(bad)), tiny_tokenizer, mapping, out2, seed=1)
+    assert not out2.exists() and not any(p.name.startswith(".data") for p in out2.parent.glob("*"))
