@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import requests
@@ -58,6 +58,22 @@ class CreateResult:
     digest: str
     uploaded_bytes: int
     statuses: list[str] = field(default_factory=list)
+
+
+class _ProgressReader:
+    """A file object with a length (so requests sends Content-Length, not chunks) that reports bytes read."""
+
+    def __init__(self, fh: Any, size: int, progress: Callable[[int], None] | None):
+        self.fh, self.size, self.progress = fh, size, progress
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.fh.read(n)
+        if block and self.progress:
+            self.progress(len(block))
+        return block
 
 
 class OllamaClient:
@@ -132,16 +148,9 @@ class OllamaClient:
         if self.has_blob(digest):
             return 0
         size = path.stat().st_size
-
-        def chunks() -> Iterator[bytes]:
-            with open(path, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    if progress:
-                        progress(len(block))
-                    yield block
-
-        resp = self._request("POST", f"/api/blobs/{digest}", data=chunks(), retries=0,
-                             headers={"Content-Length": str(size)})
+        with open(path, "rb") as fh:
+            body = _ProgressReader(fh, size, progress)
+            resp = self._request("POST", f"/api/blobs/{digest}", data=body, retries=0)
         self._check(resp, f"upload of {path.name}")
         if resp.status_code not in (200, 201):
             raise OllamaError(f"upload of {path.name} to {self.host}: unexpected HTTP {resp.status_code}")

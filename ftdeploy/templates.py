@@ -99,6 +99,12 @@ class TemplateMapping:
         for literal in (self.system_prefix, self.implicit_system):
             if "{{" in literal or "}}" in literal:
                 raise TemplateError(f"chat template text {literal!r} contains '{{{{' or '}}}}', which Ollama templates cannot hold")
+        lines = [line for line in text.splitlines(keepends=True) if not line.startswith("{{- /*")]  # maintainer notes
+        if not self.implicit_system:
+            lines = [line for line in lines if "[[IMPLICIT_SYSTEM]]" not in line]
+        text = "".join(lines).rstrip("\n")  # a trailing newline would be rendered after the generation prompt
+        if not self.system_prefix:
+            text = text.replace('{{ if eq .Role "system" }}[[SYSTEM_PREFIX]]{{ end }}', "")
         return text.replace("[[SYSTEM_PREFIX]]", self.system_prefix).replace("[[IMPLICIT_SYSTEM]]", self.implicit_system)
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:

@@ -9,7 +9,7 @@ OLLAMA_VERSION="${OLLAMA_VERSION:-v0.17.4}"
 cache="${FTDEPLOY_CACHE:-$HOME/.cache/ftdeploy}/ollama/${OLLAMA_VERSION}"
 bin="$cache/ollama"
 
-if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
+if [ -x "$bin" ] && "$bin" --version 2>&1 | grep -q "${OLLAMA_VERSION#v}"; then
   echo "$bin"
   exit 0
 fi
@@ -43,8 +43,10 @@ echo "install-ollama: building ollama ${OLLAMA_VERSION} from its Go module (cgo 
 mkdir -p "$cache"
 tmp="$(mktemp -d "$cache/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
-CGO_ENABLED=1 GOFLAGS="${GOFLAGS:-} -trimpath" GOBIN="$tmp" \
-  go install "github.com/ollama/ollama@${OLLAMA_VERSION}" >&2
+# The release version is stamped by ldflags, as Ollama's own release build does (else it reports 0.0.0).
+CGO_ENABLED=1 GOBIN="$tmp" go install -trimpath \
+  -ldflags "-s -w -X github.com/ollama/ollama/version.Version=${OLLAMA_VERSION#v}" \
+  "github.com/ollama/ollama@${OLLAMA_VERSION}" >&2
 "$tmp/ollama" --version >&2 || true
 mv -f "$tmp/ollama" "$bin"
 echo "$bin"

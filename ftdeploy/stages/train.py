@@ -197,6 +197,9 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
             data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[make_progress_callback(history)],
         )
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes to stderr
         started = time.monotonic()
         result = trainer.train()
         seconds = time.monotonic() - started
