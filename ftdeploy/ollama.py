@@ -193,8 +193,18 @@ class OllamaClient:
     def delete(self, model: str) -> None:
         self._check(self._request("DELETE", "/api/delete", json={"model": model}), f"delete {model}")
 
-    def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = {"model": model, "messages": messages, "stream": False, "options": options or {}}
+    def generate(self, model: str, prompt: str, raw: bool = False, options: dict[str, Any] | None = None,
+                 keep_alive: str | int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "raw": raw, "stream": False, "options": options or {}}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        return self._check(self._request("POST", "/api/generate", json=body), f"generate with {model}").json()
+
+    def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None,
+             keep_alive: str | int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "options": options or {}}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
         return self._check(self._request("POST", "/api/chat", json=body), f"chat with {model}").json()
 
 

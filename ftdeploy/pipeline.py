@@ -140,7 +140,9 @@ def stage_register(ctx: Context) -> dict[str, Any]:
 
 def stage_verify(ctx: Context) -> dict[str, Any]:
     from .stages.data import load_eval
-    from .stages.verify import ask_all, check, summarize
+    from .stages.modelfile import mapping_for_template, read_chat_template
+    from .stages.verify import PARITY_CHATS, ask_all, check, summarize, template_parity
+    from .templates import jinja_renderer
 
     with ctx.run.stage("verify") as out:
         examples = load_eval(ctx.run.data_dir)
@@ -148,6 +150,10 @@ def stage_verify(ctx: Context) -> dict[str, Any]:
             examples = examples[: ctx.cfg.verify.limit]
         answers = ask_all(ctx.client(), ctx.cfg.name, examples, ctx.cfg.verify.max_tokens, ctx.cfg.train.seed)
         summary = summarize(answers, ctx.cfg.verify.min_score)
+        template, bos, eos = read_chat_template(ctx.run.merged_dir)
+        mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
+        summary["template_parity"] = template_parity(ctx.client(), ctx.cfg.name, jinja_renderer(template, bos, eos),
+                                                     bos if mapping.format.bos_in_template else None, PARITY_CHATS)
         out.update(summary)
         ctx.run.update(metrics={"verify": summary})
         atomic_write_text(ctx.run.path / "verify.json", json.dumps(summary, indent=2))

@@ -63,6 +63,20 @@ def summarize(answers: list[Answer], min_score: float) -> dict[str, Any]:
 
 
 def check(summary: dict[str, Any], model: str) -> None:
+    parity = summary.get("template_parity")
+    if parity and not parity["passed"]:
+        first = parity["mismatches"][0]
+        raise VerifyError(
+            f"{model}: the prompt Ollama builds from the Modelfile TEMPLATE differs from the training chat template "
+            f"({len(parity['mismatches'])}/{parity['checked']} probe chats answer differently; e.g. raw "
+            f"{first['raw'][:60]!r} vs chat {first['chat_answer'][:60]!r}). Suspect the TEMPLATE or the stop tokens."
+        )
+    unstopped = summary["total"] - summary.get("stopped", summary["total"])
+    if unstopped:
+        raise VerifyError(
+            f"{model}: {unstopped}/{summary['total']} answers ran to the length limit instead of stopping; "
+            "suspect the TEMPLATE or the PARAMETER stop tokens (the end-of-turn token is not ending answers)"
+        )
     if not summary["total"]:
         raise VerifyError(f"{model}: no eval prompts to verify with; give data.eval or data.eval_split")
     if not summary["passed"]:
@@ -70,3 +84,32 @@ def check(summary: dict[str, Any], model: str) -> None:
             f"{model}: {summary['hits']}/{summary['total']} expected answers came back "
             f"(score {summary['score']:.2f} < min_score {summary['min_score']:.2f})"
         )
+
+
+PARITY_CHATS = [
+    [{"role": "user", "content": "Name three colors."}],
+    [{"role": "system", "content": "You answer in one short sentence."}, {"role": "user", "content": "What is a river?"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a fact about the sea."}],
+]
+
+
+def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: str | None,
+                    chats: list[list[dict[str, str]]], max_tokens: int = 24) -> dict[str, Any]:
+    """Does Ollama build the prompt the training template builds? The same greedy answer from
+    /api/chat and from /api/generate with the training-rendered prompt sent raw says it does.
+
+    Each request unloads the model after it (keep_alive 0): with a warm KV cache the second request
+    evaluates only the uncached suffix, and that different batching can flip a near-tie in greedy decoding."""
+    mismatches = []
+    options = {"temperature": 0, "num_predict": max_tokens, "seed": 0}
+    client.generate(model, "", keep_alive=0)  # unload: start from a cold cache
+    for chat in chats:
+        prompt = render(chat, True)
+        if strip_bos and prompt.startswith(strip_bos):
+            prompt = prompt[len(strip_bos):]  # a template that writes BOS: the runner adds it itself
+        raw = client.generate(model, prompt, raw=True, options=options, keep_alive=0).get("response", "")
+        via_chat = client.chat(model, chat, options=options, keep_alive=0).get("message", {}).get("content", "")
+        if raw.strip() != via_chat.strip():
+            mismatches.append({"chat": chat, "raw": raw, "chat_answer": via_chat})
+    return {"checked": len(chats), "mismatches": mismatches, "passed": not mismatches}
