@@ -7,12 +7,15 @@ version is recorded in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import ExportError, StageMissingError
 from ..runs import atomic_path
@@ -63,10 +66,36 @@ def quantize(src: Path, out_path: Path, qtype: str, threads: int | None = None) 
     params.nthread = threads or os.cpu_count() or 1
     with atomic_path(out_path) as tmp:
         log.info("quantizing %s to %s", src.name, qtype.upper())
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        with _capture_stderr() as captured:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        text = captured.read_text(errors="replace")
+        captured.unlink(missing_ok=True)
+        log.debug(text)
+        for line in text.splitlines():
+            if "WARNING" in line or "error" in line.lower():
+                log.info("llama.cpp: %s", line.split(": ", 1)[-1])
         if rc != 0:
-            raise ExportError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc})")
+            tail = "\n".join(text.strip().splitlines()[-5:])
+            raise ExportError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc}):\n{tail}")
     return out_path
+
+
+@contextlib.contextmanager
+def _capture_stderr() -> Iterator[Path]:
+    """llama.cpp writes a line per tensor straight to fd 2: send it to a file (the caller reads and removes it)."""
+    with tempfile.NamedTemporaryFile(prefix="ftdeploy-quantize-", suffix=".log", delete=False) as fh:
+        path = Path(fh.name)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as out:
+            os.dup2(out.fileno(), 2)
+            try:
+                yield path
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def export(merged_dir: Path, gguf_dir: Path, model_name: str, quant_types: list[str], outtype: str = "f16") -> dict[str, Path]:
