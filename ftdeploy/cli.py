@@ -78,6 +78,7 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--engine", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine."),
         click.option("--ollama-host", envvar="OLLAMA_HOST", help=f"Ollama server URL (env OLLAMA_HOST; default {DEFAULT_OLLAMA_HOST})."),
         click.option("--runs-dir", type=click.Path(file_okay=False), help="Where run directories live (default runs/)."),
+        click.option("-v", "--verbose", "stage_verbose", count=True, help="More logging on stderr (also accepted before the command)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -85,7 +86,9 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(config_path: str | None, overrides: tuple[str, ...], base_model: str | None, data: str | None,
                 name: str | None, quant: str | None, max_steps: int | None, engine: str | None,
-                ollama_host: str | None, runs_dir: str | None, **kwargs: Any) -> Any:
+                ollama_host: str | None, runs_dir: str | None, stage_verbose: int, **kwargs: Any) -> Any:
+        if stage_verbose:
+            _setup_logging(stage_verbose)
         flags = {"base_model": base_model, "data.train": data, "name": name, "export.quant": quant,
                  "train.max_steps": max_steps, "train.engine": engine, "ollama.host": ollama_host, "runs_dir": runs_dir}
         if config_path is None and base_model is None:
