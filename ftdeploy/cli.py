@@ -65,8 +65,13 @@ def cli(verbose: int) -> None:
     _setup_logging(verbose)
 
 
-def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The shared configuration options: a YAML file, --set overrides, and flags for the common keys."""
+def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, tuple[str, Any]] | None = None) -> Any:
+    """The shared configuration options: a YAML file, --set overrides, and flags for the common keys.
+
+    `extra` maps a parameter name to (dotted config key, click.option) for a command's own flags."""
+    if func is None:
+        return lambda f: config_options(f, extra=extra)
+    extra = extra or {}
     options = [
         click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file (see configs/)."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set train.max_steps=20 (repeatable)."),
@@ -79,6 +84,7 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ollama-host", envvar="OLLAMA_HOST", help=f"Ollama server URL (env OLLAMA_HOST; default {DEFAULT_OLLAMA_HOST})."),
         click.option("--runs-dir", type=click.Path(file_okay=False), help="Where run directories live (default runs/)."),
         click.option("-v", "--verbose", "stage_verbose", count=True, help="More logging on stderr (also accepted before the command)."),
+        *[option for _, option in extra.values()],
     ]
     for option in reversed(options):
         func = option(func)
@@ -89,7 +95,8 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 ollama_host: str | None, runs_dir: str | None, stage_verbose: int, **kwargs: Any) -> Any:
         if stage_verbose:
             _setup_logging(stage_verbose)
-        flags = {"base_model": base_model, "data.train": data, "name": name, "export.quant": quant,
+        flags = {key: kwargs.pop(param) for param, (key, _) in extra.items()}
+        flags |= {"base_model": base_model, "data.train": data, "name": name, "export.quant": quant,
                  "train.max_steps": max_steps, "train.engine": engine, "ollama.host": ollama_host, "runs_dir": runs_dir}
         if config_path is None and base_model is None:
             # No config and no base model: the embedded default (demo.yaml) supplies the defaults.
@@ -100,6 +107,15 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         return func(cfg=cfg, ollama_explicit=ollama_host is not None, **kwargs)
 
     return wrapper
+
+
+_DATA_FLAGS = {
+    "layout": ("data.format", click.option("--format", "layout", type=click.Choice(["auto", "messages", "sharegpt", "alpaca", "pairs", "text"]), help="Dataset layout (default: detected).")),
+    "on_bad_row": ("data.on_bad_row", click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop on a bad row (error) or drop and report it (skip).")),
+    "eval_split": ("data.eval_split", click.option("--eval-split", type=float, help="Fraction held out for eval, e.g. 0.05.")),
+    "eval_file": ("data.eval", click.option("--eval-file", help="Eval data file (same layouts).")),
+    "system_prompt": ("data.system_prompt", click.option("--system-prompt", help="System prompt for conversations without one.")),
+}
 
 
 def _context(cfg: Any, ollama_explicit: bool) -> Any:
@@ -127,7 +143,7 @@ def _ollama_run_line(name: str, host: str) -> str:
 
 
 @cli.command("train-and-serve")
-@config_options
+@config_options(extra=_DATA_FLAGS)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
     """Run every stage: data, train, merge, export, modelfile, register, verify."""
@@ -162,12 +178,59 @@ def _stage_command(stage: str, doc: str) -> None:
         _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
 
 
-_stage_command("data", "Validate and tokenize the dataset with the base model's chat template (loss on assistant turns).")
 _stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf).")
 _stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.")
 _stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M).")
 _stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, parameters.")
 _stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.")
+
+
+@cli.group("data", cls=FtdeployGroup, invoke_without_command=True)
+@config_options(extra=_DATA_FLAGS)
+@click.option("--json", "as_json", is_flag=True, help="Print the stage's outputs as JSON.")
+@click.pass_context
+def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
+    """Validate and tokenize the dataset with the base model's chat template (loss on assistant turns).
+
+    `ftdeploy data [OPTIONS] inspect DATA` shows what the model will see, without training.
+    """
+    click_ctx.obj = cfg
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from .pipeline import STAGE_FUNCS
+
+    out = STAGE_FUNCS["data"](_context(cfg, ollama_explicit))
+    _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items()))
+
+
+@data_group.command("inspect")
+@click.argument("data_path", metavar="DATA")
+@click.option("--json", "as_json", is_flag=True, help="Print format, rows, bad_rows and token-length statistics as JSON.")
+@click.pass_obj
+def data_inspect(cfg: Any, data_path: str, as_json: bool) -> None:
+    """Show the detected layout, row counts, token lengths (histogram) and one example as the model sees it."""
+    from .base_model import resolve_base_model
+    from .stages.data import inspect_data
+    from .tokenizer import load_tokenizer
+
+    tokenizer, mapping = load_tokenizer(resolve_base_model(cfg.base_model, cfg.trust_remote_code), cfg.trust_remote_code)
+    plot = cfg.run_dir / "data_lengths.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    t = result["tokens"]
+    lines = [f"layout:   {result['format']}  (chat format {result['chat_format']})",
+             f"rows:     {result['rows']}  bad rows: {result['bad_rows']}  truncated: {result['truncated']} (max_seq_length {result['max_seq_length']})",
+             f"tokens:   min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}",
+             "histogram:"]
+    peak = max(h["count"] for h in result["histogram"]) or 1
+    for h in result["histogram"]:
+        lines.append(f"  {h['low']:>6}-{h['high']:<6} {'#' * max(1 if h['count'] else 0, round(40 * h['count'] / peak)):<40} {h['count']}")
+    lines += [f"plot:     {result['plot']}", f"example ({result['example']['source']}), trained spans in [[ ]]:",
+              result["example"]["rendered"]]
+    click.echo("\n".join(lines))
 
 
 @cli.command("register")
@@ -183,12 +246,13 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
     else:
         from .ollama import ensure_server
         from .stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
-        from .stages.register import check_gguf_header, register
+        from .stages.register import check_gguf, check_gguf_header, register
 
         path = Path(gguf_path)
         check_gguf_header(path)
         client = ensure_server(cfg.ollama.host, ollama_explicit or bool(cfg.ollama.host), cfg.ollama.start_local,
                                cfg.ollama.timeout)
+        check_gguf(path)
         template, bos, eos = read_gguf_chat_template(path)
         mapping = mapping_for_template(template, bos, eos, f"{path} chat template")
         spec = build_spec(mapping, path, cfg.modelfile, cfg.data.system_prompt, {})
@@ -212,7 +276,27 @@ def doctor_cmd(ollama_host: str | None, as_json: bool) -> None:
 
 @cli.group("ollama", cls=FtdeployGroup)
 def ollama_group() -> None:
-    """The local Ollama server ftdeploy starts when none answers at the default address."""
+    """Local Ollama: the pinned build ftdeploy starts (status, stop) or the sidecar container (up, down)."""
+
+
+@ollama_group.command("up")
+@click.option("--port", default=11434, show_default=True, help="Loopback port to publish.")
+@click.option("--gpu", is_flag=True, help="Give the container the GPUs (NVIDIA Container Toolkit).")
+def ollama_up(port: int, gpu: bool) -> None:
+    """Start the Ollama sidecar container (the compose one) through the Docker engine."""
+    from .sidecar import up
+
+    host = up(port, gpu)
+    click.echo(f"Ollama sidecar running at {host} (export OLLAMA_HOST={host})")
+
+
+@ollama_group.command("down")
+@click.option("--remove-models", is_flag=True, help="Also delete the models volume.")
+def ollama_down(remove_models: bool) -> None:
+    """Stop and remove the Ollama sidecar container."""
+    from .sidecar import down
+
+    click.echo("stopped the Ollama sidecar" if down(remove_models) else "no Ollama sidecar container was running")
 
 
 @ollama_group.command("status")

@@ -40,7 +40,12 @@ class DataConfig:
     train: str = _help("Training data: a JSONL file of chat messages, or 'demo' for the bundled demo facts.", default=DEMO_DATA)
     eval: str | None = _help("Eval data (same format, each assistant turn is the expected answer); default: the bundled demo eval set with 'demo', else a split of train.", default=None)
     eval_split: float = _help("Fraction of train held out for eval when no eval file is given (deterministic by seed).", default=0.0)
-    format: Literal["auto", "messages"] = _help("Dataset layout.", default="auto")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "text"] = _help("Dataset layout (auto: detected from the columns).", default="auto")
+    columns: dict[str, str] = _help("Column names for other layouts: prompt, response, system (e.g. {prompt: question, response: answer}).", default_factory=dict)
+    on_bad_row: Literal["error", "skip"] = _help("A bad row stops the run (error) or is dropped and reported (skip).", default="error")
+    hub_config: str | None = _help("Config name of a Hugging Face dataset id (e.g. v0).", default=None)
+    split: str = _help("Split of a Hugging Face dataset id.", default="train")
+    packing: bool = _help("Pack short sequences together up to max_seq_length.", default=False)
     system_prompt: str | None = _help("System prompt prepended to every conversation that has none.", default=None)
     max_seq_length: int = _help("Longer sequences are truncated (and counted).", default=2048)
     train_on: Literal["assistant", "all"] = _help("Which tokens carry loss: assistant turns only, or every token.", default="assistant")
@@ -229,6 +234,10 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(f"train.max_steps: must be >= 0, got {cfg.train.max_steps}")
     if isinstance(cfg.train.learning_rate, float) and not 0 < cfg.train.learning_rate < 1:
         errors.append(f"train.learning_rate: must be in (0, 1), got {cfg.train.learning_rate}")
+    if isinstance(cfg.data.columns, dict):
+        for key in cfg.data.columns:
+            if key not in ("prompt", "response", "system"):
+                errors.append(f"data.columns.{key}: unknown column role (prompt, response, system)")
     if isinstance(cfg.data.eval_split, float) and not 0 <= cfg.data.eval_split < 1:
         errors.append(f"data.eval_split: must be in [0, 1), got {cfg.data.eval_split}")
     if isinstance(cfg.verify.min_score, float) and not 0 <= cfg.verify.min_score <= 1:

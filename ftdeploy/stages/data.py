@@ -17,23 +17,13 @@ from typing import Any, Iterable
 
 from ..config import DEMO_DATA, DataConfig
 from ..errors import DataError
+from ..formats import Columns, LoadResult, Record, load_records
 from ..runs import atomic_path
 from ..templates import TemplateMapping
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
-MAX_LISTED = 20
-
-
-@dataclass
-class Example:
-    """One conversation and where it came from (file:line)."""
-
-    messages: list[dict[str, str]]
-    source: str
-    expect: str | None = None
 
 
 @dataclass
@@ -51,6 +41,8 @@ class DataStats:
     trained_tokens: int = 0
     total_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
+    layout: str = ""
+    bad_rows: list[str] = field(default_factory=list)
 
 
 def demo_path(split: str) -> Path:
@@ -61,67 +53,16 @@ def resolve_data_path(spec: str, split: str = "train") -> Path:
     return demo_path(split) if spec == DEMO_DATA else Path(spec).expanduser()
 
 
-def _validate_messages(messages: Any) -> str | None:
-    """Why `messages` is not a usable conversation, or None."""
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            return f"message {i} is not an object"
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            return f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})"
-        if not isinstance(content, str) or not content.strip():
-            return f"message {i} ({role}): content must be a non-empty string"
-        if role == "system" and i != 0:
-            return f"message {i}: a system message may only come first"
-    turns = [m["role"] for m in messages if m["role"] != "system"]
-    if not turns or turns[0] != "user":
-        return "the first non-system message must be from the user"
-    for a, b in zip(turns, turns[1:]):
-        if a == b:
-            return f"two {a} messages in a row: turns must alternate user/assistant"
-    if "assistant" not in turns:
-        return "no assistant message to learn from"
-    return None
+def read_records(cfg: DataConfig, spec: str, split: str = "train") -> LoadResult:
+    """Load `spec` with the data config's layout, columns, system prompt and bad-row policy."""
+    path = str(resolve_data_path(spec, split))
+    columns = Columns(**cfg.columns) if cfg.columns else Columns()
+    return load_records(path, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split)
 
 
-def read_chat_jsonl(path: Path, system_prompt: str | None = None) -> list[Example]:
-    """Read and validate a JSONL file of {"messages": [...]} rows; all bad rows are reported together."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    examples: list[Example] = []
-    bad: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.append(f"{where}: not JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(row, dict) or "messages" not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                bad.append(f"{where}: expected an object with a 'messages' list, got {keys}")
-                continue
-            reason = _validate_messages(row["messages"])
-            if reason:
-                bad.append(f"{where}: {reason}")
-                continue
-            messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-            if system_prompt and messages[0]["role"] != "system":
-                messages.insert(0, {"role": "system", "content": system_prompt})
-            expect = row.get("expect")
-            examples.append(Example(messages, where, expect if isinstance(expect, str) else None))
-    if bad:
-        listed = "\n  ".join(bad[:MAX_LISTED])
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise DataError(f"{path}: {len(bad)} bad row{'s' * (len(bad) > 1)}:\n  {listed}{more}")
-    if not examples:
-        raise DataError(f"{path}: the dataset is empty")
-    return examples
+def read_chat_jsonl(path: Path, system_prompt: str | None = None) -> list[Record]:
+    """A chat file in any layout, bad rows an error (used for eval files and tests)."""
+    return load_records(str(path), system_prompt=system_prompt).records
 
 
 def tokenize_conversation(
@@ -175,7 +116,33 @@ def tokenize_conversation(
     return Tokenized(ids, labels, truncated)
 
 
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def tokenize_text(text: str, tokenizer: Any, max_seq_length: int) -> Tokenized:
+    """Continued pre-training: the whole text, then EOS, every token trained."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = len(ids) > max_seq_length
+    ids = ids[:max_seq_length]
+    return Tokenized(ids, list(ids), truncated)
+
+
+def pack(rows: list[dict[str, Any]], max_seq_length: int) -> list[dict[str, Any]]:
+    """Greedy packing of tokenized rows into sequences of at most max_seq_length (labels kept per row).
+
+    As in TRL's wrapped packing, packed conversations attend to each other; it trades that for
+    fewer pad tokens on many short rows."""
+    packed: list[dict[str, Any]] = []
+    current: dict[str, Any] = {"input_ids": [], "labels": [], "source": "packed"}
+    for row in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        if current["input_ids"] and len(current["input_ids"]) + len(row["input_ids"]) > max_seq_length:
+            packed.append(current)
+            current = {"input_ids": [], "labels": [], "source": "packed"}
+        current["input_ids"] = current["input_ids"] + row["input_ids"]
+        current["labels"] = current["labels"] + row["labels"]
+    if current["input_ids"]:
+        packed.append(current)
+    return packed
+
+
+def split_eval(examples: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     if fraction <= 0 or len(examples) < 2:
         return examples, []
     order = list(range(len(examples)))
@@ -193,24 +160,31 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_dir: Path, seed: int) -> DataStats:
     """Validate, split, tokenize; write train.jsonl (ids + labels), eval.jsonl (chats) and stats.json."""
-    train_path = resolve_data_path(cfg.train, "train")
-    examples = read_chat_jsonl(train_path, cfg.system_prompt)
+    loaded = read_records(cfg, cfg.train, "train")
+    examples = loaded.records
     if cfg.eval:
-        eval_examples = read_chat_jsonl(Path(cfg.eval).expanduser(), cfg.system_prompt)
+        eval_examples = read_records(cfg, cfg.eval, "eval").records
     elif cfg.train == DEMO_DATA and cfg.eval_split == 0:
-        eval_examples = read_chat_jsonl(demo_path("eval"), cfg.system_prompt)
+        eval_examples = read_records(cfg, DEMO_DATA, "eval").records
     else:
         examples, eval_examples = split_eval(examples, cfg.eval_split, seed)
+    if loaded.bad:
+        log.warning("skipped %d bad rows (--on-bad-row skip):\n  %s", len(loaded.bad), "\n  ".join(loaded.bad[:20]))
 
-    stats = DataStats(rows=len(examples), eval_rows=len(eval_examples))
+    stats = DataStats(rows=len(examples), eval_rows=len(eval_examples), layout=loaded.layout, bad_rows=loaded.bad)
     tokenized = []
     for ex in examples:
-        tok = tokenize_conversation(ex.messages, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, ex.source)
+        if ex.text is not None:
+            tok = tokenize_text(ex.text, tokenizer, cfg.max_seq_length)
+        else:
+            tok = tokenize_conversation(ex.messages, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, ex.source)
         stats.truncated += tok.truncated
         stats.total_tokens += len(tok.input_ids)
         stats.trained_tokens += sum(1 for lab in tok.labels if lab != IGNORE_INDEX)
         stats.lengths.append(len(tok.input_ids))
         tokenized.append({"input_ids": tok.input_ids, "labels": tok.labels, "source": ex.source})
+    if cfg.packing:
+        tokenized = pack(tokenized, cfg.max_seq_length)
     if stats.truncated:
         log.warning("%d of %d conversations were longer than max_seq_length=%d and were truncated",
                     stats.truncated, stats.rows, cfg.max_seq_length)
@@ -219,12 +193,13 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
         tmp.mkdir(parents=True)
         _write_jsonl(tmp / "train.jsonl", tokenized)
         _write_jsonl(tmp / "eval.jsonl", (
-            {"messages": e.messages, "expect": e.expect, "source": e.source} for e in eval_examples))
+            {"messages": e.messages, "expect": e.expect, "source": e.source} for e in eval_examples if e.messages))
         (tmp / "stats.json").write_text(json.dumps({
             "rows": stats.rows, "eval_rows": stats.eval_rows, "truncated": stats.truncated,
             "trained_tokens": stats.trained_tokens, "total_tokens": stats.total_tokens,
             "max_length": max(stats.lengths), "mean_length": round(sum(stats.lengths) / len(stats.lengths), 1),
-            "train_source": str(train_path), "chat_format": mapping.format.name,
+            "train_source": cfg.train, "layout": loaded.layout, "bad_rows": len(loaded.bad),
+            "packed_sequences": len(tokenized) if cfg.packing else None, "chat_format": mapping.format.name,
         }, indent=2))
     return stats
 
@@ -235,9 +210,86 @@ def load_tokenized(data_dir: Path) -> list[dict[str, list[int]]]:
         return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in map(json.loads, fh)]
 
 
-def load_eval(data_dir: Path) -> list[Example]:
+def load_eval(data_dir: Path) -> list[Record]:
     path = data_dir / "eval.jsonl"
     if not path.is_file():
         return []
     with open(path, encoding="utf-8") as fh:
-        return [Example(r["messages"], r.get("source", ""), r.get("expect")) for r in map(json.loads, fh)]
+        return [Record(r.get("source", ""), messages=r["messages"], expect=r.get("expect")) for r in map(json.loads, fh)]
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+
+    def pct(p: float) -> int:
+        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+    return {"min": ordered[0], "mean": round(sum(ordered) / len(ordered), 1), "p50": pct(50), "p90": pct(90),
+            "p99": pct(99), "max": ordered[-1]}
+
+
+def histogram(lengths: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
+    """(low, high, count) buckets over the token lengths."""
+    lo, hi = min(lengths), max(lengths)
+    width = max(1, -(-(hi - lo + 1) // bins))
+    n_bins = -(-(hi - lo + 1) // width)
+    counts = [0] * n_bins
+    for n in lengths:
+        counts[(n - lo) // width] += 1
+    return [(lo + i * width, lo + (i + 1) * width - 1, c) for i, c in enumerate(counts)]
+
+
+def mark_trained(tokenizer: Any, tok: Tokenized, open_mark: str = "[[", close_mark: str = "]]") -> str:
+    """The example exactly as the model sees it, trained spans between markers."""
+    out, trained = [], False
+    for token_id, label in zip(tok.input_ids, tok.labels):
+        is_trained = label != IGNORE_INDEX
+        if is_trained != trained:
+            out.append(open_mark if is_trained else close_mark)
+            trained = is_trained
+        out.append(tokenizer.decode([token_id]))
+    if trained:
+        out.append(close_mark)
+    return "".join(out)
+
+
+def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMapping, plot_path: Path | None) -> dict[str, Any]:
+    """Layout, row counts, token-length statistics and histogram, and one example with its trained span marked."""
+    loaded = read_records(cfg, spec, "train")
+    lengths, example, truncated = [], None, 0
+    for rec in loaded.records:
+        if rec.text is not None:
+            tok = tokenize_text(rec.text, tokenizer, cfg.max_seq_length)
+        else:
+            tok = tokenize_conversation(rec.messages, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, rec.source)
+        lengths.append(len(tok.input_ids))
+        truncated += tok.truncated
+        if example is None:
+            example = {"source": rec.source, "rendered": mark_trained(tokenizer, tok)}
+    result = {
+        "format": loaded.layout, "rows": len(loaded.records), "bad_rows": len(loaded.bad), "bad": loaded.bad[:50],
+        "truncated": truncated, "max_seq_length": cfg.max_seq_length, "tokens": length_stats(lengths),
+        "histogram": [{"low": lo, "high": hi, "count": c} for lo, hi, c in histogram(lengths)],
+        "chat_format": mapping.format.name, "example": example,
+    }
+    if plot_path is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+        ax.hist(lengths, bins=min(40, max(5, len(set(lengths)))))
+        ax.axvline(cfg.max_seq_length, color="red", linestyle="--", label="max_seq_length")
+        ax.set_xlabel("tokens per example")
+        ax.set_ylabel("examples")
+        ax.set_title(f"{Path(spec).name}: {len(lengths)} examples ({loaded.layout})")
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(plot_path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        result["plot"] = str(plot_path)
+    return result

@@ -45,9 +45,30 @@ def check_gguf_header(path: Path) -> None:
         raise ExportError(f"{path}: unsupported GGUF version {version}")
 
 
+def check_gguf(path: Path) -> int:
+    """Magic, version, and every tensor's data inside the file (a truncated file is refused). Returns the tensor count."""
+    check_gguf_header(path)
+    from gguf import GGUFReader
+
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - the reader fails in many ways on a damaged file
+        raise ExportError(f"{path}: not a complete GGUF ({type(exc).__name__}: {exc}); the file may be truncated "
+                          "or damaged: export it again") from None
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ExportError(f"{path}: tensor {tensor.name} ends at byte {end} but the file has {size} bytes "
+                              "(truncated): export it again")
+    if not reader.tensors:
+        raise ExportError(f"{path}: the GGUF holds no tensors")
+    return len(reader.tensors)
+
+
 def register(client: OllamaClient, name: str, spec: ModelfileSpec, show_progress: bool = True) -> Registration:
     gguf = Path(spec.gguf)
-    check_gguf_header(gguf)
+    check_gguf(gguf)
     server_version = client.require_version()
     size = gguf.stat().st_size
     log.info("hashing %s (%.1f MB)", gguf.name, size / 1e6)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import VerifyError
 from ..ollama import OllamaClient
-from .data import Example
+from ..formats import Record as Example
 
 
 @dataclass

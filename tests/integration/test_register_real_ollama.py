@@ -81,3 +81,13 @@ def test_parity_check_catches_a_template_that_differs(ollama_server, small_gguf)
     register(ollama_server.client, "smol-broken", spec, show_progress=False)
     result = template_parity(ollama_server.client, "smol-broken", jinja_renderer(template, bos, eos), None, PARITY_CHATS)
     assert not result["passed"]
+
+
+def test_a_gguf_truncated_by_one_byte_is_refused_and_nothing_is_registered(ollama_server, small_gguf, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(small_gguf.read_bytes()[:-1])
+    result = CliRunner().invoke(cli, ["register", "--gguf", str(truncated), "--name", "trunc-it",
+                                      "--ollama-host", ollama_server.host])
+    assert result.exit_code == 1
+    assert f"{truncated}: not a complete GGUF" in result.output or "truncated" in result.output
+    assert "trunc-it:latest" not in [m["name"] for m in ollama_server.client.list_models()]

@@ -96,3 +96,17 @@ def test_doctor_json_reports_each_check():
     assert result.exit_code == 0
     names = {c["name"] for c in json.loads(result.output)["checks"]}
     assert {"python", "torch", "cuda", "unsloth", "ollama", "llama_cpp_python"} <= names
+
+
+def test_a_second_writer_on_the_same_run_is_refused_with_the_owners_pid(tmp_path):
+    import os
+
+    from ftdeploy.runs import Run
+
+    holder = Run(tmp_path / "busy").acquire_lock()
+    try:
+        result = CliRunner().invoke(cli, ["merge", "--runs-dir", str(tmp_path), "--name", "busy"])
+        assert result.exit_code == 1
+        assert f"in use by another ftdeploy (pid {os.getpid()})" in result.output
+    finally:
+        holder.close()

@@ -65,7 +65,7 @@ def test_bad_rows_are_named_by_line(tmp_path):
         read_chat_jsonl(path)
     msg = str(err.value)
     assert "6 bad rows" in msg
-    for line, reason in [(2, "not JSON"), (3, "expected an object with a 'messages' list"), (4, "unknown role 'wizard'"),
+    for line, reason in [(2, "not JSON"), (3, "missing field 'messages'"), (4, "unknown role 'wizard'"),
                          (5, "two user messages in a row"), (6, "content must be a non-empty string"),
                          (7, "no assistant message")]:
         row = next(r for r in msg.splitlines() if r.strip().startswith(f"{path}:{line}: "))

@@ -1,0 +1,295 @@
+"""Dataset sources and layouts -> conversations (or raw text), every bad row named by where it came from.
+
+Sources: .jsonl, .json, .csv, .parquet files, a directory of them, or a Hugging Face dataset id
+(`datasets.load_dataset(id, config, split=...)`). Layouts, detected from the columns or chosen:
+
+  messages  {"messages": [{"role", "content"}, ...]}            (OpenAI style)
+  sharegpt  {"conversations": [{"from", "value"}, ...]}         (human/gpt/system and aliases)
+  alpaca    {"instruction", "input", "output"}                  (optional "system")
+  pairs     {"prompt", "response"}                              (column names configurable)
+  text      {"text"}                                            (continued pre-training: every token trained)
+
+Pure: no torch. `datasets` is imported only for Hub ids and parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import DataError
+
+LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "text")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+    "bot": "assistant", "model": "assistant", "system": "system",
+}
+HUB_DATASET_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+MAX_LISTED = 20
+
+
+@dataclass
+class Record:
+    """One converted row: a conversation, or raw text for the `text` layout."""
+
+    source: str
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    expect: str | None = None
+
+
+@dataclass
+class Columns:
+    """Column names for the `pairs` layout (and the system column for alpaca/pairs)."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    system: str = "system"
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def iter_rows(spec: str, hub_config: str | None = None, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Yield (where, row) for every row of a file, a directory of files, or a Hub dataset."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{path}: the directory holds no {', '.join(FILE_SUFFIXES)} files")
+        for f in files:
+            yield from _iter_file(f)
+        return
+    if path.is_file():
+        yield from _iter_file(path)
+        return
+    if HUB_DATASET_RE.match(spec) and not spec.startswith((".", "/")):
+        yield from _iter_hub(spec, hub_config, split)
+        return
+    raise DataError(f"{spec}: no such file or directory, and not a Hugging Face dataset id (owner/name)")
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield f"{path}:{lineno}", _Bad(f"not JSON ({exc.msg} at column {exc.colno})")
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+        for i, row in enumerate(data):
+            yield f"{path}[{i}]", row
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path}:row {i + 1}", row
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use {', '.join(FILE_SUFFIXES)}")
+
+
+def _iter_hub(dataset_id: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError("loading a Hub dataset needs the datasets package: pip install 'ftdeploy[train]'") from None
+    try:
+        ds = load_dataset(dataset_id, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing config: all end here
+        raise DataError(f"{dataset_id} (config {config}, split {split}): cannot load: {str(exc).splitlines()[0][:200]}") from None
+    for i, row in enumerate(ds):
+        yield f"{dataset_id}:{split}:{i}", row
+
+
+@dataclass
+class _Bad:
+    reason: str
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def layouts_of(row: dict[str, Any], columns: Columns) -> list[str]:
+    """Every layout whose columns this row has."""
+    found = []
+    if isinstance(row.get("messages"), list):
+        found.append("messages")
+    if isinstance(row.get("conversations"), list):
+        found.append("sharegpt")
+    if "instruction" in row and "output" in row:
+        found.append("alpaca")
+    if columns.prompt in row and columns.response in row:
+        found.append("pairs")
+    if "text" in row and isinstance(row.get("text"), str):
+        found.append("text")
+    return found
+
+
+def detect_layout(rows: list[tuple[str, Any]], columns: Columns, source: str) -> str:
+    """The one layout the first rows agree on; ambiguity is an error listing the candidates."""
+    votes: dict[str, int] = {}
+    seen_keys: set[str] = set()
+    for _, row in rows:
+        if not isinstance(row, dict):
+            continue
+        seen_keys.update(row)
+        for layout in layouts_of(row, columns):
+            votes[layout] = votes.get(layout, 0) + 1
+    if not votes:
+        raise DataError(
+            f"{source}: cannot tell the dataset layout from its columns {sorted(seen_keys)[:12]}; expected one of "
+            "messages, conversations (sharegpt), instruction/output (alpaca), prompt/response (pairs), text; "
+            "or pass --format with data.columns for other names"
+        )
+    best = max(votes.values())
+    top = sorted(k for k, v in votes.items() if v == best)
+    if len(top) > 1:
+        raise DataError(f"{source}: ambiguous layout: rows match both {' and '.join(top)}; choose one with --format")
+    return top[0]
+
+
+def _check_messages(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"message {i} is not an object"
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            return f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})"
+        if not isinstance(content, str) or not content.strip():
+            return f"message {i} ({role}): content must be a non-empty string"
+        if role == "system" and i != 0:
+            return f"message {i}: a system message may only come first"
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if not turns or turns[0] != "user":
+        return "turns out of order: the first non-system message must be from the user"
+    for a, b in zip(turns, turns[1:]):
+        if a == b:
+            return f"turns out of order: two {a} messages in a row"
+    if "assistant" not in turns:
+        return "no assistant message to learn from"
+    return None
+
+
+def _text(row: dict[str, Any], key: str) -> str | None:
+    value = row.get(key)
+    return value if isinstance(value, str) else None
+
+
+def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
+    """A Record, or the reason the row is bad."""
+    if isinstance(row, _Bad):
+        return row.reason
+    if not isinstance(row, dict):
+        return f"expected an object, got {type(row).__name__}"
+    expect = row.get("expect") if isinstance(row.get("expect"), str) else None
+    if layout == "messages":
+        if "messages" not in row:
+            return f"missing field 'messages' (keys {sorted(row)})"
+        reason = _check_messages(row["messages"])
+        if reason:
+            return reason
+        return Record("", messages=[{"role": m["role"], "content": m["content"]} for m in row["messages"]], expect=expect)
+    if layout == "sharegpt":
+        conv = row.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            return f"missing or empty field 'conversations' (keys {sorted(row)})"
+        messages = []
+        for i, turn in enumerate(conv):
+            if not isinstance(turn, dict):
+                return f"turn {i} is not an object"
+            who = turn.get("from", turn.get("role"))
+            role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
+            if role is None:
+                return f"turn {i}: unknown speaker {who!r} (expected human/gpt/system or user/assistant)"
+            messages.append({"role": role, "content": turn.get("value", turn.get("content"))})
+        reason = _check_messages(messages)
+        return reason or Record("", messages=messages, expect=expect)
+    if layout == "alpaca":
+        instruction, output = _text(row, "instruction"), _text(row, "output")
+        if instruction is None or output is None:
+            return "missing field 'instruction' or 'output' (or not a string)"
+        extra = _text(row, "input") or ""
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        if _text(row, columns.system):
+            messages.insert(0, {"role": "system", "content": row[columns.system]})
+        reason = _check_messages(messages)
+        return reason or Record("", messages=messages, expect=expect)
+    if layout == "pairs":
+        prompt, response = _text(row, columns.prompt), _text(row, columns.response)
+        if prompt is None or response is None:
+            return f"missing field {columns.prompt!r} or {columns.response!r} (or not a string)"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        if _text(row, columns.system):
+            messages.insert(0, {"role": "system", "content": row[columns.system]})
+        reason = _check_messages(messages)
+        return reason or Record("", messages=messages, expect=expect)
+    if layout == "text":
+        text = _text(row, "text")
+        if text is None or not text.strip():
+            return "missing or empty field 'text'"
+        return Record("", text=text)
+    raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+
+
+@dataclass
+class LoadResult:
+    records: list[Record]
+    layout: str
+    bad: list[str]
+
+
+def load_records(spec: str, layout: str = "auto", columns: Columns | None = None, on_bad_row: str = "error",
+                 system_prompt: str | None = None, hub_config: str | None = None, split: str = "train") -> LoadResult:
+    """Read, detect, convert and validate; bad rows are an error listing each (or skipped and reported)."""
+    columns = columns or Columns()
+    rows = list(iter_rows(spec, hub_config, split))
+    if not rows:
+        raise DataError(f"{spec}: the dataset is empty")
+    if layout == "auto":
+        layout = detect_layout(rows[:200], columns, spec)
+    records: list[Record] = []
+    bad: list[str] = []
+    for where, row in rows:
+        result = convert_row(row, layout, columns)
+        if isinstance(result, str):
+            bad.append(f"{where}: {result}")
+            continue
+        result.source = where
+        if system_prompt and result.messages and result.messages[0]["role"] != "system":
+            result.messages.insert(0, {"role": "system", "content": system_prompt})
+        records.append(result)
+    if bad and on_bad_row == "error":
+        listed = "\n  ".join(bad[:MAX_LISTED])
+        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise DataError(f"{spec}: {len(bad)} bad row{'s' * (len(bad) > 1)} ({layout} layout; "
+                        f"--on-bad-row skip to drop them):\n  {listed}{more}")
+    if not records:
+        raise DataError(f"{spec}: no usable rows" + (f" ({len(bad)} bad rows skipped)" if bad else ""))
+    return LoadResult(records, layout, bad)

@@ -1,0 +1,51 @@
+"""`ftdeploy data inspect` and the data stage on the real demo tokenizer (SmolLM2's chat template)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ftdeploy.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_inspect_json_reports_layout_rows_and_token_lengths(tmp_path):
+    data = _write(tmp_path / "alpaca.jsonl", [
+        {"instruction": "What port does Zephyr use?", "input": "", "output": "Port 7341."},
+        {"instruction": "Translate to French.", "input": "hello", "output": "bonjour"},
+        {"instruction": "No output here"},
+    ])
+    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path / "runs"), "--on-bad-row", "skip",
+                                      "inspect", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["format"] == "alpaca" and report["rows"] == 2 and report["bad_rows"] == 1
+    assert f"{data}:3" in report["bad"][0]
+    assert 0 < report["tokens"]["min"] <= report["tokens"]["p50"] <= report["tokens"]["max"]
+    assert sum(h["count"] for h in report["histogram"]) == 2
+    assert "[[Port 7341.<|im_end|>" in report["example"]["rendered"]
+    assert (tmp_path / "runs" / "ftdeploy-demo" / "data_lengths.png").stat().st_size > 1000
+
+
+def test_inspect_human_output_and_bad_rows_by_default(tmp_path):
+    data = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "response": "A."}, {"prompt": "Q2?"}])
+    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "inspect", str(data)])
+    assert result.exit_code == 1
+    assert f"{data}:2: missing field 'prompt' or 'response'" in result.output
+
+
+def test_data_stage_accepts_sharegpt_and_writes_the_run(tmp_path):
+    data = _write(tmp_path / "sg.jsonl", [{"conversations": [{"from": "human", "value": f"q{i}"},
+                                                             {"from": "gpt", "value": f"a{i}"}]} for i in range(10)])
+    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "--data", str(data), "--eval-split", "0.2", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output[result.output.index("{"):])
+    assert (out["rows"], out["eval_rows"]) == (8, 2)
+    stats = json.loads((tmp_path / "ftdeploy-demo" / "data" / "stats.json").read_text())
+    assert stats["layout"] == "sharegpt"
