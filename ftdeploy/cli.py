@@ -18,6 +18,7 @@ from .config import DEFAULT_OLLAMA_HOST, load_config
 from .errors import FtdeployError
 
 log = logging.getLogger("ftdeploy")
+STAGE_NAMES = ["data", "train", "merge", "export", "modelfile", "register", "verify"]  # runs.STAGES, without importing it
 
 
 class FtdeployGroup(click.Group):
@@ -144,13 +145,19 @@ def _ollama_run_line(name: str, host: str) -> str:
 
 @cli.command("train-and-serve")
 @config_options(extra=_DATA_FLAGS)
+@click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), help="Rerun this stage and every one after it.")
+@click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Rerun this stage even if unchanged (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
-    """Run every stage: data, train, merge, export, modelfile, register, verify."""
+def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None, force: tuple[str, ...], as_json: bool) -> None:
+    """Run every stage: data, train, merge, export, modelfile, register, verify.
+
+    Rerunning the same command continues where it stopped: finished stages whose inputs are
+    unchanged are skipped, and training resumes from its newest checkpoint.
+    """
     from .pipeline import train_and_serve
 
     ctx = _context(cfg, ollama_explicit)
-    results = train_and_serve(ctx, on_stage=lambda s: click.echo(f"==> {s}", err=True))
+    results = train_and_serve(ctx, on_stage=lambda s: click.echo(f"==> {s}", err=True), from_stage=from_stage, force=force)
     host = ctx.client().host
     verify = results["verify"]
     summary = {

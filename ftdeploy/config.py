@@ -79,6 +79,7 @@ class TrainConfig:
     load_in_4bit: bool = _help("QLoRA: load the base in 4-bit NF4 (CUDA only; ignored on CPU).", default=True)
     gradient_checkpointing: bool = _help("Trade compute for memory.", default=True)
     logging_steps: int = _help("Log loss every N steps.", default=1)
+    save_steps: int = _help("Checkpoint every N steps (0: never); a rerun after a crash resumes from the newest.", default=50)
 
 
 @dataclass

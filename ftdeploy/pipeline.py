@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+import hashlib
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +16,8 @@ from . import base_model
 from .config import Config, dump_config
 from .errors import StageMissingError
 from .ollama import OllamaClient, ensure_server
-from .runs import CONFIG_FILE, LOSS_PLOT, Run, atomic_write_text
+from .errors import ConfigError, FtdeployError
+from .runs import CONFIG_FILE, LOSS_PLOT, STAGES, Run, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ class Context:
     ollama_explicit: bool = False  # --ollama-host, ollama.host or $OLLAMA_HOST was given
     _client: OllamaClient | None = None
     _lock: Any = None
+    _fingerprints: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def create(cls, cfg: Config, ollama_explicit: bool) -> "Context":
@@ -34,8 +38,40 @@ class Context:
         atomic_write_text(run.path / CONFIG_FILE, dump_config(cfg))
         return cls(cfg, run, ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST")), _lock=lock)
 
+    def fingerprint(self, stage: str) -> str:
+        """What a stage's output depends on: its config sections, its inputs, and the stage before it."""
+        if stage not in self._fingerprints:
+            cfg = self.cfg
+            parts: dict[str, Any] = {"stage": stage}
+            if stage == "data":
+                parts |= {"data": cfg.section("data"), "base": cfg.base_model, "seed": cfg.train.seed,
+                          "files": [_file_digest(cfg.data.train, "train"),
+                                    _file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]}
+            elif stage == "train":
+                parts |= {"lora": cfg.section("lora"), "train": {k: v for k, v in cfg.section("train").items()
+                                                                  if k not in ("logging_steps", "save_steps")}}
+            elif stage == "export":
+                parts |= {"export": cfg.section("export"), "name": cfg.name}
+            elif stage == "modelfile":
+                parts |= {"modelfile": cfg.section("modelfile"), "system": cfg.data.system_prompt}
+            elif stage in ("register", "verify"):
+                parts |= {"name": cfg.name, "verify": cfg.section("verify")}
+            index = STAGES.index(stage)
+            if index:
+                parts["upstream"] = self.fingerprint(STAGES[index - 1])
+            self._fingerprints[stage] = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self._fingerprints[stage]
+
     def base(self) -> Path | str:
         return base_model.resolve_base_model(self.cfg.base_model, self.cfg.trust_remote_code)
+
+    def base_if_local(self) -> Path | None:
+        """The base checkpoint directory when it is already on disk (never downloads or converts)."""
+        resolved = self.run.load_manifest().get("base_model", {}).get("resolved")
+        if resolved and Path(resolved).is_dir():
+            return Path(resolved)
+        path = Path(self.cfg.base_model).expanduser()
+        return path if path.is_dir() else None
 
     def client(self) -> OllamaClient:
         if self._client is None:
@@ -48,7 +84,7 @@ def stage_data(ctx: Context) -> dict[str, Any]:
     from .stages.data import prepare_data
     from .tokenizer import load_tokenizer
 
-    with ctx.run.stage("data") as out:
+    with ctx.run.stage("data", ctx.fingerprint("data")) as out:
         base = ctx.base()
         tokenizer, mapping = load_tokenizer(base, ctx.cfg.trust_remote_code)
         stats = prepare_data(ctx.cfg.data, tokenizer, mapping, ctx.run.data_dir, ctx.cfg.train.seed)
@@ -65,10 +101,14 @@ def stage_train(ctx: Context) -> dict[str, Any]:
 
     if not (ctx.run.data_dir / "train.jsonl").is_file():
         raise StageMissingError(f"{ctx.run.data_dir}: no prepared data; run `ftdeploy data` first")
-    with ctx.run.stage("train") as out:
+    with ctx.run.stage("train", ctx.fingerprint("train")) as out:
         base = ctx.base()
         tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code)
-        metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer)
+        # Checkpoints from a different config or data are not this training's: start over.
+        if ctx.run.checkpoint_dir.is_dir() and ctx.run.load_manifest().get("checkpoint_fingerprint") != ctx.fingerprint("train"):
+            shutil.rmtree(ctx.run.checkpoint_dir)
+        ctx.run.update(checkpoint_fingerprint=ctx.fingerprint("train"))
+        metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)
         plot_loss(metrics["loss_history"], ctx.run.path / LOSS_PLOT)
         ctx.run.record_artifact(ctx.run.adapter_dir)
         out.update({k: v for k, v in metrics.items() if k != "loss_history"})
@@ -79,7 +119,7 @@ def stage_train(ctx: Context) -> dict[str, Any]:
 def stage_merge(ctx: Context) -> dict[str, Any]:
     from .stages.merge import merge
 
-    with ctx.run.stage("merge") as out:
+    with ctx.run.stage("merge", ctx.fingerprint("merge")) as out:
         merged = merge(ctx.base(), ctx.run.adapter_dir, ctx.run.merged_dir, ctx.cfg.trust_remote_code)
         ctx.run.record_artifact(merged)
         out["merged_dir"] = str(merged)
@@ -89,7 +129,7 @@ def stage_merge(ctx: Context) -> dict[str, Any]:
 def stage_export(ctx: Context) -> dict[str, Any]:
     from .stages.export import export
 
-    with ctx.run.stage("export") as out:
+    with ctx.run.stage("export", ctx.fingerprint("export")) as out:
         paths = export(ctx.run.merged_dir, ctx.run.gguf_dir, ctx.cfg.name, ctx.cfg.export.quant, ctx.cfg.export.outtype)
         for path in paths.values():
             ctx.run.record_artifact(path)
@@ -109,7 +149,7 @@ def served_gguf(ctx: Context) -> Path:
 def stage_modelfile(ctx: Context) -> dict[str, Any]:
     from .stages.modelfile import build_spec, mapping_for_template, read_chat_template, sampling_defaults, write_modelfile
 
-    with ctx.run.stage("modelfile") as out:
+    with ctx.run.stage("modelfile", ctx.fingerprint("modelfile")) as out:
         template, bos, eos = read_chat_template(ctx.run.merged_dir)
         mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
         spec = build_spec(mapping, served_gguf(ctx), ctx.cfg.modelfile, ctx.cfg.data.system_prompt,
@@ -132,7 +172,7 @@ def load_spec(ctx: Context) -> Any:
 def stage_register(ctx: Context) -> dict[str, Any]:
     from .stages.register import register
 
-    with ctx.run.stage("register") as out:
+    with ctx.run.stage("register", ctx.fingerprint("register")) as out:
         reg = register(ctx.client(), ctx.cfg.name, load_spec(ctx))
         out.update(reg.as_dict())
         ctx.run.update(versions={"ollama_server": reg.server_version})
@@ -145,7 +185,7 @@ def stage_verify(ctx: Context) -> dict[str, Any]:
     from .stages.verify import PARITY_CHATS, ask_all, check, summarize, template_parity
     from .templates import jinja_renderer
 
-    with ctx.run.stage("verify") as out:
+    with ctx.run.stage("verify", ctx.fingerprint("verify")) as out:
         examples = load_eval(ctx.run.data_dir)
         if ctx.cfg.verify.limit:
             examples = examples[: ctx.cfg.verify.limit]
@@ -168,12 +208,119 @@ STAGE_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
 }
 
 
-def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    # Reach the server before hours of training, so a wrong address fails in seconds.
-    ctx.client()
+def _file_digest(spec: str | None, split: str) -> str | None:
+    """sha256 of a data file (or of every file in a directory); a Hub id stands for itself."""
+    from .stages.data import resolve_data_path
+
+    if not spec:
+        return None
+    path = resolve_data_path(spec, split)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode() + sha256_file(f).encode())
+        return h.hexdigest()
+    return spec
+
+
+# Cheap stages whose result lives on the server: always run, so a lost model is registered again.
+ALWAYS_RUN = ("register", "verify")
+
+
+def _outputs_exist(ctx: Context, stage: str) -> bool:
+    run = ctx.run
+    return {
+        "data": (run.data_dir / "train.jsonl").is_file(),
+        "train": (run.adapter_dir / "adapter_config.json").is_file(),
+        "merge": (run.merged_dir / "config.json").is_file(),
+        "export": all(Path(p).is_file() for p in run.stage_record("export").get("outputs", {}).get("gguf", {}).values()),
+        "modelfile": run.modelfile_path.is_file(),
+    }.get(stage, False)
+
+
+def plan_stages(ctx: Context, from_stage: str | None = None, force: tuple[str, ...] = ()) -> list[tuple[str, bool]]:
+    """(stage, run?) in order: a finished stage whose fingerprint is unchanged and whose output exists is skipped;
+    `from_stage` reruns it and everything after; `force` reruns the named stages."""
+    for name in (from_stage, *force):
+        if name is not None and name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    start = STAGES.index(from_stage) if from_stage else len(STAGES)
+    plan = []
+    for i, name in enumerate(STAGES):
+        record = ctx.run.stage_record(name)
+        fresh = (record.get("status") == "done" and record.get("fingerprint") == ctx.fingerprint(name)
+                 and _outputs_exist(ctx, name))
+        rerun = i >= start or name in force or name in ALWAYS_RUN or not fresh
+        plan.append((name, rerun))
+    return plan
+
+
+def preflight(ctx: Context, stages: list[str]) -> None:
+    """Check what would fail hours in before spending them: engine vs hardware, disk, the Ollama server."""
+    from .stages.train import select_engine
+
+    if "train" in stages:
+        select_engine(ctx.cfg.train.engine)
+    needed = estimate_disk_bytes(ctx, stages)
+    free = free_bytes(ctx.run.path)
+    if needed > free:
+        raise FtdeployError(
+            f"not enough disk for {', '.join(s for s in stages if s in ('merge', 'export'))} in {ctx.run.path}: "
+            f"about {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free. Free space, or point "
+            "--runs-dir at a larger disk."
+        )
+    if "register" in stages or "verify" in stages:
+        ctx.client()  # a wrong address fails in seconds, not after training
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def estimate_disk_bytes(ctx: Context, stages: list[str]) -> int:
+    """merged (16-bit) + F16 GGUF + one file per quant, from the base model's parameter count."""
+    if not {"merge", "export"} & set(stages):
+        return 0
+    params = _param_estimate(ctx)
+    bits = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.5, "q5_0": 5.5,
+            "q5_1": 6, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.5, "q4_1": 5, "q3_k_l": 4.3, "q3_k_m": 3.9,
+            "q3_k_s": 3.5, "q2_k": 3.4}
+    total = 0.0
+    if "merge" in stages:
+        total += params * 2
+    if "export" in stages:
+        total += params * bits.get(ctx.cfg.export.outtype, 16) / 8
+        total += sum(params * bits.get(q, 8.5) / 8 for q in ctx.cfg.export.quant if q != ctx.cfg.export.outtype)
+    return int(total * 1.1)
+
+
+def _param_estimate(ctx: Context) -> float:
+    """Parameters of the base, from its safetensors sizes (local) or 0 when unknown (Hub id not downloaded yet)."""
+    base = ctx.base_if_local()
+    if base is None:
+        return 0.0
+    files = list(Path(base).glob("*.safetensors"))
+    if not files:
+        return 0.0
+    config = json.loads((Path(base) / "config.json").read_text()) if (Path(base) / "config.json").is_file() else {}
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(config.get("torch_dtype") or config.get("dtype")), 2)
+    return sum(f.stat().st_size for f in files) / width
+
+
+def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None, from_stage: str | None = None,
+                    force: tuple[str, ...] = ()) -> dict[str, Any]:
+    plan = plan_stages(ctx, from_stage, force)
+    preflight(ctx, [name for name, run in plan if run])
     results = {}
-    for name, func in STAGE_FUNCS.items():
+    for name, run in plan:
+        if not run:
+            if on_stage:
+                on_stage(f"{name} (unchanged, skipped)")
+            results[name] = ctx.run.stage_record(name).get("outputs", {})
+            continue
         if on_stage:
             on_stage(name)
-        results[name] = func(ctx)
+        results[name] = STAGE_FUNCS[name](ctx)
     return results

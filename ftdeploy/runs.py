@@ -34,6 +34,7 @@ GGUF_DIR = "gguf"
 MODELFILE = "Modelfile"
 LOSS_PLOT = "loss.png"
 LOCK_FILE = ".lock"
+CHECKPOINTS_DIR = "checkpoints"
 
 STAGES = ("data", "train", "merge", "export", "modelfile", "register", "verify")
 
@@ -134,6 +135,10 @@ class Run:
         return self.path / ADAPTER_DIR
 
     @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    @property
     def merged_dir(self) -> Path:
         return self.path / MERGED_DIR
 
@@ -175,21 +180,22 @@ class Run:
         return entries
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict[str, Any]]:
-        """Time a stage and record its status; the yielded dict is stored as the stage's outputs."""
+    def stage(self, name: str, fingerprint: str | None = None) -> Iterator[dict[str, Any]]:
+        """Time a stage and record its status and input fingerprint; the yielded dict is stored as its outputs."""
         outputs: dict[str, Any] = {}
         started = time.monotonic()
-        self.update(stages={name: {"status": "running", "started": _now()}})
+        self.update(stages={name: {"status": "running", "started": _now(), "fingerprint": fingerprint}})
         try:
             yield outputs
         except BaseException as exc:
             self.update(stages={name: {
                 "status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                "seconds": round(time.monotonic() - started, 2),
+                "seconds": round(time.monotonic() - started, 2), "fingerprint": fingerprint,
             }})
             raise
         self.update(stages={name: {
             "status": "done", "finished": _now(), "seconds": round(time.monotonic() - started, 2), "outputs": outputs,
+            "fingerprint": fingerprint,
         }}, versions=package_versions())
 
     def acquire_lock(self) -> Any:
@@ -216,5 +222,5 @@ class Run:
         fh.flush()
         return fh
 
-    def stage_status(self, name: str) -> str | None:
-        return self.load_manifest().get("stages", {}).get(name, {}).get("status")
+    def stage_record(self, name: str) -> dict[str, Any]:
+        return self.load_manifest().get("stages", {}).get(name, {})

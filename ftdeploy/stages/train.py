@@ -146,8 +146,49 @@ def _load_unsloth(base: Path | str, cfg: Config, tokenizer: Any) -> Any:
     )
 
 
-def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, tokenizer: Any) -> dict[str, Any]:
-    """Train an adapter; return metrics (engine, steps, losses, tokens/s)."""
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint that is complete and readable; a damaged one is skipped with a warning."""
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in candidates:
+        reason = _checkpoint_problem(ckpt)
+        if reason is None:
+            return ckpt
+        log.warning("checkpoint %s is unusable (%s); trying an older one", ckpt, reason)
+    return None
+
+
+def _checkpoint_problem(ckpt: Path) -> str | None:
+    state = ckpt / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json: {type(exc).__name__}"
+    weights = ckpt / "adapter_model.safetensors"
+    if not weights.is_file():
+        return "no adapter_model.safetensors"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_tensor(key)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means damaged
+        return f"adapter weights: {type(exc).__name__}"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (ckpt / name).is_file():
+            return f"no {name}"
+    return None
+
+
+def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, tokenizer: Any,
+          checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
+    """Train an adapter; return metrics (engine, steps, losses, tokens/s).
+
+    With `checkpoint_dir`, a checkpoint is saved every `train.save_steps` steps and, when `resume`,
+    training continues from the newest usable one (same data order, optimizer and RNG state)."""
     engine = select_engine(cfg.train.engine)
     if engine == "unsloth":
         import unsloth  # noqa: F401  (patches transformers/TRL before they are imported)
@@ -169,7 +210,7 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
     history: list[dict[str, float]] = []
     with atomic_path(adapter_dir) as tmp:
         args = SFTConfig(
-            output_dir=str(tmp.parent / f".{adapter_dir.name}-trainer"),
+            output_dir=str(checkpoint_dir or tmp.parent / f".{adapter_dir.name}-trainer"),
             max_steps=cfg.train.max_steps if cfg.train.max_steps > 0 else -1,
             num_train_epochs=cfg.train.epochs,
             per_device_train_batch_size=cfg.train.batch_size,
@@ -181,7 +222,9 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
             optim=optim,
             seed=cfg.train.seed,
             logging_steps=cfg.train.logging_steps,
-            save_strategy="no",
+            save_strategy="steps" if checkpoint_dir and cfg.train.save_steps > 0 else "no",
+            save_steps=cfg.train.save_steps if cfg.train.save_steps > 0 else 500,
+            save_total_limit=2,
             report_to=[],
             bf16=bf16,
             fp16=on_cuda and not bf16,
@@ -200,8 +243,12 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes to stderr
+        resume_from = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None
+        if resume_from is not None:
+            log.info("resuming training from %s", resume_from)
+            history.extend(_history_from(resume_from))
         started = time.monotonic()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.monotonic() - started
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -214,8 +261,15 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
         "final_loss": history[-1]["loss"] if history else None,
         "seconds": round(seconds, 1), "loss_history": history, "optim": optim,
         "examples_per_s": round(steps * cfg.train.batch_size * cfg.train.gradient_accumulation / max(seconds, 1e-9), 2),
-        "dataset_trained_tokens": trained_tokens,
+        "dataset_trained_tokens": trained_tokens, "resumed_from": str(resume_from) if resume_from else None,
     }
+
+
+def _history_from(ckpt: Path) -> list[dict[str, float]]:
+    """The loss history logged before a checkpoint, so a resumed run reports the whole curve."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return [{"step": e["step"], "loss": float(e["loss"]), "lr": float(e.get("learning_rate", 0.0)), "elapsed_s": 0.0}
+            for e in state.get("log_history", []) if "loss" in e]
 
 
 def plot_loss(history: list[dict[str, float]], path: Path) -> Path | None:
