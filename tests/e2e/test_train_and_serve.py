@@ -13,13 +13,18 @@ from ftdeploy.stages.data import demo_path, read_chat_jsonl
 pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
 
 
+def _train_and_serve(runs, host):
+    cmd = [sys.executable, "-m", "ftdeploy.cli", "train-and-serve", "--runs-dir", str(runs),
+           "--name", "ftdeploy-e2e", "--ollama-host", host, "--json", "-v"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ})
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
 @pytest.fixture(scope="module")
 def demo_run(ollama_server, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    cmd = [sys.executable, "-m", "ftdeploy.cli", "train-and-serve", "--runs-dir", str(runs),
-           "--name", "ftdeploy-e2e", "--ollama-host", ollama_server.host, "--json", "-v"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ})
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = _train_and_serve(runs, ollama_server.host)
     return json.loads(proc.stdout), runs / "ftdeploy-e2e", proc.stderr
 
 
@@ -53,3 +58,13 @@ def test_progress_and_results_go_to_the_right_streams(demo_run):
     result, _, stderr = demo_run
     assert "step" in stderr and "loss" in stderr and "left" in stderr
     assert result["ollama_run"].endswith("run ftdeploy-e2e")
+
+
+def test_rerunning_skips_finished_stages_and_uploads_nothing(demo_run, ollama_server):
+    _, run_dir, _ = demo_run
+    proc = _train_and_serve(run_dir.parent, ollama_server.host)
+    for stage in ("data", "train", "merge", "export", "modelfile"):
+        assert f"==> {stage} (unchanged, skipped)" in proc.stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["register"]["outputs"]["uploaded_bytes"] == 0
+    assert json.loads(proc.stdout)["verify"]["hits"] >= 4
