@@ -47,6 +47,8 @@ def _setup_logging(verbose: int) -> None:
         for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -160,15 +162,18 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
     results = train_and_serve(ctx, on_stage=lambda s: click.echo(f"==> {s}", err=True), from_stage=from_stage, force=force)
     host = ctx.client().host
     verify = results["verify"]
+    from .report import build_report
+
+    report_md, _ = build_report(ctx.run.path)
     summary = {
         "model": cfg.name, "run_dir": str(ctx.run.path), "ollama_host": host,
         "gguf": results["export"]["gguf"][cfg.export.quant[0]],
         "verify": {"hits": verify["hits"], "total": verify["total"], "score": verify["score"]},
-        "ollama_run": _ollama_run_line(cfg.name, host),
+        "ollama_run": _ollama_run_line(cfg.name, host), "report": str(report_md),
     }
     _emit(summary, as_json, lambda s: (
         f"model:   {s['model']}\nserved:  {s['gguf']}\nverify:  {s['verify']['hits']}/{s['verify']['total']} "
-        f"expected answers\nrun dir: {s['run_dir']}\n\nTalk to it:\n  {s['ollama_run']}"))
+        f"expected answers\nreport:  {s['report']}\nrun dir: {s['run_dir']}\n\nTalk to it:\n  {s['ollama_run']}"))
 
 
 # ---------------------------------------------------------------- single stages
@@ -268,6 +273,16 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
 
 
 # ---------------------------------------------------------------- environment
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def report_cmd(run_dir: str) -> None:
+    """Rebuild RUN_DIR/report.md and report.html from the run's manifest."""
+    from .report import build_report
+
+    md, page = build_report(Path(run_dir))
+    click.echo(f"{md}\n{page}")
 
 
 @cli.command("doctor")

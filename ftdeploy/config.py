@@ -107,6 +107,8 @@ class VerifyConfig:
     min_score: float = _help("Fraction of eval prompts whose expected answer must come back.", default=0.8)
     max_tokens: int = _help("Generation limit per eval answer.", default=96)
     limit: int = _help("At most this many eval prompts (0: all).", default=0)
+    min_fidelity: float = _help("Quant gate: least top-1 token agreement of a quant with its F16 on the eval chats; below it a quant is flagged and never served by default.", default=0.85)
+    compare: bool = _help("Also answer the eval and general-knowledge prompts with the base and merged models (transformers) for the report.", default=True)
 
 
 @dataclass
@@ -241,6 +243,8 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
                 errors.append(f"data.columns.{key}: unknown column role (prompt, response, system)")
     if isinstance(cfg.data.eval_split, float) and not 0 <= cfg.data.eval_split < 1:
         errors.append(f"data.eval_split: must be in [0, 1), got {cfg.data.eval_split}")
+    if isinstance(cfg.verify.min_fidelity, float) and not 0 <= cfg.verify.min_fidelity <= 1:
+        errors.append(f"verify.min_fidelity: must be in [0, 1], got {cfg.verify.min_fidelity}")
     if isinstance(cfg.verify.min_score, float) and not 0 <= cfg.verify.min_score <= 1:
         errors.append(f"verify.min_score: must be in [0, 1], got {cfg.verify.min_score}")
     host = cfg.ollama.host

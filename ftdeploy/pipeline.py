@@ -126,24 +126,81 @@ def stage_merge(ctx: Context) -> dict[str, Any]:
     return out
 
 
+def eval_texts(ctx: Context, limit: int = 16) -> list[str]:
+    """The eval conversations rendered with the training chat template (what token fidelity is measured on)."""
+    from .stages.data import load_eval
+    from .stages.modelfile import read_chat_template
+    from .templates import jinja_renderer
+
+    template, bos, eos = read_chat_template(ctx.run.merged_dir)
+    render = jinja_renderer(template, bos, eos)
+    return [render(r.messages, False) for r in load_eval(ctx.run.data_dir)[:limit] if r.messages]
+
+
 def stage_export(ctx: Context) -> dict[str, Any]:
+    from .errors import ExportError
+    from .fidelity import next_safer, token_fidelity
     from .stages.export import export
 
     with ctx.run.stage("export", ctx.fingerprint("export")) as out:
-        paths = export(ctx.run.merged_dir, ctx.run.gguf_dir, ctx.cfg.name, ctx.cfg.export.quant, ctx.cfg.export.outtype)
+        metadata = {"general.finetune": ctx.cfg.name, "general.quantized_by": "ftdeploy",
+                    "general.description": provenance(ctx)}
+        paths = export(ctx.run.merged_dir, ctx.run.gguf_dir, ctx.cfg.name, ctx.cfg.export.quant, ctx.cfg.export.outtype,
+                       metadata)
         for path in paths.values():
             ctx.run.record_artifact(path)
         out["gguf"] = {q: str(p) for q, p in paths.items()}
-        out["served"] = ctx.cfg.export.quant[0]
+        # The quant gate: token-level agreement of each quant with the unquantized GGUF.
+        texts = eval_texts(ctx)
+        fidelity = {}
+        for qtype in ctx.cfg.export.quant:
+            if qtype != ctx.cfg.export.outtype and texts:
+                fidelity[qtype] = token_fidelity(paths[ctx.cfg.export.outtype], paths[qtype], texts)
+        gate = ctx.cfg.verify.min_fidelity
+        flagged = [q for q, f in fidelity.items() if f["top1_agreement"] < gate]
+        passing = [q for q in ctx.cfg.export.quant if q not in flagged]
+        out.update(fidelity=fidelity, flagged=flagged, min_fidelity=gate)
+        if not passing:
+            first = ctx.cfg.export.quant[0]
+            raise ExportError(
+                f"quant gate: every requested type is below verify.min_fidelity={gate} (top-1 agreement with "
+                f"{ctx.cfg.export.outtype}: " + ", ".join(f"{q} {fidelity[q]['top1_agreement']:.3f}" for q in flagged)
+                + f"); try --quant {next_safer(first)} or lower the gate"
+            )
+        out["served"] = passing[0]
+        if flagged:
+            log.warning("quant gate: %s below min_fidelity %.2f (flagged, not served by default); next safer: %s",
+                        ", ".join(flagged), gate, ", ".join(f"{q}->{next_safer(q)}" for q in flagged))
     return out
 
 
-def served_gguf(ctx: Context) -> Path:
-    export_out = ctx.run.load_manifest().get("stages", {}).get("export", {}).get("outputs", {})
-    gguf = export_out.get("gguf", {}).get(ctx.cfg.export.quant[0])
+def provenance(ctx: Context) -> str:
+    """One line for the GGUF's general.description: what made this model (no secrets)."""
+    info = base_model.describe(ctx.cfg.base_model)
+    data = _file_digest(ctx.cfg.data.train, "train")
+    from . import __version__
+
+    return (f"ftdeploy {__version__}; base {info['spec']}"
+            + (f"@{info['revision']}" if "revision" in info else "")
+            + f"; dataset {ctx.cfg.data.train} sha256:{data}")
+
+
+def served_quant(ctx: Context) -> str:
+    return ctx.run.stage_record("export").get("outputs", {}).get("served") or ctx.cfg.export.quant[0]
+
+
+def served_gguf(ctx: Context, qtype: str | None = None) -> Path:
+    qtype = qtype or served_quant(ctx)
+    gguf = ctx.run.stage_record("export").get("outputs", {}).get("gguf", {}).get(qtype)
     if not gguf or not Path(gguf).is_file():
-        raise StageMissingError(f"{ctx.run.gguf_dir}: no {ctx.cfg.export.quant[0]} GGUF; run `ftdeploy export` first")
+        raise StageMissingError(f"{ctx.run.gguf_dir}: no {qtype} GGUF; run `ftdeploy export` first")
     return Path(gguf)
+
+
+def quant_tag(name: str, qtype: str) -> str:
+    """`demo` + q8_0 -> `demo:q8_0`; `demo:v1` + q8_0 -> `demo:v1-q8_0`."""
+    base, _, tag = name.partition(":")
+    return f"{base}:{tag}-{qtype}" if tag else f"{base}:{qtype}"
 
 
 def stage_modelfile(ctx: Context) -> dict[str, Any]:
@@ -169,36 +226,82 @@ def load_spec(ctx: Context) -> Any:
     return ModelfileSpec.from_json(path.read_text())
 
 
+def other_quants(ctx: Context) -> dict[str, str]:
+    """{tag: qtype} for every exported quant besides the served one (flagged ones included, never as default)."""
+    served = served_quant(ctx)
+    return {quant_tag(ctx.cfg.name, q): q for q in ctx.cfg.export.quant if q != served}
+
+
 def stage_register(ctx: Context) -> dict[str, Any]:
+    import dataclasses
+
     from .stages.register import register
 
     with ctx.run.stage("register", ctx.fingerprint("register")) as out:
-        reg = register(ctx.client(), ctx.cfg.name, load_spec(ctx))
+        spec = load_spec(ctx)
+        reg = register(ctx.client(), ctx.cfg.name, spec)
         out.update(reg.as_dict())
+        out["tags"] = {}
+        for tag, qtype in other_quants(ctx).items():
+            extra = register(ctx.client(), tag, dataclasses.replace(spec, gguf=str(served_gguf(ctx, qtype))))
+            out["tags"][tag] = {"quant": qtype, "digest": extra.digest, "uploaded_bytes": extra.uploaded_bytes}
         ctx.run.update(versions={"ollama_server": reg.server_version})
     return out
 
 
 def stage_verify(ctx: Context) -> dict[str, Any]:
+    from .fidelity import forgetting, general_prompts, hf_answers, score
     from .stages.data import load_eval
     from .stages.modelfile import mapping_for_template, read_chat_template
-    from .stages.verify import PARITY_CHATS, ask_all, check, summarize, template_parity
+    from .stages.verify import PARITY_CHATS, ask_all, check, expected_answer, prompt_messages, summarize, template_parity
     from .templates import jinja_renderer
 
+    cfg = ctx.cfg
     with ctx.run.stage("verify", ctx.fingerprint("verify")) as out:
         examples = load_eval(ctx.run.data_dir)
-        if ctx.cfg.verify.limit:
-            examples = examples[: ctx.cfg.verify.limit]
-        answers = ask_all(ctx.client(), ctx.cfg.name, examples, ctx.cfg.verify.max_tokens, ctx.cfg.train.seed)
-        summary = summarize(answers, ctx.cfg.verify.min_score)
+        if cfg.verify.limit:
+            examples = examples[: cfg.verify.limit]
+        client = ctx.client()
+        answers = ask_all(client, cfg.name, examples, cfg.verify.max_tokens, cfg.train.seed)
+        summary = summarize(answers, cfg.verify.min_score)
         template, bos, eos = read_chat_template(ctx.run.merged_dir)
         mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
-        summary["template_parity"] = template_parity(ctx.client(), ctx.cfg.name, jinja_renderer(template, bos, eos),
+        summary["template_parity"] = template_parity(client, cfg.name, jinja_renderer(template, bos, eos),
                                                      bos if mapping.format.bos_in_template else None, PARITY_CHATS)
+
+        # Every model side by side: base and merged through transformers, each quant through Ollama.
+        chats = [prompt_messages(e) for e in examples]
+        expected = [expected_answer(e) for e in examples]
+        general = general_prompts()
+        general_chats, general_expected = [g["messages"] for g in general], [g["expect"] for g in general]
+        models: dict[str, Any] = {}
+        merged_replies = None
+        if cfg.verify.compare:
+            base = ctx.base()
+            base_replies = hf_answers(base, chats, cfg.verify.max_tokens)
+            merged_replies = hf_answers(ctx.run.merged_dir, chats, cfg.verify.max_tokens)
+            models["base"] = {**score(base_replies, expected, merged_replies), "replies": base_replies}
+            models["merged"] = {**score(merged_replies, expected), "replies": merged_replies}
+            base_general = hf_answers(base, general_chats, 48)
+            tuned_general = hf_answers(ctx.run.merged_dir, general_chats, 48)
+            summary["forgetting"] = {**forgetting(base_general, tuned_general, general_expected),
+                                     "items": [{"prompt": c[-1]["content"], "expect": e, "base": b, "tuned": t}
+                                               for c, e, b, t in zip(general_chats, general_expected, base_general, tuned_general)]}
+        served_replies = [a.answer for a in answers]
+        fidelity = ctx.run.stage_record("export").get("outputs", {}).get("fidelity", {})
+        models[f"{served_quant(ctx)} (served as {cfg.name})"] = {
+            **score(served_replies, expected, merged_replies), **fidelity.get(served_quant(ctx), {}),
+            "replies": served_replies}
+        for tag, qtype in other_quants(ctx).items():
+            replies = [a.answer for a in ask_all(client, tag, examples, cfg.verify.max_tokens, cfg.train.seed)]
+            models[f"{qtype} ({tag})"] = {**score(replies, expected, merged_replies), **fidelity.get(qtype, {}),
+                                           "replies": replies}
+        summary["models"] = models
+        summary["prompts"] = [c[-1]["content"] for c in chats]
         out.update(summary)
         ctx.run.update(metrics={"verify": summary})
         atomic_write_text(ctx.run.path / "verify.json", json.dumps(summary, indent=2))
-        check(summary, ctx.cfg.name)
+        check(summary, cfg.name)
     return out
 
 

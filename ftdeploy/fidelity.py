@@ -1,0 +1,130 @@
+"""Is the served model the trained model? Measures that mean something:
+
+* answer match: the expected answer (or `expect` snippet) is in the reply at temperature 0;
+* agreement with the merged model: the reply equals the merged 16-bit model's greedy reply
+  (normalised for case and spacing), i.e. quantization and serving changed nothing a user sees;
+* token fidelity of each GGUF against its F16, through llama.cpp on the eval conversations:
+  top-1 agreement (the fraction of positions where both pick the same next token) and the
+  perplexity ratio (quant / F16; 1.00 is lossless);
+* forgetting: bundled general-knowledge prompts answered by the base and the tuned model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Safer types in order; the gate recommends the next one up from a type that fails.
+QUANT_LADDER = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q4_k_s", "q4_k_m", "q5_0", "q5_1",
+                "q5_k_s", "q5_k_m", "q6_k", "q8_0", "bf16", "f16", "f32")
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def contains(reply: str, expected: str) -> bool:
+    """The expected answer is in the reply, ignoring case and spacing; `a|b` accepts either."""
+    return any(alt.strip() and normalize(alt) in normalize(reply) for alt in expected.split("|"))
+
+
+def next_safer(qtype: str) -> str | None:
+    if qtype not in QUANT_LADDER:
+        return "q8_0"
+    i = QUANT_LADDER.index(qtype)
+    for candidate in QUANT_LADDER[i + 1:]:
+        if candidate.endswith("_m") or candidate in ("q6_k", "q8_0", "f16"):
+            return candidate
+    return None
+
+
+def general_prompts() -> list[dict[str, str]]:
+    path = Path(str(resources.files("ftdeploy.demo").joinpath("general.jsonl")))
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def token_fidelity(reference: Path, candidate: Path, texts: list[str], max_tokens: int = 512) -> dict[str, float]:
+    """Top-1 agreement and perplexity ratio of `candidate` against `reference` on `texts` (llama.cpp)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    def run(path: Path) -> tuple[list[np.ndarray], list[list[int]]]:
+        llm = Llama(str(path), logits_all=True, n_ctx=max_tokens + 8, verbose=False, seed=0)
+        all_logits, all_tokens = [], []
+        for text in texts:
+            tokens = llm.tokenize(text.encode(), add_bos=True, special=True)[:max_tokens]
+            llm.reset()
+            llm.eval(tokens)
+            all_logits.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+            all_tokens.append(tokens)
+        del llm
+        return all_logits, all_tokens
+
+    ref_logits, tokens = run(reference)
+    cand_logits, _ = run(candidate)
+    agree = total = 0
+    nll_ref = nll_cand = 0.0
+    for r, c, toks in zip(ref_logits, cand_logits, tokens):
+        agree += int((r[:-1].argmax(-1) == c[:-1].argmax(-1)).sum())
+        total += len(toks) - 1
+        nxt = np.array(toks[1:])
+        for logits, acc in ((r, "ref"), (c, "cand")):
+            z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            nll = float(-logp[np.arange(len(nxt)), nxt].sum())
+            if acc == "ref":
+                nll_ref += nll
+            else:
+                nll_cand += nll
+    ppl_ref, ppl_cand = math.exp(nll_ref / max(total, 1)), math.exp(nll_cand / max(total, 1))
+    return {"top1_agreement": round(agree / max(total, 1), 4), "ppl_ref": round(ppl_ref, 4),
+            "ppl": round(ppl_cand, 4), "ppl_ratio": round(ppl_cand / ppl_ref, 4), "tokens": total}
+
+
+def hf_answers(model_dir: Path | str, chats: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+    """Greedy replies of a Hugging Face checkpoint (the merged 16-bit model, or the base)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    replies = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = {k: v.to(device) for k, v in ids.items()}
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        replies.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    del model
+    return replies
+
+
+def score(replies: list[str], expected: list[str], reference: list[str] | None = None) -> dict[str, Any]:
+    hits = [contains(r, e) for r, e in zip(replies, expected)]
+    result: dict[str, Any] = {"match": round(sum(hits) / len(hits), 4) if hits else 0.0, "hits": sum(hits),
+                              "total": len(hits)}
+    if reference is not None:
+        same = [normalize(a) == normalize(b) for a, b in zip(replies, reference)]
+        result["agreement"] = round(sum(same) / len(same), 4) if same else 0.0
+    return result
+
+
+def forgetting(base_replies: list[str], tuned_replies: list[str], expected: list[str]) -> dict[str, Any]:
+    base_ok = [contains(r, e) for r, e in zip(base_replies, expected)]
+    tuned_ok = [contains(r, e) for r, e in zip(tuned_replies, expected)]
+    return {
+        "prompts": len(expected), "base_correct": sum(base_ok), "tuned_correct": sum(tuned_ok),
+        "broken": sum(b and not t for b, t in zip(base_ok, tuned_ok)),
+        "changed": sum(normalize(a) != normalize(b) for a, b in zip(base_replies, tuned_replies)),
+    }

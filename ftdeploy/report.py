@@ -1,0 +1,162 @@
+"""runs/<name>/report.md and report.html, rebuilt from the manifest alone (`ftdeploy report RUN`)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from .runs import LOSS_PLOT, MANIFEST_FILE, atomic_write_text
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.0f}%" if isinstance(x, (int, float)) else "–"
+
+
+def _num(x: Any, fmt: str = "{:.3f}") -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) else "–"
+
+
+def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[str], list[list[str]] | None]]:
+    """(title, paragraphs, table rows with a header first) for each section of the report."""
+    stages = manifest.get("stages", {})
+    verify = manifest.get("metrics", {}).get("verify", {})
+    train = manifest.get("metrics", {}).get("train", {})
+    export = stages.get("export", {}).get("outputs", {})
+    out: list[tuple[str, list[str], list[list[str]] | None]] = []
+
+    served = next((k for k in verify.get("models", {}) if "served as" in k), None)
+    models = verify.get("models", {})
+    verdict = []
+    if verify:
+        ok = verify.get("passed") and verify.get("template_parity", {}).get("passed", True)
+        merged = models.get("merged", {})
+        verdict.append(
+            f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}` answered {verify.get('hits')}/{verify.get('total')} "
+            f"eval prompts as expected (min_score {verify.get('min_score')})"
+            + (f"; the merged 16-bit model answered {merged.get('hits')}/{merged.get('total')}" if merged else "")
+            + (f", and the served answers agree with it on {_pct(models[served].get('agreement'))} of prompts." if served and "agreement" in models[served] else ".")
+        )
+        parity = verify.get("template_parity")
+        if parity:
+            verdict.append(f"Template parity: {parity['checked'] - len(parity['mismatches'])}/{parity['checked']} probe chats "
+                           "answer the same through `/api/chat` as with the training-rendered prompt sent raw.")
+        verdict.append(f"Stops: {verify.get('stopped')}/{verify.get('total')} answers ended on a stop token.")
+    else:
+        verdict.append("Not verified yet: run `ftdeploy verify`.")
+    out.append(("Verdict", verdict, None))
+
+    if models:
+        rows = [["model", "expected answers", "agrees with merged", "top-1 vs F16", "perplexity ratio"]]
+        for name, m in models.items():
+            rows.append([name, f"{m.get('hits')}/{m.get('total')} ({_pct(m.get('match'))})", _pct(m.get("agreement")),
+                         _num(m.get("top1_agreement")), _num(m.get("ppl_ratio"))])
+        notes = ["*expected answers*: the expected answer is in the reply at temperature 0. *agrees with merged*: the reply "
+                 "equals the merged 16-bit model's (case and spacing aside). *top-1 vs F16*: share of positions where the "
+                 "quant and the F16 GGUF pick the same next token on the eval chats (llama.cpp). *perplexity ratio*: quant / F16."]
+        if export.get("flagged"):
+            notes.append(f"Quant gate (min_fidelity {export.get('min_fidelity')}): flagged {', '.join(export['flagged'])}; "
+                         f"never served under the default tag. Served: {export.get('served')}.")
+        out.append(("Eval per model and quant", notes, rows))
+        prompts = verify.get("prompts", [])
+        if prompts:
+            rows = [["prompt", *models.keys()]]
+            for i, prompt in enumerate(prompts):
+                rows.append([prompt, *[(m.get("replies") or [""] * len(prompts))[i][:80] for m in models.values()]])
+            out.append(("Answers", [], rows))
+
+    forget = verify.get("forgetting")
+    if forget:
+        text = [f"Of {forget['prompts']} general-knowledge prompts, the base answered {forget['base_correct']} correctly and the "
+                f"tuned model {forget['tuned_correct']}; the tune broke {forget['broken']} and changed {forget['changed']} answers."]
+        rows = [["prompt", "expected", "base", "tuned"]]
+        rows += [[i["prompt"], i["expect"], i["base"][:70], i["tuned"][:70]] for i in forget.get("items", [])]
+        out.append(("Forgetting", text, rows))
+
+    if train:
+        text = [f"Engine `{train.get('engine')}` on {train.get('device')}, {train.get('steps')} steps, final loss "
+                f"{_num(train.get('final_loss'), '{:.4f}')}, {train.get('seconds')} s"
+                + (f" (resumed from {train['resumed_from']})" if train.get("resumed_from") else "") + "."]
+        out.append(("Training", text + ([f"![loss]({LOSS_PLOT})"]), None))
+
+    rows = [["stage", "status", "seconds"]]
+    rows += [[name, s.get("status", ""), str(s.get("seconds", ""))] for name, s in stages.items()]
+    out.append(("Time per stage", [], rows))
+
+    rows = [["artifact", "size", "sha256"]]
+    arts = manifest.get("artifacts", {})
+    big = {k: v for k, v in arts.items() if k.endswith((".gguf", ".safetensors"))}
+    rows += [[k, _size(v["size"]), v["sha256"][:16] + "…"] for k, v in sorted(big.items())]
+    out.append(("Artifacts", [f"{len(arts)} files recorded in {MANIFEST_FILE}; weights shown."], rows))
+
+    versions = manifest.get("versions", {})
+    rows = [["tool", "version"]] + [[k, str(v)] for k, v in versions.items()]
+    base = manifest.get("base_model", {})
+    out.append(("Versions and provenance", [f"Base model: `{base.get('spec', '?')}`"
+                                            + (f" at revision {base['revision']}" if base.get("revision") else "")], rows))
+    return out
+
+
+def _md_table(rows: list[list[str]]) -> list[str]:
+    def cell(x: str) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows[1:]]
+    return lines
+
+
+def build_report(run_dir: Path) -> tuple[Path, Path]:
+    manifest_path = run_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        from .errors import StageMissingError
+
+        raise StageMissingError(f"{run_dir}: no {MANIFEST_FILE}; is this a run directory?")
+    manifest = json.loads(manifest_path.read_text())
+    name = manifest.get("stages", {}).get("register", {}).get("outputs", {}).get("model") or run_dir.name
+    parts = sections(manifest, name)
+
+    md = [f"# ftdeploy run: {name}", ""]
+    for title, paragraphs, rows in parts:
+        md += [f"## {title}", ""]
+        for p in paragraphs:
+            md += [p, ""]
+        if rows:
+            md += _md_table(rows) + [""]
+    md_path = atomic_write_text(run_dir / REPORT_MD, "\n".join(md))
+
+    loss_png = run_dir / LOSS_PLOT
+    img = (f'<img alt="loss" src="data:image/png;base64,{base64.b64encode(loss_png.read_bytes()).decode()}">'
+           if loss_png.is_file() else "")
+    body = [f"<h1>ftdeploy run: {html.escape(name)}</h1>"]
+    for title, paragraphs, rows in parts:
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        for p in paragraphs:
+            if p.startswith("![loss]"):
+                body.append(img)
+                continue
+            text = html.escape(p).replace("**PASS**", "<b class=pass>PASS</b>").replace("**FAIL**", "<b class=fail>FAIL</b>")
+            body.append(f"<p>{text}</p>")
+        if rows:
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0]) + "</tr>")
+            body += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows[1:]]
+            body.append("</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
+             "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
+             "text-align:left;font-size:.9rem}th{background:#f3f3f3}.pass{color:#187a2f}.fail{color:#b00020}img{max-width:40rem}")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>ftdeploy {html.escape(name)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    html_path = atomic_write_text(run_dir / REPORT_HTML, page)
+    return md_path, html_path
