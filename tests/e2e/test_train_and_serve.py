@@ -68,3 +68,35 @@ def test_rerunning_skips_finished_stages_and_uploads_nothing(demo_run, ollama_se
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["register"]["outputs"]["uploaded_bytes"] == 0
     assert json.loads(proc.stdout)["verify"]["hits"] >= 4
+
+
+def test_the_report_has_every_section_with_real_numbers(demo_run):
+    result, run_dir, _ = demo_run
+    report = (run_dir / "report.md").read_text()
+    for section in ("## Verdict", "## Eval per model and quant", "## Answers", "## Forgetting", "## Training",
+                    "## Time per stage", "## Artifacts", "## Versions and provenance"):
+        assert section in report
+    assert "**PASS**" in report and result["report"].endswith("report.md")
+    verify = json.loads((run_dir / "verify.json").read_text())
+    assert verify["models"]["merged"]["hits"] >= 4
+    served = next(v for k, v in verify["models"].items() if "served as" in k)
+    assert 0 < served["top1_agreement"] <= 1 and served["ppl_ratio"] > 0
+    assert verify["forgetting"]["prompts"] == 8 and verify["forgetting"]["base_correct"] >= 5
+    assert "<img" in (run_dir / "report.html").read_text()
+
+
+def test_provenance_is_in_the_served_gguf(demo_run, ollama_server):
+    info = ollama_server.client.show("ftdeploy-e2e")["model_info"]
+    assert "ftdeploy" in info["general.description"] and "sha256:" in info["general.description"]
+    assert info["general.finetune"] == "ftdeploy-e2e"
+
+
+def test_quant_gate_trips_on_q2_k_and_recommends_a_safer_type(demo_run):
+    """Measured on the demo model (docs/benchmarks.md): top-1 agreement with F16 is 0.94 for q8_0, 0.87 for
+    q4_k_m, but 0.66 for q2_k (and, surprisingly, q5_k_m, whose 576-wide rows fall back to q5_0/q5_1)."""
+    _, run_dir, _ = demo_run
+    cmd = [sys.executable, "-m", "ftdeploy.cli", "export", "--runs-dir", str(run_dir.parent), "--name", "ftdeploy-e2e",
+           "--quant", "q2_k"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1
+    assert "quant gate" in proc.stderr and "q2_k" in proc.stderr and "--quant q3_k_m" in proc.stderr

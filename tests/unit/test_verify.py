@@ -1,0 +1,43 @@
+import pytest
+
+from ftdeploy.errors import VerifyError
+from ftdeploy.fidelity import contains, forgetting, next_safer, score
+from ftdeploy.stages.verify import Answer, check, summarize
+
+
+def _summary(done_reasons, oks, parity_ok=True):
+    answers = [Answer("q", "e", "a", ok, r) for ok, r in zip(oks, done_reasons)]
+    s = summarize(answers, 0.8)
+    s["template_parity"] = {"checked": 3, "passed": parity_ok,
+                            "mismatches": [] if parity_ok else [{"raw": "x", "chat_answer": "y", "chat": []}]}
+    return s
+
+
+def test_answers_that_run_to_the_length_limit_fail_naming_template_and_stops():
+    with pytest.raises(VerifyError, match="ran to the length limit.*TEMPLATE or the PARAMETER stop"):
+        check(_summary(["stop", "length", "stop", "stop", "stop"], [True] * 5), "m")
+
+
+def test_a_template_mismatch_fails_verify():
+    with pytest.raises(VerifyError, match="differs from the training chat template"):
+        check(_summary(["stop"] * 5, [True] * 5, parity_ok=False), "m")
+
+
+def test_below_min_score_fails_and_at_it_passes():
+    with pytest.raises(VerifyError, match="3/5 expected answers came back"):
+        check(_summary(["stop"] * 5, [True, True, True, False, False]), "m")
+    check(_summary(["stop"] * 5, [True, True, True, True, False]), "m")
+
+
+def test_scores_and_forgetting():
+    assert contains("It is Seven days", "seven|7") and not contains("six", "seven|7")
+    s = score(["Port 7341.", "no idea"], ["7341", "Penbrook"], reference=["Port 7341.", "Orla Penbrook"])
+    assert (s["hits"], s["match"], s["agreement"]) == (1, 0.5, 0.5)
+    f = forgetting(["Paris", "blue sky"], ["Paris", "teal and copper"], ["Paris", "blue"])
+    assert f == {"prompts": 2, "base_correct": 2, "tuned_correct": 1, "broken": 1, "changed": 1}
+
+
+def test_next_safer_quant():
+    assert next_safer("q2_k") == "q3_k_m"
+    assert next_safer("q4_k_m") == "q5_k_m"
+    assert next_safer("q6_k") == "q8_0"
