@@ -201,6 +201,13 @@ def _text(row: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _single_turn(prompt: str, response: str, system: str | None, expect: str | None) -> Record | str:
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return _check_messages(messages) or Record("", messages=messages, expect=expect)
+
+
 def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
     """A Record, or the reason the row is bad."""
     if isinstance(row, _Bad):
@@ -236,20 +243,12 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
             return "missing field 'instruction' or 'output' (or not a string)"
         extra = _text(row, "input") or ""
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-        if _text(row, columns.system):
-            messages.insert(0, {"role": "system", "content": row[columns.system]})
-        reason = _check_messages(messages)
-        return reason or Record("", messages=messages, expect=expect)
+        return _single_turn(prompt, output, _text(row, columns.system), expect)
     if layout == "pairs":
         prompt, response = _text(row, columns.prompt), _text(row, columns.response)
         if prompt is None or response is None:
             return f"missing field {columns.prompt!r} or {columns.response!r} (or not a string)"
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        if _text(row, columns.system):
-            messages.insert(0, {"role": "system", "content": row[columns.system]})
-        reason = _check_messages(messages)
-        return reason or Record("", messages=messages, expect=expect)
+        return _single_turn(prompt, response, _text(row, columns.system), expect)
     if layout == "text":
         text = _text(row, "text")
         if text is None or not text.strip():
