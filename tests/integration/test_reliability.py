@@ -94,3 +94,45 @@ def test_a_disk_too_small_for_merge_and_export_is_refused_before_any_work(tmp_pa
     assert result.exit_code == 1
     assert "not enough disk" in result.output and "GiB needed" in result.output
     assert not (tmp_path / "runs" / "ftdeploy-demo" / "data").exists()
+
+
+@pytest.mark.ollama
+def test_ollama_killed_mid_upload_then_the_rerun_completes(tmp_path):
+    """The server dies after the first megabytes of the blob; a rerun against a restarted server uploads
+    the whole file again (no partial blob is taken for the real one) and the model answers."""
+    import shutil
+
+    from ftdeploy.base_model import embedded_gguf
+    from ftdeploy.errors import OllamaError
+    from ftdeploy.ollama import OllamaClient, free_port, start_local_server
+    from ftdeploy.runs import sha256_file
+
+    gguf = tmp_path / "smol.gguf"
+    shutil.copyfile(embedded_gguf("smollm2-135m-instruct"), gguf)
+    digest = "sha256:" + sha256_file(gguf)
+    port, models = free_port(), tmp_path / "models"
+    server = start_local_server(port=port, models_dir=models, log_path=tmp_path / "serve.log", detach=False)
+    client = OllamaClient(server.host)
+    sent = []
+
+    def kill_after_8_mib(n):
+        sent.append(n)
+        if sum(sent) >= 8 << 20 and server.pid:
+            server.stop(timeout=5)
+
+    with pytest.raises(OllamaError):
+        client.push_blob(gguf, digest, progress=kill_after_8_mib)
+    assert sum(sent) < gguf.stat().st_size
+
+    server = start_local_server(port=port, models_dir=models, log_path=tmp_path / "serve2.log", detach=False)
+    try:
+        client = OllamaClient(server.host)
+        assert not client.has_blob(digest)
+        result = CliRunner().invoke(cli, ["register", "--gguf", str(gguf), "--name", "resumed", "--ollama-host",
+                                          server.host, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output[result.output.index("{"):])["uploaded_bytes"] == gguf.stat().st_size
+        reply = client.chat("resumed", [{"role": "user", "content": "Hi"}], options={"temperature": 0, "num_predict": 8})
+        assert reply["message"]["content"]
+    finally:
+        server.stop()
