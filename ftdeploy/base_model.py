@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -57,8 +56,11 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-def resolve_base_model(spec: str, trust_remote_code: bool = False) -> Path | str:
-    """Return a local HF directory, or a Hub id string (loaded by transformers from the Hub/cache)."""
+def resolve_base_model(spec: str, trust_remote_code: bool = False, revision: str | None = None) -> Path | str:
+    """Return a local Hugging Face checkpoint directory for `spec`.
+
+    A Hub id is downloaded once (into the HF cache) at `revision`, and every later load reads that
+    snapshot, so training, merge and tokenizer all see the same commit, which is recorded."""
     if spec in EMBEDDED:
         return materialize_gguf(embedded_gguf(spec), display=spec)
     path = Path(spec).expanduser()
@@ -74,12 +76,27 @@ def resolve_base_model(spec: str, trust_remote_code: bool = False) -> Path | str
             raise ModelError(f"--base-model {spec}: the directory has no config.json (not a Hugging Face model directory)")
         return path
     if HUB_ID_RE.match(spec) and not spec.startswith((".", "/")):
-        return spec
+        return download_snapshot(spec, revision)
     known = ", ".join(EMBEDDED)
     raise ModelError(
         f"--base-model {spec}: no such file or directory, and not a Hub id (owner/name). "
         f"Embedded models: {known}"
     )
+
+
+def download_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        # HF_TOKEN is read from the environment by huggingface_hub; it is never logged or stored by ftdeploy.
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      ignore_patterns=["*.pth", "*.bin", "original/*", "*.gguf", "*.onnx"]))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: all end here with the id named
+        raise ModelError(
+            f"--base-model {repo_id}: cannot download from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160]}). Check the id and revision, set HF_TOKEN for gated models, "
+            "or give a local directory or .gguf file."
+        ) from None
 
 
 def materialize_gguf(gguf_path: Path, display: str) -> Path:
@@ -117,13 +134,14 @@ def materialize_gguf(gguf_path: Path, display: str) -> Path:
     return out
 
 
-def describe(spec: str) -> dict[str, str]:
-    """Provenance for the manifest (never includes a token)."""
+def describe(spec: str, resolved: Path | str | None = None, revision: str | None = None) -> dict[str, str]:
+    """Provenance for the manifest (never includes a token): the spec, and the commit a Hub snapshot is at."""
     info = {"spec": spec}
     if spec in EMBEDDED:
         info["package"] = EMBEDDED[spec][0]
         info["file"] = EMBEDDED[spec][1]
-    revision = os.environ.get("FTDEPLOY_BASE_REVISION")
     if revision:
         info["revision"] = revision
+    if resolved is not None and Path(resolved).parent.name == "snapshots":
+        info["commit"] = Path(resolved).name  # the HF cache names snapshots by commit hash
     return info

@@ -112,6 +112,9 @@ def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, t
     return wrapper
 
 
+_GATE_FLAGS = {
+    "min_fidelity": ("verify.min_fidelity", click.option("--min-fidelity", type=float, help="Quant gate: least top-1 token agreement with F16 (default 0.85).")),
+}
 _DATA_FLAGS = {
     "layout": ("data.format", click.option("--format", "layout", type=click.Choice(["auto", "messages", "sharegpt", "alpaca", "pairs", "text"]), help="Dataset layout (default: detected).")),
     "on_bad_row": ("data.on_bad_row", click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop on a bad row (error) or drop and report it (skip).")),
@@ -146,7 +149,7 @@ def _ollama_run_line(name: str, host: str) -> str:
 
 
 @cli.command("train-and-serve")
-@config_options(extra=_DATA_FLAGS)
+@config_options(extra=_DATA_FLAGS | _GATE_FLAGS)
 @click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), help="Rerun this stage and every one after it.")
 @click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Rerun this stage even if unchanged (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -179,9 +182,9 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
 # ---------------------------------------------------------------- single stages
 
 
-def _stage_command(stage: str, doc: str) -> None:
+def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) -> None:
     @cli.command(stage, help=doc)
-    @config_options
+    @config_options(extra=extra)
     @click.option("--json", "as_json", is_flag=True, help="Print the stage's outputs as JSON.")
     def command(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
         from .pipeline import STAGE_FUNCS
@@ -192,7 +195,7 @@ def _stage_command(stage: str, doc: str) -> None:
 
 _stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf).")
 _stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.")
-_stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M).")
+_stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M); the quant gate picks the served one.", _GATE_FLAGS)
 _stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, parameters.")
 _stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.")
 
@@ -225,7 +228,8 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool) -> None:
     from .stages.data import inspect_data
     from .tokenizer import load_tokenizer
 
-    tokenizer, mapping = load_tokenizer(resolve_base_model(cfg.base_model, cfg.trust_remote_code), cfg.trust_remote_code)
+    base = resolve_base_model(cfg.base_model, cfg.trust_remote_code, cfg.base_revision)
+    tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code)
     plot = cfg.run_dir / "data_lengths.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
     result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot)

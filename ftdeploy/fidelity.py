@@ -30,8 +30,13 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def contains(reply: str, expected: str) -> bool:
-    """The expected answer is in the reply, ignoring case and spacing; `a|b` accepts either."""
+def contains(reply: str, expected: str, mode: str = "contains") -> bool:
+    """Does the reply give the expected answer? Modes, chosen per eval row with "match":
+    contains (default; case and spacing ignored; `a|b` accepts either), exact (the whole reply), regex."""
+    if mode == "regex":
+        return re.search(expected, reply, flags=re.IGNORECASE) is not None
+    if mode == "exact":
+        return normalize(reply).rstrip(".") == normalize(expected).rstrip(".")
     return any(alt.strip() and normalize(alt) in normalize(reply) for alt in expected.split("|"))
 
 
@@ -110,8 +115,10 @@ def hf_answers(model_dir: Path | str, chats: list[list[dict[str, str]]], max_new
     return replies
 
 
-def score(replies: list[str], expected: list[str], reference: list[str] | None = None) -> dict[str, Any]:
-    hits = [contains(r, e) for r, e in zip(replies, expected)]
+def score(replies: list[str], expected: list[str], reference: list[str] | None = None,
+          modes: list[str] | None = None) -> dict[str, Any]:
+    modes = modes or ["contains"] * len(expected)
+    hits = [contains(r, e, m) for r, e, m in zip(replies, expected, modes)]
     result: dict[str, Any] = {"match": round(sum(hits) / len(hits), 4) if hits else 0.0, "hits": sum(hits),
                               "total": len(hits)}
     if reference is not None:

@@ -42,6 +42,7 @@ class Record:
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     expect: str | None = None
+    match: str = "contains"  # how verify compares the reply with `expect`: contains, exact, regex
 
 
 @dataclass
@@ -215,6 +216,14 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
     if not isinstance(row, dict):
         return f"expected an object, got {type(row).__name__}"
     expect = row.get("expect") if isinstance(row.get("expect"), str) else None
+    match = row.get("match", "contains")
+    if match not in ("contains", "exact", "regex"):
+        return f"'match' must be contains, exact or regex, got {match!r}"
+    if match == "regex" and expect is not None:
+        try:
+            re.compile(expect)
+        except re.error as exc:
+            return f"'expect' is not a valid regex: {exc}"
     if layout == "messages":
         if "messages" not in row:
             return f"missing field 'messages' (keys {sorted(row)})"
@@ -281,6 +290,8 @@ def load_records(spec: str, layout: str = "auto", columns: Columns | None = None
             bad.append(f"{where}: {result}")
             continue
         result.source = where
+        if isinstance(row, dict) and row.get("match"):
+            result.match = row["match"]
         if system_prompt and result.messages and result.messages[0]["role"] != "system":
             result.messages.insert(0, {"role": "system", "content": system_prompt})
         records.append(result)

@@ -44,7 +44,7 @@ class Context:
             cfg = self.cfg
             parts: dict[str, Any] = {"stage": stage}
             if stage == "data":
-                parts |= {"data": cfg.section("data"), "base": cfg.base_model, "seed": cfg.train.seed,
+                parts |= {"data": cfg.section("data"), "base": [cfg.base_model, cfg.base_revision], "seed": cfg.train.seed,
                           "files": [_file_digest(cfg.data.train, "train"),
                                     _file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]}
             elif stage == "train":
@@ -63,7 +63,7 @@ class Context:
         return self._fingerprints[stage]
 
     def base(self) -> Path | str:
-        return base_model.resolve_base_model(self.cfg.base_model, self.cfg.trust_remote_code)
+        return base_model.resolve_base_model(self.cfg.base_model, self.cfg.trust_remote_code, self.cfg.base_revision)
 
     def base_if_local(self) -> Path | None:
         """The base checkpoint directory when it is already on disk (never downloads or converts)."""
@@ -91,7 +91,8 @@ def stage_data(ctx: Context) -> dict[str, Any]:
         out.update(rows=stats.rows, eval_rows=stats.eval_rows, truncated=stats.truncated,
                    trained_tokens=stats.trained_tokens, chat_format=mapping.format.name,
                    pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token)
-        ctx.run.update(base_model={**base_model.describe(ctx.cfg.base_model), "resolved": str(base)})
+        ctx.run.update(base_model={**base_model.describe(ctx.cfg.base_model, base, ctx.cfg.base_revision),
+                                   "resolved": str(base), "trust_remote_code": ctx.cfg.trust_remote_code})
     return out
 
 
@@ -176,12 +177,13 @@ def stage_export(ctx: Context) -> dict[str, Any]:
 
 def provenance(ctx: Context) -> str:
     """One line for the GGUF's general.description: what made this model (no secrets)."""
-    info = base_model.describe(ctx.cfg.base_model)
+    info = {**base_model.describe(ctx.cfg.base_model, revision=ctx.cfg.base_revision),
+            **ctx.run.load_manifest().get("base_model", {})}
     data = _file_digest(ctx.cfg.data.train, "train")
     from . import __version__
 
     return (f"ftdeploy {__version__}; base {info['spec']}"
-            + (f"@{info['revision']}" if "revision" in info else "")
+            + (f"@{info.get('commit') or info['revision']}" if info.get("commit") or info.get("revision") else "")
             + f"; dataset {ctx.cfg.data.train} sha256:{data}")
 
 
@@ -272,6 +274,7 @@ def stage_verify(ctx: Context) -> dict[str, Any]:
         # Every model side by side: base and merged through transformers, each quant through Ollama.
         chats = [prompt_messages(e) for e in examples]
         expected = [expected_answer(e) for e in examples]
+        modes = [e.match for e in examples]
         general = general_prompts()
         general_chats, general_expected = [g["messages"] for g in general], [g["expect"] for g in general]
         models: dict[str, Any] = {}
@@ -280,8 +283,8 @@ def stage_verify(ctx: Context) -> dict[str, Any]:
             base = ctx.base()
             base_replies = hf_answers(base, chats, cfg.verify.max_tokens)
             merged_replies = hf_answers(ctx.run.merged_dir, chats, cfg.verify.max_tokens)
-            models["base"] = {**score(base_replies, expected, merged_replies), "replies": base_replies}
-            models["merged"] = {**score(merged_replies, expected), "replies": merged_replies}
+            models["base"] = {**score(base_replies, expected, merged_replies, modes), "replies": base_replies}
+            models["merged"] = {**score(merged_replies, expected, modes=modes), "replies": merged_replies}
             base_general = hf_answers(base, general_chats, 48)
             tuned_general = hf_answers(ctx.run.merged_dir, general_chats, 48)
             summary["forgetting"] = {**forgetting(base_general, tuned_general, general_expected),
@@ -290,11 +293,11 @@ def stage_verify(ctx: Context) -> dict[str, Any]:
         served_replies = [a.answer for a in answers]
         fidelity = ctx.run.stage_record("export").get("outputs", {}).get("fidelity", {})
         models[f"{served_quant(ctx)} (served as {cfg.name})"] = {
-            **score(served_replies, expected, merged_replies), **fidelity.get(served_quant(ctx), {}),
+            **score(served_replies, expected, merged_replies, modes), **fidelity.get(served_quant(ctx), {}),
             "replies": served_replies}
         for tag, qtype in other_quants(ctx).items():
             replies = [a.answer for a in ask_all(client, tag, examples, cfg.verify.max_tokens, cfg.train.seed)]
-            models[f"{qtype} ({tag})"] = {**score(replies, expected, merged_replies), **fidelity.get(qtype, {}),
+            models[f"{qtype} ({tag})"] = {**score(replies, expected, merged_replies, modes), **fidelity.get(qtype, {}),
                                            "replies": replies}
         summary["models"] = models
         summary["prompts"] = [c[-1]["content"] for c in chats]

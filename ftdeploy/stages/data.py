@@ -193,7 +193,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
         tmp.mkdir(parents=True)
         _write_jsonl(tmp / "train.jsonl", tokenized)
         _write_jsonl(tmp / "eval.jsonl", (
-            {"messages": e.messages, "expect": e.expect, "source": e.source} for e in eval_examples if e.messages))
+            {"messages": e.messages, "expect": e.expect, "match": e.match, "source": e.source}
+            for e in eval_examples if e.messages))
         (tmp / "stats.json").write_text(json.dumps({
             "rows": stats.rows, "eval_rows": stats.eval_rows, "truncated": stats.truncated,
             "trained_tokens": stats.trained_tokens, "total_tokens": stats.total_tokens,
@@ -215,7 +216,8 @@ def load_eval(data_dir: Path) -> list[Record]:
     if not path.is_file():
         return []
     with open(path, encoding="utf-8") as fh:
-        return [Record(r.get("source", ""), messages=r["messages"], expect=r.get("expect")) for r in map(json.loads, fh)]
+        return [Record(r.get("source", ""), messages=r["messages"], expect=r.get("expect"), match=r.get("match", "contains"))
+                for r in map(json.loads, fh)]
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:

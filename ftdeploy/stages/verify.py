@@ -30,11 +30,11 @@ def expected_answer(example: Example) -> str:
     return example.messages[-1]["content"] if example.messages[-1]["role"] == "assistant" else ""
 
 
-def matches(answer: str, expected: str) -> bool:
-    """The expected answer (or the `expect` snippet) is contained in the reply, ignoring case and spacing."""
+def matches(answer: str, expected: str, mode: str = "contains") -> bool:
+    """The reply gives the expected answer (see fidelity.contains for the modes)."""
     from ..fidelity import contains
 
-    return contains(answer, expected)
+    return contains(answer, expected, mode)
 
 
 def prompt_messages(example: Example) -> list[dict[str, str]]:
@@ -51,7 +51,8 @@ def ask_all(client: OllamaClient, model: str, examples: list[Example], max_token
         reply = client.chat(model, msgs, options={"temperature": 0, "num_predict": max_tokens, "seed": seed})
         text = reply.get("message", {}).get("content", "")
         expected = expected_answer(ex)
-        answers.append(Answer(msgs[-1]["content"], expected, text, matches(text, expected), reply.get("done_reason", "")))
+        answers.append(Answer(msgs[-1]["content"], expected, text, matches(text, expected, ex.match),
+                              reply.get("done_reason", "")))
     return answers
 
 

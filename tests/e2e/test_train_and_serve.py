@@ -13,10 +13,15 @@ from ftdeploy.stages.data import demo_path, read_chat_jsonl
 pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
 
 
+SECRET = "hf_ftdeployE2eNeverWriteThisToken"
+
+
 def _train_and_serve(runs, host):
     cmd = [sys.executable, "-m", "ftdeploy.cli", "train-and-serve", "--runs-dir", str(runs),
            "--name", "ftdeploy-e2e", "--ollama-host", host, "--json", "-v"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ})
+    # A token in the environment (as in the container) must never reach output, logs, manifest or report.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return proc
 
@@ -100,3 +105,11 @@ def test_quant_gate_trips_on_q2_k_and_recommends_a_safer_type(demo_run):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1
     assert "quant gate" in proc.stderr and "q2_k" in proc.stderr and "--quant q3_k_m" in proc.stderr
+
+
+def test_the_token_in_the_environment_is_written_nowhere(demo_run):
+    result, run_dir, stderr = demo_run
+    assert SECRET not in json.dumps(result) and SECRET not in stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert SECRET.encode() not in path.read_bytes(), path

@@ -110,3 +110,11 @@ def test_a_second_writer_on_the_same_run_is_refused_with_the_owners_pid(tmp_path
         assert f"in use by another ftdeploy (pid {os.getpid()})" in result.output
     finally:
         holder.close()
+
+
+def test_a_hub_model_that_cannot_be_downloaded_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "--base-model", "nobody/no-such-model"])
+    assert result.exit_code == 1
+    assert "--base-model nobody/no-such-model: cannot download from the Hugging Face Hub" in result.output
+    assert not (tmp_path / "ftdeploy-demo" / "data").exists()

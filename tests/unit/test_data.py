@@ -113,3 +113,13 @@ def test_prepare_data_writes_everything_or_nothing(tmp_path, tiny_tokenizer):
     with pytest.raises(DataError, match="bad.jsonl:2"):
         prepare_data(DataConfig(train=str(bad)), tiny_tokenizer, mapping, out2, seed=1)
     assert not out2.exists() and not any(p.name.startswith(".data") for p in out2.parent.glob("*"))
+
+
+def test_packing_fills_sequences_up_to_max_length_and_keeps_every_label():
+    from ftdeploy.stages.data import pack
+
+    rows = [{"input_ids": [i] * n, "labels": [i] * n, "source": str(i)} for i, n in enumerate([5, 3, 4, 2, 6], 1)]
+    packed = pack(rows, max_seq_length=8)
+    assert all(len(p["input_ids"]) <= 8 for p in packed)
+    assert sorted(t for p in packed for t in p["labels"]) == sorted(t for r in rows for t in r["labels"])
+    assert len(packed) < len(rows)

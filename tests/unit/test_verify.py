@@ -41,3 +41,20 @@ def test_next_safer_quant():
     assert next_safer("q2_k") == "q3_k_m"
     assert next_safer("q4_k_m") == "q5_k_m"
     assert next_safer("q6_k") == "q8_0"
+
+
+def test_match_modes_per_eval_row(tmp_path):
+    import json
+
+    from ftdeploy.formats import load_records
+
+    assert contains("Port 7341.", "port 7341", "exact") and not contains("It is port 7341.", "port 7341", "exact")
+    assert contains("The port is 7341", r"\b73\d\d\b", "regex") and not contains("port 1234", r"\b73\d\d\b", "regex")
+    path = tmp_path / "eval.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "expect": "7[", "match": "regex"},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "match": "fuzzy"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(Exception) as err:
+        load_records(str(path))
+    assert f"{path}:1: 'expect' is not a valid regex" in str(err.value)
+    assert f"{path}:2: 'match' must be contains, exact or regex" in str(err.value)
