@@ -164,7 +164,6 @@ def run_engine(engine: str, model_dir: Path, batches: list[list[int]], packed: b
     seconds = (time.perf_counter() - started) / steps
     tps = real_tokens / seconds
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt
     return Result(round(tps, 1), round(peak_gib, 2), round(mfu(tps, n_params, peak), 4), real_tokens, round(seconds, 4))
 
 

@@ -191,7 +191,7 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
     training continues from the newest usable one (same data order, optimizer and RNG state)."""
     engine = select_engine(cfg.train.engine)
     if engine == "unsloth":
-        import unsloth  # noqa: F401  (patches transformers/TRL before they are imported)
+        import unsloth  # noqa: F401  # pyflakes: ignore  (patches transformers/TRL before they are imported)
     import torch
     from datasets import Dataset
     from transformers import set_seed

@@ -1,7 +1,6 @@
 """Faults injected for real: a training process killed mid-run, a damaged checkpoint, a full disk."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
