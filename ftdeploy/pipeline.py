@@ -141,15 +141,13 @@ def eval_texts(ctx: Context, limit: int = 16) -> list[str]:
 def stage_export(ctx: Context) -> dict[str, Any]:
     from .errors import ExportError
     from .fidelity import next_safer, token_fidelity
-    from .stages.export import export
+    from .stages.export import export, stamp_metadata
 
     with ctx.run.stage("export", ctx.fingerprint("export")) as out:
         metadata = {"general.finetune": ctx.cfg.name, "general.quantized_by": "ftdeploy",
                     "general.description": provenance(ctx)}
         paths = export(ctx.run.merged_dir, ctx.run.gguf_dir, ctx.cfg.name, ctx.cfg.export.quant, ctx.cfg.export.outtype,
                        metadata)
-        for path in paths.values():
-            ctx.run.record_artifact(path)
         out["gguf"] = {q: str(p) for q, p in paths.items()}
         # The quant gate: token-level agreement of each quant with the unquantized GGUF.
         texts = eval_texts(ctx)
@@ -157,6 +155,12 @@ def stage_export(ctx: Context) -> dict[str, Any]:
         for qtype in ctx.cfg.export.quant:
             if qtype != ctx.cfg.export.outtype and texts:
                 fidelity[qtype] = token_fidelity(paths[ctx.cfg.export.outtype], paths[qtype], texts)
+                # The eval scores travel with the file (visible in /api/show), measured before registration.
+                stamp_metadata(paths[qtype], {"ftdeploy.eval.top1_vs_f16": fidelity[qtype]["top1_agreement"],
+                                              "ftdeploy.eval.ppl_ratio": fidelity[qtype]["ppl_ratio"],
+                                              "ftdeploy.eval.chats": float(len(texts))})
+        for path in paths.values():
+            ctx.run.record_artifact(path)
         gate = ctx.cfg.verify.min_fidelity
         flagged = [q for q, f in fidelity.items() if f["top1_agreement"] < gate]
         passing = [q for q in ctx.cfg.export.quant if q not in flagged]

@@ -116,3 +116,22 @@ def export(merged_dir: Path, gguf_dir: Path, model_name: str, quant_types: list[
             continue
         outputs[qtype] = quantize(base_path, gguf_dir / gguf_name(model_name, qtype), qtype)
     return outputs
+
+
+def stamp_metadata(path: Path, values: dict[str, float | str]) -> Path:
+    """Rewrite `path` with extra metadata keys (llama.cpp's gguf_new_metadata copy; tensors unchanged)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata, get_field_data
+
+    reader = gguf.GGUFReader(str(path))
+    arch = get_field_data(reader, gguf.Keys.General.ARCHITECTURE)
+    new = {key: MetadataDetails(gguf.GGUFValueType.STRING if isinstance(v, str) else gguf.GGUFValueType.FLOAT32, v)
+           for key, v in values.items()}
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
+        alignment = get_field_data(reader, gguf.Keys.General.ALIGNMENT)
+        if alignment is not None:
+            writer.data_alignment = alignment
+        copy_with_new_metadata(reader, writer, new, [])
+    del reader
+    return path

@@ -94,6 +94,7 @@ def test_provenance_is_in_the_served_gguf(demo_run, ollama_server):
     info = ollama_server.client.show("ftdeploy-e2e")["model_info"]
     assert "ftdeploy" in info["general.description"] and "sha256:" in info["general.description"]
     assert info["general.finetune"] == "ftdeploy-e2e"
+    assert 0 < info["ftdeploy.eval.top1_vs_f16"] <= 1 and info["ftdeploy.eval.ppl_ratio"] > 0
 
 
 def test_quant_gate_trips_on_q2_k_and_recommends_a_safer_type(demo_run):
