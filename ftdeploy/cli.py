@@ -86,6 +86,9 @@ def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, t
         click.option("--engine", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine."),
         click.option("--ollama-host", envvar="OLLAMA_HOST", help=f"Ollama server URL (env OLLAMA_HOST; default {DEFAULT_OLLAMA_HOST})."),
         click.option("--runs-dir", type=click.Path(file_okay=False), help="Where run directories live (default runs/)."),
+        click.option("--ollama-header", "ollama_headers", multiple=True, metavar="'NAME: VALUE'",
+                     help="Extra HTTP header for the Ollama host, e.g. 'Authorization: Bearer ${OLLAMA_TOKEN}' (repeatable; ${VAR} read from the environment)."),
+        click.option("--ollama-ca-cert", type=click.Path(dir_okay=False), help="CA bundle (PEM) for an https Ollama host."),
         click.option("-v", "--verbose", "stage_verbose", count=True, help="More logging on stderr (also accepted before the command)."),
         *[option for _, option in extra.values()],
     ]
@@ -95,10 +98,14 @@ def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, t
     @functools.wraps(func)
     def wrapper(config_path: str | None, overrides: tuple[str, ...], base_model: str | None, data: str | None,
                 name: str | None, quant: str | None, max_steps: int | None, engine: str | None,
-                ollama_host: str | None, runs_dir: str | None, stage_verbose: int, **kwargs: Any) -> Any:
+                ollama_host: str | None, runs_dir: str | None, stage_verbose: int, ollama_headers: tuple[str, ...],
+                ollama_ca_cert: str | None, **kwargs: Any) -> Any:
         if stage_verbose:
             _setup_logging(stage_verbose)
         flags = {key: kwargs.pop(param) for param, (key, _) in extra.items()}
+        flags["ollama.ca_cert"] = ollama_ca_cert
+        if ollama_headers:
+            flags["ollama.headers"] = _parse_headers(ollama_headers)
         flags |= {"base_model": base_model, "data.train": data, "name": name, "export.quant": quant,
                  "train.max_steps": max_steps, "train.engine": engine, "ollama.host": ollama_host, "runs_dir": runs_dir}
         if config_path is None and base_model is None:
@@ -112,6 +119,27 @@ def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, t
     return wrapper
 
 
+def _parse_headers(items: tuple[str, ...]) -> dict[str, str]:
+    headers = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r}: expected 'NAME: VALUE'", param_hint="--ollama-header")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+_DIST_FLAGS = {
+    "nproc": ("train.nproc", click.option("--nproc", type=int, help="Training processes on this host (one per GPU); >1 runs torchrun.")),
+    "nnodes": ("train.nnodes", click.option("--nnodes", type=int, help="Hosts taking part in training (default 1).")),
+    "node_rank": ("train.node_rank", click.option("--node-rank", type=int, help="This host's rank among --nnodes (0 writes and serves).")),
+    "master_addr": ("train.master_addr", click.option("--master-addr", help="Rank-0 host address (multi-node).")),
+    "master_port": ("train.master_port", click.option("--master-port", type=int, help="Rank-0 rendezvous port (multi-node, default 29500).")),
+    "strategy": ("train.strategy", click.option("--strategy", type=click.Choice(["ddp", "fsdp", "deepspeed"]), help="Multi-process strategy (default ddp).")),
+}
+_DEPLOY_FLAGS = {
+    "deploy": ("export.deploy", click.option("--deploy", type=click.Choice(["full", "adapter"]), help="Register the merged model (full) or the base once plus this tune as a LoRA adapter (adapter).")),
+}
 _GATE_FLAGS = {
     "min_fidelity": ("verify.min_fidelity", click.option("--min-fidelity", type=float, help="Quant gate: least top-1 token agreement with F16 (default 0.85).")),
 }
@@ -149,7 +177,7 @@ def _ollama_run_line(name: str, host: str) -> str:
 
 
 @cli.command("train-and-serve")
-@config_options(extra=_DATA_FLAGS | _GATE_FLAGS)
+@config_options(extra=_DATA_FLAGS | _GATE_FLAGS | _DIST_FLAGS | _DEPLOY_FLAGS)
 @click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), help="Rerun this stage and every one after it.")
 @click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Rerun this stage even if unchanged (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -163,6 +191,11 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
 
     ctx = _context(cfg, ollama_explicit)
     results = train_and_serve(ctx, on_stage=lambda s: click.echo(f"==> {s}", err=True), from_stage=from_stage, force=force)
+    if results.get("train", {}).get("worker_node"):
+        _emit({"node_rank": cfg.train.node_rank, "world_size": results["train"]["world_size"], "done": "train"}, as_json,
+              lambda s: f"node {s['node_rank']}: training share done (world size {s['world_size']}); "
+                        "node 0 writes the adapter and serves the model")
+        return
     host = ctx.client().host
     verify = results["verify"]
     from .report import build_report
@@ -193,9 +226,9 @@ def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) ->
         _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
 
 
-_stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf).")
+_stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf; --nproc N for torchrun).", _DIST_FLAGS)
 _stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.")
-_stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M); the quant gate picks the served one.", _GATE_FLAGS)
+_stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M); the quant gate picks the served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
 _stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, parameters.")
 _stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.")
 
@@ -250,7 +283,7 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool) -> None:
 
 
 @cli.command("register")
-@config_options
+@config_options(extra=_DEPLOY_FLAGS)
 @click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False), help="Register this GGUF instead of the run's (needs --name).")
 @click.option("--json", "as_json", is_flag=True, help="Print model, digest and uploaded_bytes as JSON.")
 def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json: bool) -> None:
@@ -266,14 +299,46 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
 
         path = Path(gguf_path)
         check_gguf_header(path)
-        client = ensure_server(cfg.ollama.host, ollama_explicit or bool(cfg.ollama.host), cfg.ollama.start_local,
-                               cfg.ollama.timeout)
+        o = cfg.ollama
+        client = ensure_server(o.host, ollama_explicit or bool(o.host), o.start_local, o.timeout, o.headers,
+                               o.ca_cert or not o.insecure_tls)
         check_gguf(path)
         template, bos, eos = read_gguf_chat_template(path)
         mapping = mapping_for_template(template, bos, eos, f"{path} chat template")
         spec = build_spec(mapping, path, cfg.modelfile, cfg.data.system_prompt, {})
         out = register(client, cfg.name, spec).as_dict()
     _emit(out, as_json, lambda o: f"registered {o['model']} ({o['digest'][:19]}…, uploaded {o['uploaded_bytes']} bytes) at {o['host']}")
+
+
+@cli.command("push")
+@config_options
+@click.option("--to", "destination", metavar="HOST/NAMESPACE/NAME[:TAG]",
+              help="Registry name to publish as (default: the model's own name, which must then hold a namespace).")
+@click.option("--insecure", is_flag=True, help="The registry speaks plain HTTP (a local or in-house registry).")
+@click.option("--json", "as_json", is_flag=True, help="Print model, destination and statuses as JSON.")
+def push_cmd(cfg: Any, ollama_explicit: bool, destination: str | None, insecure: bool, as_json: bool) -> None:
+    """Publish the registered model to a registry through the Ollama server's push API.
+
+    The server does the upload with its own key; `ollama pull DESTINATION` fetches it elsewhere.
+    """
+    from .config import MODEL_NAME_RE
+    from .errors import ConfigError
+    from .ollama import ensure_server
+    from .stages.register import push
+
+    destination = destination or cfg.name
+    if "/" not in destination:
+        raise ConfigError(f"--to {destination!r}: a registry name needs a namespace, e.g. myteam/{destination} or "
+                          f"registry.example.com/myteam/{destination}")
+    host_part, _, rest = destination.partition("/")
+    if ("." in host_part or ":" in host_part) and not MODEL_NAME_RE.match(rest):
+        raise ConfigError(f"--to {destination!r}: {rest!r} is not a valid namespace/name[:tag]")
+    o = cfg.ollama
+    client = ensure_server(o.host, ollama_explicit or bool(o.host), o.start_local, o.timeout, o.headers,
+                           o.ca_cert or not o.insecure_tls)
+    result = push(client, cfg.name, destination, insecure)
+    _emit(result, as_json, lambda r: f"pushed {r['model']} as {r['destination']} ({r['bytes']} bytes in {r['layers']} layers)"
+                                     f"\n\nFetch it elsewhere:\n  ollama pull {'--insecure ' if insecure else ''}{r['destination']}")
 
 
 # ---------------------------------------------------------------- environment

@@ -77,9 +77,18 @@ class TrainConfig:
     optim: str = _help("Optimizer; auto: adamw_8bit on CUDA, adamw_torch on CPU.", default="auto")
     seed: int = _help("Random seed.", default=3407)
     load_in_4bit: bool = _help("QLoRA: load the base in 4-bit NF4 (CUDA only; ignored on CPU).", default=True)
+    load_in_8bit: bool = _help("Load the base in 8-bit (bitsandbytes LLM.int8, CUDA only) instead of 4-bit; set load_in_4bit false with it.", default=False)
     gradient_checkpointing: bool = _help("Trade compute for memory.", default=True)
     logging_steps: int = _help("Log loss every N steps.", default=1)
     save_steps: int = _help("Checkpoint every N steps (0: never); a rerun after a crash resumes from the newest.", default=50)
+    nproc: int = _help("Training processes on this host (one per GPU); above 1, training runs under torch's distributed launcher (torchrun).", default=1)
+    nnodes: int = _help("Hosts taking part in training; each runs the same command with its own --node-rank.", default=1)
+    node_rank: int = _help("This host's rank among nnodes (0 writes the adapter and goes on to merge, export and register).", default=0)
+    master_addr: str = _help("Address of the rank-0 host, reachable from every node (multi-node only).", default="127.0.0.1")
+    master_port: int = _help("Rendezvous port on the rank-0 host (multi-node only; one host picks a free port).", default=29500)
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = _help("Multi-process strategy: ddp (a full copy per GPU), fsdp (sharded, hf engine), deepspeed (ZeRO-3, hf engine).", default="ddp")
+    deepspeed_config: str | None = _help("DeepSpeed JSON for strategy=deepspeed (default: the bundled ZeRO-3 config).", default=None)
+    keep_global_batch: bool = _help("With several processes keep batch_size x gradient_accumulation as the global batch (accumulation is divided by the world size), so a config trains the same on 1 or N GPUs; false: each process takes the whole batch (global batch grows with N, as in Axolotl).", default=True)
 
 
 @dataclass
@@ -87,6 +96,8 @@ class ExportConfig:
     quant: list[str] = _help("llama.cpp quantization types, first one is the served model.", default_factory=lambda: ["q4_k_m"])
     outtype: Literal["f16", "bf16", "f32"] = _help("Type of the unquantized GGUF the quants are made from.", default="f16")
     keep_merged: bool = _help("Keep the merged safetensors after export.", default=True)
+    deploy: Literal["full", "adapter"] = _help("full: register the merged model; adapter: register the base once and each tune as a LoRA adapter on it (Ollama ADAPTER), uploading megabytes per tune.", default="full")
+    base_name: str | None = _help("Ollama name of the base model for deploy=adapter (default: ftdeploy-base-<base>:<quant>).", default=None)
 
 
 @dataclass
@@ -100,6 +111,9 @@ class OllamaConfig:
     host: str | None = _help(f"Ollama server URL; default $OLLAMA_HOST, else {DEFAULT_OLLAMA_HOST}.", default=None)
     start_local: bool = _help("When no server answers at the default address, start the pinned local build on loopback.", default=True)
     timeout: float = _help("Seconds to wait for one HTTP response.", default=600.0)
+    headers: dict[str, str] = _help("Extra HTTP headers for every request, e.g. {Authorization: 'Bearer ${OLLAMA_TOKEN}'} for a reverse proxy; ${VAR} is read from the environment when sent and never written to the run directory.", default_factory=dict)
+    ca_cert: str | None = _help("CA bundle (PEM) that signs an https Ollama host's certificate (default: the system's).", default=None)
+    insecure_tls: bool = _help("Do not verify the https host's certificate (testing only).", default=False)
 
 
 @dataclass
@@ -248,9 +262,66 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(f"verify.min_fidelity: must be in [0, 1], got {cfg.verify.min_fidelity}")
     if isinstance(cfg.verify.min_score, float) and not 0 <= cfg.verify.min_score <= 1:
         errors.append(f"verify.min_score: must be in [0, 1], got {cfg.verify.min_score}")
+    _distributed_checks(cfg, errors)
+    if isinstance(cfg.ollama.headers, dict):
+        for key, value in cfg.ollama.headers.items():
+            if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", str(key)):
+                errors.append(f"ollama.headers.{key}: a header needs a token name and a string value")
+    if isinstance(cfg.export.base_name, str) and not MODEL_NAME_RE.match(cfg.export.base_name):
+        errors.append(f"export.base_name: {cfg.export.base_name!r} is not a valid Ollama model name")
     host = cfg.ollama.host
-    if host is not None and isinstance(host, str) and not re.match(r"^(https?://)?[\w.\-\[\]:]+(:\d+)?/?$", host):
+    if host is not None and isinstance(host, str) and not re.match(r"^(https?://)?[\w.\-\[\]:]+(:\d+)?(/[\w.\-/~%]*)?$", host):
         errors.append(f"ollama.host: {host!r} is not a host URL like http://127.0.0.1:11434")
+
+
+def _distributed_checks(cfg: Config, errors: list[str]) -> None:
+    t = cfg.train
+    ints = {"train.nproc": t.nproc, "train.nnodes": t.nnodes, "train.node_rank": t.node_rank, "train.master_port": t.master_port}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()):
+        return  # already reported as type errors
+    if t.nproc < 1 or t.nnodes < 1:
+        errors.append(f"train.nproc and train.nnodes: must be >= 1, got {t.nproc} and {t.nnodes}")
+        return
+    if not 0 <= t.node_rank < t.nnodes:
+        errors.append(f"train.node_rank: must be in [0, {t.nnodes}) for nnodes={t.nnodes}, got {t.node_rank}")
+    if not 0 < t.master_port < 65536:
+        errors.append(f"train.master_port: not a TCP port: {t.master_port}")
+    world = t.nproc * t.nnodes
+    if world > 1 and t.keep_global_batch is True and isinstance(t.batch_size, int) and isinstance(t.gradient_accumulation, int):
+        if t.gradient_accumulation % world and t.batch_size % world:
+            errors.append(
+                f"train.gradient_accumulation ({t.gradient_accumulation}) and train.batch_size ({t.batch_size}): neither "
+                f"divides by the world size {world} (nproc x nnodes), so the global batch of "
+                f"{t.batch_size * t.gradient_accumulation} cannot be kept; change one of them, or set "
+                "train.keep_global_batch=false")
+    if t.load_in_8bit is True and t.load_in_4bit is True:
+        errors.append("train.load_in_8bit and train.load_in_4bit: pick one (set train.load_in_4bit=false for 8-bit)")
+    if world == 1 and t.strategy != "ddp":
+        errors.append(f"train.strategy: {t.strategy} needs several processes (--nproc)")
+
+
+def split_global_batch(batch_size: int, accumulation: int, world: int, keep: bool) -> tuple[int, int]:
+    """Per-process (batch_size, gradient_accumulation) for `world` processes.
+
+    keep: the global batch stays batch_size x accumulation (accumulation divided first, so the micro-batch,
+    and with it padding and memory, stays as configured)."""
+    if world <= 1 or not keep:
+        return batch_size, accumulation
+    if accumulation % world == 0:
+        return batch_size, accumulation // world
+    if batch_size % world == 0:
+        return batch_size // world, accumulation
+    raise ConfigError(f"batch_size {batch_size} x gradient_accumulation {accumulation} cannot be split over {world} processes")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A Config from `Config.to_dict()` output (how a distributed worker receives it); checked like a file."""
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    _semantic_checks(cfg, errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg
 
 
 def demo_config_path() -> Path:
@@ -319,8 +390,19 @@ def load_config(
     return cfg
 
 
+ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def redacted(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The config as it may be written to disk: header values other than ${VAR} references are secrets."""
+    headers = cfg_dict.get("ollama", {}).get("headers") or {}
+    safe = {k: v if isinstance(v, str) and ENV_REF_RE.sub("", v).strip() in ("", "Bearer", "Basic", "Token") else "<redacted>"
+            for k, v in headers.items()}
+    return {**cfg_dict, "ollama": {**cfg_dict.get("ollama", {}), "headers": safe}}
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False)
 
 
 def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

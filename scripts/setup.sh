@@ -21,6 +21,12 @@ if [ ! -x "$tools/actionlint" ]; then
   GOBIN="$tools" go install github.com/rhysd/actionlint/cmd/actionlint@v1.7.12 >&2
 fi
 ln -sf "$tools/actionlint" .venv/bin/actionlint
+# A real OCI registry for `ftdeploy push` tests: the CNCF distribution registry, from its Go module.
+if [ ! -x "$tools/registry" ]; then
+  echo "setup: building the distribution registry v3.0.0 (push tests)" >&2
+  GOBIN="$tools" go install github.com/distribution/distribution/v3/cmd/registry@v3.0.0 >&2
+fi
+ln -sf "$tools/registry" .venv/bin/registry
 
 ollama_bin="$(scripts/install-ollama.sh)"
 ln -sf "$ollama_bin" .venv/bin/ollama

@@ -31,12 +31,18 @@ class ModelfileSpec:
     system: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     chat_format: str = ""
+    base_name: str | None = None  # deploy=adapter: FROM this registered base
+    adapter: str | None = None  # deploy=adapter: the PEFT adapter directory (ADAPTER)
 
     def ollama_parameters(self) -> dict[str, Any]:
         return {**self.parameters, "stop": list(self.stops)}
 
     def render(self, from_path: str | None = None) -> str:
-        lines = [f"FROM {from_path or self.gguf}", "", f'TEMPLATE """{self.template}"""', ""]
+        if self.adapter:
+            lines = [f"FROM {self.base_name}", f"ADAPTER {from_path or self.adapter}", ""]
+        else:
+            lines = [f"FROM {from_path or self.gguf}", ""]
+        lines += [f'TEMPLATE """{self.template}"""', ""]
         if self.system is not None:
             lines += [f'SYSTEM """{self.system}"""', ""]
         lines += [f'PARAMETER stop "{_quote(s)}"' for s in self.stops]
@@ -142,11 +148,11 @@ def build_spec(mapping: TemplateMapping, gguf_path: Path, cfg: ModelfileConfig, 
 
 def write_modelfile(spec: ModelfileSpec, path: Path) -> Path:
     """Write the Modelfile (FROM relative to its directory) and modelfile.json beside it."""
-    gguf = Path(spec.gguf)
+    target = Path(spec.adapter or spec.gguf)
     try:
-        from_path = "./" + str(gguf.resolve().relative_to(path.parent.resolve()))
+        from_path = "./" + str(target.resolve().relative_to(path.parent.resolve()))
     except ValueError:
-        from_path = str(gguf)
+        from_path = str(target)
     atomic_write_text(path.parent / "modelfile.json", spec.to_json())
     atomic_write_text(path, spec.render(from_path))
     return path

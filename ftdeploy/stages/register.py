@@ -82,6 +82,82 @@ def register(client: OllamaClient, name: str, spec: ModelfileSpec, show_progress
     return Registration(name, digest, uploaded, size, client.host, server_version)
 
 
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+@dataclass
+class AdapterRegistration:
+    model: str
+    base_model: str
+    base_created: bool
+    base_uploaded_bytes: int
+    adapter_bytes: int
+    uploaded_bytes: int
+    digest: str
+    host: str
+    server_version: str
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def blob_digests(show: dict[str, object]) -> set[str]:
+    """The sha256 digests an existing model's Modelfile refers to (`FROM .../sha256-<hex>`)."""
+    import re
+
+    return {"sha256:" + m for m in re.findall(r"sha256[-:]([0-9a-f]{64})", str(show.get("modelfile", "")))}
+
+
+def register_adapter(client: OllamaClient, name: str, base_name: str, spec: ModelfileSpec, base_gguf: Path,
+                     adapter_dir: Path, show_progress: bool = True) -> AdapterRegistration:
+    """Register the base GGUF once as `base_name`, then `name` as the LoRA adapter on top of it (Ollama ADAPTER).
+
+    A second tune of the same base uploads only its adapter. Ollama converts the PEFT safetensors adapter itself
+    (llama, mistral and gemma2 families in the pinned release); a refusal leaves no model behind."""
+    from ..ollama import parse_version
+
+    check_gguf(base_gguf)
+    server_version = client.require_version()
+    if parse_version(server_version) >= (0, 34, 1):
+        raise OllamaError(f"Ollama {server_version} at {client.host} no longer creates adapter models (removed in "
+                          "0.34.1); use --deploy full, or a server of the pinned release")
+    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
+    if missing:
+        raise ExportError(f"{adapter_dir}: no {', '.join(missing)}; run `ftdeploy train` first")
+    base_digest = "sha256:" + sha256_file(base_gguf)
+    base_uploaded = _upload(client, base_gguf, base_digest, base_gguf.stat().st_size, show_progress)
+    try:
+        existing = blob_digests(client.show(base_name))
+    except OllamaError:
+        existing = set()
+    base_created = base_digest not in existing
+    if base_created:
+        log.info("registering the base model %s (once for every tune of it)", base_name)
+        client.create(base_name, files={base_gguf.name: base_digest}, template=spec.template, system=spec.system,
+                      parameters=spec.ollama_parameters(), on_status=lambda s: log.debug("create %s: %s", base_name, s))
+    else:
+        log.info("base model %s is already registered with this GGUF", base_name)
+    adapters, adapter_bytes, uploaded = {}, 0, 0
+    for fname in ADAPTER_FILES:
+        path = adapter_dir / fname
+        digest = "sha256:" + sha256_file(path)
+        size = path.stat().st_size
+        uploaded += _upload(client, path, digest, size, show_progress)
+        adapter_bytes += size
+        adapters[fname] = digest
+    try:
+        client.create(name, from_model=base_name, adapters=adapters, template=spec.template, system=spec.system,
+                      parameters=spec.ollama_parameters(), on_status=lambda s: log.debug("create %s: %s", name, s))
+    except OllamaError as exc:
+        raise OllamaError(f"{exc}\nThe adapter could not be attached to {base_name}; --deploy full registers the merged "
+                          "model instead") from None
+    shown = client.show(name)
+    if spec.template.strip() and spec.template.strip() not in (shown.get("template") or "").strip():
+        raise OllamaError(f"{name}: Ollama at {client.host} did not keep the TEMPLATE that was sent")
+    return AdapterRegistration(name, base_name, base_created, base_uploaded, adapter_bytes, uploaded,
+                               adapters["adapter_model.safetensors"], client.host, server_version)
+
+
 def _upload(client: OllamaClient, gguf: Path, digest: str, size: int, show_progress: bool) -> int:
     if client.has_blob(digest):
         log.info("%s is already on %s: nothing to upload", gguf.name, client.host)
@@ -95,3 +171,41 @@ def _upload(client: OllamaClient, gguf: Path, digest: str, size: int, show_progr
                   console=Console(file=sys.stderr), transient=True) as progress:
         task = progress.add_task("upload", total=size)
         return client.push_blob(gguf, digest, progress=lambda n: progress.advance(task, n))
+
+
+def push(client: OllamaClient, model: str, destination: str, insecure: bool = False,
+         show_progress: bool = True) -> dict[str, object]:
+    """Copy `model` to `destination` on the server when the names differ, then push it; progress in bytes."""
+    try:
+        client.show(model)
+    except OllamaError:
+        raise OllamaError(f"{model} is not registered at {client.host}; run `ftdeploy register` first") from None
+    if destination != model:
+        client.copy(model, destination)
+    layers: dict[str, int] = {}
+    if not show_progress:
+        statuses = client.push(destination, insecure, on_event=lambda e: _note_layer(layers, e))
+    else:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=Console(file=sys.stderr), transient=True) as progress:
+            tasks: dict[str, object] = {}
+
+            def on_event(event: dict[str, object]) -> None:
+                _note_layer(layers, event)
+                digest = str(event.get("digest") or "")
+                if digest and event.get("total"):
+                    if digest not in tasks:
+                        tasks[digest] = progress.add_task(f"pushing {digest[7:19]}", total=int(event["total"]))
+                    progress.update(tasks[digest], completed=int(event.get("completed") or 0))
+
+            statuses = client.push(destination, insecure, on_event=on_event)
+    return {"model": model, "destination": destination, "host": client.host, "layers": len(layers),
+            "bytes": sum(layers.values()), "statuses": statuses}
+
+
+def _note_layer(layers: dict[str, int], event: dict[str, object]) -> None:
+    if event.get("digest") and event.get("total"):
+        layers[str(event["digest"])] = int(event["total"])

@@ -87,7 +87,7 @@ def make_progress_callback(history: list[dict[str, float]]) -> Any:
             self.start = time.monotonic()
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             step, total = state.global_step, state.max_steps
             elapsed = time.monotonic() - self.start
@@ -109,20 +109,29 @@ def _load_hf(base: Path | str, cfg: Config, tokenizer: Any, on_cuda: bool) -> An
     if on_cuda:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         kwargs["dtype"] = dtype
-        kwargs["device_map"] = {"": 0}
+        import os
+
+        if cfg.train.strategy == "ddp":  # FSDP and DeepSpeed place (and shard) the weights themselves
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
         if cfg.train.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype,
+                # FSDP shards the 4-bit weights only when they are stored in the compute dtype.
+                **({"bnb_4bit_quant_storage": dtype} if cfg.train.strategy != "ddp" else {}),
             )
+        elif cfg.train.load_in_8bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     else:
         kwargs["dtype"] = torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    if on_cuda and cfg.train.load_in_4bit:
+    if on_cuda and (cfg.train.load_in_4bit or cfg.train.load_in_8bit):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias=cfg.lora.bias,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
@@ -132,9 +141,14 @@ def _load_hf(base: Path | str, cfg: Config, tokenizer: Any, on_cuda: bool) -> An
 def _load_unsloth(base: Path | str, cfg: Config, tokenizer: Any) -> Any:
     from unsloth import FastLanguageModel  # noqa: I001  (unsloth must be imported before transformers/peft)
 
+    import os
+
     model, _ = FastLanguageModel.from_pretrained(
         model_name=str(base), max_seq_length=cfg.data.max_seq_length, dtype=None,
-        load_in_4bit=cfg.train.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
+        load_in_4bit=cfg.train.load_in_4bit, load_in_8bit=cfg.train.load_in_8bit,
+        trust_remote_code=cfg.trust_remote_code,
+        # Under DDP each process holds its own copy on its own GPU.
+        device_map={"": int(os.environ.get("LOCAL_RANK", "0"))},
     )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -185,10 +199,75 @@ def _checkpoint_problem(ckpt: Path) -> str | None:
 
 def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, tokenizer: Any,
           checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
-    """Train an adapter; return metrics (engine, steps, losses, tokens/s).
+    """Train an adapter into `adapter_dir` (atomically); return metrics (engine, steps, losses, tokens/s).
 
     With `checkpoint_dir`, a checkpoint is saved every `train.save_steps` steps and, when `resume`,
-    training continues from the newest usable one (same data order, optimizer and RNG state)."""
+    training continues from the newest usable one (same data order, optimizer and RNG state).
+    With train.nproc x train.nnodes > 1, the work is handed to torch's launcher (ftdeploy.distributed)."""
+    from .. import distributed
+
+    engine = select_engine(cfg.train.engine)
+    distributed.check_strategy(cfg, engine)
+    if distributed.world_size(cfg) == 1:
+        with atomic_path(adapter_dir) as tmp:
+            return fit(base, data_dir, tmp, cfg, tokenizer, checkpoint_dir, resume)
+    import shutil
+
+    work = adapter_dir.parent / ".launch"
+    try:
+        if cfg.train.node_rank != 0:  # this node computes; node 0 writes the adapter
+            return distributed.launch(cfg, base, data_dir, work / "adapter-unused", checkpoint_dir, resume, work)
+        with atomic_path(adapter_dir) as tmp:
+            return distributed.launch(cfg, base, data_dir, tmp, checkpoint_dir, resume, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_dir: str, save: bool) -> dict[str, Any]:
+    """Everything SFTConfig is given, as plain values (tested without building a Trainer)."""
+    from ..config import split_global_batch
+    from ..distributed import strategy_args, world_size
+
+    world = world_size(cfg)
+    batch, accumulation = split_global_batch(cfg.train.batch_size, cfg.train.gradient_accumulation, world,
+                                             cfg.train.keep_global_batch)
+    optim = cfg.train.optim if cfg.train.optim != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir,
+        max_steps=cfg.train.max_steps if cfg.train.max_steps > 0 else -1,
+        num_train_epochs=cfg.train.epochs,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=cfg.train.learning_rate,
+        warmup_steps=cfg.train.warmup_steps,
+        weight_decay=cfg.train.weight_decay,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        optim=optim,
+        seed=cfg.train.seed,
+        logging_steps=cfg.train.logging_steps,
+        save_strategy="steps" if save and cfg.train.save_steps > 0 else "no",
+        save_steps=cfg.train.save_steps if cfg.train.save_steps > 0 else 500,
+        save_total_limit=2,
+        report_to=[],
+        bf16=bf16,
+        fp16=on_cuda and not bf16,
+        gradient_checkpointing=cfg.train.gradient_checkpointing and engine == "hf",
+        # Non-reentrant checkpointing: the same gradients, and it works under DDP with frozen base weights.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=cfg.data.max_seq_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        packing=False,
+        disable_tqdm=True,
+        use_cpu=not on_cuda,
+    )
+    kwargs.update(strategy_args(cfg, on_cuda))
+    return kwargs
+
+
+def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer: Any,
+        checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
+    """The training loop of one process (the only one, or one of a launched group); rank 0 writes `out_dir`."""
     engine = select_engine(cfg.train.engine)
     if engine == "unsloth":
         import unsloth  # noqa: F401  # pyflakes: ignore  (patches transformers/TRL before they are imported)
@@ -197,69 +276,51 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from ..distributed import world_size
+
     set_seed(cfg.train.seed)
     on_cuda = torch.cuda.is_available()
     rows = load_tokenized(data_dir)
     dataset = Dataset.from_list(rows)
-    log.info("training with engine=%s on %s: %d examples, %d steps", engine, "cuda" if on_cuda else "cpu",
-             len(rows), cfg.train.max_steps)
+    world = world_size(cfg)
+    log.info("training with engine=%s on %s x %d: %d examples, %d steps", engine, "cuda" if on_cuda else "cpu",
+             world, len(rows), cfg.train.max_steps)
 
     model = _load_unsloth(base, cfg, tokenizer) if engine == "unsloth" else _load_hf(base, cfg, tokenizer, on_cuda)
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
-    optim = cfg.train.optim if cfg.train.optim != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
     history: list[dict[str, float]] = []
-    with atomic_path(adapter_dir) as tmp:
-        args = SFTConfig(
-            output_dir=str(checkpoint_dir or tmp.parent / f".{adapter_dir.name}-trainer"),
-            max_steps=cfg.train.max_steps if cfg.train.max_steps > 0 else -1,
-            num_train_epochs=cfg.train.epochs,
-            per_device_train_batch_size=cfg.train.batch_size,
-            gradient_accumulation_steps=cfg.train.gradient_accumulation,
-            learning_rate=cfg.train.learning_rate,
-            warmup_steps=cfg.train.warmup_steps,
-            weight_decay=cfg.train.weight_decay,
-            lr_scheduler_type=cfg.train.lr_scheduler,
-            optim=optim,
-            seed=cfg.train.seed,
-            logging_steps=cfg.train.logging_steps,
-            save_strategy="steps" if checkpoint_dir and cfg.train.save_steps > 0 else "no",
-            save_steps=cfg.train.save_steps if cfg.train.save_steps > 0 else 500,
-            save_total_limit=2,
-            report_to=[],
-            bf16=bf16,
-            fp16=on_cuda and not bf16,
-            gradient_checkpointing=cfg.train.gradient_checkpointing and engine == "hf",
-            max_length=cfg.data.max_seq_length,
-            dataset_kwargs={"skip_prepare_dataset": True},
-            remove_unused_columns=False,
-            packing=False,
-            disable_tqdm=True,
-            use_cpu=not on_cuda,
-        )
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-            data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[make_progress_callback(history)],
-        )
-        from transformers.trainer_callback import PrinterCallback
+    kwargs = trainer_kwargs(cfg, engine, on_cuda, bf16,
+                            str(checkpoint_dir or out_dir.parent / f".{out_dir.name}-trainer"), checkpoint_dir is not None)
+    trainer = SFTTrainer(
+        model=model, args=SFTConfig(**kwargs), train_dataset=dataset, processing_class=tokenizer,
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[make_progress_callback(history)],
+    )
+    from transformers.trainer_callback import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes to stderr
-        resume_from = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None
-        if resume_from is not None:
-            log.info("resuming training from %s", resume_from)
-            history.extend(_history_from(resume_from))
-        started = time.monotonic()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        seconds = time.monotonic() - started
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "ftdeploy-train.json").write_text(json.dumps({"base_model": str(base), "engine": engine}, indent=2))
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes to stderr
+    resume_from = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None
+    if resume_from is not None:
+        log.info("resuming training from %s", resume_from)
+        history.extend(_history_from(resume_from))
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.monotonic() - started
+    if trainer.is_world_process_zero():
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+        (out_dir / "ftdeploy-train.json").write_text(json.dumps({"base_model": str(base), "engine": engine,
+                                                                  "world_size": world}, indent=2))
     trained_tokens = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows)
     steps = result.global_step
     return {
         "engine": engine, "device": "cuda" if on_cuda else "cpu", "steps": steps,
         "train_loss": round(float(result.training_loss), 4),
         "final_loss": history[-1]["loss"] if history else None,
-        "seconds": round(seconds, 1), "loss_history": history, "optim": optim,
+        "seconds": round(seconds, 1), "loss_history": history, "optim": kwargs["optim"],
+        "world_size": world, "strategy": cfg.train.strategy if world > 1 else None,
+        "per_device_batch": kwargs["per_device_train_batch_size"],
+        "gradient_accumulation": kwargs["gradient_accumulation_steps"],
+        "global_batch": kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] * world,
         "examples_per_s": round(steps * cfg.train.batch_size * cfg.train.gradient_accumulation / max(seconds, 1e-9), 2),
         "dataset_trained_tokens": trained_tokens, "resumed_from": str(resume_from) if resume_from else None,
     }

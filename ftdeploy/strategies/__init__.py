@@ -1,0 +1,1 @@
+"""Bundled multi-process strategy configs (DeepSpeed ZeRO-3)."""
