@@ -229,8 +229,8 @@ def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) ->
 _stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf; --nproc N for torchrun).", _DIST_FLAGS)
 _stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.")
 _stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M); the quant gate picks the served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
-_stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, parameters.")
-_stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.")
+_stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, parameters.", _DEPLOY_FLAGS)
+_stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.", _DEPLOY_FLAGS)
 
 
 @cli.group("data", cls=FtdeployGroup, invoke_without_command=True)

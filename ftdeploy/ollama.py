@@ -86,11 +86,13 @@ class OllamaClient:
         self.connect_timeout = connect_timeout
         self.session = requests.Session()
         self.session.headers.update(expand_headers(headers or {}))
-        self.session.verify = verify
+        # Given per request: a session-level `verify` loses to $REQUESTS_CA_BUNDLE in requests.
+        self.verify = verify
 
     # -- transport
     def _request(self, method: str, path: str, *, retries: int = 2, **kw: Any) -> requests.Response:
         kw.setdefault("timeout", (self.connect_timeout, self.timeout))
+        kw.setdefault("verify", self.verify)
         delay = 0.5
         for attempt in range(retries + 1):
             try:
@@ -127,7 +129,7 @@ class OllamaClient:
     # -- API
     def is_up(self) -> bool:
         try:
-            resp = self.session.get(self.host + "/api/version", timeout=(1.0, 3.0))
+            resp = self.session.get(self.host + "/api/version", timeout=(1.0, 3.0), verify=self.verify)
             return resp.ok
         except requests.RequestException:
             return False
@@ -186,22 +188,25 @@ class OllamaClient:
         if parameters:
             body["parameters"] = parameters
         resp = self._check(self._request("POST", "/api/create", json=body, stream=True, retries=0), f"create {model}")
+        return self._read_stream(resp, f"create {model}", f"refused to create {model}",
+                                 (lambda e: on_status(e.get("status", ""))) if on_status else None)
+
+    def _read_stream(self, resp: requests.Response, what: str, refused: str,
+                     on_event: Callable[[dict[str, Any]], None] | None) -> list[str]:
+        """Read an NDJSON progress stream to its end: errors arrive inside a 200 response, and it must end in success."""
         statuses = []
         for line in resp.iter_lines():
             if not line:
                 continue
             event = json.loads(line)
             if "error" in event:
-                raise OllamaError(f"Ollama at {self.host} refused to create {model}: {event['error']}")
-            status = event.get("status", "")
-            statuses.append(status)
-            if on_status:
-                on_status(status)
+                raise OllamaError(f"Ollama at {self.host} {refused}: {event['error']}")
+            statuses.append(event.get("status", ""))
+            if on_event:
+                on_event(event)
         if not statuses or statuses[-1] != "success":
-            raise OllamaError(
-                f"create {model} at {self.host}: the stream ended without success "
-                f"(last status: {statuses[-1] if statuses else 'none'})"
-            )
+            raise OllamaError(f"{what} at {self.host}: the stream ended without success "
+                              f"(last status: {statuses[-1] if statuses else 'none'})")
         return statuses
 
     def copy(self, source: str, destination: str) -> None:
@@ -212,20 +217,10 @@ class OllamaClient:
         """Publish `model` (host/namespace/name:tag) to its registry; the stream must end in success."""
         body = {"model": model, "insecure": insecure, "stream": True}
         resp = self._check(self._request("POST", "/api/push", json=body, stream=True, retries=0), f"push {model}")
-        statuses = []
-        for line in resp.iter_lines():
-            if not line:
-                continue
-            event = json.loads(line)
-            if "error" in event:
-                raise OllamaError(f"Ollama at {self.host} could not push {model}: {event['error']}" + _push_hint(event["error"]))
-            statuses.append(event.get("status", ""))
-            if on_event:
-                on_event(event)
-        if not statuses or statuses[-1] != "success":
-            raise OllamaError(f"push {model} from {self.host}: the stream ended without success "
-                              f"(last status: {statuses[-1] if statuses else 'none'})")
-        return statuses
+        try:
+            return self._read_stream(resp, f"push {model}", f"could not push {model}", on_event)
+        except OllamaError as exc:
+            raise OllamaError(f"{exc}{_push_hint(str(exc))}") from None
 
     def show(self, model: str) -> dict[str, Any]:
         return self._check(self._request("POST", "/api/show", json={"model": model}), f"show {model}").json()
@@ -266,10 +261,10 @@ def expand_headers(headers: dict[str, str]) -> dict[str, str]:
 
 def _push_hint(error: str) -> str:
     text = error.lower()
-    if "unauthorized" in text or "401" in text or "authorized" in text:
+    if "unauthorized" in text or "not authorized" in text:
         return (" (the registry authenticates the Ollama server by its key: add the server's public key, "
                 "~/.ollama/id_ed25519.pub on the server's host, to your account on the registry)")
-    if "http: server gave http response to https client" in text or "https" in text:
+    if "http response to https client" in text:
         return " (a plain-HTTP registry needs --insecure)"
     return ""
 

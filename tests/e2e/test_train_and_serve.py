@@ -174,7 +174,7 @@ def test_the_adapter_deploy_answers_the_trained_facts_and_uploads_megabytes(ddp_
 def test_a_second_tune_of_the_same_base_uploads_only_its_adapter(ddp_adapter_run, ollama_server):
     runs = ddp_adapter_run[1].parent
     _run_cli("train-and-serve", "--runs-dir", str(runs), "--name", "ftdeploy-e2e-tune2", "--deploy", "adapter",
-             "--max-steps", "3", "--set", "verify.min_score=0", "--set", "verify.compare=false",
+             "--max-steps", "3", "--min-fidelity", "0", "--set", "verify.min_score=0", "--set", "verify.compare=false",
              "--ollama-host", ollama_server.host, "--json")
     reg = json.loads((runs / "ftdeploy-e2e-tune2" / "manifest.json").read_text())["stages"]["register"]["outputs"]
     assert reg["base_created"] is False and reg["base_uploaded_bytes"] == 0

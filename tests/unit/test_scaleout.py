@@ -63,6 +63,7 @@ def test_launch_command_single_host_uses_a_free_port_and_multi_host_names_the_ma
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc-per-node=2" in cmd and cmd[-2:] == ["ftdeploy.distributed", str(tmp_path / "spec.json")]
     multi = launch_command(_cfg("train.nproc=8", "train.nnodes=2", "train.node_rank=1", "train.master_addr=10.0.0.5",
+                                "train.keep_global_batch=false",
                                 "train.master_port=29400"), tmp_path / "s.json")
     assert {"--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.5", "--master-port=29400"} <= set(multi)
     assert "--standalone" not in multi
