@@ -500,6 +500,8 @@ def _param_estimate(ctx: Context) -> float:
 def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None, from_stage: str | None = None,
                     force: tuple[str, ...] = ()) -> dict[str, Any]:
     plan = plan_stages(ctx, from_stage, force)
+    if ctx.cfg.train.node_rank > 0:  # a worker host trains its share and stops: it never needs Ollama
+        plan = [(name, run) for name, run in plan if STAGES.index(name) <= STAGES.index("train")]
     preflight(ctx, [name for name, run in plan if run])
     results = {}
     for name, run in plan:
