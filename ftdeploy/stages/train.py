@@ -312,6 +312,7 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
                                                                   "world_size": world}, indent=2))
     trained_tokens = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows)
     steps = result.global_step
+    global_batch = kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] * world
     return {
         "engine": engine, "device": "cuda" if on_cuda else "cpu", "steps": steps,
         "train_loss": round(float(result.training_loss), 4),
@@ -320,8 +321,7 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
         "world_size": world, "strategy": cfg.train.strategy if world > 1 else None,
         "per_device_batch": kwargs["per_device_train_batch_size"],
         "gradient_accumulation": kwargs["gradient_accumulation_steps"],
-        "global_batch": kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] * world,
-        "examples_per_s": round(steps * cfg.train.batch_size * cfg.train.gradient_accumulation / max(seconds, 1e-9), 2),
+        "global_batch": global_batch, "examples_per_s": round(steps * global_batch / max(seconds, 1e-9), 2),
         "dataset_trained_tokens": trained_tokens, "resumed_from": str(resume_from) if resume_from else None,
     }
 
