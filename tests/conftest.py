@@ -77,3 +77,16 @@ def ollama_server(tmp_path_factory):
         yield RealOllama(server, OllamaClient(server.host))
     finally:
         server.stop()
+
+
+def smol_gguf_copy(folder, tag: str):
+    """SmolLM2-135M-Instruct as shipped, with a `ftdeploy.test` key of its own: the same model under a digest no
+    other test uploads, so tests that share the session's Ollama server do not see each other's blobs."""
+    import shutil
+
+    from ftdeploy.base_model import embedded_gguf
+    from ftdeploy.stages.export import stamp_metadata
+
+    path = folder / f"smol-{tag}.gguf"
+    shutil.copyfile(embedded_gguf("smollm2-135m-instruct"), path)
+    return stamp_metadata(path, {"ftdeploy.test": tag})

@@ -13,7 +13,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from ftdeploy.base_model import embedded_gguf
+from conftest import smol_gguf_copy
 from ftdeploy.cli import cli
 from ftdeploy.ollama import free_port
 
@@ -55,8 +55,7 @@ def registry(tmp_path_factory):
 
 
 def test_push_publishes_the_model_and_another_server_pulls_and_runs_it(ollama_server, registry, tmp_path):
-    gguf = tmp_path / "smol.gguf"
-    shutil.copyfile(embedded_gguf("smollm2-135m-instruct"), gguf)
+    gguf = smol_gguf_copy(tmp_path, "push")
     runner = CliRunner()
     result = runner.invoke(cli, ["register", "--gguf", str(gguf), "--name", "push-smol", "--ollama-host", ollama_server.host])
     assert result.exit_code == 0, result.output
@@ -85,8 +84,7 @@ def test_push_publishes_the_model_and_another_server_pulls_and_runs_it(ollama_se
 
 
 def test_pushing_to_a_registry_that_is_not_there_fails_naming_it(ollama_server, tmp_path):
-    gguf = tmp_path / "smol.gguf"
-    shutil.copyfile(embedded_gguf("smollm2-135m-instruct"), gguf)
+    gguf = smol_gguf_copy(tmp_path, "push2")
     runner = CliRunner()
     assert runner.invoke(cli, ["register", "--gguf", str(gguf), "--name", "push-smol2",
                                "--ollama-host", ollama_server.host]).exit_code == 0

@@ -3,7 +3,6 @@ token. The proxy is the test's own (a few lines of http.client); everything behi
 
 import http.client
 import json
-import shutil
 import ssl
 import subprocess
 import threading
@@ -13,7 +12,7 @@ from urllib.parse import urlparse
 import pytest
 from click.testing import CliRunner
 
-from ftdeploy.base_model import embedded_gguf
+from conftest import smol_gguf_copy
 from ftdeploy.cli import cli
 
 pytestmark = pytest.mark.ollama
@@ -100,9 +99,7 @@ def https_proxy(ollama_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "smol.gguf"
-    shutil.copyfile(embedded_gguf("smollm2-135m-instruct"), path)
-    return path
+    return smol_gguf_copy(tmp_path_factory.mktemp("gguf"), "remote")
 
 
 def _register(gguf, name, host, *extra, env=None):
