@@ -171,3 +171,50 @@ def test_blob_digests_are_read_from_an_existing_models_modelfile():
     digest = "a" * 64
     show = {"modelfile": f"# Modelfile\nFROM /root/.ollama/models/blobs/sha256-{digest}\nTEMPLATE x"}
     assert blob_digests(show) == {f"sha256:{digest}"}
+
+
+class _NewOllama(BaseHTTPRequestHandler):
+    created: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        body = json.dumps({"version": "0.34.1"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.created.append(self.path)
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_POST
+
+
+def test_an_adapter_deploy_refuses_a_server_that_no_longer_creates_adapters(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from ftdeploy.stages.register import register_adapter
+
+    base = tmp_path / "base.gguf"
+    writer = GGUFWriter(str(base), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NewOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        spec = ModelfileSpec(gguf=str(base), template="{{ .Prompt }}", stops=[])
+        with pytest.raises(OllamaError, match="0.34.1 .* no longer creates adapter models"):
+            register_adapter(OllamaClient(host), "tune", "base:q4_k_m", spec, base, tmp_path, show_progress=False)
+        assert _NewOllama.created == []  # nothing uploaded, nothing created
+    finally:
+        server.shutdown()
