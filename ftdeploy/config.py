@@ -287,8 +287,10 @@ def _distributed_checks(cfg: Config, errors: list[str]) -> None:
     if not 0 < t.master_port < 65536:
         errors.append(f"train.master_port: not a TCP port: {t.master_port}")
     world = t.nproc * t.nnodes
-    if world > 1 and t.keep_global_batch is True and isinstance(t.batch_size, int) and isinstance(t.gradient_accumulation, int):
-        if t.gradient_accumulation % world and t.batch_size % world:
+    if t.keep_global_batch is True and isinstance(t.batch_size, int) and isinstance(t.gradient_accumulation, int):
+        try:
+            split_global_batch(t.batch_size, t.gradient_accumulation, world, keep=True)
+        except ConfigError:
             errors.append(
                 f"train.gradient_accumulation ({t.gradient_accumulation}) and train.batch_size ({t.batch_size}): neither "
                 f"divides by the world size {world} (nproc x nnodes), so the global batch of "
@@ -316,12 +318,7 @@ def split_global_batch(batch_size: int, accumulation: int, world: int, keep: boo
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """A Config from `Config.to_dict()` output (how a distributed worker receives it); checked like a file."""
-    errors: list[str] = []
-    cfg = _build(Config, raw, "", errors)
-    _semantic_checks(cfg, errors)
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
-    return cfg
+    return _validated(raw, "")
 
 
 def demo_config_path() -> Path:
@@ -381,11 +378,15 @@ def load_config(
     for dotted, value in (flags or {}).items():
         if value is not None:
             _assign(raw, dotted.split("."), value)
+    return _validated(raw, f" in {path}" if path else "")
+
+
+def _validated(raw: dict[str, Any], source: str) -> Config:
+    """Build and check a Config from raw keys; every problem in one ConfigError."""
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors)
     _semantic_checks(cfg, errors)
     if errors:
-        source = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{source} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  " + "\n  ".join(errors))
     return cfg
 

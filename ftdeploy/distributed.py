@@ -39,10 +39,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def is_worker() -> bool:
-    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def check_strategy(cfg: Config, engine: str, has_deepspeed: bool | None = None) -> None:
     """What each engine can do on several processes; a clear error for what it cannot."""
     if world_size(cfg) == 1:

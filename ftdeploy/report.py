@@ -96,7 +96,7 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
     if register.get("deploy") == "adapter":
         rows = [["what", "size", "uploaded this run"],
                 [f"full model ({export.get('served')}), not uploaded", _size(register.get("full_model_bytes") or 0), "-"],
-                [f"base `{register.get('base_model')}` (once per base)", _size(export.get("base_bytes") or 0) if export.get("base_bytes") else "-",
+                [f"base `{register.get('base_model')}` (once per base)", _size(export.get("base_bytes") or 0),
                  _size(register.get("base_uploaded_bytes") or 0)],
                 ["LoRA adapter (this tune)", _size(register.get("adapter_bytes") or 0), _size(register.get("uploaded_bytes") or 0)]]
         full, adapter = register.get("full_model_bytes") or 0, register.get("adapter_bytes") or 0

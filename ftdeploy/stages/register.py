@@ -70,16 +70,29 @@ def register(client: OllamaClient, name: str, spec: ModelfileSpec, show_progress
     gguf = Path(spec.gguf)
     check_gguf(gguf)
     server_version = client.require_version()
-    size = gguf.stat().st_size
-    log.info("hashing %s (%.1f MB)", gguf.name, size / 1e6)
-    digest = "sha256:" + sha256_file(gguf)
-    uploaded = _upload(client, gguf, digest, size, show_progress)
-    client.create(name, files={gguf.name: digest}, template=spec.template, system=spec.system,
-                  parameters=spec.ollama_parameters(), on_status=lambda s: log.debug("create %s: %s", name, s))
+    digest, size, uploaded = _upload_file(client, gguf, show_progress)
+    _create(client, name, spec, files={gguf.name: digest})
+    _confirm_template(client, name, spec)
+    return Registration(name, digest, uploaded, size, client.host, server_version)
+
+
+def _upload_file(client: OllamaClient, path: Path, show_progress: bool) -> tuple[str, int, int]:
+    """Hash `path` and upload it unless the server has it: (digest, size, bytes sent)."""
+    size = path.stat().st_size
+    log.info("hashing %s (%.1f MB)", path.name, size / 1e6)
+    digest = "sha256:" + sha256_file(path)
+    return digest, size, _upload(client, path, digest, size, show_progress)
+
+
+def _create(client: OllamaClient, name: str, spec: ModelfileSpec, **kw: object) -> None:
+    client.create(name, template=spec.template, system=spec.system, parameters=spec.ollama_parameters(),
+                  on_status=lambda s: log.debug("create %s: %s", name, s), **kw)
+
+
+def _confirm_template(client: OllamaClient, name: str, spec: ModelfileSpec) -> None:
     shown = client.show(name)
     if spec.template.strip() and spec.template.strip() not in (shown.get("template") or "").strip():
         raise OllamaError(f"{name}: Ollama at {client.host} did not keep the TEMPLATE that was sent")
-    return Registration(name, digest, uploaded, size, client.host, server_version)
 
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -124,8 +137,7 @@ def register_adapter(client: OllamaClient, name: str, base_name: str, spec: Mode
     missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
     if missing:
         raise ExportError(f"{adapter_dir}: no {', '.join(missing)}; run `ftdeploy train` first")
-    base_digest = "sha256:" + sha256_file(base_gguf)
-    base_uploaded = _upload(client, base_gguf, base_digest, base_gguf.stat().st_size, show_progress)
+    base_digest, _, base_uploaded = _upload_file(client, base_gguf, show_progress)
     try:
         existing = blob_digests(client.show(base_name))
     except OllamaError:
@@ -133,27 +145,21 @@ def register_adapter(client: OllamaClient, name: str, base_name: str, spec: Mode
     base_created = base_digest not in existing
     if base_created:
         log.info("registering the base model %s (once for every tune of it)", base_name)
-        client.create(base_name, files={base_gguf.name: base_digest}, template=spec.template, system=spec.system,
-                      parameters=spec.ollama_parameters(), on_status=lambda s: log.debug("create %s: %s", base_name, s))
+        _create(client, base_name, spec, files={base_gguf.name: base_digest})
     else:
         log.info("base model %s is already registered with this GGUF", base_name)
     adapters, adapter_bytes, uploaded = {}, 0, 0
     for fname in ADAPTER_FILES:
-        path = adapter_dir / fname
-        digest = "sha256:" + sha256_file(path)
-        size = path.stat().st_size
-        uploaded += _upload(client, path, digest, size, show_progress)
+        digest, size, sent = _upload_file(client, adapter_dir / fname, show_progress)
+        uploaded += sent
         adapter_bytes += size
         adapters[fname] = digest
     try:
-        client.create(name, from_model=base_name, adapters=adapters, template=spec.template, system=spec.system,
-                      parameters=spec.ollama_parameters(), on_status=lambda s: log.debug("create %s: %s", name, s))
+        _create(client, name, spec, from_model=base_name, adapters=adapters)
     except OllamaError as exc:
         raise OllamaError(f"{exc}\nThe adapter could not be attached to {base_name}; --deploy full registers the merged "
                           "model instead") from None
-    shown = client.show(name)
-    if spec.template.strip() and spec.template.strip() not in (shown.get("template") or "").strip():
-        raise OllamaError(f"{name}: Ollama at {client.host} did not keep the TEMPLATE that was sent")
+    _confirm_template(client, name, spec)
     return AdapterRegistration(name, base_name, base_created, base_uploaded, adapter_bytes, uploaded,
                                adapters["adapter_model.safetensors"], client.host, server_version)
 

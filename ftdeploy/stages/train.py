@@ -11,6 +11,8 @@ import importlib.util
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -109,8 +111,6 @@ def _load_hf(base: Path | str, cfg: Config, tokenizer: Any, on_cuda: bool) -> An
     if on_cuda:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         kwargs["dtype"] = dtype
-        import os
-
         if cfg.train.strategy == "ddp":  # FSDP and DeepSpeed place (and shard) the weights themselves
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
         if cfg.train.load_in_4bit:
@@ -140,8 +140,6 @@ def _load_hf(base: Path | str, cfg: Config, tokenizer: Any, on_cuda: bool) -> An
 
 def _load_unsloth(base: Path | str, cfg: Config, tokenizer: Any) -> Any:
     from unsloth import FastLanguageModel  # noqa: I001  (unsloth must be imported before transformers/peft)
-
-    import os
 
     model, _ = FastLanguageModel.from_pretrained(
         model_name=str(base), max_seq_length=cfg.data.max_seq_length, dtype=None,
@@ -211,8 +209,6 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
     if distributed.world_size(cfg) == 1:
         with atomic_path(adapter_dir) as tmp:
             return fit(base, data_dir, tmp, cfg, tokenizer, checkpoint_dir, resume)
-    import shutil
-
     work = adapter_dir.parent / ".launch"
     try:
         if cfg.train.node_rank != 0:  # this node computes; node 0 writes the adapter
