@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 from importlib import metadata
 from typing import Any
@@ -24,6 +25,12 @@ def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
         checks.append({"name": name, "ok": ok, "detail": detail})
 
     add("python", platform.python_version_tuple() >= ("3", "11"), platform.python_version())
+    uid = os.getuid()
+    add("user", uid != 0, f"uid {uid}" + (" (root: what runs/ gets is owned by root)" if uid == 0 else ""))
+    # Whether a token is there, never what it is: gated Hub models need one.
+    token_source = next((name for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if os.environ.get(name)), None)
+    add("hf-token", True, f"set ({token_source} from the environment)" if token_source
+        else "not set: public models only (export HF_TOKEN for gated ones)")
     torch_version = _version("torch")
     add("torch", torch_version is not None, torch_version or "not installed: pip install 'ftdeploy[train]'")
     cuda = False

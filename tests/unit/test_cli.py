@@ -95,7 +95,19 @@ def test_doctor_json_reports_each_check():
     result = CliRunner().invoke(cli, ["doctor", "--json", "--ollama-host", f"http://127.0.0.1:{_closed_port()}"])
     assert result.exit_code == 0
     names = {c["name"] for c in json.loads(result.output)["checks"]}
-    assert {"python", "torch", "cuda", "unsloth", "ollama", "llama_cpp_python"} <= names
+    assert {"python", "user", "hf-token", "torch", "cuda", "unsloth", "ollama", "llama_cpp_python"} <= names
+
+
+def test_doctor_says_whether_a_hub_token_is_set_but_never_shows_it(monkeypatch):
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_doctor_secret_value")
+    result = CliRunner().invoke(cli, ["doctor", "--json", "--ollama-host", f"http://127.0.0.1:{_closed_port()}"])
+    checks = {c["name"]: c for c in json.loads(result.output)["checks"]}
+    assert checks["hf-token"]["detail"] == "set (HF_TOKEN from the environment)"
+    assert "hf_doctor_secret_value" not in result.output
+    monkeypatch.delenv("HF_TOKEN")
+    result = CliRunner().invoke(cli, ["doctor", "--json", "--ollama-host", f"http://127.0.0.1:{_closed_port()}"])
+    assert "not set" in {c["name"]: c for c in json.loads(result.output)["checks"]}["hf-token"]["detail"]
 
 
 def test_a_second_writer_on_the_same_run_is_refused_with_the_owners_pid(tmp_path):
