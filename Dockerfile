@@ -15,7 +15,8 @@
 #                                     libraries out of it (compose.cpu.yaml passes it). Empty (the default): the
 #                                     default index, whose Linux torch carries CUDA; if the given index cannot be
 #                                     reached, the build says so and falls back to it. The gpu target ignores it.
-#   --build-arg PIP_NO_INDEX=1        the cpu dependencies come from .wheelhouse only (an offline build)
+#   --build-arg PIP_NO_INDEX=1        the cpu dependencies come from .wheelhouse only (an offline build; the gpu
+#                                     target's Unsloth set still comes from the index)
 #   --secret id=pipcert,src=CA.pem    a CA bundle for pip behind a TLS-intercepting proxy (never stored in a layer)
 #   --secret id=pipconf,src=pip.conf  a pip.conf (private index with credentials, proxy, ...)
 #   .wheelhouse/*.whl                 wheels found here are used before any index (scripts/container-setup.sh)
@@ -65,11 +66,12 @@ RUN --mount=type=cache,id=ftdeploy-pip,target=/root/.cache/pip \
 FROM deps-cpu AS deps-gpu
 # The pinned Unsloth set (its own pins: transformers<=5.17, trl<=1.15, datasets<5, torch<2.15) from the
 # wheelhouse and the index; torch is the one deps-cpu installed, so this layer holds only what the GPU
-# path adds. PyTorch's CPU-only build there would leave a GPU image that cannot see the GPU: refuse it.
+# path adds. PIP_NO_INDEX (inherited from deps-cpu) is dropped: this set may always come from the index.
+# PyTorch's CPU-only build there would leave a GPU image that cannot see the GPU: refuse it.
 RUN --mount=type=cache,id=ftdeploy-pip,target=/root/.cache/pip \
     --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
     --mount=type=secret,id=pipcert --mount=type=secret,id=pipconf,target=/etc/pip.conf \
-    image-pip ".[train,gpu]" \
+    env -u PIP_NO_INDEX image-pip ".[train,gpu]" \
  && python -c 'import sys, torch; torch.version.cuda or sys.exit("gpu target: torch " + torch.__version__ + " has no CUDA: build it without TORCH_INDEX_URL")'
 
 # ---------------------------------------------------------------- runtimes

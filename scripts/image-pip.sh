@@ -22,4 +22,7 @@ if [ "${1:-}" = "--torch-index" ]; then
       || echo "image-pip: $torch_index could not be used; torch comes from the default index instead" >&2
   fi
 fi
-exec pip install "$@"
+pip install "$@"
+# setuptools leaves build/ and *.egg-info in /src; a later layer's build would reuse build/lib and ship
+# the empty package of the dependency layers (COPY keeps the sources' older mtimes).
+rm -rf build ./*.egg-info
