@@ -74,13 +74,19 @@ def strategy_args(cfg: Config, on_cuda: bool) -> dict[str, Any]:
     if world_size(cfg) == 1:
         return {}
     args: dict[str, Any] = {"ddp_backend": "nccl" if on_cuda else "gloo"}
+    if not on_cuda and cfg.train.strategy != "ddp":
+        log.warning("train.strategy=%s on CPU: accelerate shards only on accelerators, so these processes run "
+                    "as DDP (a full copy each)", cfg.train.strategy)
     if cfg.train.strategy == "ddp":
         # LoRA leaves most parameters frozen; DDP must not wait for gradients that never come.
         args["ddp_find_unused_parameters"] = False
     elif cfg.train.strategy == "fsdp":
         args["fsdp"] = "full_shard auto_wrap"
+        # A full state dict, gathered to rank 0 when saving: with a sharded one, Trainer.save_model writes no
+        # adapter at all, and the checkpoints would hold no adapter_model.safetensors to resume from.
         args["fsdp_config"] = {"use_orig_params": False, "cpu_ram_efficient_loading": True,
-                               "sync_module_states": True, "activation_checkpointing": False}
+                               "sync_module_states": True, "activation_checkpointing": False,
+                               "state_dict_type": "FULL_STATE_DICT"}
     elif cfg.train.strategy == "deepspeed":
         args["deepspeed"] = deepspeed_config_path(cfg)
     return args
@@ -134,13 +140,14 @@ def launch(cfg: Config, base: Path | str, data_dir: Path, out_dir: Path, checkpo
 
 def worker_main(spec_path: str) -> int:
     """Entry point of one launched process."""
-    from .stages.train import fit
+    from .stages.train import fit, import_engine_first
     from .tokenizer import load_tokenizer
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = config_from_dict(spec["config"])
     logging.basicConfig(level=logging.WARNING if rank() else logging.INFO,
                         format=f"[rank {rank()}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import_engine_first(cfg)  # before the tokenizer brings in transformers
     tokenizer, _ = load_tokenizer(spec["base"], cfg.trust_remote_code)
     checkpoint_dir = Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None
     metrics = fit(spec["base"], Path(spec["data_dir"]), Path(spec["out_dir"]), cfg, tokenizer, checkpoint_dir,

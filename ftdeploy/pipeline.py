@@ -96,11 +96,12 @@ def stage_data(ctx: Context) -> dict[str, Any]:
 
 
 def stage_train(ctx: Context) -> dict[str, Any]:
-    from .stages.train import plot_loss, train
+    from .stages.train import import_engine_first, plot_loss, train
     from .tokenizer import load_tokenizer
 
     if not (ctx.run.data_dir / "train.jsonl").is_file():
         raise StageMissingError(f"{ctx.run.data_dir}: no prepared data; run `ftdeploy data` first")
+    import_engine_first(ctx.cfg)  # Unsloth before the base model and tokenizer bring in transformers
     if ctx.cfg.train.node_rank > 0:
         return _train_on_worker_node(ctx)
     with ctx.run.stage("train", ctx.fingerprint("train")) as out:
@@ -505,6 +506,10 @@ def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None,
     plan = plan_stages(ctx, from_stage, force)
     if ctx.cfg.train.node_rank > 0:  # a worker host trains its share and stops: it never needs Ollama
         plan = [(name, run) for name, run in plan if STAGES.index(name) <= STAGES.index("train")]
+    if ("train", True) in plan:
+        from .stages.train import import_engine_first
+
+        import_engine_first(ctx.cfg)  # Unsloth before the data stage's tokenizer brings in transformers
     preflight(ctx, [name for name, run in plan if run])
     results = {}
     for name, run in plan:

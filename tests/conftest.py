@@ -51,6 +51,23 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
+def build_tiny_model_dir(path: Path) -> Path:
+    """A Llama-shaped model of about 40,000 parameters, random weights, saved with the tiny tokenizer: a
+    local base model that the real training code loads and trains in seconds on CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 class RealOllama:
     """A real `ollama serve` (the pinned build) on a free loopback port with its own models folder."""
 

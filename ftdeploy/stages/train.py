@@ -48,6 +48,19 @@ def select_engine(requested: str, has_cuda: bool | None = None, has_unsloth: boo
     return requested
 
 
+def import_engine_first(cfg: Config) -> str:
+    """Select the engine and, when it is Unsloth, import it now; return the engine.
+
+    Unsloth patches transformers, PEFT and TRL as it is imported, and code imported before it keeps
+    the unpatched paths (it warns, and trains at about the hf engine's speed). Resolving the base model
+    and loading the tokenizer import transformers, so every entry point that will train in its
+    process calls this before either."""
+    engine = select_engine(cfg.train.engine)
+    if engine == "unsloth":
+        import unsloth  # noqa: F401  # pyflakes: ignore
+    return engine
+
+
 class PadCollator:
     """Pad input_ids with the pad token and labels with -100; refuse a batch that trains on nothing."""
 
@@ -261,39 +274,63 @@ def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_d
     return kwargs
 
 
-def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer: Any,
-        checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
-    """The training loop of one process (the only one, or one of a launched group); rank 0 writes `out_dir`."""
-    engine = select_engine(cfg.train.engine)
-    if engine == "unsloth":
-        import unsloth  # noqa: F401  # pyflakes: ignore  (patches transformers/TRL before they are imported)
+def build_trainer(base: Path | str, rows: list[dict[str, list[int]]], cfg: Config, tokenizer: Any, engine: str,
+                  output_dir: str, save_checkpoints: bool, callbacks: list[Any] = ()) -> tuple[Any, dict[str, Any]]:
+    """The model, its LoRA and the SFTTrainer as `ftdeploy train` builds them; return (trainer, SFTConfig kwargs).
+
+    scripts/bench_train.py times this same trainer, so its figures describe the product.
+    The caller has already run import_engine_first (Unsloth before transformers)."""
     import torch
     from datasets import Dataset
-    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
+
+    on_cuda = torch.cuda.is_available()
+    model = _load_unsloth(base, cfg, tokenizer) if engine == "unsloth" else _load_hf(base, cfg, tokenizer, on_cuda)
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    kwargs = trainer_kwargs(cfg, engine, on_cuda, bf16, output_dir, save_checkpoints)
+    trainer = SFTTrainer(
+        model=model, args=SFTConfig(**kwargs), train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes to stderr
+    return trainer, kwargs
+
+
+def save_adapter(trainer: Any, out_dir: Path) -> None:
+    """Write the adapter (and tokenizer) to `out_dir`; every process of a launched group must call this.
+
+    Under ZeRO-3 and FSDP each process holds only a shard of every weight, so rank 0 calling
+    model.save_pretrained writes empty or partial tensors (huggingface/peft#2892, huggingface/trl#4416).
+    trainer.save_model gathers the full adapter collectively, which is why no rank may skip it, and
+    writes it from the main process only."""
+    trainer.save_model(str(out_dir))
+    if trainer.is_world_process_zero():
+        # A pickle of the training arguments: the checkpoints keep it for resuming; the adapter is shipped.
+        (out_dir / "training_args.bin").unlink(missing_ok=True)
+
+
+def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer: Any,
+        checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
+    """The training loop of one process (the only one, or one of a launched group); every process joins the
+    save, rank 0 writes `out_dir`."""
+    engine = import_engine_first(cfg)
+    import torch
+    from transformers import set_seed
 
     from ..distributed import world_size
 
     set_seed(cfg.train.seed)
     on_cuda = torch.cuda.is_available()
     rows = load_tokenized(data_dir)
-    dataset = Dataset.from_list(rows)
     world = world_size(cfg)
     log.info("training with engine=%s on %s x %d: %d examples, %d steps", engine, "cuda" if on_cuda else "cpu",
              world, len(rows), cfg.train.max_steps)
 
-    model = _load_unsloth(base, cfg, tokenizer) if engine == "unsloth" else _load_hf(base, cfg, tokenizer, on_cuda)
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()
     history: list[dict[str, float]] = []
-    kwargs = trainer_kwargs(cfg, engine, on_cuda, bf16,
-                            str(checkpoint_dir or out_dir.parent / f".{out_dir.name}-trainer"), checkpoint_dir is not None)
-    trainer = SFTTrainer(
-        model=model, args=SFTConfig(**kwargs), train_dataset=dataset, processing_class=tokenizer,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[make_progress_callback(history)],
-    )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes to stderr
+    trainer, kwargs = build_trainer(base, rows, cfg, tokenizer, engine,
+                                    str(checkpoint_dir or out_dir.parent / f".{out_dir.name}-trainer"),
+                                    checkpoint_dir is not None, [make_progress_callback(history)])
     resume_from = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None
     if resume_from is not None:
         log.info("resuming training from %s", resume_from)
@@ -301,9 +338,8 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.monotonic() - started
+    save_adapter(trainer, out_dir)
     if trainer.is_world_process_zero():
-        model.save_pretrained(str(out_dir))
-        tokenizer.save_pretrained(str(out_dir))
         (out_dir / "ftdeploy-train.json").write_text(json.dumps({"base_model": str(base), "engine": engine,
                                                                   "world_size": world}, indent=2))
     trained_tokens = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows)

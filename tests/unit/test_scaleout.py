@@ -45,9 +45,19 @@ def test_trainer_arguments_for_two_cpu_processes_keep_the_one_process_global_bat
 def test_fsdp_and_deepspeed_arguments():
     fsdp = strategy_args(_cfg("train.nproc=4", "train.strategy=fsdp"), on_cuda=True)
     assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["ddp_backend"] == "nccl"
+    # Trainer.save_model writes no adapter at all from a sharded state dict.
+    assert fsdp["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"
     ds = strategy_args(_cfg("train.nproc=4", "train.strategy=deepspeed"), on_cuda=True)
     zero3 = json.loads(open(ds["deepspeed"]).read())
     assert zero3["zero_optimization"]["stage"] == 3
+
+
+def test_fsdp_on_cpu_says_that_it_runs_as_ddp(caplog):
+    strategy_args(_cfg("train.nproc=2", "train.strategy=fsdp"), on_cuda=False)
+    assert "run as DDP" in caplog.text
+    caplog.clear()
+    strategy_args(_cfg("train.nproc=2"), on_cuda=False)
+    assert "run as DDP" not in caplog.text
 
 
 def test_unsloth_is_ddp_only_and_deepspeed_must_be_installed():
