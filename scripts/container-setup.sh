@@ -7,8 +7,8 @@
 #   3. the base image (FTDEPLOY_BASE_IMAGE, default ubuntu:24.04) and ollama/ollama:<pinned>: pulled, or, where no
 #      registry is reachable, made here: Debian bookworm by debootstrap, and the pinned Ollama built by
 #      scripts/install-ollama.sh on top of it under the official tag;
-#   4. the wheels scripts/setup.sh built (plus the Unsloth set) linked into .wheelhouse/, so the image build
-#      installs them instead of compiling llama.cpp and downloading torch again.
+#   4. the wheels scripts/setup.sh built linked into .wheelhouse/ when the image's Python matches them, so the
+#      image build installs them instead of compiling llama.cpp and downloading torch again.
 # Progress goes to stderr; stdout is only `export NAME=value` lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,24 @@ as_root_apt() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null 2>&1 \
     || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; } \
     || die "apt-get could not install $2"
+}
+
+# A failure nobody expected still says where it happened (set -e alone exits without a word).
+trap 'die "failed at line $LINENO: $BASH_COMMAND"' ERR
+# The Debian mirror apt already uses (deb822 .sources or the one-line format); either file may be absent.
+debian_mirror() {
+  local f line
+  for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -r "$f" ] || continue
+    while IFS= read -r line; do
+      case "$line" in
+        URIs:*security*|deb*security*) ;;
+        URIs:*) set -- ${line#URIs:}; echo "$1"; return ;;
+        "deb http"*" bookworm "*) set -- $line; echo "$2"; return ;;
+      esac
+    done <"$f"
+  done
+  echo http://deb.debian.org/debian
 }
 
 # ---------------------------------------------------------------- 1. the engine
@@ -50,13 +68,17 @@ if ! "$docker_bin" compose version >/dev/null 2>&1; then
     command -v go >/dev/null || die "docker compose v2 is missing and Go is needed to build it (https://go.dev/dl)"
     log "building docker compose $COMPOSE_VERSION from its Go module (a few minutes)"
     # `go install` refuses this module (exclude directives in its go.mod): build it from a writable copy.
-    src_dir="$(go mod download -json "github.com/docker/compose/v2@$COMPOSE_VERSION" | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')"
+    mkdir -p "$tools"
+    build_log="$cache/compose-build.log"
+    src_dir="$(go mod download -json "github.com/docker/compose/v2@$COMPOSE_VERSION" 2>"$build_log" \
+      | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')" \
+      || die "could not download the compose module $COMPOSE_VERSION; its log: $build_log"
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
     cp -r "$src_dir/." "$work" && chmod -R u+w "$work"
-    mkdir -p "$tools"
     (cd "$work" && CGO_ENABLED=0 go build -trimpath \
-      -ldflags "-s -w -X github.com/docker/compose/v2/internal.Version=$COMPOSE_VERSION" -o "$plugin.tmp" ./cmd) >&2
+      -ldflags "-s -w -X github.com/docker/compose/v2/internal.Version=$COMPOSE_VERSION" -o "$plugin.tmp" ./cmd) \
+      >>"$build_log" 2>&1 || die "building docker compose failed; its log: $build_log"
     mv -f "$plugin.tmp" "$plugin"
   fi
   mkdir -p "$HOME/.docker/cli-plugins"
@@ -73,8 +95,7 @@ if ! have_image "$base_image" && ! "$docker_bin" pull -q "$base_image" >/dev/nul
   local_base=ftdeploy-local/debian:bookworm
   if ! have_image "$local_base"; then
     command -v debootstrap >/dev/null || as_root_apt "debootstrap" debootstrap
-    mirror="$(sed -n 's/^URIs: *//p; s/^deb \(http[^ ]*\) bookworm .*/\1/p' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | grep -v security | head -n 1)"
-    mirror="${mirror:-http://deb.debian.org/debian}"
+    mirror="$(debian_mirror)"
     log "no registry gives $base_image: making $local_base with debootstrap from $mirror"
     rootfs="$(mktemp -d)"
     debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1 \
