@@ -9,22 +9,30 @@ Sources: .jsonl, .json, .csv, .parquet files, a directory of them, or a Hugging 
   pairs     {"prompt", "response"}                              (column names configurable)
   text      {"text"}                                            (continued pre-training: every token trained)
 
-Pure: no torch. `datasets` is imported only for Hub ids and parquet.
+Text files are read as UTF-8 with an optional BOM (`utf-8-sig`). A value that looks like a path (a data
+suffix, ./ ../ / ~, or a first component that is a local directory) is never tried as a Hub id.
+
+Pure: no torch. `datasets` is imported only for Hub ids, pyarrow only for parquet.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterator
 
 from .errors import DataError
 
 LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "text")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Suffixes that mark a value as a file path (never a Hub id), read or not: a missing one is "no such file".
+PATH_SUFFIXES = (*FILE_SUFFIXES, ".txt", ".arrow", ".tsv", ".gz", ".zip", ".xlsx")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -59,58 +67,153 @@ class Columns:
 
 def iter_rows(spec: str, hub_config: str | None = None, split: str = "train") -> Iterator[tuple[str, Any]]:
     """Yield (where, row) for every row of a file, a directory of files, or a Hub dataset."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file())
+    if not spec.strip():
+        raise DataError("the data path is empty; give a file, a directory or a Hugging Face dataset id (owner/name)")
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # ~user for a user this machine does not have
+        path = Path(spec)
+    try:
+        is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
+    except OSError as exc:  # a name too long, for one
+        raise DataError(f"{spec}: cannot look up this path ({exc.strerror or exc})") from None
+    if is_dir:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"{path}: the directory holds no {', '.join(FILE_SUFFIXES)} files")
         for f in files:
             yield from _iter_file(f)
         return
-    if path.is_file():
+    if is_file:
         yield from _iter_file(path)
         return
-    if HUB_DATASET_RE.match(spec) and not spec.startswith((".", "/")):
+    if exists:
+        raise DataError(f"{spec}: not a regular file or directory (a pipe or device cannot be read as a dataset)")
+    if looks_like_path(spec):
+        # Decided before any Hub lookup: a mistyped local path must not turn into network retries.
+        absolute = Path(os.path.abspath(path))
+        missing_dir = "" if absolute.parent.is_dir() else f"; the directory {absolute.parent} does not exist either"
+        raise DataError(f"{spec}: no such file or directory (looked for {absolute}{missing_dir})")
+    if HUB_DATASET_RE.match(spec):
         yield from _iter_hub(spec, hub_config, split)
         return
     raise DataError(f"{spec}: no such file or directory, and not a Hugging Face dataset id (owner/name)")
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield f"{path}:{lineno}", _Bad(f"not JSON ({exc.msg} at column {exc.colno})")
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
-        for i, row in enumerate(data):
-            yield f"{path}[{i}]", row
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+def looks_like_path(spec: str) -> bool:
+    """Whether `spec` is meant as a local path rather than a Hub id: a data-file suffix, an explicit
+    ./ ../ / ~ start, or a first component that is a local directory (`data/train` when data/ exists)."""
+    if spec in (".", "..") or spec.startswith(("./", "../", "/", "~", ".\\", "..\\")):
+        return True
+    if PurePath(spec).suffix.lower() in PATH_SUFFIXES:
+        return True
+    first = spec.replace("\\", "/").split("/", 1)[0]
+    try:
+        return "/" in spec.replace("\\", "/") and Path(first).is_dir()
+    except OSError:
+        return False
 
-        table = pq.read_table(path)
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{path}:row {i + 1}", row
-    else:
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+    """The one place a data file is opened: every way it can be unreadable ends as a DataError naming it."""
+    suffix = path.suffix.lower()
+    reader = _READERS.get(suffix)
+    if reader is None:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use {', '.join(FILE_SUFFIXES)}")
+    try:
+        yield from reader(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(io.StringIO(_read_text(path, "JSONL"), newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield f"{path}:{lineno}", _Bad(f"not JSON ({exc.msg} at column {exc.colno})")
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, brackets nested past the stack
+            yield f"{path}:{lineno}", _Bad(f"not usable JSON ({_json_reason(exc)})")
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(_read_text(path, "JSON"))
+    except json.JSONDecodeError as exc:
+        hint = "; for one JSON object per line, name the file .jsonl" if exc.msg == "Extra data" else ""
+        raise DataError(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not usable JSON ({_json_reason(exc)})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+    for i, row in enumerate(data):
+        yield f"{path}[{i}]", row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    reader = csv.DictReader(io.StringIO(_read_text(path, "CSV"), newline=""))
+    try:
+        for row in reader:
+            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+    except csv.Error as exc:
+        # DictReader's own line_num stops at the last good row; its reader's counts the failing line too.
+        raise DataError(f"{path}:{reader.reader.line_num}: not readable as CSV ({exc})") from None
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow: pip install 'ftdeploy[train]'") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(exc).splitlines()[0] if str(exc) else "")
+        raise DataError(f"{path}: not a readable parquet file ({reason or type(exc).__name__})") from None
+    for i, row in enumerate(rows):
+        yield f"{path}:row {i + 1}", row
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+# Binary formats that turn up under a text suffix, named so the error can say what the file is.
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed; decompress it first"), (b"PK\x03\x04", "a zip archive; extract it first"),
+          (b"PAR1", "a parquet file; name it .parquet"), (b"ARROW1", "an Arrow file; convert it to .parquet or .jsonl"))
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _read_text(path: Path, kind: str) -> str:
+    """The file as UTF-8 text, a leading BOM dropped (Windows editors write one: the `utf-8-sig` reading);
+    a binary, UTF-16 or non-UTF-8 file is an error saying which, with the line of the first bad byte."""
+    raw = path.read_bytes()
+    for magic, what in _MAGIC:
+        if raw.startswith(magic):
+            raise DataError(f"{path}: not a {kind} text file: it is {what}")
+    for bom, encoding in _WIDE_BOMS:
+        if raw.startswith(bom):
+            raise DataError(f"{path}: the file is {encoding} text; save it as UTF-8 (in PowerShell, "
+                            "Out-File -Encoding utf8) and try again")
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"{path}: not a {kind} text file (it holds NUL bytes, so it is binary or in a wide encoding)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)
+        line = raw.count(b"\n", 0, start) + 1
+        column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[start]:02x} at column {column}); save the file "
+                        "as UTF-8 (it may be Latin-1 or Windows-1252)") from None
+
+
+def _json_reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(";")[0]
 
 
 def _iter_hub(dataset_id: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
@@ -184,6 +287,8 @@ def _check_messages(messages: Any) -> str | None:
             return f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})"
         if not isinstance(content, str) or not content.strip():
             return f"message {i} ({role}): content must be a non-empty string"
+        if reason := _not_unicode(content):
+            return f"message {i} ({role}): content {reason}"
         if role == "system" and i != 0:
             return f"message {i}: a system message may only come first"
     turns = [m["role"] for m in messages if m["role"] != "system"]
@@ -194,6 +299,15 @@ def _check_messages(messages: Any) -> str | None:
             return f"turns out of order: two {a} messages in a row"
     if "assistant" not in turns:
         return "no assistant message to learn from"
+    return None
+
+
+def _not_unicode(text: str) -> str | None:
+    """Why `text` cannot be tokenized or written as UTF-8: a lone surrogate, which JSON's \\ud800 escapes allow."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode (a lone surrogate \\u{ord(text[exc.start]):04x} at character {exc.start + 1})"
     return None
 
 
@@ -216,6 +330,8 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
     if not isinstance(row, dict):
         return f"expected an object, got {type(row).__name__}"
     expect = row.get("expect") if isinstance(row.get("expect"), str) else None
+    if expect is not None and (reason := _not_unicode(expect)):
+        return f"'expect' {reason}"
     match = row.get("match", "contains")
     if match not in ("contains", "exact", "regex"):
         return f"'match' must be contains, exact or regex, got {match!r}"
@@ -262,6 +378,8 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         text = _text(row, "text")
         if text is None or not text.strip():
             return "missing or empty field 'text'"
+        if reason := _not_unicode(text):
+            return f"'text' {reason}"
         return Record("", text=text)
     raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
 

@@ -55,9 +55,11 @@ def resolve_data_path(spec: str, split: str = "train") -> Path:
 
 def read_records(cfg: DataConfig, spec: str, split: str = "train") -> LoadResult:
     """Load `spec` with the data config's layout, columns, system prompt and bad-row policy."""
-    path = str(resolve_data_path(spec, split))
+    # The spec as typed (not normalised through Path, which drops a leading ./): formats decides
+    # from it whether this is a local path or a Hub id.
+    source = str(demo_path(split)) if spec == DEMO_DATA else spec
     columns = Columns(**cfg.columns) if cfg.columns else Columns()
-    return load_records(path, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split)
+    return load_records(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split)
 
 
 def read_chat_jsonl(path: Path, system_prompt: str | None = None) -> list[Record]:

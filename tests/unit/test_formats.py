@@ -137,8 +137,10 @@ def test_bad_csv_and_parquet_rows_are_named_too(tmp_path):
 def test_empty_and_missing_sources(tmp_path):
     with pytest.raises(DataError, match="the dataset is empty"):
         load_records(str(_write(tmp_path / "e.jsonl", [])))
-    with pytest.raises(DataError, match="no such file or directory, and not a Hugging Face dataset id"):
+    with pytest.raises(DataError, match=rf"nope.jsonl: no such file or directory \(looked for {tmp_path}/nope.jsonl\)"):
         load_records(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="no such file or directory, and not a Hugging Face dataset id"):
+        load_records("nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="the directory holds no"):
         load_records(str(tmp_path / "empty"))
