@@ -106,11 +106,17 @@ class ModelfileConfig:
     parameters: dict[str, Any] = _help("Extra PARAMETER lines (e.g. num_ctx: 4096); override the generation-config defaults.", default_factory=dict)
 
 
+# Seconds; OllamaClient's defaults too. No Ollama call waits without a bound.
+OLLAMA_CONNECT_TIMEOUT, OLLAMA_TIMEOUT, OLLAMA_LONG_TIMEOUT = 5.0, 60.0, 600.0
+
+
 @dataclass
 class OllamaConfig:
     host: str | None = _help(f"Ollama server URL; default $OLLAMA_HOST, else {DEFAULT_OLLAMA_HOST}.", default=None)
     start_local: bool = _help("When no server answers at the default address, start the pinned local build on loopback.", default=True)
-    timeout: float = _help("Seconds to wait for one HTTP response.", default=600.0)
+    connect_timeout: float = _help("Seconds to wait for the connection to the Ollama server (TCP connect, and the TLS handshake with https); a host not connected in this time cannot be reached.", default=OLLAMA_CONNECT_TIMEOUT)
+    timeout: float = _help("Seconds an ordinary Ollama call (version, blob check, show, list, copy, delete) waits for the server's answer once connected; a server that accepted the connection and says nothing for this long has stopped answering, and the call fails.", default=OLLAMA_TIMEOUT)
+    long_timeout: float = _help("Seconds the slow Ollama calls (blob upload, create, push, generate and chat, which may load the model first) wait for the server's next bytes. It bounds each silence, not the whole call: a progress stream runs on while lines keep coming, and an upload fails when the server stops taking it for this long.", default=OLLAMA_LONG_TIMEOUT)
     headers: dict[str, str] = _help("Extra HTTP headers for every request, e.g. {Authorization: 'Bearer ${OLLAMA_TOKEN}'} for a reverse proxy; ${VAR} is read from the environment when sent and never written to the run directory.", default_factory=dict)
     ca_cert: str | None = _help("CA bundle (PEM) that signs an https Ollama host's certificate (default: the system's).", default=None)
     insecure_tls: bool = _help("Do not verify the https host's certificate (testing only).", default=False)

@@ -4,6 +4,12 @@ Registration is blob upload by sha256 (HEAD first, so an unchanged file uploads 
 then POST /api/create with files, template, system and parameters. The create stream
 reports errors inside a 200 response, so it is read to the end and must finish with
 {"status": "success"}.
+
+Every request has two bounds (requests' (connect, read) timeout): `connect_timeout` to make the connection, and
+a read timeout for each wait on the socket after it: `timeout` for ordinary calls, `long_timeout` for those that
+are slow by nature (upload, create, push, generate, chat). A read timeout bounds one silence, so a stream of
+progress lines may run for longer than it while lines keep arriving; a server that goes quiet fails the call.
+Nothing waits without a bound.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 import requests
+from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 
-from .config import DEFAULT_OLLAMA_HOST
+from .config import DEFAULT_OLLAMA_HOST, OLLAMA_CONNECT_TIMEOUT, OLLAMA_LONG_TIMEOUT, OLLAMA_TIMEOUT
 from .errors import OllamaError
 
 log = logging.getLogger(__name__)
@@ -76,23 +83,39 @@ class _ProgressReader:
         return block
 
 
+class UnreachableError(OllamaError):
+    """No connection could be made (refused, no route, name not resolved, connect timeout): the one failure
+    after which the default address may be replaced by a local server."""
+
+
 class OllamaClient:
     """Typed, small client over requests; errors say what to check."""
 
-    def __init__(self, host: str | None = None, timeout: float = 600.0, connect_timeout: float = 3.0,
-                 headers: dict[str, str] | None = None, verify: bool | str = True):
+    def __init__(self, host: str | None = None, timeout: float = OLLAMA_TIMEOUT,
+                 connect_timeout: float = OLLAMA_CONNECT_TIMEOUT, headers: dict[str, str] | None = None,
+                 verify: bool | str = True, long_timeout: float = OLLAMA_LONG_TIMEOUT):
+        for key, value in (("connect_timeout", connect_timeout), ("timeout", timeout), ("long_timeout", long_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+                raise OllamaError(f"ollama.{key}: expected a number of seconds above 0 (and finite), got {value!r}")
         self.host = normalize_host(host)
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
+        self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.long_timeout = float(long_timeout)
         self.session = requests.Session()
         self.session.headers.update(expand_headers(headers or {}))
         # Given per request: a session-level `verify` loses to $REQUESTS_CA_BUNDLE in requests.
         self.verify = verify
 
     # -- transport
-    def _request(self, method: str, path: str, *, retries: int = 2, **kw: Any) -> requests.Response:
-        kw.setdefault("timeout", (self.connect_timeout, self.timeout))
+    def _request(self, method: str, path: str, *, retries: int = 2, long: bool = False,
+                 send_timeout: float | None = None, **kw: Any) -> requests.Response:
+        """One request, retried (with backoff) only when the connection failed or broke, never after a read
+        timeout: a silent server fails once, after `timeout` (or `long_timeout` with long=True) seconds.
+        `send_timeout` replaces the connect bound, which urllib3 also applies to each send of a request body."""
+        read_timeout = self.long_timeout if long else self.timeout
+        kw["timeout"] = (send_timeout or self.connect_timeout, read_timeout)
         kw.setdefault("verify", self.verify)
+        what = f"{method} {path}"
         delay = 0.5
         for attempt in range(retries + 1):
             try:
@@ -102,9 +125,23 @@ class OllamaClient:
                     f"TLS with the Ollama server at {self.host} failed: {_ssl_reason(exc)}. If it uses a private CA, "
                     "pass --ollama-ca-cert CA.pem (ollama.ca_cert); ollama.insecure_tls=true skips the check (testing only)."
                 ) from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except requests.RequestException as exc:
+                kind = _failure_kind(exc)
+                if kind == "silent":
+                    silence = ("accepted the connection but stopped taking the upload or sent no response within {s} s"
+                               if send_timeout else "accepted the connection but sent no response within {s} s")
+                    raise self._silent_error(what, read_timeout, long, silence) from None
+                if kind == "other":
+                    raise OllamaError(f"{what} to the Ollama server at {self.host} failed: "
+                                      f"{type(exc).__name__}: {str(exc)[:300]}") from None
                 if attempt == retries:
-                    raise OllamaError(
+                    if kind == "dropped":
+                        raise OllamaError(
+                            f"the Ollama server at {self.host} accepted the connection but closed it without a "
+                            f"complete answer ({what}). Check the server's log: it may have crashed or restarted, or a proxy "
+                            "in front of it dropped the request."
+                        ) from None
+                    raise UnreachableError(
                         f"cannot reach the Ollama server at {self.host} ({type(exc).__name__}). "
                         "Check that Ollama is running there (`ollama serve`, or `docker compose up ollama`) "
                         "and that --ollama-host / OLLAMA_HOST points at it."
@@ -112,6 +149,21 @@ class OllamaClient:
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    def _silent_error(self, what: str, seconds: float, long: bool, silence: str) -> OllamaError:
+        key = "ollama.long_timeout" if long else "ollama.timeout"
+        return OllamaError(
+            f"the Ollama server at {self.host} stopped answering: it {silence.format(s=f'{seconds:g}')} ({what}). "
+            "Check the server's log for what it is doing (a hung or overloaded server, or a "
+            f"proxy that holds requests); if it is only slow, raise {key} (--set {key}={max(int(seconds) * 4, 60)})."
+        )
+
+    def _json(self, resp: requests.Response, what: str) -> Any:
+        try:
+            return resp.json()
+        except ValueError:
+            raise OllamaError(f"{what}: {self.host} answered HTTP {resp.status_code} with something that is not JSON "
+                              f"({resp.text[:120]!r}); is --ollama-host an Ollama server?") from None
 
     def _check(self, resp: requests.Response, what: str) -> requests.Response:
         if resp.status_code in (401, 403, 407):
@@ -136,7 +188,8 @@ class OllamaClient:
 
     def version(self) -> str:
         resp = self._check(self._request("GET", "/api/version", retries=0), "GET /api/version")
-        return resp.json().get("version", "0")
+        body = self._json(resp, "GET /api/version")
+        return str(body.get("version", "0")) if isinstance(body, dict) else "0"
 
     def require_version(self, minimum: tuple[int, ...] = MIN_VERSION) -> str:
         version = self.version()
@@ -164,7 +217,9 @@ class OllamaClient:
         size = path.stat().st_size
         with open(path, "rb") as fh:
             body = _ProgressReader(fh, size, progress)
-            resp = self._request("POST", f"/api/blobs/{digest}", data=body, retries=0)
+            # has_blob has just reached the server, so the connect bound is free to cover each send of the body.
+            resp = self._request("POST", f"/api/blobs/{digest}", data=body, retries=0, long=True,
+                                 send_timeout=self.long_timeout)
         self._check(resp, f"upload of {path.name}")
         if resp.status_code not in (200, 201):
             raise OllamaError(f"upload of {path.name} to {self.host}: unexpected HTTP {resp.status_code}")
@@ -187,18 +242,38 @@ class OllamaClient:
             body["system"] = system
         if parameters:
             body["parameters"] = parameters
-        resp = self._check(self._request("POST", "/api/create", json=body, stream=True, retries=0), f"create {model}")
+        resp = self._check(self._request("POST", "/api/create", json=body, stream=True, retries=0, long=True),
+                           f"create {model}")
         return self._read_stream(resp, f"create {model}", f"refused to create {model}",
                                  (lambda e: on_status(e.get("status", ""))) if on_status else None)
 
     def _read_stream(self, resp: requests.Response, what: str, refused: str,
                      on_event: Callable[[dict[str, Any]], None] | None) -> list[str]:
-        """Read an NDJSON progress stream to its end: errors arrive inside a 200 response, and it must end in success."""
+        """Read an NDJSON progress stream to its end: errors arrive inside a 200 response, and it must end in success.
+        The read timeout (long_timeout) applies to each wait for more of the stream, not to the whole of it."""
         statuses = []
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()
+        while True:
+            try:
+                line = next(lines, None)
+            except requests.RequestException as exc:
+                kind = _failure_kind(exc)
+                if kind == "silent":
+                    raise self._silent_error(what, self.long_timeout, True, f"sent {len(statuses)} progress line(s), "
+                                             "then nothing more for {s} s") from None
+                raise OllamaError(f"{what} at {self.host}: the reply broke off after {len(statuses)} progress lines "
+                                  f"({type(exc).__name__}); check the server's log") from None
+            if line is None:
+                break
             if not line:
                 continue
-            event = json.loads(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):
+                raise OllamaError(f"{what} at {self.host}: the progress stream holds a line that is not a JSON object "
+                                  f"({line[:120]!r}); is --ollama-host an Ollama server?")
             if "error" in event:
                 raise OllamaError(f"Ollama at {self.host} {refused}: {event['error']}")
             statuses.append(event.get("status", ""))
@@ -216,17 +291,20 @@ class OllamaClient:
     def push(self, model: str, insecure: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None) -> list[str]:
         """Publish `model` (host/namespace/name:tag) to its registry; the stream must end in success."""
         body = {"model": model, "insecure": insecure, "stream": True}
-        resp = self._check(self._request("POST", "/api/push", json=body, stream=True, retries=0), f"push {model}")
+        resp = self._check(self._request("POST", "/api/push", json=body, stream=True, retries=0, long=True),
+                           f"push {model}")
         try:
             return self._read_stream(resp, f"push {model}", f"could not push {model}", on_event)
         except OllamaError as exc:
             raise OllamaError(f"{exc}{_push_hint(str(exc))}") from None
 
     def show(self, model: str) -> dict[str, Any]:
-        return self._check(self._request("POST", "/api/show", json={"model": model}), f"show {model}").json()
+        return self._json(self._check(self._request("POST", "/api/show", json={"model": model}), f"show {model}"),
+                          f"show {model}")
 
     def list_models(self) -> list[dict[str, Any]]:
-        return self._check(self._request("GET", "/api/tags"), "GET /api/tags").json().get("models", [])
+        body = self._json(self._check(self._request("GET", "/api/tags"), "GET /api/tags"), "GET /api/tags")
+        return body.get("models", []) if isinstance(body, dict) else []
 
     def delete(self, model: str) -> None:
         self._check(self._request("DELETE", "/api/delete", json={"model": model}), f"delete {model}")
@@ -236,14 +314,17 @@ class OllamaClient:
         body: dict[str, Any] = {"model": model, "prompt": prompt, "raw": raw, "stream": False, "options": options or {}}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
-        return self._check(self._request("POST", "/api/generate", json=body), f"generate with {model}").json()
+        # One JSON answer after the whole generation (stream false), which may first load the model: the long bound.
+        resp = self._request("POST", "/api/generate", json=body, long=True)
+        return self._json(self._check(resp, f"generate with {model}"), f"generate with {model}")
 
     def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None,
              keep_alive: str | int | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "options": options or {}}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
-        return self._check(self._request("POST", "/api/chat", json=body), f"chat with {model}").json()
+        resp = self._request("POST", "/api/chat", json=body, long=True)
+        return self._json(self._check(resp, f"chat with {model}"), f"chat with {model}")
 
 
 def expand_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -267,6 +348,33 @@ def _push_hint(error: str) -> str:
     if "http response to https client" in text:
         return " (a plain-HTTP registry needs --insecure)"
     return ""
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """What a requests failure means: 'connect' (no connection was made), 'silent' (connected, then a wait on the
+    socket timed out), 'dropped' (connected, then the connection closed or broke), or 'other'. A timeout while a
+    body is read arrives as a ConnectionError wrapping urllib3's ReadTimeoutError, and one while a request body is
+    sent as 'Connection aborted.' wrapping TimeoutError, so the chain of causes is what tells them apart."""
+    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.ProxyError)):
+        return "connect"
+    if isinstance(exc, requests.ReadTimeout):
+        return "silent"
+    if not isinstance(exc, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+        return "other"
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cause = todo.pop()
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, ConnectTimeoutError):  # NewConnectionError and NameResolutionError derive from it
+            return "connect"
+        if isinstance(cause, (ReadTimeoutError, TimeoutError)):
+            return "silent"
+        todo.extend(c for c in (*cause.args, getattr(cause, "reason", None), cause.__cause__, cause.__context__)
+                    if isinstance(c, BaseException))
+    return "dropped"
 
 
 def _ssl_reason(exc: Exception) -> str:
@@ -396,34 +504,34 @@ def forget_local_server() -> None:
     (state_dir() / _PID_FILE).unlink(missing_ok=True)
 
 
-def ensure_server(host: str | None, explicit: bool, start_local: bool = True, timeout: float = 600.0,
-                  headers: dict[str, str] | None = None, verify: bool | str = True) -> OllamaClient:
-    """A client for a reachable server. Only the default address may be replaced by a local server;
-    an address the user gave is used as is, and failure to reach it is an error naming it."""
-    client = OllamaClient(host, timeout=timeout, headers=headers, verify=verify)
-    if client.is_up():
-        client.require_version()
+def ensure_server(host: str | None, explicit: bool, start_local: bool = True, timeout: float = OLLAMA_TIMEOUT,
+                  headers: dict[str, str] | None = None, verify: bool | str = True,
+                  connect_timeout: float = OLLAMA_CONNECT_TIMEOUT,
+                  long_timeout: float = OLLAMA_LONG_TIMEOUT) -> OllamaClient:
+    """A client for a reachable server. Only the default address may be replaced by a local server, and only
+    when no connection to it can be made; an address the user gave is used as is, and failure to reach it is an
+    error naming it. A server that accepts the connection and then says nothing fails after `timeout`."""
+    timeouts = {"timeout": timeout, "connect_timeout": connect_timeout, "long_timeout": long_timeout}
+    client = OllamaClient(host, headers=headers, verify=verify, **timeouts)
+    try:
+        client.require_version()  # the precise reason when it fails: TLS, authentication, silence, too old
         return client
-    if explicit or not start_local:
-        try:  # the precise reason (TLS, authentication) when there is one
-            client.version()
-        except OllamaError as exc:
-            if "cannot reach" not in str(exc):
-                raise
-        raise OllamaError(
-            f"cannot reach the Ollama server at {client.host}. Check that it is running and reachable "
-            "from here; ftdeploy does not replace an address you gave with a local server."
-        )
+    except UnreachableError:
+        if explicit or not start_local:
+            raise UnreachableError(
+                f"cannot reach the Ollama server at {client.host}. Check that it is running and reachable "
+                "from here; ftdeploy does not replace an address you gave with a local server."
+            ) from None
     port = urlparse(client.host).port or 11434
     server = start_local_server(port=port)
     save_local_server(server)
-    client = OllamaClient(server.host, timeout=timeout)
+    client = OllamaClient(server.host, **timeouts)
     client.require_version()
     return client
 
 
 def connect(ollama_cfg: Any, explicit: bool) -> OllamaClient:
-    """`ensure_server` with the config's timeout, headers and TLS settings (an `OllamaConfig`)."""
+    """`ensure_server` with the config's timeouts, headers and TLS settings (an `OllamaConfig`)."""
     o = ollama_cfg
     return ensure_server(o.host, explicit or bool(o.host), o.start_local, o.timeout, o.headers,
-                         o.ca_cert or not o.insecure_tls)
+                         o.ca_cert or not o.insecure_tls, o.connect_timeout, o.long_timeout)
