@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +35,26 @@ class FtdeployGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted; finished artifacts are kept, partial ones were removed.", err=True)
             ctx.exit(130)
+        except OSError as exc:
+            if not exc.filename:
+                raise
+            # A fault of a path (permissions, read-only, disk full, a file where a directory should be):
+            # one paragraph naming it; the traceback only with -vv.
+            from .runs import filesystem_message
+
+            log.debug("file system error", exc_info=True)
+            click.echo(f"Error: {filesystem_message(exc)}", err=True)
+            ctx.exit(1)
+
+
+def _stop_on_sigterm() -> None:
+    """`docker stop`, `timeout` and CI cancel with SIGTERM: unwind like Ctrl-C so the stage is marked failed
+    and partial artifacts are removed, instead of dying with the manifest still saying "running"."""
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. CliRunner in a thread)
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -66,6 +88,7 @@ def cli(verbose: int) -> None:
     Each stage is also its own command and works on runs/<name>/.
     """
     _setup_logging(verbose)
+    _stop_on_sigterm()
 
 
 def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, tuple[str, Any]] | None = None) -> Any:
@@ -102,21 +125,41 @@ def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, t
                 ollama_ca_cert: str | None, **kwargs: Any) -> Any:
         if stage_verbose:
             _setup_logging(stage_verbose)
-        flags = {key: kwargs.pop(param) for param, (key, _) in extra.items()}
-        flags["ollama.ca_cert"] = ollama_ca_cert
+        given = {param: (key, kwargs.pop(param)) for param, (key, _) in extra.items()}
+        given |= {"ollama_ca_cert": ("ollama.ca_cert", ollama_ca_cert), "base_model": ("base_model", base_model),
+                  "data": ("data.train", data), "name": ("name", name), "quant": ("export.quant", quant),
+                  "max_steps": ("train.max_steps", max_steps), "engine": ("train.engine", engine),
+                  "ollama_host": ("ollama.host", ollama_host), "runs_dir": ("runs_dir", runs_dir)}
         if ollama_headers:
-            flags["ollama.headers"] = _parse_headers(ollama_headers)
-        flags |= {"base_model": base_model, "data.train": data, "name": name, "export.quant": quant,
-                 "train.max_steps": max_steps, "train.engine": engine, "ollama.host": ollama_host, "runs_dir": runs_dir}
+            given["ollama_headers"] = ("ollama.headers", _parse_headers(ollama_headers))
+        flags = {key: value for key, value in given.values()}
+        file_label = None
         if config_path is None and base_model is None:
             # No config and no base model: the embedded default (demo.yaml) supplies the defaults.
             from .config import demo_config_path
 
             config_path = str(demo_config_path())
-        cfg = load_config(config_path, overrides, flags)
+            file_label = "the embedded default config (demo.yaml)"
+        cfg = load_config(config_path, overrides, flags, _flag_names(given), file_label)
         return func(cfg=cfg, ollama_explicit=ollama_host is not None, **kwargs)
 
     return wrapper
+
+
+def _flag_names(given: dict[str, tuple[str, Any]]) -> dict[str, str]:
+    """dotted config key -> the flag (or environment variable) that set it, for error messages."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    names = {}
+    for param, (key, _) in given.items():
+        option = options.get(param)
+        if option is None:
+            continue
+        from_env = ctx.get_parameter_source(param) == click.core.ParameterSource.ENVIRONMENT
+        names[key] = f"${option.envvar}" if from_env and isinstance(option.envvar, str) else max(option.opts, key=len)
+    return names
 
 
 def _parse_headers(items: tuple[str, ...]) -> dict[str, str]:
@@ -152,10 +195,12 @@ _DATA_FLAGS = {
 }
 
 
-def _context(cfg: Any, ollama_explicit: bool) -> Any:
+def _context(cfg: Any, ollama_explicit: bool, existing: bool = False) -> Any:
     from .pipeline import Context
 
-    return Context.create(cfg, ollama_explicit)
+    ctx = Context.create(cfg, ollama_explicit, existing)
+    click.get_current_context().call_on_close(ctx.close)
+    return ctx
 
 
 def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
@@ -222,7 +267,7 @@ def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) ->
     def command(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
         from .pipeline import STAGE_FUNCS
 
-        out = STAGE_FUNCS[stage](_context(cfg, ollama_explicit))
+        out = STAGE_FUNCS[stage](_context(cfg, ollama_explicit, existing=True))
         _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
 
 
@@ -254,17 +299,29 @@ def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_jso
 @data_group.command("inspect")
 @click.argument("data_path", metavar="DATA")
 @click.option("--json", "as_json", is_flag=True, help="Print format, rows, bad_rows and token-length statistics as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Where to write the token-length plot (default: the run directory if the run exists, else the temp directory).")
 @click.pass_obj
-def data_inspect(cfg: Any, data_path: str, as_json: bool) -> None:
+def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None) -> None:
     """Show the detected layout, row counts, token lengths (histogram) and one example as the model sees it."""
+    import tempfile
+
     from .base_model import resolve_base_model
+    from .formats import check_local_path
     from .stages.data import inspect_data
     from .tokenizer import load_tokenizer
 
+    check_local_path(data_path)  # a typo is reported before the tokenizer loads
+    # Inspecting writes no run: the plot goes beside an existing run, never into a new directory.
+    if plot_path:
+        plot = Path(plot_path)
+        plot.parent.mkdir(parents=True, exist_ok=True)
+    elif cfg.run_dir.is_dir():
+        plot = cfg.run_dir / "data_lengths.png"
+    else:
+        plot = Path(tempfile.gettempdir()) / f"ftdeploy-{cfg.name.replace('/', '_').replace(':', '_')}-data_lengths.png"
     base = resolve_base_model(cfg.base_model, cfg.trust_remote_code, cfg.base_revision)
     tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code)
-    plot = cfg.run_dir / "data_lengths.png"
-    plot.parent.mkdir(parents=True, exist_ok=True)
     result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -291,7 +348,7 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
     from .pipeline import STAGE_FUNCS
 
     if gguf_path is None:
-        out = STAGE_FUNCS["register"](_context(cfg, ollama_explicit))
+        out = STAGE_FUNCS["register"](_context(cfg, ollama_explicit, existing=True))
     else:
         from .ollama import connect
         from .stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template

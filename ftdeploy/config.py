@@ -235,11 +235,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> An
 
 
 def _semantic_checks(cfg: Config, errors: list[str]) -> None:
-    if isinstance(cfg.name, str) and not MODEL_NAME_RE.match(cfg.name):
-        errors.append(
-            f"name: {cfg.name!r} is not a valid Ollama model name "
-            "(lower-case letters, digits, '.', '_', '-', optional namespace/ and :tag)"
-        )
+    if isinstance(cfg.name, str) and (problem := model_name_problem(cfg.name)):
+        errors.append(f"name: {problem}")
     for i, q in enumerate(cfg.export.quant if isinstance(cfg.export.quant, list) else []):
         if isinstance(q, str) and q.lower() not in QUANT_TYPES:
             errors.append(f"export.quant[{i}]: unknown quantization type {q!r}; known: {', '.join(QUANT_TYPES)}")
@@ -269,15 +266,60 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
     if isinstance(cfg.verify.min_score, float) and not 0 <= cfg.verify.min_score <= 1:
         errors.append(f"verify.min_score: must be in [0, 1], got {cfg.verify.min_score}")
     _distributed_checks(cfg, errors)
+    for key in ("connect_timeout", "timeout", "long_timeout"):
+        value = getattr(cfg.ollama, key)
+        if isinstance(value, float) and not 0 < value < float("inf"):
+            errors.append(f"ollama.{key}: must be a number of seconds > 0, got {value}")
     if isinstance(cfg.ollama.headers, dict):
         for key, value in cfg.ollama.headers.items():
             if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", str(key)):
                 errors.append(f"ollama.headers.{key}: a header needs a token name and a string value")
-    if isinstance(cfg.export.base_name, str) and not MODEL_NAME_RE.match(cfg.export.base_name):
-        errors.append(f"export.base_name: {cfg.export.base_name!r} is not a valid Ollama model name")
+    if isinstance(cfg.export.base_name, str) and (problem := model_name_problem(cfg.export.base_name)):
+        errors.append(f"export.base_name: {problem}")
+    _modelfile_checks(cfg, errors)
     host = cfg.ollama.host
     if host is not None and isinstance(host, str) and not re.match(r"^(https?://)?[\w.\-\[\]:]+(:\d+)?(/[\w.\-/~%]*)?$", host):
         errors.append(f"ollama.host: {host!r} is not a host URL like http://127.0.0.1:11434")
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` is not an Ollama model name (too long, or which characters), or None when it is one."""
+    shown = name if len(name) <= 60 else f"{name[:40]}…({len(name)} characters)"
+    body, _, tag = name.partition(":")
+    parts = body.split("/")
+    if len(parts) > 2:
+        return f"{shown!r} is not a valid Ollama model name: at most one namespace/ before the name"
+    for part, limit, what in [*((p, 80, "a namespace or name part") for p in parts), (tag, 128, "the :tag")]:
+        if len(part) > limit:
+            return (f"{shown!r} is too long for an Ollama model name: {what} may have at most {limit} characters, "
+                    f"this one has {len(part)}")
+    if not MODEL_NAME_RE.match(name):
+        return (f"{shown!r} is not a valid Ollama model name (lower-case letters, digits, '.', '_', '-', starting with "
+                "a letter or digit; optional namespace/ and :tag)")
+    return None
+
+
+def _modelfile_checks(cfg: Config, errors: list[str]) -> None:
+    """What goes into the Modelfile must read back unchanged (see modelfile_syntax): checked before any work."""
+    from .modelfile_syntax import ModelfileSyntaxError, parameter_name, quote
+
+    texts = {"modelfile.system": cfg.modelfile.system, "data.system_prompt": cfg.data.system_prompt}
+    params = cfg.modelfile.parameters if isinstance(cfg.modelfile.parameters, dict) else {}
+    for key, value in params.items():
+        try:
+            parameter_name(str(key))
+        except ModelfileSyntaxError as exc:
+            errors.append(f"modelfile.parameters.{key}: {exc}")
+            continue
+        texts[f"modelfile.parameters.{key}"] = str(value) if not isinstance(value, list) else None
+        if isinstance(value, list):
+            texts |= {f"modelfile.parameters.{key}[{i}]": str(v) for i, v in enumerate(value)}
+    for key, value in texts.items():
+        if isinstance(value, str):
+            try:
+                quote(value)
+            except ModelfileSyntaxError as exc:
+                errors.append(f"{key}: the Modelfile cannot carry this value: {exc}")
 
 
 def _distributed_checks(cfg: Config, errors: list[str]) -> None:
@@ -356,13 +398,26 @@ def _assign(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _leaf_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys += _leaf_keys(value, dotted + ".") if isinstance(value, dict) and value else [dotted]
+    return keys
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     flags: dict[str, Any] | None = None,
+    flag_names: dict[str, str] | None = None,
+    file_label: str | None = None,
 ) -> Config:
-    """Build the config: YAML file < --set overrides < flags (dotted keys). Raises ConfigError listing all problems."""
+    """Build the config: YAML file < --set overrides < flags (dotted keys). Raises ConfigError listing all problems,
+    each with where its value came from: the file and key, the --set item, or the flag (`flag_names` maps a
+    dotted key to the flag that set it; `file_label` names a file the user did not give, e.g. the embedded default)."""
     raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -376,22 +431,48 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
         raw = loaded
+        origins |= {key: f"{file_label or p}, key {key}" for key in _leaf_keys(raw)}
     for item in overrides:
         keys, value = parse_set(item)
         if not keys:
             raise ConfigError(f"--set {item!r}: empty key")
         _assign(raw, keys, value)
+        origins[".".join(keys)] = f"--set {item}"
     for dotted, value in (flags or {}).items():
         if value is not None:
             _assign(raw, dotted.split("."), value)
-    return _validated(raw, f" in {path}" if path else "")
+            origins[dotted] = (flag_names or {}).get(dotted, dotted)
+    return _validated(raw, "", origins)
 
 
-def _validated(raw: dict[str, Any], source: str) -> Config:
+_ERROR_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*")
+
+
+def _with_origin(error: str, origins: dict[str, str]) -> str:
+    """`error` ("key: problem") followed by where the key's value came from, when it was given anywhere."""
+    head = error.split(": ", 1)[0]
+    found = []
+    for key in _ERROR_KEY.findall(head):
+        # the key itself, or the mapping or list that holds it (modelfile.parameters.x from a whole mapping)
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            origin = origins.get(".".join(parts[:n]))
+            if origin is None:
+                origin = next((o for k, o in origins.items() if k.startswith(key + ".")), None) if n == len(parts) else None
+            if origin:
+                found.append(origin)
+                break
+    found = list(dict.fromkeys(found))
+    return f"{error}  [from {'; '.join(found)}]" if found else error
+
+
+def _validated(raw: dict[str, Any], source: str, origins: dict[str, str] | None = None) -> Config:
     """Build and check a Config from raw keys; every problem in one ConfigError."""
     errors: list[str] = []
     cfg = _build(Config, raw, "", errors)
     _semantic_checks(cfg, errors)
+    if errors and origins:
+        errors = [_with_origin(e, origins) for e in errors]
     if errors:
         raise ConfigError(f"invalid configuration{source} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  " + "\n  ".join(errors))
     return cfg

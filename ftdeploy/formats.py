@@ -91,13 +91,31 @@ def iter_rows(spec: str, hub_config: str | None = None, split: str = "train") ->
         raise DataError(f"{spec}: not a regular file or directory (a pipe or device cannot be read as a dataset)")
     if looks_like_path(spec):
         # Decided before any Hub lookup: a mistyped local path must not turn into network retries.
-        absolute = Path(os.path.abspath(path))
-        missing_dir = "" if absolute.parent.is_dir() else f"; the directory {absolute.parent} does not exist either"
-        raise DataError(f"{spec}: no such file or directory (looked for {absolute}{missing_dir})")
+        raise _no_such_path(spec, path)
     if HUB_DATASET_RE.match(spec):
         yield from _iter_hub(spec, hub_config, split)
         return
     raise DataError(f"{spec}: no such file or directory, and not a Hugging Face dataset id (owner/name)")
+
+
+def _no_such_path(spec: str, path: Path) -> DataError:
+    absolute = Path(os.path.abspath(path))
+    missing_dir = "" if absolute.parent.is_dir() else f"; the directory {absolute.parent} does not exist either"
+    return DataError(f"{spec}: no such file or directory (looked for {absolute}{missing_dir})")
+
+
+def check_local_path(spec: str) -> None:
+    """The "no such file" error at once, for a value meant as a local path that is not there: callers run
+    this before loading a tokenizer or making a run, so a typo costs no time and leaves nothing."""
+    if not spec.strip() or not looks_like_path(spec):
+        return
+    try:
+        path = Path(spec).expanduser()
+        missing = not path.exists()
+    except (RuntimeError, OSError):
+        return  # iter_rows says what is wrong with it
+    if missing:
+        raise _no_such_path(spec, path)
 
 
 def looks_like_path(spec: str) -> bool:

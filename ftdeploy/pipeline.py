@@ -3,6 +3,7 @@ and records itself in the manifest. `train_and_serve` runs them all."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import base_model
-from .config import Config, dump_config
+from .config import DEMO_DATA, Config, dump_config
 from .errors import StageMissingError
 from .ollama import OllamaClient, connect
 from .errors import ConfigError, FtdeployError
@@ -30,13 +31,42 @@ class Context:
     _client: OllamaClient | None = None
     _lock: Any = None
     _fingerprints: dict[str, str] = field(default_factory=dict)
+    _made_run: Path | None = None  # the directory this command made for the run (the run's, or a new --runs-dir)
 
     @classmethod
-    def create(cls, cfg: Config, ollama_explicit: bool) -> "Context":
+    def create(cls, cfg: Config, ollama_explicit: bool, existing: bool = False) -> "Context":
+        """Lock the run directory (made if needed) and record the config in it.
+
+        existing: the command works on a run made earlier (merge, export, …); when there is none, say
+        so before anything is written, so that a mistyped --name leaves no directory behind."""
         run = Run(cfg.run_dir)
+        if existing and not run.manifest_path.is_file():
+            raise StageMissingError(
+                f"no run named {cfg.name!r} in {cfg.run_dir.parent} ({run.manifest_path} does not exist); start one "
+                "with `ftdeploy train-and-serve` (or `ftdeploy data`), or give the --name (and --runs-dir) of an "
+                "existing run")
+        made = run.path
+        while not made.parent.exists() and made.parent != made.parent.parent:  # --runs-dir made too, if new
+            made = made.parent
+        made = made if not made.exists() else None
         lock = run.acquire_lock()
         atomic_write_text(run.path / CONFIG_FILE, dump_config(cfg))
-        return cls(cfg, run, ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST")), _lock=lock)
+        return cls(cfg, run, ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST")), _lock=lock,
+                   _made_run=made)
+
+    def close(self) -> None:
+        """Release the run. A run directory this command made, where no stage ever started (the command
+        failed in preflight, say), is removed: a failed no-op leaves nothing behind."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        if self._made_run is not None and not self.run.load_manifest().get("stages"):
+            shutil.rmtree(self.run.path, ignore_errors=True)
+            for parent in (self.run.path.parent, *self.run.path.parent.parents):  # a new --runs-dir, if left empty
+                if parent != self._made_run and self._made_run not in parent.parents:
+                    break
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
     def fingerprint(self, stage: str) -> str:
         """What a stage's output depends on: its config sections, its inputs, and the stage before it."""
@@ -80,9 +110,13 @@ class Context:
 
 
 def stage_data(ctx: Context) -> dict[str, Any]:
+    from .formats import check_local_path
     from .stages.data import prepare_data
     from .tokenizer import load_tokenizer
 
+    for spec in (ctx.cfg.data.train, ctx.cfg.data.eval):  # a mistyped path: before the tokenizer, before the stage
+        if spec and spec != DEMO_DATA:
+            check_local_path(spec)
     with ctx.run.stage("data", ctx.fingerprint("data")) as out:
         base = ctx.base()
         tokenizer, mapping = load_tokenizer(base, ctx.cfg.trust_remote_code)

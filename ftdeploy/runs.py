@@ -116,6 +116,37 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _error_text(exc: BaseException) -> str:
+    """What the manifest keeps of a stage's failure: the whole message (a bad-row list included)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, SystemExit):
+        return f"stopped (exit status {exc.code})"
+    return str(exc) or type(exc).__name__
+
+
+def filesystem_message(exc: OSError, fallback: Path | None = None) -> str:
+    """One paragraph for a filesystem fault: the path, what happened, and what to do."""
+    import errno
+
+    path = Path(exc.filename or fallback or ".")
+    owned = path
+    while not os.path.exists(owned) and owned != owned.parent:  # the directory whose ownership is in the way
+        owned = owned.parent
+    reason = exc.strerror or str(exc)
+    advice = {
+        errno.EACCES: "choose a directory you can write (--runs-dir), or give this user ownership of it "
+                      f"(e.g. `sudo chown -R {os.getuid()} {owned}`)",
+        errno.EPERM: "choose a directory you can write (--runs-dir), or give this user ownership of it",
+        errno.EROFS: "the file system is read-only: choose a writable --runs-dir (in a container, mount it read-write)",
+        errno.ENOSPC: "the disk is full: free some space or choose a --runs-dir on a larger disk",
+        errno.EDQUOT: "the disk quota is used up: free some space or choose a --runs-dir elsewhere",
+    }.get(exc.errno or 0)
+    if advice is None:
+        return f"{path}: {reason} (check that this path is what you meant)."
+    return f"cannot write {path}: {reason}; {advice}."
+
+
 @dataclass
 class Run:
     """A run directory and its manifest; the manifest is rewritten atomically on every change."""
@@ -189,7 +220,7 @@ class Run:
             yield outputs
         except BaseException as exc:
             self.update(stages={name: {
-                "status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                "status": "failed", "error": _error_text(exc),
                 "seconds": round(time.monotonic() - started, 2), "fingerprint": fingerprint,
             }})
             raise
@@ -207,8 +238,11 @@ class Run:
 
         from .errors import FtdeployError
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / LOCK_FILE, "a+")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path / LOCK_FILE, "a+")
+        except OSError as exc:
+            raise FtdeployError(filesystem_message(exc, self.path)) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -7,12 +7,14 @@ from a GGUF's metadata) and rendered with jinja2.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ModelfileConfig
 from ..errors import StageMissingError, TemplateError
+from ..modelfile_syntax import ModelfileSyntaxError, parameter_name, parse, quote
 from ..runs import atomic_write_text
 from ..templates import TemplateMapping, jinja_renderer, match_chat_template
 
@@ -37,17 +39,40 @@ class ModelfileSpec:
     def ollama_parameters(self) -> dict[str, Any]:
         return {**self.parameters, "stop": list(self.stops)}
 
-    def render(self, from_path: str | None = None) -> str:
+    def commands(self, from_path: str | None = None) -> list[tuple[str, str]]:
+        """The Modelfile as (command, argument) pairs, as Ollama's parser reads them back."""
         if self.adapter:
-            lines = [f"FROM {self.base_name}", f"ADAPTER {from_path or self.adapter}", ""]
+            out = [("model", str(self.base_name)), ("adapter", from_path or self.adapter)]
         else:
-            lines = [f"FROM {from_path or self.gguf}", ""]
-        lines += [f'TEMPLATE """{self.template}"""', ""]
+            out = [("model", from_path or self.gguf)]
+        out.append(("template", self.template))
         if self.system is not None:
-            lines += [f'SYSTEM """{self.system}"""', ""]
-        lines += [f'PARAMETER stop "{_quote(s)}"' for s in self.stops]
-        lines += [f"PARAMETER {k} {_param_value(v)}" for k, v in self.parameters.items()]
-        return "\n".join(lines) + "\n"
+            out.append(("system", self.system))
+        out += [("stop", s) for s in self.stops]
+        for key, value in self.parameters.items():
+            out += [(key, _param_value(v)) for v in (value if isinstance(value, list) else [value])]
+        return out
+
+    def render(self, from_path: str | None = None) -> str:
+        """The Modelfile text. Every value is quoted so that Ollama reads it back unchanged (the text
+        is parsed back to prove it); a value no quoting can carry is a TemplateError naming it."""
+        lines: list[str] = []
+        for command, arg in self.commands(from_path):
+            try:
+                if command in ("model", "adapter"):
+                    lines.append(f"{'FROM' if command == 'model' else 'ADAPTER'} {quote(arg, 'bare')}")
+                elif command in ("template", "system"):
+                    lines += ["", f"{command.upper()} {quote(arg, 'block')}"]
+                else:
+                    style = "bare" if _PLAIN_VALUE.fullmatch(arg) else "inline"
+                    lines.append(f"PARAMETER {parameter_name(command)} {quote(arg, style)}")
+            except ModelfileSyntaxError as exc:
+                what = command.upper() if command in ("model", "adapter", "template", "system") else f"PARAMETER {command}"
+                raise TemplateError(f"the Modelfile cannot carry this {what} value: {exc}. Value: {arg[:200]!r}") from None
+        text = "\n".join(lines) + "\n"
+        if parse(text) != self.commands(from_path):  # a guard on quote(): never write what reads back otherwise
+            raise TemplateError("the Modelfile would not read back as written; this is a bug in ftdeploy, please report it")
+        return text
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -57,16 +82,11 @@ class ModelfileSpec:
         return cls(**json.loads(text))
 
 
-def _quote(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"')
+_PLAIN_VALUE = re.compile(r"-?[0-9][0-9.eE+-]*|true|false")  # numbers and booleans go unquoted
 
 
 def _param_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, str):
-        return f'"{_quote(v)}"'
-    return str(v)
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _token_text(value: Any) -> str:

@@ -115,7 +115,9 @@ def test_a_second_writer_on_the_same_run_is_refused_with_the_owners_pid(tmp_path
 
     from ftdeploy.runs import Run
 
-    holder = Run(tmp_path / "busy").acquire_lock()
+    run = Run(tmp_path / "busy")
+    run.save_manifest(run.load_manifest())
+    holder = run.acquire_lock()
     try:
         result = CliRunner().invoke(cli, ["merge", "--runs-dir", str(tmp_path), "--name", "busy"])
         assert result.exit_code == 1
