@@ -260,9 +260,6 @@ def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_d
         report_to=[],
         bf16=bf16,
         fp16=on_cuda and not bf16,
-        gradient_checkpointing=cfg.train.gradient_checkpointing and engine == "hf",
-        # Non-reentrant checkpointing: the same gradients, and it works under DDP with frozen base weights.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=cfg.data.max_seq_length,
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
@@ -270,8 +267,22 @@ def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_d
         disable_tqdm=True,
         use_cpu=not on_cuda,
     )
+    # Non-reentrant checkpointing: the same gradients, and it works under DDP with frozen base weights.
+    # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (the old name warns);
+    # the Unsloth set pins 5.17, which has only the old one.
+    name = "activation_checkpointing" if _has_training_arg("activation_checkpointing") else "gradient_checkpointing"
+    kwargs[name] = cfg.train.gradient_checkpointing and engine == "hf"
+    kwargs[f"{name}_kwargs"] = {"use_reentrant": False}
     kwargs.update(strategy_args(cfg, on_cuda))
     return kwargs
+
+
+def _has_training_arg(name: str) -> bool:
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return name in {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
 def build_trainer(base: Path | str, rows: list[dict[str, list[int]]], cfg: Config, tokenizer: Any, engine: str,

@@ -42,6 +42,19 @@ def test_trainer_arguments_for_two_cpu_processes_keep_the_one_process_global_bat
     assert "ddp_backend" not in one
 
 
+def test_the_trainer_arguments_raise_no_deprecation_warning(tmp_path):
+    """What a user's terminal shows is part of the product: no FutureWarning from the arguments we pass."""
+    import warnings
+
+    from trl import SFTConfig
+
+    kwargs = trainer_kwargs(_cfg(), "hf", on_cuda=False, bf16=False, output_dir=str(tmp_path), save=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        SFTConfig(**kwargs)
+
+
 def test_fsdp_and_deepspeed_arguments():
     fsdp = strategy_args(_cfg("train.nproc=4", "train.strategy=fsdp"), on_cuda=True)
     assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["ddp_backend"] == "nccl"
