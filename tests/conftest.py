@@ -1,8 +1,13 @@
-"""Shared fixtures: an isolated ftdeploy cache, a tiny chat tokenizer, and a real Ollama server."""
+"""Shared fixtures: an isolated ftdeploy cache, a tiny chat tokenizer, a real Ollama server, and a scripted HTTP
+server that fails the ways a real one can (silence, a stalled body, a dropped connection)."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +112,80 @@ def smol_gguf_copy(folder, tag: str):
     path = folder / f"smol-{tag}.gguf"
     shutil.copyfile(embedded_gguf("smollm2-135m-instruct"), path)
     return stamp_metadata(path, {"ftdeploy.test": tag})
+
+
+# ---------------------------------------------------------------- a scripted HTTP server (Ollama's faults)
+
+OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+
+
+def json_reply(body: "dict | bytes") -> bytes:
+    """A complete HTTP 200 JSON answer that closes the connection."""
+    text = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return OK_JSON % (len(text), text)
+
+
+class ScriptedServer:
+    """A loopback server: `replies` maps "METHOD /path" prefixes to the bytes sent back (then the connection is
+    closed when the reply says `Connection: close`, else held open in silence); an unmatched request is read and
+    never answered. `on_request="close"` closes every connection once the request head is in."""
+
+    def __init__(self, replies=None, read_body=True, on_request=None):
+        self.replies, self.read_body, self.on_request = replies or {}, read_body, on_request
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            if self.on_request == "close":
+                conn.close()
+                return
+            line = head.split(b"\r\n", 1)[0].decode()
+            reply = next((r for key, r in self.replies.items() if line.startswith(key)), None)
+            if reply is not None:
+                conn.sendall(reply)
+                if b"Connection: close" in reply:
+                    conn.close()
+                    return
+            if self.read_body:
+                while conn.recv(65536):
+                    pass
+            else:
+                time.sleep(60)  # neither reads nor answers: the client's sends fill the socket buffers and stall
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(*args, **kw):
+        servers.append(ScriptedServer(*args, **kw))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -5,87 +5,16 @@ OllamaError that says which, rather than "cannot reach" or a traceback."""
 import inspect
 import math
 import socket
-import threading
 import time
 
 import pytest
 import requests
+from conftest import json_reply as _json_reply
 
 from ftdeploy.config import OllamaConfig
 from ftdeploy.errors import OllamaError
 from ftdeploy.ollama import OllamaClient, UnreachableError, connect
 
-OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-
-
-def _json_reply(text: bytes) -> bytes:
-    return OK_JSON % (len(text), text)
-
-
-class Scripted:
-    """A loopback server: `replies` maps "METHOD /path" prefixes to the bytes sent back (then the connection is
-    closed when the reply says `Connection: close`, else held open in silence); an unmatched request is read and
-    never answered. `on_request="close"` closes every connection once the request head is in."""
-
-    def __init__(self, replies=None, read_body=True, on_request=None):
-        self.replies, self.read_body, self.on_request = replies or {}, read_body, on_request
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.host = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        try:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                head += chunk
-            if self.on_request == "close":
-                conn.close()
-                return
-            line = head.split(b"\r\n", 1)[0].decode()
-            reply = next((r for key, r in self.replies.items() if line.startswith(key)), None)
-            if reply is not None:
-                conn.sendall(reply)
-                if b"Connection: close" in reply:
-                    conn.close()
-                    return
-            if self.read_body:
-                while conn.recv(65536):
-                    pass
-            else:
-                time.sleep(60)  # neither reads nor answers: the client's sends fill the socket buffers and stall
-        except OSError:
-            pass
-
-    def close(self):
-        self.listener.close()
-        for conn in self.connections:
-            conn.close()
-
-
-@pytest.fixture
-def scripted():
-    servers = []
-
-    def start(*args, **kw):
-        servers.append(Scripted(*args, **kw))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def _closed_port() -> int:
