@@ -48,9 +48,10 @@ ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK
     HOME=/home/ftdeploy USER=ftdeploy HF_HOME=/home/ftdeploy/.cache/huggingface \
     FTDEPLOY_CACHE=/home/ftdeploy/.cache/ftdeploy OLLAMA_HOST=http://ollama:11434 PYTHONUNBUFFERED=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
-# Dependencies are installed against an empty package, so a code change rebuilds only the last layer.
-RUN mkdir ftdeploy && touch ftdeploy/__init__.py
+COPY pyproject.toml ./
+# Dependencies are installed against an empty package and an empty README (pyproject names it), so a
+# change to the code or the docs rebuilds only the last layer, not the multi-GB dependency layers.
+RUN mkdir ftdeploy && touch ftdeploy/__init__.py README.md
 
 # ---------------------------------------------------------------- dependencies (cpu, then the Unsloth set on top)
 # The gpu target builds on this stage too: where both are built with the same arguments (compose does),
@@ -78,6 +79,7 @@ RUN --mount=type=cache,id=ftdeploy-pip,target=/root/.cache/pip \
 # The entrypoint starts as root only to make the mounted ./runs and the cache writable, then runs
 # ftdeploy as an unprivileged user (the owner of ./runs or ./configs on the host, else uid 10001).
 FROM deps-cpu AS cpu
+COPY README.md ./
 COPY ftdeploy ./ftdeploy
 RUN --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
     --mount=type=secret,id=pipcert --mount=type=secret,id=pipconf,target=/etc/pip.conf \
@@ -91,6 +93,7 @@ LABEL org.opencontainers.image.title="ftdeploy (cpu)" \
       org.opencontainers.image.source="https://github.com/ftdeploy/ftdeploy"
 
 FROM deps-gpu AS gpu
+COPY README.md ./
 COPY ftdeploy ./ftdeploy
 RUN --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
     --mount=type=secret,id=pipcert --mount=type=secret,id=pipconf,target=/etc/pip.conf \

@@ -105,6 +105,18 @@ def test_dockerfile_needs_no_registry_but_its_base_and_drops_root_in_its_entrypo
     assert ignored[ignored.index("*") + 1:] and "!runs/" not in ignored and "!.venv/" not in ignored
 
 
+def test_the_dependency_layers_copy_nothing_that_changes_with_code_or_docs():
+    """The deps stages hold GBs (torch, CUDA libraries): only pyproject.toml may invalidate them, so editing
+    the README or the package rebuilds the last layer alone."""
+    text = _dockerfile()
+    deps = text[text.index("AS base"):text.index("AS cpu")]
+    copied = [line.split()[1:-1] for line in deps.splitlines() if line.startswith("COPY")]
+    assert [c for c in copied if not c[0].startswith("scripts/")] == [["pyproject.toml"]], copied
+    for target in ("AS cpu", "AS gpu"):
+        stage = text[text.index(target):]
+        assert "COPY README.md ./" in stage[:stage.index("image-pip --no-deps")]
+
+
 def test_base_images_are_pinned_and_no_secret_is_baked_in():
     text = _dockerfile()
     for image in re.findall(r"^ARG \w+_IMAGE=(\S+)", text, flags=re.M):
