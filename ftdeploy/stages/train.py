@@ -57,8 +57,23 @@ def import_engine_first(cfg: Config) -> str:
     process calls this before either."""
     engine = select_engine(cfg.train.engine)
     if engine == "unsloth":
-        import unsloth  # noqa: F401  # pyflakes: ignore
+        _quiet_unsloth_import()
     return engine
+
+
+def _quiet_unsloth_import() -> None:
+    """Import Unsloth with its banner on stderr (stdout carries results, --json among them) and without
+    the import-time notices of its dependencies that tell a user nothing (torch's pytree enum deprecation,
+    bitsandbytes' optional `kernels` package); -vv shows them again."""
+    import contextlib
+    import logging
+    import sys
+
+    if not logging.getLogger("ftdeploy").isEnabledFor(logging.DEBUG):
+        for name in ("torch.utils._pytree", "bitsandbytes"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(sys.stderr):
+        import unsloth  # noqa: F401  # pyflakes: ignore
 
 
 class PadCollator:

@@ -25,6 +25,7 @@ def _note(event, **fields):
         fh.write(json.dumps({"event": event, **fields}) + "\\n")
 
 _note("import", already=sorted(m for m in ("transformers", "peft", "trl") if m in sys.modules))
+print("FAKE UNSLOTH BANNER: Will patch your computer")  # the real one prints its banner on stdout
 
 class FastLanguageModel:
     @staticmethod
@@ -80,6 +81,8 @@ def _run_until_unsloth(root, env, *args):
     proc = subprocess.run([sys.executable, str(root / "driver.py"), *args],
                           env={**env, "FAKE_UNSLOTH_RECORD": str(record)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stdout is for results (--json): Unsloth's banner goes to stderr with the other logs
+    assert "FAKE UNSLOTH BANNER" not in proc.stdout and "FAKE UNSLOTH BANNER" in proc.stderr
     return [json.loads(line) for line in record.read_text().splitlines()]
 
 
