@@ -18,9 +18,10 @@ import click
 from . import __version__
 from .config import DEFAULT_OLLAMA_HOST, load_config
 from .errors import FtdeployError
+from .runs import STAGES
 
 log = logging.getLogger("ftdeploy")
-STAGE_NAMES = ["data", "train", "merge", "export", "modelfile", "register", "verify"]  # runs.STAGES, without importing it
+STAGE_NAMES = list(STAGES)  # the registry's order (pipeline.REGISTRY checks it), without importing the pipeline
 
 
 class FtdeployGroup(click.Group):
@@ -265,9 +266,9 @@ def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) ->
     @config_options(extra=extra)
     @click.option("--json", "as_json", is_flag=True, help="Print the stage's outputs as JSON.")
     def command(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
-        from .pipeline import STAGE_FUNCS
+        from .pipeline import REGISTRY
 
-        out = STAGE_FUNCS[stage](_context(cfg, ollama_explicit, existing=True))
+        out = REGISTRY[stage].run(_context(cfg, ollama_explicit, existing=True))
         _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
 
 
@@ -290,9 +291,9 @@ def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_jso
     click_ctx.obj = cfg
     if click_ctx.invoked_subcommand is not None:
         return
-    from .pipeline import STAGE_FUNCS
+    from .pipeline import REGISTRY
 
-    out = STAGE_FUNCS["data"](_context(cfg, ollama_explicit))
+    out = REGISTRY["data"].run(_context(cfg, ollama_explicit))
     _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items()))
 
 
@@ -345,10 +346,10 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
 @click.option("--json", "as_json", is_flag=True, help="Print model, digest and uploaded_bytes as JSON.")
 def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json: bool) -> None:
     """Upload the GGUF to Ollama over HTTP and create the model (template, system, parameters)."""
-    from .pipeline import STAGE_FUNCS
+    from .pipeline import REGISTRY
 
     if gguf_path is None:
-        out = STAGE_FUNCS["register"](_context(cfg, ollama_explicit, existing=True))
+        out = REGISTRY["register"].run(_context(cfg, ollama_explicit, existing=True))
     else:
         from .ollama import connect
         from .stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template

@@ -4,6 +4,7 @@ and records itself in the manifest. `train_and_serve` runs them all."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -69,23 +70,12 @@ class Context:
                     parent.rmdir()
 
     def fingerprint(self, stage: str) -> str:
-        """What a stage's output depends on: its config sections, its inputs, and the stage before it."""
+        """What a stage's output depends on: the config keys it declares, its outside inputs, and the stage before it."""
         if stage not in self._fingerprints:
-            cfg = self.cfg
-            parts: dict[str, Any] = {"stage": stage}
-            if stage == "data":
-                parts |= {"data": cfg.section("data"), "base": [cfg.base_model, cfg.base_revision], "seed": cfg.train.seed,
-                          "files": [_file_digest(cfg.data.train, "train"),
-                                    _file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]}
-            elif stage == "train":
-                parts |= {"lora": cfg.section("lora"), "train": {k: v for k, v in cfg.section("train").items()
-                                                                  if k not in ("logging_steps", "save_steps", "node_rank", "master_addr", "master_port")}}
-            elif stage == "export":
-                parts |= {"export": cfg.section("export"), "name": cfg.name}
-            elif stage == "modelfile":
-                parts |= {"modelfile": cfg.section("modelfile"), "system": cfg.data.system_prompt}
-            elif stage in ("register", "verify"):
-                parts |= {"name": cfg.name, "verify": cfg.section("verify")}
+            declared = REGISTRY[stage]
+            parts: dict[str, Any] = {"stage": stage, "config": declared.config_values(self.cfg)}
+            if declared.inputs is not None:
+                parts["inputs"] = declared.inputs(self.cfg)
             index = STAGES.index(stage)
             if index:
                 parts["upstream"] = self.fingerprint(STAGES[index - 1])
@@ -420,12 +410,6 @@ def stage_verify(ctx: Context) -> dict[str, Any]:
     return out
 
 
-STAGE_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
-    "data": stage_data, "train": stage_train, "merge": stage_merge, "export": stage_export,
-    "modelfile": stage_modelfile, "register": stage_register, "verify": stage_verify,
-}
-
-
 def _file_digest(spec: str | None, split: str) -> str | None:
     """sha256 of a data file (or of every file in a directory); a Hub id stands for itself."""
     from .stages.data import resolve_data_path
@@ -443,25 +427,68 @@ def _file_digest(spec: str | None, split: str) -> str | None:
     return spec
 
 
-# Cheap stages whose result lives on the server: always run, so a lost model is registered again.
-ALWAYS_RUN = ("register", "verify")
-
-
-def _outputs_exist(ctx: Context, stage: str) -> bool:
-    run = ctx.run
-    return {
-        "data": (run.data_dir / "train.jsonl").is_file(),
-        "train": (run.adapter_dir / "adapter_config.json").is_file(),
-        "merge": (run.merged_dir / "config.json").is_file(),
-        "export": all(Path(p).is_file() for p in _export_files(run)),
-        "modelfile": run.modelfile_path.is_file(),
-    }.get(stage, False)
-
-
-def _export_files(run: Run) -> list[str]:
+def _export_files(run: Run) -> list[Path]:
     """Every file the export stage left: the GGUFs and, for an adapter deploy, the cached base GGUF."""
     outputs = run.stage_record("export").get("outputs", {})
-    return [*outputs.get("gguf", {}).values(), *([outputs["base_gguf"]] if outputs.get("base_gguf") else [])]
+    files = [*outputs.get("gguf", {}).values(), *([outputs["base_gguf"]] if outputs.get("base_gguf") else [])]
+    return [Path(f) for f in files]
+
+
+def _data_files(cfg: Config) -> list[str | None]:
+    return [_file_digest(cfg.data.train, "train"), _file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage, declared once. Its fingerprint (and so whether a finished run of it is reused), the CLI's
+    stage list, `--from`/`--force` and the manifest all come from this declaration."""
+
+    name: str
+    run: Callable[[Context], dict[str, Any]]
+    reads: tuple[str, ...] = ()  # config keys its output depends on: a section ("lora") or a key ("verify.min_fidelity")
+    volatile: tuple[str, ...] = ()  # keys it reads that do not change its output (logging, where to connect)
+    outputs: Callable[[Run], list[Path]] | None = None  # what a reused run must still have; None: it always runs
+    inputs: Callable[[Config], Any] | None = None  # outside the config: digests of the data files
+
+    def config_values(self, cfg: Config) -> dict[str, Any]:
+        values = {}
+        for key in self.reads:
+            value: Any = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            if dataclasses.is_dataclass(value):
+                value = {k: v for k, v in dataclasses.asdict(value).items() if f"{key}.{k}" not in self.volatile}
+            values[key] = value
+        return values
+
+    def fresh(self, ctx: Context) -> bool:
+        """Finished with the same fingerprint, and its outputs are still there."""
+        if self.outputs is None:
+            return False
+        record = ctx.run.stage_record(self.name)
+        files = self.outputs(ctx.run)
+        return (record.get("status") == "done" and record.get("fingerprint") == ctx.fingerprint(self.name)
+                and bool(files) and all(p.exists() for p in files))
+
+
+# The stages in order. register and verify are cheap and their result lives on the server: they always run,
+# so a lost model is registered again.
+REGISTRY: dict[str, Stage] = {s.name: s for s in (
+    Stage("data", stage_data, reads=("data", "base_model", "base_revision", "trust_remote_code", "train.seed"),
+          inputs=_data_files, outputs=lambda run: [run.data_dir / "train.jsonl"]),
+    Stage("train", stage_train, reads=("lora", "train"),
+          volatile=("train.logging_steps", "train.save_steps", "train.node_rank", "train.master_addr",
+                    "train.master_port"),
+          outputs=lambda run: [run.adapter_dir / "adapter_config.json"]),
+    Stage("merge", stage_merge, outputs=lambda run: [run.merged_dir / "config.json"]),
+    # The quant gate picks the served quant here, so its threshold is part of what export decides.
+    Stage("export", stage_export, reads=("export", "name", "verify.min_fidelity"), outputs=_export_files),
+    Stage("modelfile", stage_modelfile, reads=("modelfile", "data.system_prompt"),
+          outputs=lambda run: [run.modelfile_path]),
+    Stage("register", stage_register, reads=("name", "verify"), volatile=("ollama", "runs_dir")),
+    Stage("verify", stage_verify, reads=("name", "verify"), volatile=("ollama", "runs_dir")),
+)}
+assert tuple(REGISTRY) == STAGES, "runs.STAGES (the light list the CLI reads) must follow the registry"
 
 
 def plan_stages(ctx: Context, from_stage: str | None = None, force: tuple[str, ...] = ()) -> list[tuple[str, bool]]:
@@ -473,11 +500,7 @@ def plan_stages(ctx: Context, from_stage: str | None = None, force: tuple[str, .
     start = STAGES.index(from_stage) if from_stage else len(STAGES)
     plan = []
     for i, name in enumerate(STAGES):
-        record = ctx.run.stage_record(name)
-        fresh = (record.get("status") == "done" and record.get("fingerprint") == ctx.fingerprint(name)
-                 and _outputs_exist(ctx, name))
-        rerun = i >= start or name in force or name in ALWAYS_RUN or not fresh
-        plan.append((name, rerun))
+        plan.append((name, i >= start or name in force or not REGISTRY[name].fresh(ctx)))
     return plan
 
 
@@ -554,5 +577,5 @@ def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None,
             continue
         if on_stage:
             on_stage(name)
-        results[name] = STAGE_FUNCS[name](ctx)
+        results[name] = REGISTRY[name].run(ctx)
     return results

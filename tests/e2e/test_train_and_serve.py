@@ -5,8 +5,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from ftdeploy.stages.data import demo_path, read_chat_jsonl
 
@@ -16,12 +18,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
 SECRET = "hf_ftdeployE2eNeverWriteThisToken"
 
 
-def _train_and_serve(runs, host):
-    cmd = [sys.executable, "-m", "ftdeploy.cli", "train-and-serve", "--runs-dir", str(runs),
+RECORDER = Path(__file__).with_name("record_config_reads.py")
+
+
+def _train_and_serve(runs, host, record_reads=None):
+    """The CLI; with `record_reads`, through a wrapper that writes which config keys each stage read there."""
+    entry = [str(RECORDER)] if record_reads else ["-m", "ftdeploy.cli"]
+    cmd = [sys.executable, *entry, "train-and-serve", "--runs-dir", str(runs),
            "--name", "ftdeploy-e2e", "--ollama-host", host, "--json", "-v"]
     # A token in the environment (as in the container) must never reach output, logs, manifest or report.
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    if record_reads:
+        env["FTDEPLOY_CONFIG_READS"] = str(record_reads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return proc
 
@@ -29,8 +38,25 @@ def _train_and_serve(runs, host):
 @pytest.fixture(scope="module")
 def demo_run(ollama_server, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    proc = _train_and_serve(runs, ollama_server.host)
+    proc = _train_and_serve(runs, ollama_server.host, record_reads=runs.parent / "config-reads.json")
     return json.loads(proc.stdout), runs / "ftdeploy-e2e", proc.stderr
+
+
+def test_every_config_key_a_stage_reads_is_in_its_fingerprint(demo_run):
+    """A setting a stage reads but its fingerprint leaves out is silently ignored when the run is repeated
+    (the stage is skipped as unchanged): issue 15's verify.min_fidelity bug in export. A stage's fingerprint
+    holds its declared keys and, through `upstream`, those of every stage before it."""
+    from ftdeploy.pipeline import REGISTRY
+
+    _, run_dir, _ = demo_run
+    reads = json.loads((run_dir.parent.parent / "config-reads.json").read_text())
+    assert {"data", "train", "merge", "export", "modelfile", "register", "verify"} <= set(reads)
+    covered: list[str] = []
+    for name, stage in REGISTRY.items():
+        covered += stage.reads
+        allowed = [*covered, *stage.volatile]
+        missing = [k for k in reads.get(name, []) if not any(k == a or k.startswith(a + ".") for a in allowed)]
+        assert not missing, f"the {name} stage reads {missing}, which its fingerprint leaves out"
 
 
 def test_the_served_model_answers_the_trained_facts(demo_run, ollama_server):
