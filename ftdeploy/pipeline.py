@@ -46,10 +46,10 @@ class Context:
                 f"no run named {cfg.name!r} in {cfg.run_dir.parent} ({run.manifest_path} does not exist); start one "
                 "with `ftdeploy train-and-serve` (or `ftdeploy data`), or give the --name (and --runs-dir) of an "
                 "existing run")
-        made = run.path
-        while not made.parent.exists() and made.parent != made.parent.parent:  # --runs-dir made too, if new
+        made: Path | None = run.path  # the topmost directory this command will make: the run's, or a new --runs-dir
+        while not made.parent.exists():
             made = made.parent
-        made = made if not made.exists() else None
+        made = None if made.exists() else made
         lock = run.acquire_lock()
         atomic_write_text(run.path / CONFIG_FILE, dump_config(cfg))
         return cls(cfg, run, ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST")), _lock=lock,
