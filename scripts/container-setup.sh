@@ -17,6 +17,7 @@ COMPOSE_VERSION="${COMPOSE_VERSION:-v2.40.3}"
 OLLAMA_VERSION="${OLLAMA_VERSION:-v0.17.4}"
 cache="${FTDEPLOY_CACHE:-$HOME/.cache/ftdeploy}"
 tools="$cache/tools"
+. scripts/lib-disk.sh
 log() { echo "container-setup: $*" >&2; }
 die() { echo "container-setup: $*" >&2; exit 1; }
 as_root_apt() {
@@ -59,6 +60,15 @@ if ! "$docker_bin" info >/dev/null 2>&1; then
   setsid dockerd >"$cache/dockerd.log" 2>&1 < /dev/null &
   for _ in $(seq 60); do "$docker_bin" info >/dev/null 2>&1 && break; sleep 1; done
   "$docker_bin" info >/dev/null 2>&1 || die "dockerd did not come up in 60 s; its log: $cache/dockerd.log ($(tail -n 3 "$cache/dockerd.log" | tr '\n' ' '))"
+fi
+
+# Both images take about 16 GiB with their build cache the first time (torch, CUDA wheels, the Unsloth set);
+# a rebuild over existing layers needs little. Say so now rather than fail inside a layer.
+docker_root="$("$docker_bin" info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)"
+if [ -n "$("$docker_bin" images -q --filter label=org.opencontainers.image.source=https://github.com/ftdeploy/ftdeploy)" ]; then
+  need_space "$docker_root" 5 "rebuilding the ftdeploy images" || exit 1
+else
+  need_space "$docker_root" 25 "building the ftdeploy cpu and gpu images" || exit 1
 fi
 
 # ---------------------------------------------------------------- 2. compose v2

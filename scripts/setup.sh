@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+. scripts/lib-disk.sh
 PY="${PYTHON:-python3}"
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+# A first install writes about 7 GiB into .venv (torch, llama.cpp); later runs only check it.
+[ -x .venv/bin/python ] || need_space . 8 "a first install into .venv (torch, llama-cpp-python)" || exit 1
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
 # Every dependency goes through a wheelhouse first: the llama.cpp build (about 10 minutes) and the torch
@@ -18,6 +21,7 @@ wheels="${FTDEPLOY_WHEELHOUSE:-${FTDEPLOY_CACHE:-$HOME/.cache/ftdeploy}/wheels/$
 mkdir -p "$wheels"
 pipq=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! "${pipq[@]}" install --no-index --find-links "$wheels" -e ".[train,dev]" 2>/dev/null; then
+  need_space "$wheels" 4 "filling the wheelhouse" || exit 1
   echo "setup: filling the wheelhouse $wheels (first time: torch and a ~10 min llama.cpp build)" >&2
   # setuptools too: the offline editable install builds ftdeploy in an isolated env from these wheels.
   "${pipq[@]}" wheel --wheel-dir "$wheels" "setuptools>=68" ".[train,dev]"

@@ -71,6 +71,9 @@ class Stack:
                               timeout=timeout).stdout
 
 
+IMAGE_SOURCE_LABEL = "org.opencontainers.image.source=https://github.com/ftdeploy/ftdeploy"
+
+
 @pytest.fixture(scope="module")
 def engine() -> dict[str, str]:
     if shutil.which("bash") is None:
@@ -104,6 +107,10 @@ def stack(engine, tmp_path_factory) -> Stack:
     finally:
         stack.compose("down", "--volumes", "--remove-orphans", check=False, timeout=300)
         shutil.rmtree(home, ignore_errors=True)
+        # Each build of a new commit leaves the previous ftdeploy images untagged (several GiB once the
+        # dependencies change): remove those, and only those, so repeated runs do not fill the disk.
+        subprocess.run([stack.docker, "image", "prune", "-f", "--filter", f"label={IMAGE_SOURCE_LABEL}"],
+                       env=stack.env, capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
