@@ -95,7 +95,6 @@ class TrainConfig:
 class ExportConfig:
     quant: list[str] = _help("llama.cpp quantization types, first one is the served model.", default_factory=lambda: ["q4_k_m"])
     outtype: Literal["f16", "bf16", "f32"] = _help("Type of the unquantized GGUF the quants are made from.", default="f16")
-    keep_merged: bool = _help("Keep the merged safetensors after export.", default=True)
     deploy: Literal["full", "adapter"] = _help("full: register the merged model; adapter: register the base once and each tune as a LoRA adapter on it (Ollama ADAPTER), uploading megabytes per tune.", default="full")
     base_name: str | None = _help("Ollama name of the base model for deploy=adapter (default: ftdeploy-base-<base>:<quant>).", default=None)
 

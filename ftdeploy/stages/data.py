@@ -62,11 +62,6 @@ def read_records(cfg: DataConfig, spec: str, split: str = "train") -> LoadResult
     return load_records(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split)
 
 
-def read_chat_jsonl(path: Path, system_prompt: str | None = None) -> list[Record]:
-    """A chat file in any layout, bad rows an error (used for eval files and tests)."""
-    return load_records(str(path), system_prompt=system_prompt).records
-
-
 def tokenize_conversation(
     messages: list[dict[str, str]],
     tokenizer: Any,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from ..errors import StageMissingError
@@ -40,7 +39,3 @@ def merge(base: Path | str, adapter_dir: Path, merged_dir: Path, trust_remote_co
         except OSError:
             pass
     return merged_dir
-
-
-def remove_merged(merged_dir: Path) -> None:
-    shutil.rmtree(merged_dir, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,10 +17,6 @@ class Answer:
     answer: str
     ok: bool
     done_reason: str
-
-
-def _normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
 
 
 def expected_answer(example: Example) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from ftdeploy.stages.data import demo_path, read_chat_jsonl
+from ftdeploy.formats import load_records
+from ftdeploy.stages.data import demo_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
 
@@ -64,7 +65,7 @@ def test_the_served_model_answers_the_trained_facts(demo_run, ollama_server):
     assert result["model"] == "ftdeploy-e2e"
     assert result["verify"]["hits"] >= 4, result
     # Ask again ourselves, outside ftdeploy's verify: at least 4 of the 5 facts come back.
-    facts = read_chat_jsonl(demo_path("eval"))
+    facts = load_records(str(demo_path("eval"))).records
     hits = sum(f.expect.lower() in ollama_server.chat("ftdeploy-e2e", f.messages[0]["content"]).lower() for f in facts)
     assert hits >= 4
 
@@ -187,7 +188,7 @@ def test_the_adapter_deploy_answers_the_trained_facts_and_uploads_megabytes(ddp_
     assert reg["uploaded_bytes"] == reg["adapter_bytes"] < reg["full_model_bytes"] / 3
     shown = ollama_server.client.show("ftdeploy-e2e-ddp")
     assert "ADAPTER" in shown["modelfile"]
-    facts = read_chat_jsonl(demo_path("eval"))
+    facts = load_records(str(demo_path("eval"))).records
     hits = sum(f.expect.lower() in ollama_server.chat("ftdeploy-e2e-ddp", f.messages[0]["content"]).lower() for f in facts)
     assert hits >= 4
     # The base alone does not know the made-up facts: the answers come from the adapter.

@@ -4,10 +4,16 @@ import pytest
 
 from ftdeploy.config import DataConfig
 from ftdeploy.errors import DataError
-from ftdeploy.stages.data import IGNORE_INDEX, load_tokenized, prepare_data, read_chat_jsonl, tokenize_conversation
+from ftdeploy.formats import load_records
+from ftdeploy.stages.data import IGNORE_INDEX, load_tokenized, prepare_data, tokenize_conversation
 from ftdeploy.stages.train import PadCollator
 from ftdeploy.templates import match_chat_template
 from ftdeploy.tokenizer import ensure_pad_token
+
+
+def read_chat(path, system_prompt=None):
+    """A chat file in any layout, bad rows an error: how eval files are read."""
+    return load_records(str(path), system_prompt=system_prompt).records
 
 
 def _mapping(tok):
@@ -62,7 +68,7 @@ def test_bad_rows_are_named_by_line(tmp_path):
         {"messages": [{"role": "user", "content": "a"}]},
     ])
     with pytest.raises(DataError) as err:
-        read_chat_jsonl(path)
+        read_chat(path)
     msg = str(err.value)
     assert "6 bad rows" in msg
     for line, reason in [(2, "not JSON"), (3, "missing field 'messages'"), (4, "unknown role 'wizard'"),
@@ -74,13 +80,13 @@ def test_bad_rows_are_named_by_line(tmp_path):
 
 def test_empty_dataset_and_missing_file(tmp_path):
     with pytest.raises(DataError, match="the dataset is empty"):
-        read_chat_jsonl(_write(tmp_path / "e.jsonl", []))
+        read_chat(_write(tmp_path / "e.jsonl", []))
     with pytest.raises(DataError, match="no such file"):
-        read_chat_jsonl(tmp_path / "missing.jsonl")
+        read_chat(tmp_path / "missing.jsonl")
 
 
 def test_system_prompt_is_added_where_missing(tmp_path):
-    rows = read_chat_jsonl(_write(tmp_path / "d.jsonl", [{"messages": CHAT}]), system_prompt="Be terse.")
+    rows = read_chat(_write(tmp_path / "d.jsonl", [{"messages": CHAT}]), system_prompt="Be terse.")
     assert rows[0].messages[0] == {"role": "system", "content": "Be terse."}
 
 
