@@ -17,79 +17,39 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from .config import Config, config_from_dict
-from .errors import ConfigError, FtdeployError
+from .errors import FtdeployError
+from .runs import atomic_path
+from .stages.train import fit, import_engine_first, select_engine
+from .strategy import check_strategy, rank, world_size
 
 log = logging.getLogger(__name__)
 
-BUNDLED_ZERO3 = "zero3.json"
+def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, tokenizer: Any,
+          checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
+    """Train an adapter into `adapter_dir` (atomically); return metrics (engine, steps, losses, tokens/s).
 
-
-def world_size(cfg: Config) -> int:
-    return cfg.train.nproc * cfg.train.nnodes
-
-
-def rank() -> int:
-    """Global rank of this process (0 outside a launched worker)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def check_strategy(cfg: Config, engine: str, has_deepspeed: bool | None = None) -> None:
-    """What each engine can do on several processes; a clear error for what it cannot."""
+    With `checkpoint_dir`, a checkpoint is saved every `train.save_steps` steps and, when `resume`,
+    training continues from the newest usable one (same data order, optimizer and RNG state).
+    With train.nproc x train.nnodes > 1, the work is handed to torch's launcher (`launch`)."""
+    check_strategy(cfg, select_engine(cfg.train.engine))
     if world_size(cfg) == 1:
-        return
-    strategy = cfg.train.strategy
-    if engine == "unsloth" and strategy != "ddp":
-        raise ConfigError(
-            f"train.strategy={strategy}: Unsloth trains on several GPUs only as DDP (a whole 4-bit copy of the "
-            "model per GPU); for a model that does not fit one GPU use --engine hf with strategy fsdp or deepspeed")
-    if strategy == "deepspeed":
-        if has_deepspeed is None:
-            import importlib.util
-
-            has_deepspeed = importlib.util.find_spec("deepspeed") is not None
-        if not has_deepspeed:
-            raise ConfigError("train.strategy=deepspeed: deepspeed is not installed (pip install deepspeed), "
-                              "or use strategy fsdp, which needs nothing beyond torch")
-
-
-def deepspeed_config_path(cfg: Config) -> str:
-    if cfg.train.deepspeed_config:
-        path = Path(cfg.train.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"train.deepspeed_config: {path}: no such file")
-        return str(path)
-    from importlib import resources
-
-    return str(resources.files("ftdeploy.strategies").joinpath(BUNDLED_ZERO3))
-
-
-def strategy_args(cfg: Config, on_cuda: bool) -> dict[str, Any]:
-    """The Trainer arguments that select the multi-process strategy (empty for one process)."""
-    if world_size(cfg) == 1:
-        return {}
-    args: dict[str, Any] = {"ddp_backend": "nccl" if on_cuda else "gloo"}
-    if not on_cuda and cfg.train.strategy != "ddp":
-        log.warning("train.strategy=%s on CPU: accelerate shards only on accelerators, so these processes run "
-                    "as DDP (a full copy each)", cfg.train.strategy)
-    if cfg.train.strategy == "ddp":
-        # LoRA leaves most parameters frozen; DDP must not wait for gradients that never come.
-        args["ddp_find_unused_parameters"] = False
-    elif cfg.train.strategy == "fsdp":
-        args["fsdp"] = "full_shard auto_wrap"
-        # A full state dict, gathered to rank 0 when saving: with a sharded one, Trainer.save_model writes no
-        # adapter at all, and the checkpoints would hold no adapter_model.safetensors to resume from.
-        args["fsdp_config"] = {"use_orig_params": False, "cpu_ram_efficient_loading": True,
-                               "sync_module_states": True, "activation_checkpointing": False,
-                               "state_dict_type": "FULL_STATE_DICT"}
-    elif cfg.train.strategy == "deepspeed":
-        args["deepspeed"] = deepspeed_config_path(cfg)
-    return args
+        with atomic_path(adapter_dir) as tmp:
+            return fit(base, data_dir, tmp, cfg, tokenizer, checkpoint_dir, resume)
+    work = adapter_dir.parent / ".launch"
+    try:
+        if cfg.train.node_rank != 0:  # this node computes; node 0 writes the adapter
+            return launch(cfg, base, data_dir, work / "adapter-unused", checkpoint_dir, resume, work)
+        with atomic_path(adapter_dir) as tmp:
+            return launch(cfg, base, data_dir, tmp, checkpoint_dir, resume, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def launch_command(cfg: Config, spec_path: Path) -> list[str]:
@@ -140,7 +100,6 @@ def launch(cfg: Config, base: Path | str, data_dir: Path, out_dir: Path, checkpo
 
 def worker_main(spec_path: str) -> int:
     """Entry point of one launched process."""
-    from .stages.train import fit, import_engine_first
     from .tokenizer import load_tokenizer
 
     spec = json.loads(Path(spec_path).read_text())

@@ -120,7 +120,8 @@ def stage_data(ctx: Context) -> dict[str, Any]:
 
 
 def stage_train(ctx: Context) -> dict[str, Any]:
-    from .stages.train import import_engine_first, plot_loss, train
+    from .distributed import train
+    from .stages.train import import_engine_first, plot_loss
     from .tokenizer import load_tokenizer
 
     if not (ctx.run.data_dir / "train.jsonl").is_file():
@@ -146,7 +147,7 @@ def stage_train(ctx: Context) -> dict[str, Any]:
 
 def _train_on_worker_node(ctx: Context) -> dict[str, Any]:
     """Node 1..N-1 of a multi-node run: compute its share of training; node 0 writes the adapter and goes on."""
-    from .stages.train import train
+    from .distributed import train
     from .tokenizer import load_tokenizer
 
     base = ctx.base()
@@ -507,10 +508,9 @@ def plan_stages(ctx: Context, from_stage: str | None = None, force: tuple[str, .
 def preflight(ctx: Context, stages: list[str]) -> None:
     """Check what would fail hours in before spending them: engine vs hardware, disk, the Ollama server."""
     from .stages.train import select_engine
+    from .strategy import check_strategy
 
     if "train" in stages:
-        from .distributed import check_strategy
-
         check_strategy(ctx.cfg, select_engine(ctx.cfg.train.engine))
     needed = estimate_disk_bytes(ctx, stages)
     free = free_bytes(ctx.run.path)

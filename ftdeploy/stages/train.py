@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from ..config import Config
 from ..errors import ConfigError, DataError
 from ..runs import atomic_path
+from ..strategy import strategy_args, world_size
 from .data import IGNORE_INDEX, load_tokenized
 
 log = logging.getLogger(__name__)
@@ -223,34 +223,9 @@ def _checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, tokenizer: Any,
-          checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
-    """Train an adapter into `adapter_dir` (atomically); return metrics (engine, steps, losses, tokens/s).
-
-    With `checkpoint_dir`, a checkpoint is saved every `train.save_steps` steps and, when `resume`,
-    training continues from the newest usable one (same data order, optimizer and RNG state).
-    With train.nproc x train.nnodes > 1, the work is handed to torch's launcher (ftdeploy.distributed)."""
-    from .. import distributed
-
-    engine = select_engine(cfg.train.engine)
-    distributed.check_strategy(cfg, engine)
-    if distributed.world_size(cfg) == 1:
-        with atomic_path(adapter_dir) as tmp:
-            return fit(base, data_dir, tmp, cfg, tokenizer, checkpoint_dir, resume)
-    work = adapter_dir.parent / ".launch"
-    try:
-        if cfg.train.node_rank != 0:  # this node computes; node 0 writes the adapter
-            return distributed.launch(cfg, base, data_dir, work / "adapter-unused", checkpoint_dir, resume, work)
-        with atomic_path(adapter_dir) as tmp:
-            return distributed.launch(cfg, base, data_dir, tmp, checkpoint_dir, resume, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_dir: str, save: bool) -> dict[str, Any]:
     """Everything SFTConfig is given, as plain values (tested without building a Trainer)."""
     from ..config import split_global_batch
-    from ..distributed import strategy_args, world_size
 
     world = world_size(cfg)
     batch, accumulation = split_global_batch(cfg.train.batch_size, cfg.train.gradient_accumulation, world,
@@ -344,7 +319,6 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
     import torch
     from transformers import set_seed
 
-    from ..distributed import world_size
 
     set_seed(cfg.train.seed)
     on_cuda = torch.cuda.is_available()

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from ftdeploy.cli import cli
 from ftdeploy.config import dump_config, load_config, split_global_batch
-from ftdeploy.distributed import check_strategy, launch_command, strategy_args
+from ftdeploy.distributed import launch_command
+from ftdeploy.strategy import check_strategy, strategy_args
 from ftdeploy.errors import ConfigError, OllamaError
 from ftdeploy.ollama import OllamaClient, expand_headers
 from ftdeploy.stages.modelfile import ModelfileSpec
