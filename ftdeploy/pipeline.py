@@ -19,6 +19,7 @@ from .config import DEMO_DATA, Config, dump_config
 from .errors import StageMissingError
 from .ollama import OllamaClient, connect
 from .errors import ConfigError, FtdeployError
+from .quants import bits_per_weight
 from .runs import CONFIG_FILE, LOSS_PLOT, STAGES, Run, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -533,15 +534,12 @@ def estimate_disk_bytes(ctx: Context, stages: list[str]) -> int:
     if not {"merge", "export"} & set(stages):
         return 0
     params = _param_estimate(ctx)
-    bits = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.5, "q5_0": 5.5,
-            "q5_1": 6, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.5, "q4_1": 5, "q3_k_l": 4.3, "q3_k_m": 3.9,
-            "q3_k_s": 3.5, "q2_k": 3.4}
     total = 0.0
     if "merge" in stages:
         total += params * 2
     if "export" in stages:
-        total += params * bits.get(ctx.cfg.export.outtype, 16) / 8
-        total += sum(params * bits.get(q, 8.5) / 8 for q in ctx.cfg.export.quant if q != ctx.cfg.export.outtype)
+        total += params * bits_per_weight(ctx.cfg.export.outtype, 16) / 8
+        total += sum(params * bits_per_weight(q) / 8 for q in ctx.cfg.export.quant if q != ctx.cfg.export.outtype)
     return int(total * 1.1)
 
 

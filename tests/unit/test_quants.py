@@ -1,0 +1,32 @@
+"""The one table of quant types, checked against the quantizer it names."""
+
+import pytest
+
+from ftdeploy import quants
+
+
+def test_every_type_is_one_the_pinned_llama_cpp_can_make():
+    llama_cpp = pytest.importorskip("llama_cpp")  # the [train] extra; .ci/run installs it
+    missing = [q.name for q in quants.TABLE if not isinstance(getattr(llama_cpp, q.ftype, None), int)]
+    assert missing == []
+    assert len({getattr(llama_cpp, q.ftype) for q in quants.TABLE}) == len(quants.TABLE), "two names, one ftype"
+
+
+def test_the_table_runs_from_the_smallest_file_to_the_largest_along_the_ladder():
+    bits = [quants.BY_NAME[name].bits for name in quants.LADDER]
+    assert bits[0] < 4 and bits[-1] == 32
+    assert quants.LADDER.index("q4_k_m") < quants.LADDER.index("q5_k_m") < quants.LADDER.index("q8_0")
+
+
+@pytest.mark.parametrize(("failed", "recommended"), [
+    ("q2_k", "q3_k_m"), ("q3_k_m", "q4_k_m"), ("q4_0", "q4_k_m"), ("q4_k_m", "q5_k_m"), ("q5_k_m", "q6_k"),
+    ("q6_k", "q8_0"), ("q8_0", "f16"), ("bf16", "f16"), ("f16", None), ("iq4_xs", "q8_0"), ("tq1_0", "q8_0"),
+])
+def test_the_gate_recommends_the_next_safer_common_type(failed, recommended):
+    assert quants.next_safer(failed) == recommended
+
+
+def test_the_disk_estimate_uses_the_table_and_a_default_for_the_unknown():
+    assert quants.bits_per_weight("q4_k_m") == 4.9
+    assert quants.bits_per_weight("f16") == 16
+    assert quants.bits_per_weight("nonsense", default=7.0) == 7.0
