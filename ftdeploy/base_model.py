@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from .errors import ModelError
-from .ollama import state_dir
+from .paths import state_dir
 from .runs import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)

@@ -211,7 +211,7 @@ def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
 def _ollama_run_line(name: str, host: str) -> str:
     binary = "ollama" if shutil.which("ollama") else None
     if binary is None:
-        from .ollama import find_ollama_binary
+        from .local_server import find_ollama_binary
 
         found = find_ollama_binary()
         binary = str(found) if found else "ollama"
@@ -447,7 +447,7 @@ def ollama_down(remove_models: bool) -> None:
 @ollama_group.command("status")
 def ollama_status() -> None:
     """Show the local server ftdeploy started, if any."""
-    from .ollama import load_local_server
+    from .local_server import load_local_server
 
     server = load_local_server()
     if server is None:
@@ -459,7 +459,7 @@ def ollama_status() -> None:
 @ollama_group.command("stop")
 def ollama_stop() -> None:
     """Stop the local server ftdeploy started."""
-    from .ollama import forget_local_server, load_local_server
+    from .local_server import forget_local_server, load_local_server
 
     server = load_local_server()
     if server is None:

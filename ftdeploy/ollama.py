@@ -1,15 +1,29 @@
-"""The only module that speaks HTTP to Ollama, and the one that starts a local server.
+"""The only module that speaks HTTP to Ollama, and the one that starts a local server and waits for it.
 
-Registration is blob upload by sha256 (HEAD first, so an unchanged file uploads nothing)
-then POST /api/create with files, template, system and parameters. The create stream
-reports errors inside a 200 response, so it is read to the end and must finish with
-{"status": "success"}.
+The API calls go through the official client (`ollama` on PyPI, an httpx client): chat, generate, show, list,
+copy, delete, push and create (with files, adapters, template, system and parameters); create and push are read
+in the client's streaming form. What stays ours, and why:
 
-Every request has two bounds (requests' (connect, read) timeout): `connect_timeout` to make the connection, and
-a read timeout for each wait on the socket after it: `timeout` for ordinary calls, `long_timeout` for those that
-are slow by nature (upload, create, push, generate, chat). A read timeout bounds one silence, so a stream of
-progress lines may run for longer than it while lines keep arriving; a server that goes quiet fails the call.
-Nothing waits without a bound.
+* `version`: the client (0.6) has no call for GET /api/version, so it is a plain GET here.
+* The blob upload (`has_blob`, `push_blob`): the client's `create_blob` has no HEAD check (it would upload an
+  unchanged GGUF again), reports no progress, and hashes the file a second time; ours sends HEAD first, then
+  the file in blocks with a Content-Length and a byte count to a progress bar, under the long bound.
+* What happens around every call: the client turns a refused connection into a bare ConnectionError with a
+  generic message and lets timeouts, dropped connections and TLS failures out as raw httpx exceptions. Ours
+  retries only a connection that failed (never a read timeout), and maps each failure to a typed error
+  (errors.py: UnreachableError, OllamaAuthError, OllamaTLSError, ModelNotFoundError, OllamaServerError) that
+  names the host and what to check. A create or push stream must also end in {"status": "success"}.
+
+Registration is blob upload by sha256 then POST /api/create; the create stream reports errors inside a 200
+response, so it is read to the end.
+
+Every request has two bounds: `connect_timeout` to make the connection, and a read timeout for each wait on the
+socket after it (and for each send): `timeout` for ordinary calls, `long_timeout` for those that are slow by
+nature (upload, create, push, generate, chat). The client takes one httpx timeout, so there are two clients,
+sharing one connection pool. A read timeout bounds one silence, so a stream of progress lines may run for longer
+than it while lines keep arriving; a server that goes quiet fails the call. Nothing waits without a bound.
+
+httpx and the client load only when a client is made: `ftdeploy --help` does not pay for them.
 """
 
 from __future__ import annotations
@@ -17,26 +31,40 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import signal
-import socket
+import ssl
 import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
-import requests
-from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
-
 from .config import DEFAULT_OLLAMA_HOST, OLLAMA_CONNECT_TIMEOUT, OLLAMA_LONG_TIMEOUT, OLLAMA_TIMEOUT
-from .errors import OllamaError
+from .errors import (
+    ModelNotFoundError,
+    OllamaAuthError,
+    OllamaError,
+    OllamaServerError,
+    OllamaTLSError,
+    UnreachableError,
+)
+from .local_server import LocalServer, find_ollama_binary, save_local_server
+from .paths import state_dir
+
+if TYPE_CHECKING:
+    import httpx
+    from ollama import ChatResponse, GenerateResponse, ListResponse, ProgressResponse, ShowResponse
 
 log = logging.getLogger(__name__)
 
-PINNED_OLLAMA_VERSION = "v0.17.4"
 MIN_VERSION = (0, 17, 1)  # CVE-2026-7482: GGUF out-of-bounds read before 0.17.1
+UPLOAD_BLOCK = 1 << 20
+
+T = TypeVar("T")
+
+# Kept importable from here: doctor.py and pipeline.py find these in this module.
+__all__ = ["MIN_VERSION", "OllamaClient", "UnreachableError", "connect", "ensure_server", "expand_headers",
+           "find_ollama_binary", "normalize_host", "parse_version", "start_local_server", "state_dir"]
 
 
 def normalize_host(host: str | None) -> str:
@@ -59,37 +87,9 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(nums)
 
 
-@dataclass
-class CreateResult:
-    model: str
-    digest: str
-    uploaded_bytes: int
-    statuses: list[str] = field(default_factory=list)
-
-
-class _ProgressReader:
-    """A file object with a length (so requests sends Content-Length, not chunks) that reports bytes read."""
-
-    def __init__(self, fh: Any, size: int, progress: Callable[[int], None] | None):
-        self.fh, self.size, self.progress = fh, size, progress
-
-    def __len__(self) -> int:
-        return self.size
-
-    def read(self, n: int = -1) -> bytes:
-        block = self.fh.read(n)
-        if block and self.progress:
-            self.progress(len(block))
-        return block
-
-
-class UnreachableError(OllamaError):
-    """No connection could be made (refused, no route, name not resolved, connect timeout): the one failure
-    after which the default address may be replaced by a local server."""
-
-
 class OllamaClient:
-    """Typed, small client over requests; errors say what to check."""
+    """The official client with ftdeploy's bounds, retries and errors; answers are the client's typed models
+    (ShowResponse, ChatResponse, …), which also read like dicts (`reply["message"]["content"]`)."""
 
     def __init__(self, host: str | None = None, timeout: float = OLLAMA_TIMEOUT,
                  connect_timeout: float = OLLAMA_CONNECT_TIMEOUT, headers: dict[str, str] | None = None,
@@ -101,93 +101,141 @@ class OllamaClient:
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
         self.long_timeout = float(long_timeout)
-        self.session = requests.Session()
-        self.session.headers.update(expand_headers(headers or {}))
-        # Given per request: a session-level `verify` loses to $REQUESTS_CA_BUNDLE in requests.
+        self.headers = expand_headers(headers or {})
+        api_key = os.environ.get("OLLAMA_API_KEY")
+        if api_key and not any(name.lower() == "authorization" for name in self.headers):
+            # What the official client does by itself; done here so that our own calls (the upload) send it too.
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.verify = verify
 
-    # -- transport
-    def _request(self, method: str, path: str, *, retries: int = 2, long: bool = False,
-                 send_timeout: float | None = None, **kw: Any) -> requests.Response:
-        """One request, retried (with backoff) only when the connection failed or broke, never after a read
-        timeout: a silent server fails once, after `timeout` (or `long_timeout` with long=True) seconds.
-        `send_timeout` replaces the connect bound, which urllib3 also applies to each send of a request body."""
-        read_timeout = self.long_timeout if long else self.timeout
-        kw["timeout"] = (send_timeout or self.connect_timeout, read_timeout)
-        kw.setdefault("verify", self.verify)
-        what = f"{method} {path}"
+        import httpx
+        import ollama
+
+        tls = _tls_context(verify)
+        transport = httpx.HTTPTransport(verify=tls)  # one connection pool for the three clients
+        common: dict[str, Any] = {"headers": self.headers, "verify": tls, "transport": transport}
+        self._api = ollama.Client(self.host, timeout=self._bounds(self.timeout), **common)
+        self._long_api = ollama.Client(self.host, timeout=self._bounds(self.long_timeout), **common)
+        self._http = httpx.Client(base_url=self.host, timeout=self._bounds(self.timeout), follow_redirects=True,
+                                  **common)
+
+    def _bounds(self, read: float) -> httpx.Timeout:
+        import httpx
+
+        return httpx.Timeout(connect=self.connect_timeout, read=read, write=read, pool=self.connect_timeout)
+
+    # -- failures
+    def _call(self, what: str, fn: Callable[[], T], *, request: str | None = None, long: bool = False,
+              retries: int = 2, upload: bool = False) -> T:
+        """`fn()`, retried (with backoff) only when the connection failed or broke, never after a read timeout: a
+        silent server fails once, after `timeout` (or `long_timeout` with long=True) seconds. `what` names the
+        call in a refusal ("show m"), `request` the HTTP request in a transport failure ("POST /api/show")."""
+        silence = ("accepted the connection but stopped taking the upload or sent no response within {s} s"
+                   if upload else "accepted the connection but sent no response within {s} s")
         delay = 0.5
         for attempt in range(retries + 1):
             try:
-                return self.session.request(method, self.host + path, **kw)
-            except requests.exceptions.SSLError as exc:
-                raise OllamaError(
-                    f"TLS with the Ollama server at {self.host} failed: {_ssl_reason(exc)}. If it uses a private CA, "
-                    "pass --ollama-ca-cert CA.pem (ollama.ca_cert); ollama.insecure_tls=true skips the check (testing only)."
-                ) from None
-            except requests.RequestException as exc:
-                kind = _failure_kind(exc)
-                if kind == "silent":
-                    silence = ("accepted the connection but stopped taking the upload or sent no response within {s} s"
-                               if send_timeout else "accepted the connection but sent no response within {s} s")
-                    raise self._silent_error(what, read_timeout, long, silence) from None
-                if kind == "other":
-                    raise OllamaError(f"{what} to the Ollama server at {self.host} failed: "
-                                      f"{type(exc).__name__}: {str(exc)[:300]}") from None
-                if attempt == retries:
-                    if kind == "dropped":
-                        raise OllamaError(
-                            f"the Ollama server at {self.host} accepted the connection but closed it without a "
-                            f"complete answer ({what}). Check the server's log: it may have crashed or restarted, or a proxy "
-                            "in front of it dropped the request."
-                        ) from None
-                    raise UnreachableError(
-                        f"cannot reach the Ollama server at {self.host} ({type(exc).__name__}). "
-                        "Check that Ollama is running there (`ollama serve`, or `docker compose up ollama`) "
-                        "and that --ollama-host / OLLAMA_HOST points at it."
-                    ) from None
-                time.sleep(delay)
-                delay *= 2
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - _translate says which are ours; the rest are re-raised
+                error, retry = self._translate(exc, what, long, silence, request)
+                if error is None:
+                    raise
+                if not retry or attempt == retries:
+                    raise error from None
+            time.sleep(delay)
+            delay *= 2
         raise AssertionError("unreachable")
+
+    def _translate(self, exc: BaseException, what: str, long: bool, silence: str,
+                   request: str | None = None) -> tuple[OllamaError | None, bool]:
+        """The typed error for a failure of the client or of httpx (None: not one of those), and whether a retry
+        may help (only when no connection was made, or it broke before an answer)."""
+        import httpx
+        import pydantic
+        from ollama import ResponseError
+
+        if isinstance(exc, OllamaError):
+            return exc, False
+        if isinstance(exc, ResponseError):
+            return self._refused(what, exc.status_code, exc.error), False
+        if isinstance(exc, ConnectionError) and isinstance(exc.__context__, httpx.HTTPError):
+            exc = exc.__context__  # the client's "Failed to connect to Ollama" hides httpx's reason
+        if isinstance(exc, (json.JSONDecodeError, pydantic.ValidationError, TypeError)):
+            return OllamaServerError(
+                f"{what}: {self.host} answered with something that is not the JSON Ollama sends "
+                f"({type(exc).__name__}: {str(exc)[:160]}); is --ollama-host an Ollama server?"), False
+        if not isinstance(exc, httpx.HTTPError):
+            return None, False
+        kind = _failure_kind(exc)
+        request = request or what
+        if kind == "tls":
+            return OllamaTLSError(
+                f"TLS with the Ollama server at {self.host} failed: {_ssl_reason(exc)}. If it uses a private CA, "
+                "pass --ollama-ca-cert CA.pem (ollama.ca_cert); ollama.insecure_tls=true skips the check "
+                "(testing only)."
+            ), False
+        if kind == "silent":
+            return self._silent_error(request, self.long_timeout if long else self.timeout, long, silence), False
+        if kind == "dropped":
+            return OllamaServerError(
+                f"the Ollama server at {self.host} accepted the connection but closed it without a complete answer "
+                f"({request}). Check the server's log: it may have crashed or restarted, or a proxy in front of it "
+                "dropped the request."
+            ), True
+        if kind == "connect":
+            return UnreachableError(
+                f"cannot reach the Ollama server at {self.host} ({type(exc).__name__}). "
+                "Check that Ollama is running there (`ollama serve`, or `docker compose up ollama`) "
+                "and that --ollama-host / OLLAMA_HOST points at it."
+            ), True
+        return OllamaError(f"{request} to the Ollama server at {self.host} failed: "
+                           f"{type(exc).__name__}: {str(exc)[:300]}"), False
+
+    def _refused(self, what: str, status: int, detail: object) -> OllamaError:
+        """The error for an HTTP error status: authentication, a missing model, or a server failure."""
+        text = str(detail).strip()[:500]
+        if status in (401, 403, 407):
+            sent = ", ".join(sorted(self.headers)) or "none"
+            return OllamaAuthError(f"{what}: {self.host} refused the request with HTTP {status} (authentication; "
+                                   f"extra headers sent: {sent}). Check --ollama-header / ollama.headers.")
+        if status == 404:
+            return ModelNotFoundError(f"{what} failed at {self.host}: HTTP 404: {text}")
+        return OllamaServerError(f"{what} failed at {self.host}: HTTP {status}: {text}")
 
     def _silent_error(self, what: str, seconds: float, long: bool, silence: str) -> OllamaError:
         key = "ollama.long_timeout" if long else "ollama.timeout"
-        return OllamaError(
+        return OllamaServerError(
             f"the Ollama server at {self.host} stopped answering: it {silence.format(s=f'{seconds:g}')} ({what}). "
             "Check the server's log for what it is doing (a hung or overloaded server, or a "
             f"proxy that holds requests); if it is only slow, raise {key} (--set {key}={max(int(seconds) * 4, 60)})."
         )
 
-    def _json(self, resp: requests.Response, what: str) -> Any:
+    # -- our own requests (what the official client lacks)
+    def _raw(self, method: str, path: str, *, ok: tuple[int, ...] = (), **kw: Any) -> httpx.Response:
+        from ollama import ResponseError
+
+        resp = self._http.request(method, path, **kw)
+        if resp.status_code >= 400 and resp.status_code not in ok:
+            raise ResponseError(resp.text, resp.status_code)
+        return resp
+
+    def _json(self, resp: httpx.Response, what: str) -> Any:
         try:
             return resp.json()
         except ValueError:
-            raise OllamaError(f"{what}: {self.host} answered HTTP {resp.status_code} with something that is not JSON "
-                              f"({resp.text[:120]!r}); is --ollama-host an Ollama server?") from None
+            raise OllamaServerError(f"{what}: {self.host} answered HTTP {resp.status_code} with something that is not "
+                                    f"JSON ({resp.text[:120]!r}); is --ollama-host an Ollama server?") from None
 
-    def _check(self, resp: requests.Response, what: str) -> requests.Response:
-        if resp.status_code in (401, 403, 407):
-            sent = ", ".join(sorted(self.session.headers.keys() - set(requests.utils.default_headers()))) or "none"
-            raise OllamaError(f"{what}: {self.host} refused the request with HTTP {resp.status_code} "
-                              f"(authentication; extra headers sent: {sent}). Check --ollama-header / ollama.headers.")
-        if resp.status_code >= 400:
-            try:
-                detail = resp.json().get("error", resp.text)
-            except ValueError:
-                detail = resp.text
-            raise OllamaError(f"{what} failed at {self.host}: HTTP {resp.status_code}: {detail.strip()[:500]}")
-        return resp
-
-    # -- API
     def is_up(self) -> bool:
+        import httpx
+
         try:
-            resp = self.session.get(self.host + "/api/version", timeout=(1.0, 3.0), verify=self.verify)
-            return resp.ok
-        except requests.RequestException:
+            return self._http.get("/api/version", timeout=httpx.Timeout(3.0, connect=1.0)).is_success
+        except httpx.HTTPError:
             return False
 
     def version(self) -> str:
-        resp = self._check(self._request("GET", "/api/version", retries=0), "GET /api/version")
+        resp = self._call("GET /api/version", lambda: self._raw("GET", "/api/version"), retries=0)
         body = self._json(resp, "GET /api/version")
         return str(body.get("version", "0")) if isinstance(body, dict) else "0"
 
@@ -202,129 +250,134 @@ class OllamaClient:
         return version
 
     def has_blob(self, digest: str) -> bool:
-        resp = self._request("HEAD", f"/api/blobs/{digest}")
-        if resp.status_code == 200:
-            return True
-        if resp.status_code == 404:
-            return False
-        self._check(resp, f"HEAD /api/blobs/{digest}")
-        return False
+        resp = self._call(f"HEAD /api/blobs/{digest}", lambda: self._raw("HEAD", f"/api/blobs/{digest}", ok=(404,)))
+        return resp.status_code == 200
 
     def push_blob(self, path: Path, digest: str, progress: Callable[[int], None] | None = None) -> int:
         """Upload `path` as blob `digest` unless the server has it; return the bytes sent."""
+        import httpx
+
         if self.has_blob(digest):
             return 0
         size = path.stat().st_size
-        with open(path, "rb") as fh:
-            body = _ProgressReader(fh, size, progress)
-            # has_blob has just reached the server, so the connect bound is free to cover each send of the body.
-            resp = self._request("POST", f"/api/blobs/{digest}", data=body, retries=0, long=True,
-                                 send_timeout=self.long_timeout)
-        self._check(resp, f"upload of {path.name}")
+        # The long bound covers each send of the body, as it covers each wait for the answer.
+        bounds = httpx.Timeout(connect=self.connect_timeout, read=self.long_timeout, write=self.long_timeout,
+                               pool=self.connect_timeout)
+
+        def send() -> httpx.Response:
+            with open(path, "rb") as fh:
+                # An explicit Content-Length: httpx would otherwise send a generator body chunked.
+                return self._raw("POST", f"/api/blobs/{digest}", content=_blocks(fh, progress), timeout=bounds,
+                                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+
+        resp = self._call(f"upload of {path.name}", send, request=f"POST /api/blobs/{digest}", long=True, retries=0,
+                          upload=True)
         if resp.status_code not in (200, 201):
-            raise OllamaError(f"upload of {path.name} to {self.host}: unexpected HTTP {resp.status_code}")
+            raise OllamaServerError(f"upload of {path.name} to {self.host}: unexpected HTTP {resp.status_code}")
         return size
 
+    # -- the official client's calls
     def create(self, model: str, files: dict[str, str] | None = None, template: str | None = None,
                system: str | None = None, parameters: dict[str, Any] | None = None,
                on_status: Callable[[str], None] | None = None, from_model: str | None = None,
                adapters: dict[str, str] | None = None) -> list[str]:
-        body: dict[str, Any] = {"model": model, "stream": True}
-        if files:
-            body["files"] = files
-        if from_model is not None:
-            body["from"] = from_model
-        if adapters:
-            body["adapters"] = adapters
-        if template is not None:
-            body["template"] = template
-        if system is not None:
-            body["system"] = system
-        if parameters:
-            body["parameters"] = parameters
-        resp = self._check(self._request("POST", "/api/create", json=body, stream=True, retries=0, long=True),
-                           f"create {model}")
-        return self._read_stream(resp, f"create {model}", f"refused to create {model}",
-                                 (lambda e: on_status(e.get("status", ""))) if on_status else None)
+        def start() -> Iterator[ProgressResponse]:
+            return self._long_api.create(model, from_=from_model, files=files or None, adapters=adapters or None,
+                                         template=template, system=system, parameters=parameters or None, stream=True)
 
-    def _read_stream(self, resp: requests.Response, what: str, refused: str,
-                     on_event: Callable[[dict[str, Any]], None] | None) -> list[str]:
-        """Read an NDJSON progress stream to its end: errors arrive inside a 200 response, and it must end in success.
-        The read timeout (long_timeout) applies to each wait for more of the stream, not to the whole of it."""
-        statuses = []
-        lines = resp.iter_lines()
+        return self._stream(f"create {model}", f"refused to create {model}", start,
+                            (lambda e: on_status(e.status or "")) if on_status else None)
+
+    def push(self, model: str, insecure: bool = False,
+             on_event: Callable[[ProgressResponse], None] | None = None) -> list[str]:
+        """Publish `model` (host/namespace/name:tag) to its registry; the stream must end in success."""
+        try:
+            return self._stream(f"push {model}", f"could not push {model}",
+                                lambda: self._long_api.push(model, insecure=insecure, stream=True), on_event)
+        except OllamaError as exc:
+            raise type(exc)(f"{exc}{_push_hint(str(exc))}") from None
+
+    def _stream(self, what: str, refused: str, start: Callable[[], Iterator[ProgressResponse]],
+                on_event: Callable[[ProgressResponse], None] | None) -> list[str]:
+        """Read a progress stream to its end: errors arrive inside a 200 response, and it must end in success.
+        The read bound (long_timeout) applies to each wait for more of the stream, not to the whole of it. Never
+        retried: a create or a push is not sent twice."""
+        from ollama import ResponseError
+
+        statuses: list[str] = []
+        events = start()  # builds the request; nothing is sent before the first next()
         while True:
             try:
-                line = next(lines, None)
-            except requests.RequestException as exc:
-                kind = _failure_kind(exc)
-                if kind == "silent":
-                    raise self._silent_error(what, self.long_timeout, True, f"sent {len(statuses)} progress line(s), "
-                                             "then nothing more for {s} s") from None
-                raise OllamaError(f"{what} at {self.host}: the reply broke off after {len(statuses)} progress lines "
-                                  f"({type(exc).__name__}); check the server's log") from None
-            if line is None:
+                event = next(events, None)
+            except ResponseError as exc:
+                if exc.status_code == -1:  # an {"error": …} line inside the 200 stream
+                    raise OllamaServerError(f"Ollama at {self.host} {refused}: {exc.error}") from None
+                raise self._refused(what, exc.status_code, exc.error) from None
+            except (ValueError, TypeError, AttributeError):  # json.loads, `part.get`, or the response model failed
+                raise OllamaServerError(f"{what} at {self.host}: the progress stream holds a line that is not a JSON "
+                                        "object Ollama sends; is --ollama-host an Ollama server?") from None
+            except Exception as exc:  # noqa: BLE001 - _translate says which are ours; the rest are re-raised
+                silence = (f"sent {len(statuses)} progress line(s), then nothing more for {{s}} s" if statuses
+                           else "accepted the connection but sent no response within {s} s")
+                error, _ = self._translate(exc, what, True, silence)
+                if error is None:
+                    raise
+                raise error from None
+            if event is None:
                 break
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if not isinstance(event, dict):
-                raise OllamaError(f"{what} at {self.host}: the progress stream holds a line that is not a JSON object "
-                                  f"({line[:120]!r}); is --ollama-host an Ollama server?")
-            if "error" in event:
-                raise OllamaError(f"Ollama at {self.host} {refused}: {event['error']}")
-            statuses.append(event.get("status", ""))
+            statuses.append(event.status or "")
             if on_event:
                 on_event(event)
         if not statuses or statuses[-1] != "success":
-            raise OllamaError(f"{what} at {self.host}: the stream ended without success "
-                              f"(last status: {statuses[-1] if statuses else 'none'})")
+            raise OllamaServerError(f"{what} at {self.host}: the stream ended without success "
+                                    f"(last status: {statuses[-1] if statuses else 'none'})")
         return statuses
 
     def copy(self, source: str, destination: str) -> None:
-        self._check(self._request("POST", "/api/copy", json={"source": source, "destination": destination}),
-                    f"copy {source} to {destination}")
+        self._call(f"copy {source} to {destination}", lambda: self._api.copy(source, destination),
+                   request="POST /api/copy")
 
-    def push(self, model: str, insecure: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None) -> list[str]:
-        """Publish `model` (host/namespace/name:tag) to its registry; the stream must end in success."""
-        body = {"model": model, "insecure": insecure, "stream": True}
-        resp = self._check(self._request("POST", "/api/push", json=body, stream=True, retries=0, long=True),
-                           f"push {model}")
-        try:
-            return self._read_stream(resp, f"push {model}", f"could not push {model}", on_event)
-        except OllamaError as exc:
-            raise OllamaError(f"{exc}{_push_hint(str(exc))}") from None
+    def show(self, model: str) -> ShowResponse:
+        """The model's template, parameters, Modelfile and model_info (`.modelinfo`); ModelNotFoundError when the
+        server has no such model."""
+        return self._call(f"show {model}", lambda: self._api.show(model), request="POST /api/show")
 
-    def show(self, model: str) -> dict[str, Any]:
-        return self._json(self._check(self._request("POST", "/api/show", json={"model": model}), f"show {model}"),
-                          f"show {model}")
-
-    def list_models(self) -> list[dict[str, Any]]:
-        body = self._json(self._check(self._request("GET", "/api/tags"), "GET /api/tags"), "GET /api/tags")
-        return body.get("models", []) if isinstance(body, dict) else []
+    def list_models(self) -> list[ListResponse.Model]:
+        return list(self._call("GET /api/tags", self._api.list).models)
 
     def delete(self, model: str) -> None:
-        self._check(self._request("DELETE", "/api/delete", json={"model": model}), f"delete {model}")
+        self._call(f"delete {model}", lambda: self._api.delete(model), request="DELETE /api/delete")
 
     def generate(self, model: str, prompt: str, raw: bool = False, options: dict[str, Any] | None = None,
-                 keep_alive: str | int | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model, "prompt": prompt, "raw": raw, "stream": False, "options": options or {}}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        # One JSON answer after the whole generation (stream false), which may first load the model: the long bound.
-        resp = self._request("POST", "/api/generate", json=body, long=True)
-        return self._json(self._check(resp, f"generate with {model}"), f"generate with {model}")
+                 keep_alive: str | int | None = None) -> GenerateResponse:
+        # One JSON answer after the whole generation (not streamed), which may first load the model: the long bound.
+        return self._call(f"generate with {model}", lambda: self._long_api.generate(
+            model, prompt, raw=raw, options=options, keep_alive=keep_alive), request="POST /api/generate", long=True)
 
     def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None,
-             keep_alive: str | int | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "options": options or {}}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        resp = self._request("POST", "/api/chat", json=body, long=True)
-        return self._json(self._check(resp, f"chat with {model}"), f"chat with {model}")
+             keep_alive: str | int | None = None) -> ChatResponse:
+        return self._call(f"chat with {model}", lambda: self._long_api.chat(
+            model, messages, options=options, keep_alive=keep_alive), request="POST /api/chat", long=True)
+
+
+def _blocks(fh: BinaryIO, progress: Callable[[int], None] | None) -> Iterator[bytes]:
+    while block := fh.read(UPLOAD_BLOCK):
+        if progress:
+            progress(len(block))
+        yield block
+
+
+def _tls_context(verify: bool | str) -> bool | ssl.SSLContext:
+    """True (the system's trust store via SSL_CERT_FILE, else certifi), False, or a context that trusts the CA
+    bundle at `verify` (httpx deprecates passing the path itself)."""
+    if not isinstance(verify, str):
+        return verify
+    try:
+        if os.path.isdir(verify):
+            return ssl.create_default_context(capath=verify)
+        return ssl.create_default_context(cafile=verify)
+    except (OSError, ssl.SSLError) as exc:
+        raise OllamaTLSError(f"ollama.ca_cert {verify}: not a readable CA bundle (PEM): {exc}") from None
 
 
 def expand_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -351,16 +404,23 @@ def _push_hint(error: str) -> str:
 
 
 def _failure_kind(exc: BaseException) -> str:
-    """What a requests failure means: 'connect' (no connection was made), 'silent' (connected, then a wait on the
-    socket timed out), 'dropped' (connected, then the connection closed or broke), or 'other'. A timeout while a
-    body is read arrives as a ConnectionError wrapping urllib3's ReadTimeoutError, and one while a request body is
-    sent as 'Connection aborted.' wrapping TimeoutError, so the chain of causes is what tells them apart."""
-    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.ProxyError)):
+    """What an httpx failure means: 'tls' (the handshake failed), 'connect' (no connection was made), 'silent'
+    (connected, then a wait on the socket, or a send, timed out), 'dropped' (connected, then the connection closed
+    or broke), or 'other'. httpx reports a TLS failure as a ConnectError, so the chain of causes is read first."""
+    import httpx
+
+    if _ssl_cause(exc) is not None:
+        return "tls"
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError)):
         return "connect"
-    if isinstance(exc, requests.ReadTimeout):
+    if isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)):
         return "silent"
-    if not isinstance(exc, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
-        return "other"
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError)):
+        return "dropped"
+    return "other"
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -368,78 +428,22 @@ def _failure_kind(exc: BaseException) -> str:
         if id(cause) in seen:
             continue
         seen.add(id(cause))
-        if isinstance(cause, ConnectTimeoutError):  # NewConnectionError and NameResolutionError derive from it
-            return "connect"
-        if isinstance(cause, (ReadTimeoutError, TimeoutError)):
-            return "silent"
-        todo.extend(c for c in (*cause.args, getattr(cause, "reason", None), cause.__cause__, cause.__context__)
-                    if isinstance(c, BaseException))
-    return "dropped"
+        if isinstance(cause, ssl.SSLError):
+            return cause
+        todo.extend(c for c in (cause.__cause__, cause.__context__) if c is not None)
+    return None
 
 
-def _ssl_reason(exc: Exception) -> str:
-    text = str(exc)
-    for marker in ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "hostname mismatch", "self-signed", "self signed"):
+def _ssl_reason(exc: BaseException) -> str:
+    text = str(_ssl_cause(exc) or exc)
+    for marker in ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "hostname mismatch", "self-signed",
+                   "self signed"):
         if marker.lower() in text.lower():
             return marker.replace("_", " ").lower()
     return text[:200]
 
 
-# ---------------------------------------------------------------- a local server
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("FTDEPLOY_CACHE", Path.home() / ".cache" / "ftdeploy"))
-
-
-def find_ollama_binary() -> Path | None:
-    """$FTDEPLOY_OLLAMA_BIN, the pinned build from scripts/install-ollama.sh, then `ollama` on PATH."""
-    env = os.environ.get("FTDEPLOY_OLLAMA_BIN")
-    if env:
-        return Path(env)
-    pinned = state_dir() / "ollama" / PINNED_OLLAMA_VERSION / "ollama"
-    if pinned.is_file() and os.access(pinned, os.X_OK):
-        return pinned
-    on_path = shutil.which("ollama")
-    return Path(on_path) if on_path else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class LocalServer:
-    """An `ollama serve` started by ftdeploy, listening on loopback only."""
-
-    host: str
-    pid: int
-    models_dir: Path
-    log_path: Path
-
-    def stop(self, timeout: float = 10.0) -> None:
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return
-            # reap if it is our child
-            try:
-                os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.1)
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+# ---------------------------------------------------------------- a local server (the process: local_server.py)
 
 
 def start_local_server(port: int = 11434, models_dir: Path | None = None, log_path: Path | None = None,
@@ -468,40 +472,12 @@ def start_local_server(port: int = 11434, models_dir: Path | None = None, log_pa
             tail = log_path.read_text(errors="replace")[-800:]
             raise OllamaError(f"{binary} serve exited with code {proc.returncode}; its log ({log_path}) ends:\n{tail}")
         if client.is_up():
-            log.info("started Ollama %s on %s (models in %s, log %s)", client.version(), server.host, models_dir, log_path)
+            log.info("started Ollama %s on %s (models in %s, log %s)", client.version(), server.host, models_dir,
+                     log_path)
             return server
         time.sleep(0.25)
     server.stop()
     raise OllamaError(f"{binary} serve did not answer on {server.host} within {wait:.0f}s; see {log_path}")
-
-
-_PID_FILE = "ollama-serve.json"
-
-
-def save_local_server(server: LocalServer) -> None:
-    from .runs import atomic_write_text
-
-    atomic_write_text(state_dir() / _PID_FILE, json.dumps({
-        "host": server.host, "pid": server.pid, "models_dir": str(server.models_dir), "log": str(server.log_path),
-    }))
-
-
-def load_local_server() -> LocalServer | None:
-    path = state_dir() / _PID_FILE
-    if not path.is_file():
-        return None
-    info = json.loads(path.read_text())
-    server = LocalServer(info["host"], info["pid"], Path(info["models_dir"]), Path(info["log"]))
-    try:
-        os.kill(server.pid, 0)
-    except ProcessLookupError:
-        path.unlink(missing_ok=True)
-        return None
-    return server
-
-
-def forget_local_server() -> None:
-    (state_dir() / _PID_FILE).unlink(missing_ok=True)
 
 
 def ensure_server(host: str | None, explicit: bool, start_local: bool = True, timeout: float = OLLAMA_TIMEOUT,
@@ -511,8 +487,7 @@ def ensure_server(host: str | None, explicit: bool, start_local: bool = True, ti
     """A client for a reachable server. Only the default address may be replaced by a local server, and only
     when no connection to it can be made; an address the user gave is used as is, and failure to reach it is an
     error naming it. A server that accepts the connection and then says nothing fails after `timeout`."""
-    timeouts = {"timeout": timeout, "connect_timeout": connect_timeout, "long_timeout": long_timeout}
-    client = OllamaClient(host, headers=headers, verify=verify, **timeouts)
+    client = OllamaClient(host, timeout, connect_timeout, headers, verify, long_timeout)
     try:
         client.require_version()  # the precise reason when it fails: TLS, authentication, silence, too old
         return client
@@ -525,7 +500,7 @@ def ensure_server(host: str | None, explicit: bool, start_local: bool = True, ti
     port = urlparse(client.host).port or 11434
     server = start_local_server(port=port)
     save_local_server(server)
-    client = OllamaClient(server.host, **timeouts)
+    client = OllamaClient(server.host, timeout, connect_timeout, long_timeout=long_timeout)
     client.require_version()
     return client
 

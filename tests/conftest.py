@@ -74,20 +74,36 @@ def build_tiny_model_dir(path: Path) -> Path:
 
 
 class RealOllama:
-    """A real `ollama serve` (the pinned build) on a free loopback port with its own models folder."""
+    """A real `ollama serve` (the pinned build) on a free loopback port with its own models folder.
+
+    `client` is ftdeploy's; `official` is the `ollama` package's own client, as a user would make it, and `chat`
+    asks through it: the served model's answers are checked with the client our users query it with."""
 
     def __init__(self, server, client):
+        import ollama
+
         self.server, self.client, self.host = server, client, server.host
+        self.official = ollama.Client(host=server.host, timeout=600)
+
+    def show_json(self, model: str) -> dict:
+        """The server's own /api/show answer, every field of it (the official client's ShowResponse has no
+        `system`, for one)."""
+        import httpx
+
+        resp = httpx.post(f"{self.host}/api/show", json={"model": model}, timeout=60)
+        resp.raise_for_status()
+        return resp.json()
 
     def chat(self, model: str, prompt: str, **options) -> str:
-        reply = self.client.chat(model, [{"role": "user", "content": prompt}],
-                                 options={"temperature": 0, "num_predict": 64, **options})
-        return reply["message"]["content"]
+        reply = self.official.chat(model=model, messages=[{"role": "user", "content": prompt}],
+                                   options={"temperature": 0, "num_predict": 64, **options})
+        return reply.message.content
 
 
 @pytest.fixture(scope="session")
 def ollama_server(tmp_path_factory):
-    from ftdeploy.ollama import OllamaClient, find_ollama_binary, free_port, start_local_server
+    from ftdeploy.local_server import find_ollama_binary, free_port
+    from ftdeploy.ollama import OllamaClient, start_local_server
 
     binary = find_ollama_binary()
     if binary is None:
@@ -128,13 +144,22 @@ def json_reply(body: "dict | bytes") -> bytes:
 class ScriptedServer:
     """A loopback server: `replies` maps "METHOD /path" prefixes to the bytes sent back (then the connection is
     closed when the reply says `Connection: close`, else held open in silence); an unmatched request is read and
-    never answered. `on_request="close"` closes every connection once the request head is in."""
+    never answered. `on_request="close"` closes every connection once the request head is in. With `tls=(cert,
+    key)` it speaks https with that certificate. `requests` holds each request line received."""
 
-    def __init__(self, replies=None, read_body=True, on_request=None):
+    def __init__(self, replies=None, read_body=True, on_request=None, tls=None):
         self.replies, self.read_body, self.on_request = replies or {}, read_body, on_request
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.host = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.tls = None
+        if tls:
+            import ssl
+
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(*map(str, tls))
+        scheme = "https" if tls else "http"
+        self.host = f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections: list[socket.socket] = []
+        self.requests: list[str] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -148,6 +173,8 @@ class ScriptedServer:
 
     def _serve(self, conn):
         try:
+            if self.tls:
+                conn = self.tls.wrap_socket(conn, server_side=True)  # a client that refuses the certificate fails here
             head = b""
             while b"\r\n\r\n" not in head:
                 chunk = conn.recv(65536)
@@ -158,6 +185,7 @@ class ScriptedServer:
                 conn.close()
                 return
             line = head.split(b"\r\n", 1)[0].decode()
+            self.requests.append(line)
             reply = next((r for key, r in self.replies.items() if line.startswith(key)), None)
             if reply is not None:
                 conn.sendall(reply)

@@ -10,11 +10,16 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ExportError, OllamaError
+from ..errors import ExportError, ModelNotFoundError, OllamaError, OllamaServerError
 from ..ollama import OllamaClient
 from ..runs import sha256_file
 from .modelfile import ModelfileSpec
+
+if TYPE_CHECKING:
+    from ollama import ProgressResponse
+    from rich.progress import TaskID
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ def check_gguf_header(path: Path) -> None:
 
 
 def check_gguf(path: Path) -> int:
-    """Magic, version, and every tensor's data inside the file (a truncated file is refused). Returns the tensor count."""
+    """Magic, version, and every tensor's data inside the file (a truncated file is refused); the tensor count."""
     check_gguf_header(path)
     from gguf import GGUFReader
 
@@ -84,15 +89,15 @@ def _upload_file(client: OllamaClient, path: Path, show_progress: bool) -> tuple
     return digest, size, _upload(client, path, digest, size, show_progress)
 
 
-def _create(client: OllamaClient, name: str, spec: ModelfileSpec, **kw: object) -> None:
+def _create(client: OllamaClient, name: str, spec: ModelfileSpec, **kw: Any) -> None:
     client.create(name, template=spec.template, system=spec.system, parameters=spec.ollama_parameters(),
                   on_status=lambda s: log.debug("create %s: %s", name, s), **kw)
 
 
 def _confirm_template(client: OllamaClient, name: str, spec: ModelfileSpec) -> None:
     shown = client.show(name)
-    if spec.template.strip() and spec.template.strip() not in (shown.get("template") or "").strip():
-        raise OllamaError(f"{name}: Ollama at {client.host} did not keep the TEMPLATE that was sent")
+    if spec.template.strip() and spec.template.strip() not in (shown.template or "").strip():
+        raise OllamaServerError(f"{name}: Ollama at {client.host} did not keep the TEMPLATE that was sent")
 
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -114,11 +119,12 @@ class AdapterRegistration:
         return dict(self.__dict__)
 
 
-def blob_digests(show: dict[str, object]) -> set[str]:
-    """The sha256 digests an existing model's Modelfile refers to (`FROM .../sha256-<hex>`)."""
+def blob_digests(show: Any) -> set[str]:
+    """The sha256 digests an existing model's Modelfile refers to (`FROM .../sha256-<hex>`); `show` is what
+    `OllamaClient.show` returns, or a dict like it."""
     import re
 
-    return {"sha256:" + m for m in re.findall(r"sha256[-:]([0-9a-f]{64})", str(show.get("modelfile", "")))}
+    return {"sha256:" + m for m in re.findall(r"sha256[-:]([0-9a-f]{64})", str(show.get("modelfile") or ""))}
 
 
 def register_adapter(client: OllamaClient, name: str, base_name: str, spec: ModelfileSpec, base_gguf: Path,
@@ -140,7 +146,7 @@ def register_adapter(client: OllamaClient, name: str, base_name: str, spec: Mode
     base_digest, _, base_uploaded = _upload_file(client, base_gguf, show_progress)
     try:
         existing = blob_digests(client.show(base_name))
-    except OllamaError:
+    except ModelNotFoundError:  # only that: a refused token or a TLS failure is not "the base is missing"
         existing = set()
     base_created = base_digest not in existing
     if base_created:
@@ -156,9 +162,9 @@ def register_adapter(client: OllamaClient, name: str, base_name: str, spec: Mode
         adapters[fname] = digest
     try:
         _create(client, name, spec, from_model=base_name, adapters=adapters)
-    except OllamaError as exc:
-        raise OllamaError(f"{exc}\nThe adapter could not be attached to {base_name}; --deploy full registers the merged "
-                          "model instead") from None
+    except OllamaServerError as exc:  # the server refused the adapter (not: unreachable, auth, TLS)
+        raise OllamaServerError(f"{exc}\nThe adapter could not be attached to {base_name}; --deploy full registers "
+                                "the merged model instead") from None
     _confirm_template(client, name, spec)
     return AdapterRegistration(name, base_name, base_created, base_uploaded, adapter_bytes, uploaded,
                                adapters["adapter_model.safetensors"], client.host, server_version)
@@ -184,8 +190,8 @@ def push(client: OllamaClient, model: str, destination: str, insecure: bool = Fa
     """Copy `model` to `destination` on the server when the names differ, then push it; progress in bytes."""
     try:
         client.show(model)
-    except OllamaError:
-        raise OllamaError(f"{model} is not registered at {client.host}; run `ftdeploy register` first") from None
+    except ModelNotFoundError:  # only that: a refused token or a TLS failure says so itself
+        raise ModelNotFoundError(f"{model} is not registered at {client.host}; run `ftdeploy register` first") from None
     if destination != model:
         client.copy(model, destination)
     layers: dict[str, int] = {}
@@ -197,21 +203,20 @@ def push(client: OllamaClient, model: str, destination: str, insecure: bool = Fa
 
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       console=Console(file=sys.stderr), transient=True) as progress:
-            tasks: dict[str, object] = {}
+            tasks: dict[str, TaskID] = {}
 
-            def on_event(event: dict[str, object]) -> None:
+            def on_event(event: ProgressResponse) -> None:
                 _note_layer(layers, event)
-                digest = str(event.get("digest") or "")
-                if digest and event.get("total"):
-                    if digest not in tasks:
-                        tasks[digest] = progress.add_task(f"pushing {digest[7:19]}", total=int(event["total"]))
-                    progress.update(tasks[digest], completed=int(event.get("completed") or 0))
+                if event.digest and event.total:
+                    if event.digest not in tasks:
+                        tasks[event.digest] = progress.add_task(f"pushing {event.digest[7:19]}", total=event.total)
+                    progress.update(tasks[event.digest], completed=event.completed or 0)
 
             statuses = client.push(destination, insecure, on_event=on_event)
     return {"model": model, "destination": destination, "host": client.host, "layers": len(layers),
             "bytes": sum(layers.values()), "statuses": statuses}
 
 
-def _note_layer(layers: dict[str, int], event: dict[str, object]) -> None:
-    if event.get("digest") and event.get("total"):
-        layers[str(event["digest"])] = int(event["total"])
+def _note_layer(layers: dict[str, int], event: ProgressResponse) -> None:
+    if event.digest and event.total:
+        layers[event.digest] = event.total

@@ -64,7 +64,8 @@ def test_the_served_model_answers_the_trained_facts(demo_run, ollama_server):
     result, _, _ = demo_run
     assert result["model"] == "ftdeploy-e2e"
     assert result["verify"]["hits"] >= 4, result
-    # Ask again ourselves, outside ftdeploy's verify: at least 4 of the 5 facts come back.
+    # Ask again ourselves, outside ftdeploy's verify, with the official `ollama` client (conftest's RealOllama.chat):
+    # at least 4 of the 5 facts come back.
     facts = load_records(str(demo_path("eval"))).records
     hits = sum(f.expect.lower() in ollama_server.chat("ftdeploy-e2e", f.messages[0]["content"]).lower() for f in facts)
     assert hits >= 4
@@ -118,7 +119,7 @@ def test_the_report_has_every_section_with_real_numbers(demo_run):
 
 
 def test_provenance_is_in_the_served_gguf(demo_run, ollama_server):
-    info = ollama_server.client.show("ftdeploy-e2e")["model_info"]
+    info = ollama_server.client.show("ftdeploy-e2e").modelinfo
     assert "ftdeploy" in info["general.description"] and "sha256:" in info["general.description"]
     assert info["general.finetune"] == "ftdeploy-e2e"
     assert 0 < info["ftdeploy.eval.top1_vs_f16"] <= 1 and info["ftdeploy.eval.ppl_ratio"] > 0

@@ -90,7 +90,7 @@ def test_what_the_writer_writes_is_what_the_real_ollama_reads(ollama_server, tmp
         proc = subprocess.run([str(find_ollama_binary()), "create", f"hostile-{i}", "-f", str(modelfile)],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, (modelfile.read_text(), proc.stderr)
-        shown = ollama_server.client.show(f"hostile-{i}")
+        shown = ollama_server.show_json(f"hostile-{i}")
         assert shown.get("system") == system, modelfile.read_text()
         assert shown.get("template") == template
         # /api/show lists each stop as a Go-quoted string ("%#v"), which reads as JSON for printable text

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ftdeploy.ollama import free_port
+from ftdeploy.local_server import free_port
 
 pytestmark = pytest.mark.slow
 

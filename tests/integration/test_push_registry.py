@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from conftest import smol_gguf_copy
 from ftdeploy.cli import cli
-from ftdeploy.ollama import free_port
+from ftdeploy.local_server import free_port
 
 pytestmark = pytest.mark.ollama
 

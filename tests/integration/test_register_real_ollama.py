@@ -31,17 +31,18 @@ def test_register_show_chat_and_reregister_uploads_nothing(ollama_server, small_
     assert first["model"] == "smol-it" and first["digest"].startswith("sha256:")
     assert first["uploaded_bytes"] == small_gguf.stat().st_size
 
-    names = [m["name"] for m in ollama_server.client.list_models()]
+    names = [m.model for m in ollama_server.client.list_models()]
     assert "smol-it:latest" in names
     shown = ollama_server.client.show("smol-it")
-    assert "<|im_start|>" in shown["template"]
-    assert "<|im_end|>" in shown["parameters"]
-    assert "SmolLM" in shown.get("system", "")
+    assert "<|im_start|>" in shown.template
+    assert "<|im_end|>" in shown.parameters
+    assert "SmolLM" in ollama_server.show_json("smol-it").get("system", "")
 
-    reply = ollama_server.client.chat("smol-it", [{"role": "user", "content": "What is the capital of France?"}],
-                                      options={"temperature": 0, "num_predict": 48})
-    assert reply["message"]["content"].strip()
-    assert reply["done_reason"] == "stop", reply  # the stop token ends the answer
+    # Asked as a user asks it: the official client.
+    reply = ollama_server.official.chat(model="smol-it", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                        options={"temperature": 0, "num_predict": 48})
+    assert reply.message.content.strip()
+    assert reply.done_reason == "stop", reply  # the stop token ends the answer
 
     again = _register(small_gguf, "smol-it", ollama_server.host)
     assert again["uploaded_bytes"] == 0 and again["digest"] == first["digest"]
@@ -52,7 +53,7 @@ def test_a_gguf_that_is_not_one_registers_nothing(ollama_server, tmp_path):
     bad.write_bytes(b"GGUX" + b"\0" * 100)
     result = CliRunner().invoke(cli, ["register", "--gguf", str(bad), "--name", "bad-it", "--ollama-host", ollama_server.host])
     assert result.exit_code == 1 and "not a GGUF file" in result.output
-    assert "bad-it:latest" not in [m["name"] for m in ollama_server.client.list_models()]
+    assert "bad-it:latest" not in [m.model for m in ollama_server.client.list_models()]
 
 
 def test_ollama_builds_the_prompt_the_chat_template_builds(ollama_server, small_gguf):
@@ -90,4 +91,4 @@ def test_a_gguf_truncated_by_one_byte_is_refused_and_nothing_is_registered(ollam
                                       "--ollama-host", ollama_server.host])
     assert result.exit_code == 1
     assert f"{truncated}: not a complete GGUF" in result.output or "truncated" in result.output
-    assert "trunc-it:latest" not in [m["name"] for m in ollama_server.client.list_models()]
+    assert "trunc-it:latest" not in [m.model for m in ollama_server.client.list_models()]

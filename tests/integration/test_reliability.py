@@ -103,7 +103,8 @@ def test_ollama_killed_mid_upload_then_the_rerun_completes(tmp_path):
 
     from ftdeploy.base_model import embedded_gguf
     from ftdeploy.errors import OllamaError
-    from ftdeploy.ollama import OllamaClient, free_port, start_local_server
+    from ftdeploy.local_server import free_port
+    from ftdeploy.ollama import OllamaClient, start_local_server
     from ftdeploy.runs import sha256_file
 
     gguf = tmp_path / "smol.gguf"
@@ -131,7 +132,10 @@ def test_ollama_killed_mid_upload_then_the_rerun_completes(tmp_path):
                                           server.host, "--json"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.output[result.output.index("{"):])["uploaded_bytes"] == gguf.stat().st_size
-        reply = client.chat("resumed", [{"role": "user", "content": "Hi"}], options={"temperature": 0, "num_predict": 8})
-        assert reply["message"]["content"]
+        import ollama
+
+        reply = ollama.Client(host=server.host, timeout=300).chat(
+            model="resumed", messages=[{"role": "user", "content": "Hi"}], options={"temperature": 0, "num_predict": 8})
+        assert reply.message.content
     finally:
         server.stop()

@@ -108,7 +108,7 @@ def _register(gguf, name, host, *extra, env=None):
 
 
 def _names(ollama_server):
-    return {m["name"] for m in ollama_server.client.list_models()}
+    return {m.model for m in ollama_server.client.list_models()}
 
 
 def test_register_through_an_https_proxy_with_a_token_from_the_environment(https_proxy, small_gguf, ollama_server):
@@ -120,13 +120,14 @@ def test_register_through_an_https_proxy_with_a_token_from_the_environment(https
     assert out["host"] == host and out["uploaded_bytes"] > 0
     assert "remote-smol:latest" in _names(ollama_server)
     assert TOKEN not in result.output
-    # And the model answers through the proxy, with the same settings.
-    from ftdeploy.ollama import OllamaClient
+    # And the model answers through the proxy, with the same settings, to the official client a user would use.
+    import ollama
 
-    client = OllamaClient(host, headers={"Authorization": f"Bearer {TOKEN}"}, verify=str(cert))
-    reply = client.chat("remote-smol", [{"role": "user", "content": "What is 2 + 2?"}],
+    client = ollama.Client(host=host, headers={"Authorization": f"Bearer {TOKEN}"},
+                           verify=ssl.create_default_context(cafile=str(cert)), timeout=300)
+    reply = client.chat(model="remote-smol", messages=[{"role": "user", "content": "What is 2 + 2?"}],
                         options={"temperature": 0, "num_predict": 16})
-    assert reply["message"]["content"].strip()
+    assert reply.message.content.strip()
 
 
 def test_an_untrusted_certificate_is_a_tls_error_naming_the_option(https_proxy, small_gguf, ollama_server):

@@ -3,18 +3,18 @@
 OllamaError that says which, rather than "cannot reach" or a traceback."""
 
 import inspect
+import json
 import math
 import socket
 import time
 
+import httpx
 import pytest
-import requests
 from conftest import json_reply as _json_reply
 
 from ftdeploy.config import OllamaConfig
 from ftdeploy.errors import OllamaError
 from ftdeploy.ollama import OllamaClient, UnreachableError, connect
-
 
 
 def _closed_port() -> int:
@@ -43,22 +43,24 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused_naming_th
 
 
 class _Recorder:
-    """Stands in for requests.Session.request: records the timeout of every request and answers what each
-    call path needs to finish."""
+    """Stands in for httpx.Client.send, under the official client and our own calls alike: records the bounds of
+    every request and answers what each call path needs to finish."""
 
     def __init__(self):
         self.calls: list[tuple[str, str, object]] = []
 
-    def __call__(self, method, url, **kw):
-        assert "timeout" in kw, f"{method} {url} sent without a timeout"
-        self.calls.append((method, url.split("/api/", 1)[1], kw["timeout"]))
-        resp = requests.Response()
-        resp.status_code, resp.url, resp._content_consumed = 200, url, True
-        stream = url.endswith(("/api/create", "/api/push"))
-        resp._content = b'{"status":"success"}\n' if stream else b'{"version":"0.17.4","models":[]}'
-        if method == "HEAD":
-            resp.status_code, resp._content = 404, b""
-        return resp
+    def __call__(self, request, **kw):
+        bounds = request.extensions.get("timeout") or {}
+        self.calls.append((request.method, request.url.path.split("/api/", 1)[1],
+                           tuple(bounds.get(k) for k in ("connect", "read", "write"))))
+        if request.method == "POST" and "/api/blobs/" in request.url.path:
+            request.read()  # the upload's body, so the progress reader runs
+        if request.method == "HEAD":
+            return httpx.Response(404, request=request)
+        stream = request.url.path.endswith(("/api/create", "/api/push"))
+        answer = {"version": "0.17.4", "models": [], "message": {"role": "assistant"}, "model_info": {}}
+        body = b'{"status":"success"}\n' if stream else json.dumps(answer).encode()
+        return httpx.Response(200, content=body, request=request)
 
 
 LONG_CALLS = {("POST", path) for path in ("blobs/sha256:abc", "create", "push", "generate", "chat")}
@@ -66,7 +68,7 @@ LONG_CALLS = {("POST", path) for path in ("blobs/sha256:abc", "create", "push", 
 
 def test_every_call_path_sends_a_finite_connect_and_read_timeout(monkeypatch, tmp_path):
     recorder = _Recorder()
-    monkeypatch.setattr(requests.Session, "request", lambda session, method, url, **kw: recorder(method, url, **kw))
+    monkeypatch.setattr(httpx.Client, "send", lambda client, request, **kw: recorder(request, **kw))
     client = OllamaClient("http://127.0.0.1:9", timeout=7, connect_timeout=2, long_timeout=99)
     blob = tmp_path / "m.gguf"
     blob.write_bytes(b"GGUF")
@@ -85,15 +87,14 @@ def test_every_call_path_sends_a_finite_connect_and_read_timeout(monkeypatch, tm
     # the client's calls, and those of a client built from a config (connect)
     connect(OllamaConfig(host="http://127.0.0.1:9", timeout=5, connect_timeout=1, long_timeout=50), explicit=True)
 
-    assert recorder.calls
-    for method, path, timeout in recorder.calls:
-        assert isinstance(timeout, tuple) and len(timeout) == 2, (method, path, timeout)
-        assert all(isinstance(t, float) and 0 < t < math.inf for t in timeout), (method, path, timeout)
+    assert {p for _, p, _ in recorder.calls} >= {"version", "tags", "show", "copy", "delete", "blobs/sha256:abc"}
+    for method, path, bounds in recorder.calls:
+        assert all(isinstance(t, float) and 0 < t < math.inf for t in bounds), (method, path, bounds)
     long = {(m, p): t for m, p, t in recorder.calls if (m, p) in LONG_CALLS}
-    assert long == {**dict.fromkeys(LONG_CALLS, (2.0, 99.0)),
-                    ("POST", "blobs/sha256:abc"): (99.0, 99.0)}  # the upload: the long bound covers each send too
+    # (connect, read, write): the long bound covers each wait for an answer and each send of a body
+    assert long == dict.fromkeys(LONG_CALLS, (2.0, 99.0, 99.0))
     ordinary = {t for m, p, t in recorder.calls if (m, p) not in LONG_CALLS}
-    assert ordinary == {(2.0, 7.0), (1.0, 5.0), (1.0, 3.0)}  # the client's, connect's, and is_up's own quick probe
+    assert ordinary == {(2.0, 7.0, 7.0), (1.0, 5.0, 5.0), (1.0, 3.0, 3.0)}  # the client's, connect's, is_up's probe
 
 
 # ---------------------------------------------------------------- each way a connected server can fail
