@@ -36,6 +36,16 @@ class FtdeployGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted; finished artifacts are kept, partial ones were removed.", err=True)
             ctx.exit(130)
+        except ModuleNotFoundError as exc:
+            # An optional package this command needs (torch for training, say) on a base install.
+            from .optional import missing_dependency
+
+            missing = missing_dependency(exc)
+            if missing is None:
+                raise
+            log.debug("optional dependency missing", exc_info=True)
+            click.echo(f"Error: {missing}", err=True)
+            ctx.exit(missing.exit_code)
         except OSError as exc:
             if not exc.filename:
                 raise
@@ -237,20 +247,24 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
 
     ctx = _context(cfg, ollama_explicit)
     results = train_and_serve(ctx, on_stage=lambda s: click.echo(f"==> {s}", err=True), from_stage=from_stage, force=force)
-    if results.get("train", {}).get("worker_node"):
-        _emit({"node_rank": cfg.train.node_rank, "world_size": results["train"]["world_size"], "done": "train"}, as_json,
+    from .results import ExportResult, TrainResult, VerifySummary
+
+    trained = results.get("train")
+    if isinstance(trained, TrainResult) and trained.worker_node:
+        _emit({"node_rank": cfg.train.node_rank, "world_size": trained.world_size, "done": "train"}, as_json,
               lambda s: f"node {s['node_rank']}: training share done (world size {s['world_size']}); "
                         "node 0 writes the adapter and serves the model")
         return
     host = ctx.client().host
-    verify = results["verify"]
+    verify, exported = results["verify"], results["export"]
+    assert isinstance(verify, VerifySummary) and isinstance(exported, ExportResult)
     from .report import build_report
 
     report_md, _ = build_report(ctx.run.path)
     summary = {
         "model": cfg.name, "run_dir": str(ctx.run.path), "ollama_host": host,
-        "gguf": results["export"]["gguf"][cfg.export.quant[0]],
-        "verify": {"hits": verify["hits"], "total": verify["total"], "score": verify["score"]},
+        "gguf": exported.gguf[exported.served], "quant": exported.served,
+        "verify": {"hits": verify.hits, "total": verify.total, "score": verify.score},
         "ollama_run": _ollama_run_line(cfg.name, host), "report": str(report_md),
     }
     _emit(summary, as_json, lambda s: (
@@ -268,7 +282,7 @@ def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) ->
     def command(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
         from .pipeline import REGISTRY
 
-        out = REGISTRY[stage].run(_context(cfg, ollama_explicit, existing=True))
+        out = REGISTRY[stage].run(_context(cfg, ollama_explicit, existing=True)).to_dict()
         _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
 
 
@@ -293,7 +307,7 @@ def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_jso
         return
     from .pipeline import REGISTRY
 
-    out = REGISTRY["data"].run(_context(cfg, ollama_explicit))
+    out = REGISTRY["data"].run(_context(cfg, ollama_explicit)).to_dict()
     _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items()))
 
 
@@ -349,7 +363,7 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
     from .pipeline import REGISTRY
 
     if gguf_path is None:
-        out = REGISTRY["register"].run(_context(cfg, ollama_explicit, existing=True))
+        out = REGISTRY["register"].run(_context(cfg, ollama_explicit, existing=True)).to_dict()
     else:
         from .ollama import connect
         from .stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -18,13 +19,22 @@ def _version(dist: str) -> str | None:
         return None
 
 
+MIN_PYTHON = (3, 11)
+
+
+def python_supported(version: tuple[int, ...] = tuple(sys.version_info[:2])) -> bool:
+    """Compared as numbers: as strings, "3.9" would pass for newer than "3.11"."""
+    return tuple(version[:2]) >= MIN_PYTHON
+
+
 def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
     checks: list[dict[str, Any]] = []
 
     def add(name: str, ok: bool, detail: str) -> None:
         checks.append({"name": name, "ok": ok, "detail": detail})
 
-    add("python", platform.python_version_tuple() >= ("3", "11"), platform.python_version())
+    add("python", python_supported(), platform.python_version()
+        + ("" if python_supported() else f" (ftdeploy needs {'.'.join(map(str, MIN_PYTHON))}+)"))
     uid = os.getuid()
     add("user", uid != 0, f"uid {uid}" + (" (root: what runs/ gets is owned by root)" if uid == 0 else ""))
     # Whether a token is there, never what it is: gated Hub models need one.

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .results import ExportResult, RegisterResult, VerifySummary
 from .runs import LOSS_PLOT, MANIFEST_FILE, atomic_write_text
 
 REPORT_MD = "report.md"
@@ -33,57 +34,59 @@ def _num(x: Any, fmt: str = "{:.3f}") -> str:
 def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[str], list[list[str]] | None]]:
     """(title, paragraphs, table rows with a header first) for each section of the report."""
     stages = manifest.get("stages", {})
-    verify = manifest.get("metrics", {}).get("verify", {})
+    verified = bool(manifest.get("metrics", {}).get("verify"))
+    verify = VerifySummary.from_dict(manifest.get("metrics", {}).get("verify"))
     train = manifest.get("metrics", {}).get("train", {})
-    export = stages.get("export", {}).get("outputs", {})
+    export = ExportResult.from_dict(stages.get("export", {}).get("outputs"))
     out: list[tuple[str, list[str], list[list[str]] | None]] = []
 
-    served = next((k for k in verify.get("models", {}) if "served as" in k), None)
-    models = verify.get("models", {})
+    models = verify.models
+    served, merged = verify.model("served"), verify.model("merged")
     verdict = []
-    if verify:
-        ok = verify.get("passed") and verify.get("template_parity", {}).get("passed", True)
-        merged = models.get("merged", {})
+    if verified:
+        ok = verify.passed and (verify.template_parity is None or verify.template_parity.passed)
+        agree = served.agreement if served else None
         verdict.append(
-            f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}` answered {verify.get('hits')}/{verify.get('total')} "
-            f"eval prompts as expected (min_score {verify.get('min_score')})"
-            + (f"; the merged 16-bit model answered {merged.get('hits')}/{merged.get('total')}" if merged else "")
-            + (f", and the served answers agree with it on {_pct(models[served].get('agreement'))} of prompts." if served and "agreement" in models[served] else ".")
+            f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}` answered {verify.hits}/{verify.total} "
+            f"eval prompts as expected (min_score {verify.min_score})"
+            + (f"; the merged 16-bit model answered {merged.hits}/{merged.total}" if merged else "")
+            + (f", and the served answers agree with it on {_pct(agree)} of prompts." if agree is not None else ".")
         )
-        parity = verify.get("template_parity")
+        parity = verify.template_parity
         if parity:
-            verdict.append(f"Template parity: {parity['checked'] - len(parity['mismatches'])}/{parity['checked']} probe chats "
+            verdict.append(f"Template parity: {parity.checked - len(parity.mismatches)}/{parity.checked} probe chats "
                            "answer the same through `/api/chat` as with the training-rendered prompt sent raw.")
-        verdict.append(f"Stops: {verify.get('stopped')}/{verify.get('total')} answers ended on a stop token.")
+        verdict.append(f"Stops: {verify.stopped}/{verify.total} answers ended on a stop token.")
     else:
         verdict.append("Not verified yet: run `ftdeploy verify`.")
     out.append(("Verdict", verdict, None))
 
     if models:
         rows = [["model", "expected answers", "agrees with merged", "top-1 vs F16", "perplexity ratio"]]
-        for name, m in models.items():
-            rows.append([name, f"{m.get('hits')}/{m.get('total')} ({_pct(m.get('match'))})", _pct(m.get("agreement")),
-                         _num(m.get("top1_agreement")), _num(m.get("ppl_ratio"))])
+        for m in models:
+            rows.append([m.label, f"{m.hits}/{m.total} ({_pct(m.match)})", _pct(m.agreement),
+                         _num(m.top1_agreement), _num(m.ppl_ratio)])
         notes = ["*expected answers*: the expected answer is in the reply at temperature 0. *agrees with merged*: the reply "
                  "equals the merged 16-bit model's (case and spacing aside). *top-1 vs F16*: share of positions where the "
                  "quant and the F16 GGUF pick the same next token on the eval chats (llama.cpp). *perplexity ratio*: quant / F16."]
-        if export.get("flagged"):
-            notes.append(f"Quant gate (min_fidelity {export.get('min_fidelity')}): flagged {', '.join(export['flagged'])}; "
-                         f"never served under the default tag. Served: {export.get('served')}.")
+        if export.flagged:
+            notes.append(f"Quant gate (min_fidelity {export.min_fidelity}): flagged {', '.join(export.flagged)}; "
+                         f"never served under the default tag. Served: {export.served}.")
         out.append(("Eval per model and quant", notes, rows))
-        prompts = verify.get("prompts", [])
+        prompts = verify.prompts
         if prompts:
-            rows = [["prompt", *models.keys()]]
+            rows = [["prompt", *(m.label for m in models)]]
             for i, prompt in enumerate(prompts):
-                rows.append([prompt, *[(m.get("replies") or [""] * len(prompts))[i][:80] for m in models.values()]])
+                rows.append([prompt, *[(m.replies or [""] * len(prompts))[i][:80] for m in models]])
             out.append(("Answers", [], rows))
 
-    forget = verify.get("forgetting")
+    forget = verify.forgetting
     if forget:
-        text = [f"Of {forget['prompts']} general-knowledge prompts, the base answered {forget['base_correct']} correctly and the "
-                f"tuned model {forget['tuned_correct']}; the tune broke {forget['broken']} and changed {forget['changed']} answers."]
+        text = [f"Of {forget.prompts} general-knowledge prompts, the base answered {forget.base_correct} correctly and "
+                f"the tuned model {forget.tuned_correct}; the tune broke {forget.broken} and changed {forget.changed} "
+                "answers."]
         rows = [["prompt", "expected", "base", "tuned"]]
-        rows += [[i["prompt"], i["expect"], i["base"][:70], i["tuned"][:70]] for i in forget.get("items", [])]
+        rows += [[i.prompt, i.expect, i.base[:70], i.tuned[:70]] for i in forget.items]
         out.append(("Forgetting", text, rows))
 
     if train:
@@ -92,15 +95,15 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
                 + (f" (resumed from {train['resumed_from']})" if train.get("resumed_from") else "") + "."]
         out.append(("Training", text + ([f"![loss]({LOSS_PLOT})"]), None))
 
-    register = stages.get("register", {}).get("outputs", {})
-    if register.get("deploy") == "adapter":
+    register = RegisterResult.from_dict(stages.get("register", {}).get("outputs"))
+    if register.deploy == "adapter":
+        full, adapter = register.full_model_bytes or 0, register.adapter_bytes or 0
         rows = [["what", "size", "uploaded this run"],
-                [f"full model ({export.get('served')}), not uploaded", _size(register.get("full_model_bytes") or 0), "-"],
-                [f"base `{register.get('base_model')}` (once per base)", _size(export.get("base_bytes") or 0),
-                 _size(register.get("base_uploaded_bytes") or 0)],
-                ["LoRA adapter (this tune)", _size(register.get("adapter_bytes") or 0), _size(register.get("uploaded_bytes") or 0)]]
-        full, adapter = register.get("full_model_bytes") or 0, register.get("adapter_bytes") or 0
-        text = [f"Deployed as a LoRA adapter on `{register.get('base_model')}` (Ollama ADAPTER): a new tune of this base "
+                [f"full model ({export.served}), not uploaded", _size(full), "-"],
+                [f"base `{register.base_model}` (once per base)", _size(export.base_bytes or 0),
+                 _size(register.base_uploaded_bytes or 0)],
+                ["LoRA adapter (this tune)", _size(adapter), _size(register.uploaded_bytes)]]
+        text = [f"Deployed as a LoRA adapter on `{register.base_model}` (Ollama ADAPTER): a new tune of this base "
                 f"uploads {_size(adapter)} instead of {_size(full)}"
                 + (f" ({full / adapter:.1f}x less)." if adapter else ".")]
         out.append(("Deploy", text, rows))

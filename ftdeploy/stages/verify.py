@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import VerifyError
-from ..ollama import OllamaClient
 from ..formats import Record as Example
-
-
-@dataclass
-class Answer:
-    prompt: str
-    expected: str
-    answer: str
-    ok: bool
-    done_reason: str
+from ..ollama import OllamaClient
+from ..results import Answer, ParityMismatch, TemplateParity, VerifySummary
 
 
 def expected_answer(example: Example) -> str:
@@ -51,36 +42,35 @@ def ask_all(client: OllamaClient, model: str, examples: list[Example], max_token
     return answers
 
 
-def summarize(answers: list[Answer], min_score: float) -> dict[str, Any]:
+def summarize(answers: list[Answer], min_score: float) -> VerifySummary:
     hits = sum(a.ok for a in answers)
     score = hits / len(answers) if answers else 0.0
-    return {"hits": hits, "total": len(answers), "score": round(score, 4), "min_score": min_score,
-            "passed": bool(answers) and score >= min_score,
-            "stopped": sum(a.done_reason == "stop" for a in answers),
-            "answers": [asdict(a) for a in answers]}
+    return VerifySummary(hits=hits, total=len(answers), score=round(score, 4), min_score=min_score,
+                         passed=bool(answers) and score >= min_score,
+                         stopped=sum(a.done_reason == "stop" for a in answers), answers=list(answers))
 
 
-def check(summary: dict[str, Any], model: str) -> None:
-    parity = summary.get("template_parity")
-    if parity and not parity["passed"]:
-        first = parity["mismatches"][0]
+def check(summary: VerifySummary, model: str) -> None:
+    parity = summary.template_parity
+    if parity and not parity.passed:
+        first = parity.mismatches[0]
         raise VerifyError(
             f"{model}: the prompt Ollama builds from the Modelfile TEMPLATE differs from the training chat template "
-            f"({len(parity['mismatches'])}/{parity['checked']} probe chats answer differently; e.g. raw "
-            f"{first['raw'][:60]!r} vs chat {first['chat_answer'][:60]!r}). Suspect the TEMPLATE or the stop tokens."
+            f"({len(parity.mismatches)}/{parity.checked} probe chats answer differently; e.g. raw "
+            f"{first.raw[:60]!r} vs chat {first.chat_answer[:60]!r}). Suspect the TEMPLATE or the stop tokens."
         )
-    unstopped = summary["total"] - summary.get("stopped", summary["total"])
+    unstopped = summary.total - summary.stopped
     if unstopped:
         raise VerifyError(
-            f"{model}: {unstopped}/{summary['total']} answers ran to the length limit instead of stopping; "
+            f"{model}: {unstopped}/{summary.total} answers ran to the length limit instead of stopping; "
             "suspect the TEMPLATE or the PARAMETER stop tokens (the end-of-turn token is not ending answers)"
         )
-    if not summary["total"]:
+    if not summary.total:
         raise VerifyError(f"{model}: no eval prompts to verify with; give data.eval or data.eval_split")
-    if not summary["passed"]:
+    if not summary.passed:
         raise VerifyError(
-            f"{model}: {summary['hits']}/{summary['total']} expected answers came back "
-            f"(score {summary['score']:.2f} < min_score {summary['min_score']:.2f})"
+            f"{model}: {summary.hits}/{summary.total} expected answers came back "
+            f"(score {summary.score:.2f} < min_score {summary.min_score:.2f})"
         )
 
 
@@ -93,7 +83,7 @@ PARITY_CHATS = [
 
 
 def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: str | None,
-                    chats: list[list[dict[str, str]]], max_tokens: int = 24) -> dict[str, Any]:
+                    chats: list[list[dict[str, str]]], max_tokens: int = 24) -> TemplateParity:
     """Does Ollama build the prompt the training template builds? The same greedy answer from
     /api/chat and from /api/generate with the training-rendered prompt sent raw says it does.
 
@@ -109,5 +99,5 @@ def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: st
         raw = client.generate(model, prompt, raw=True, options=options, keep_alive=0).get("response", "")
         via_chat = client.chat(model, chat, options=options, keep_alive=0).get("message", {}).get("content", "")
         if raw.strip() != via_chat.strip():
-            mismatches.append({"chat": chat, "raw": raw, "chat_answer": via_chat})
-    return {"checked": len(chats), "mismatches": mismatches, "passed": not mismatches}
+            mismatches.append(ParityMismatch(chat=chat, raw=raw, chat_answer=via_chat))
+    return TemplateParity(checked=len(chats), mismatches=mismatches, passed=not mismatches)

@@ -111,8 +111,10 @@ def test_the_report_has_every_section_with_real_numbers(demo_run):
         assert section in report
     assert "**PASS**" in report and result["report"].endswith("report.md")
     verify = json.loads((run_dir / "verify.json").read_text())
-    assert verify["models"]["merged"]["hits"] >= 4
-    served = next(v for k, v in verify["models"].items() if "served as" in k)
+    roles = {m["role"]: m for m in verify["models"]}
+    assert roles["merged"]["hits"] >= 4
+    served = roles["served"]
+    assert served["tag"] == "ftdeploy-e2e" and served["quant"] == "q4_k_m"
     assert 0 < served["top1_agreement"] <= 1 and served["ppl_ratio"] > 0
     assert verify["forgetting"]["prompts"] == 8 and verify["forgetting"]["base_correct"] >= 5
     assert "<img" in (run_dir / "report.html").read_text()

@@ -39,3 +39,14 @@ def test_register_works_with_only_the_base_dependencies(base_venv, ollama_server
                            "--ollama-host", ollama_server.host, "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "<|im_start|>" in ollama_server.client.show("base-venv")["template"]
+
+
+def test_a_command_that_needs_the_training_stack_says_which_extra_to_install(base_venv, tmp_path):
+    base = tmp_path / "base"  # a local checkpoint directory: reading its tokenizer needs transformers
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    proc = subprocess.run([str(base_venv / "bin" / "ftdeploy"), "data", "--runs-dir", str(tmp_path / "runs"),
+                           "--base-model", str(base)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "which is not installed here: pip install 'ftdeploy[train]'" in proc.stderr, proc.stderr

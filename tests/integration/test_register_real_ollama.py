@@ -64,8 +64,8 @@ def test_ollama_builds_the_prompt_the_chat_template_builds(ollama_server, small_
     _register(small_gguf, "smol-parity", ollama_server.host)
     template, bos, eos = read_gguf_chat_template(small_gguf)
     result = template_parity(ollama_server.client, "smol-parity", jinja_renderer(template, bos, eos), None, PARITY_CHATS)
-    assert result["checked"] == len(PARITY_CHATS)
-    assert result["passed"], json.dumps(result["mismatches"], indent=1)
+    assert result.checked == len(PARITY_CHATS)
+    assert result.passed, json.dumps(result.to_dict()["mismatches"], indent=1)
 
 
 def test_parity_check_catches_a_template_that_differs(ollama_server, small_gguf):
@@ -81,7 +81,7 @@ def test_parity_check_catches_a_template_that_differs(ollama_server, small_gguf)
     spec.template = spec.template + "\n\n"
     register(ollama_server.client, "smol-broken", spec, show_progress=False)
     result = template_parity(ollama_server.client, "smol-broken", jinja_renderer(template, bos, eos), None, PARITY_CHATS)
-    assert not result["passed"]
+    assert not result.passed
 
 
 def test_a_gguf_truncated_by_one_byte_is_refused_and_nothing_is_registered(ollama_server, small_gguf, tmp_path):

