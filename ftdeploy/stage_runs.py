@@ -111,6 +111,8 @@ def _train_on_worker_node(ctx: Context) -> TrainResult:
 def stage_merge(ctx: Context) -> MergeResult:
     from .stages.merge import merge
 
+    if not (ctx.run.adapter_dir / "adapter_config.json").is_file():  # before the base model is looked up
+        raise StageMissingError(f"{ctx.run.adapter_dir}: no adapter found; run `ftdeploy train` first")
     with ctx.run.stage("merge", ctx.fingerprint("merge")) as out:
         merged = merge(ctx.base(), ctx.run.adapter_dir, ctx.run.merged_dir, ctx.cfg.trust_remote_code)
         ctx.run.record_artifact(merged)

@@ -1,6 +1,6 @@
 import pytest
 
-from ftdeploy.errors import VerifyError
+from ftdeploy.errors import DataError, VerifyError
 from ftdeploy.fidelity import contains, forgetting, next_safer, score
 from ftdeploy.results import Answer, ParityMismatch, TemplateParity
 from ftdeploy.stages.verify import check, summarize
@@ -55,7 +55,7 @@ def test_match_modes_per_eval_row(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "expect": "7[", "match": "regex"},
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "match": "fuzzy"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(Exception) as err:
+    with pytest.raises(DataError) as err:
         load_records(str(path))
     assert f"{path}:1: 'expect' is not a valid regex" in str(err.value)
     assert f"{path}:2: 'match' must be contains, exact or regex" in str(err.value)
