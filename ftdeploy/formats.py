@@ -28,6 +28,7 @@ from pathlib import Path, PurePath
 from typing import Any, Iterator
 
 from .errors import DataError
+from .optional import require
 
 LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "text")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -183,11 +184,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow: pip install 'ftdeploy[train]'") from None
+    pa = require("pyarrow", f"{path}: reading parquet")
+    pq = require("pyarrow.parquet", f"{path}: reading parquet")
     try:
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowException, ValueError, OSError) as exc:
@@ -235,10 +233,7 @@ def _json_reason(exc: BaseException) -> str:
 
 
 def _iter_hub(dataset_id: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise DataError("loading a Hub dataset needs the datasets package: pip install 'ftdeploy[train]'") from None
+    load_dataset = require("datasets", f"{dataset_id}: loading a Hub dataset").load_dataset
     try:
         ds = load_dataset(dataset_id, config, split=split)
     except Exception as exc:  # noqa: BLE001 - network, auth, missing config: all end here

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import OllamaError
+from .optional import require
 
 OLLAMA_IMAGE = "ollama/ollama:0.17.4"  # keep in step with compose.yaml (a test checks)
 CONTAINER_NAME = "ftdeploy-ollama"
@@ -36,10 +37,7 @@ def sidecar_spec(port: int = 11434, gpu: bool = False) -> dict[str, Any]:
 
 def docker_client() -> Any:
     """A client for a reachable engine, or an OllamaError that says what to do instead."""
-    try:
-        import docker
-    except ImportError:
-        raise OllamaError("the docker Python package is not installed: pip install docker") from None
+    docker = require("docker", "starting the Ollama sidecar")
     try:
         client = docker.from_env(timeout=5)
         client.ping()

@@ -134,7 +134,8 @@ def eval_texts(ctx: Context, limit: int = 16) -> list[str]:
 
 def stage_export(ctx: Context) -> ExportResult:
     from .errors import ExportError
-    from .fidelity import next_safer, token_fidelity
+    from .fidelity import token_fidelity
+    from .quants import next_safer
     from .stages.export import export, stamp_metadata
 
     with ctx.run.stage("export", ctx.fingerprint("export")) as out:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ExportError, StageMissingError
+from ..quants import BY_NAME
 from ..runs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def convert(merged_dir: Path, out_path: Path, outtype: str = "f16", metadata: di
 def ftype_for(qtype: str) -> int:
     import llama_cpp
 
-    name = "LLAMA_FTYPE_ALL_F32" if qtype == "f32" else f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}"
+    name = BY_NAME[qtype].ftype if qtype in BY_NAME else f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}"
     value = getattr(llama_cpp, name, None)
     if value is None:
         raise ExportError(f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) has no quantization type {qtype!r}")

@@ -1,7 +1,8 @@
 import pytest
 
 from ftdeploy.errors import DataError, VerifyError
-from ftdeploy.fidelity import contains, forgetting, next_safer, score
+from ftdeploy.fidelity import contains, forgetting, score
+from ftdeploy.quants import next_safer
 from ftdeploy.results import Answer, ParityMismatch, TemplateParity
 from ftdeploy.stages.verify import check, summarize
 
