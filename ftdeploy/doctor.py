@@ -9,7 +9,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from .ollama import MIN_VERSION, OllamaClient, find_ollama_binary, parse_version
+from .local_server import find_ollama_binary
+from .ollama import MIN_VERSION, OllamaClient, parse_version
 
 
 def _version(dist: str) -> str | None:

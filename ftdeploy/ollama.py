@@ -62,9 +62,8 @@ UPLOAD_BLOCK = 1 << 20
 
 T = TypeVar("T")
 
-# Kept importable from here: doctor.py and pipeline.py find these in this module.
 __all__ = ["MIN_VERSION", "OllamaClient", "UnreachableError", "connect", "ensure_server", "expand_headers",
-           "find_ollama_binary", "normalize_host", "parse_version", "start_local_server", "state_dir"]
+           "normalize_host", "parse_version", "start_local_server"]
 
 
 def normalize_host(host: str | None) -> str:

@@ -192,7 +192,7 @@ def base_name(cfg: Config, qtype: str) -> str:
 def base_gguf_for(ctx: Context, qtype: str) -> Path:
     """The base model as a GGUF of `qtype`, made once per base, quant and toolchain and kept in the cache, so
     every tune of it points at byte-identical weights (one blob on the Ollama server)."""
-    from .ollama import state_dir
+    from .paths import state_dir
     from .runs import package_versions
     from .stages.export import export, gguf_name
 

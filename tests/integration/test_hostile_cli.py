@@ -61,7 +61,7 @@ def test_a_parameter_name_with_a_line_break_is_refused(tmp_path):
 def test_what_the_writer_writes_is_what_the_real_ollama_reads(ollama_server, tmp_path):
     """`ollama create -f` (the pinned build's own parser) on Modelfiles full of quotes, line breaks, comments
     and directive words: the created model's SYSTEM, TEMPLATE and stops are exactly the values written."""
-    from ftdeploy.ollama import find_ollama_binary
+    from ftdeploy.local_server import find_ollama_binary
 
     gguf = smol_gguf_copy(tmp_path, "hostile-modelfile")
     rng = random.Random(18)
