@@ -25,7 +25,10 @@ DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 
 QUANT_TYPES = quants.NAMES
 # Ollama model names: [namespace/]name[:tag], lower-case letters, digits, '_', '-', '.'.
-MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}(/[a-z0-9][a-z0-9._-]{0,79})?(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?$")
+MODEL_NAME_RE = re.compile(
+    r"^[a-z0-9][a-z0-9._-]{0,79}(/[a-z0-9][a-z0-9._-]{0,79})?"  # [namespace/]name
+    r"(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?$"  # [:tag]
+)
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -34,18 +37,40 @@ def _help(text: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    train: str = _help("Training data: a JSONL file of chat messages, or 'demo' for the bundled demo facts.", default=DEMO_DATA)
-    eval: str | None = _help("Eval data (same format, each assistant turn is the expected answer); default: the bundled demo eval set with 'demo', else a split of train.", default=None)
-    eval_split: float = _help("Fraction of train held out for eval when no eval file is given (deterministic by seed).", default=0.0)
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "text"] = _help("Dataset layout (auto: detected from the columns).", default="auto")
-    columns: dict[str, str] = _help("Column names for other layouts: prompt, response, system (e.g. {prompt: question, response: answer}).", default_factory=dict)
-    on_bad_row: Literal["error", "skip"] = _help("A bad row stops the run (error) or is dropped and reported (skip).", default="error")
+    train: str = _help(
+        "Training data: a JSONL file of chat messages, or 'demo' for the bundled demo facts.",
+        default=DEMO_DATA,
+    )
+    eval: str | None = _help(
+        "Eval data (same format, each assistant turn is the expected answer); default: the bundled demo eval set with "
+        "'demo', else a split of train.",
+        default=None,
+    )
+    eval_split: float = _help(
+        "Fraction of train held out for eval when no eval file is given (deterministic by seed).",
+        default=0.0,
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "text"] = _help(
+        "Dataset layout (auto: detected from the columns).",
+        default="auto",
+    )
+    columns: dict[str, str] = _help(
+        "Column names for other layouts: prompt, response, system (e.g. {prompt: question, response: answer}).",
+        default_factory=dict,
+    )
+    on_bad_row: Literal["error", "skip"] = _help(
+        "A bad row stops the run (error) or is dropped and reported (skip).",
+        default="error",
+    )
     hub_config: str | None = _help("Config name of a Hugging Face dataset id (e.g. v0).", default=None)
     split: str = _help("Split of a Hugging Face dataset id.", default="train")
     packing: bool = _help("Pack short sequences together up to max_seq_length.", default=False)
     system_prompt: str | None = _help("System prompt prepended to every conversation that has none.", default=None)
     max_seq_length: int = _help("Longer sequences are truncated (and counted).", default=2048)
-    train_on: Literal["assistant", "all"] = _help("Which tokens carry loss: assistant turns only, or every token.", default="assistant")
+    train_on: Literal["assistant", "all"] = _help(
+        "Which tokens carry loss: assistant turns only, or every token.",
+        default="assistant",
+    )
 
 
 @dataclass
@@ -62,7 +87,10 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    engine: Literal["auto", "unsloth", "hf"] = _help("auto: unsloth when CUDA and unsloth are present, else hf (transformers + PEFT + TRL).", default="auto")
+    engine: Literal["auto", "unsloth", "hf"] = _help(
+        "auto: unsloth when CUDA and unsloth are present, else hf (transformers + PEFT + TRL).",
+        default="auto",
+    )
     max_steps: int = _help("Optimizer steps (overrides epochs when > 0).", default=60)
     epochs: float = _help("Epochs, used when max_steps is 0.", default=1.0)
     learning_rate: float = _help("Peak learning rate.", default=2e-4)
@@ -74,32 +102,84 @@ class TrainConfig:
     optim: str = _help("Optimizer; auto: adamw_8bit on CUDA, adamw_torch on CPU.", default="auto")
     seed: int = _help("Random seed.", default=3407)
     load_in_4bit: bool = _help("QLoRA: load the base in 4-bit NF4 (CUDA only; ignored on CPU).", default=True)
-    load_in_8bit: bool = _help("Load the base in 8-bit (bitsandbytes LLM.int8, CUDA only) instead of 4-bit; set load_in_4bit false with it.", default=False)
+    load_in_8bit: bool = _help(
+        "Load the base in 8-bit (bitsandbytes LLM.int8, CUDA only) instead of 4-bit; set load_in_4bit false with it.",
+        default=False,
+    )
     gradient_checkpointing: bool = _help("Trade compute for memory.", default=True)
     logging_steps: int = _help("Log loss every N steps.", default=1)
-    save_steps: int = _help("Checkpoint every N steps (0: never); a rerun after a crash resumes from the newest.", default=50)
-    nproc: int = _help("Training processes on this host (one per GPU); above 1, training runs under torch's distributed launcher (torchrun).", default=1)
-    nnodes: int = _help("Hosts taking part in training; each runs the same command with its own --node-rank.", default=1)
-    node_rank: int = _help("This host's rank among nnodes (0 writes the adapter and goes on to merge, export and register).", default=0)
-    master_addr: str = _help("Address of the rank-0 host, reachable from every node (multi-node only).", default="127.0.0.1")
-    master_port: int = _help("Rendezvous port on the rank-0 host (multi-node only; one host picks a free port).", default=29500)
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = _help("Multi-process strategy: ddp (a full copy per GPU), fsdp (sharded, hf engine), deepspeed (ZeRO-3, hf engine).", default="ddp")
-    deepspeed_config: str | None = _help("DeepSpeed JSON for strategy=deepspeed (default: the bundled ZeRO-3 config).", default=None)
-    keep_global_batch: bool = _help("With several processes keep batch_size x gradient_accumulation as the global batch (accumulation is divided by the world size), so a config trains the same on 1 or N GPUs; false: each process takes the whole batch (global batch grows with N, as in Axolotl).", default=True)
+    save_steps: int = _help(
+        "Checkpoint every N steps (0: never); a rerun after a crash resumes from the newest.",
+        default=50,
+    )
+    nproc: int = _help(
+        "Training processes on this host (one per GPU); above 1, training runs under torch's distributed launcher "
+        "(torchrun).",
+        default=1,
+    )
+    nnodes: int = _help(
+        "Hosts taking part in training; each runs the same command with its own --node-rank.",
+        default=1,
+    )
+    node_rank: int = _help(
+        "This host's rank among nnodes (0 writes the adapter and goes on to merge, export and register).",
+        default=0,
+    )
+    master_addr: str = _help(
+        "Address of the rank-0 host, reachable from every node (multi-node only).",
+        default="127.0.0.1",
+    )
+    master_port: int = _help(
+        "Rendezvous port on the rank-0 host (multi-node only; one host picks a free port).",
+        default=29500,
+    )
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = _help(
+        "Multi-process strategy: ddp (a full copy per GPU), fsdp (sharded, hf engine), deepspeed (ZeRO-3, hf engine).",
+        default="ddp",
+    )
+    deepspeed_config: str | None = _help(
+        "DeepSpeed JSON for strategy=deepspeed (default: the bundled ZeRO-3 config).",
+        default=None,
+    )
+    keep_global_batch: bool = _help(
+        "With several processes keep batch_size x gradient_accumulation as the global batch (accumulation is divided "
+        "by the world size), so a config trains the same on 1 or N GPUs; false: each process takes the whole batch "
+        "(global batch grows with N, as in Axolotl).",
+        default=True,
+    )
 
 
 @dataclass
 class ExportConfig:
-    quant: list[str] = _help("llama.cpp quantization types, first one is the served model.", default_factory=lambda: ["q4_k_m"])
-    outtype: Literal["f16", "bf16", "f32"] = _help("Type of the unquantized GGUF the quants are made from.", default="f16")
-    deploy: Literal["full", "adapter"] = _help("full: register the merged model; adapter: register the base once and each tune as a LoRA adapter on it (Ollama ADAPTER), uploading megabytes per tune.", default="full")
-    base_name: str | None = _help("Ollama name of the base model for deploy=adapter (default: ftdeploy-base-<base>:<quant>).", default=None)
+    quant: list[str] = _help(
+        "llama.cpp quantization types, first one is the served model.",
+        default_factory=lambda: ["q4_k_m"],
+    )
+    outtype: Literal["f16", "bf16", "f32"] = _help(
+        "Type of the unquantized GGUF the quants are made from.",
+        default="f16",
+    )
+    deploy: Literal["full", "adapter"] = _help(
+        "full: register the merged model; adapter: register the base once and each tune as a LoRA adapter on it "
+        "(Ollama ADAPTER), uploading megabytes per tune.",
+        default="full",
+    )
+    base_name: str | None = _help(
+        "Ollama name of the base model for deploy=adapter (default: ftdeploy-base-<base>:<quant>).",
+        default=None,
+    )
 
 
 @dataclass
 class ModelfileConfig:
-    system: str | None = _help("SYSTEM in the Modelfile (default: data.system_prompt, else the chat template's own default).", default=None)
-    parameters: dict[str, Any] = _help("Extra PARAMETER lines (e.g. num_ctx: 4096); override the generation-config defaults.", default_factory=dict)
+    system: str | None = _help(
+        "SYSTEM in the Modelfile (default: data.system_prompt, else the chat template's own default).",
+        default=None,
+    )
+    parameters: dict[str, Any] = _help(
+        "Extra PARAMETER lines (e.g. num_ctx: 4096); override the generation-config defaults.",
+        default_factory=dict,
+    )
 
 
 # Seconds; OllamaClient's defaults too. No Ollama call waits without a bound.
@@ -109,12 +189,36 @@ OLLAMA_CONNECT_TIMEOUT, OLLAMA_TIMEOUT, OLLAMA_LONG_TIMEOUT = 5.0, 60.0, 600.0
 @dataclass
 class OllamaConfig:
     host: str | None = _help(f"Ollama server URL; default $OLLAMA_HOST, else {DEFAULT_OLLAMA_HOST}.", default=None)
-    start_local: bool = _help("When no server answers at the default address, start the pinned local build on loopback.", default=True)
-    connect_timeout: float = _help("Seconds to wait for the connection to the Ollama server (TCP connect, and the TLS handshake with https); a host not connected in this time cannot be reached.", default=OLLAMA_CONNECT_TIMEOUT)
-    timeout: float = _help("Seconds an ordinary Ollama call (version, blob check, show, list, copy, delete) waits for the server's answer once connected; a server that accepted the connection and says nothing for this long has stopped answering, and the call fails.", default=OLLAMA_TIMEOUT)
-    long_timeout: float = _help("Seconds the slow Ollama calls (blob upload, create, push, generate and chat, which may load the model first) wait for the server's next bytes. It bounds each silence, not the whole call: a progress stream runs on while lines keep coming, and an upload fails when the server stops taking it for this long.", default=OLLAMA_LONG_TIMEOUT)
-    headers: dict[str, str] = _help("Extra HTTP headers for every request, e.g. {Authorization: 'Bearer ${OLLAMA_TOKEN}'} for a reverse proxy; ${VAR} is read from the environment when sent and never written to the run directory.", default_factory=dict)
-    ca_cert: str | None = _help("CA bundle (PEM) that signs an https Ollama host's certificate (default: the system's).", default=None)
+    start_local: bool = _help(
+        "When no server answers at the default address, start the pinned local build on loopback.",
+        default=True,
+    )
+    connect_timeout: float = _help(
+        "Seconds to wait for the connection to the Ollama server (TCP connect, and the TLS handshake with https); a "
+        "host not connected in this time cannot be reached.",
+        default=OLLAMA_CONNECT_TIMEOUT,
+    )
+    timeout: float = _help(
+        "Seconds an ordinary Ollama call (version, blob check, show, list, copy, delete) waits for the server's answer "
+        "once connected; a server that accepted the connection and says nothing for this long has stopped answering, "
+        "and the call fails.",
+        default=OLLAMA_TIMEOUT,
+    )
+    long_timeout: float = _help(
+        "Seconds the slow Ollama calls (blob upload, create, push, generate and chat, which may load the model first) "
+        "wait for the server's next bytes. It bounds each silence, not the whole call: a progress stream runs on while "
+        "lines keep coming, and an upload fails when the server stops taking it for this long.",
+        default=OLLAMA_LONG_TIMEOUT,
+    )
+    headers: dict[str, str] = _help(
+        "Extra HTTP headers for every request, e.g. {Authorization: 'Bearer ${OLLAMA_TOKEN}'} for a reverse proxy; "
+        "${VAR} is read from the environment when sent and never written to the run directory.",
+        default_factory=dict,
+    )
+    ca_cert: str | None = _help(
+        "CA bundle (PEM) that signs an https Ollama host's certificate (default: the system's).",
+        default=None,
+    )
     insecure_tls: bool = _help("Do not verify the https host's certificate (testing only).", default=False)
 
 
@@ -123,17 +227,34 @@ class VerifyConfig:
     min_score: float = _help("Fraction of eval prompts whose expected answer must come back.", default=0.8)
     max_tokens: int = _help("Generation limit per eval answer.", default=96)
     limit: int = _help("At most this many eval prompts (0: all).", default=0)
-    min_fidelity: float = _help("Quant gate: least top-1 token agreement of a quant with its F16 on the eval chats; below it a quant is flagged and never served by default.", default=0.85)
-    compare: bool = _help("Also answer the eval and general-knowledge prompts with the base and merged models (transformers) for the report.", default=True)
+    min_fidelity: float = _help(
+        "Quant gate: least top-1 token agreement of a quant with its F16 on the eval chats; below it a quant is "
+        "flagged and never served by default.",
+        default=0.85,
+    )
+    compare: bool = _help(
+        "Also answer the eval and general-knowledge prompts with the base and merged models (transformers) for the "
+        "report.",
+        default=True,
+    )
 
 
 @dataclass
 class Config:
     name: str = _help("Run name; also the Ollama model name.", default="ftdeploy-demo")
-    base_model: str = _help("Hub id, local HF directory, .gguf file, or 'smollm2-135m-instruct' (embedded).", default=DEMO_BASE_MODEL)
+    base_model: str = _help(
+        "Hub id, local HF directory, .gguf file, or 'smollm2-135m-instruct' (embedded).",
+        default=DEMO_BASE_MODEL,
+    )
     runs_dir: str = _help("Where run directories live.", default="runs")
-    base_revision: str | None = _help("Hub revision (branch, tag or commit) of base_model; the commit used is recorded.", default=None)
-    trust_remote_code: bool = _help("Allow model code from the hub (off unless asked for; the commit is recorded).", default=False)
+    base_revision: str | None = _help(
+        "Hub revision (branch, tag or commit) of base_model; the commit used is recorded.",
+        default=None,
+    )
+    trust_remote_code: bool = _help(
+        "Allow model code from the hub (off unless asked for; the commit is recorded).",
+        default=False,
+    )
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -242,7 +363,8 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
         cfg.export.quant = [q.lower() for q in cfg.export.quant if isinstance(q, str)]
     positive = {
         "train.batch_size": cfg.train.batch_size, "train.gradient_accumulation": cfg.train.gradient_accumulation,
-        "lora.r": cfg.lora.r, "data.max_seq_length": cfg.data.max_seq_length, "verify.max_tokens": cfg.verify.max_tokens,
+        "lora.r": cfg.lora.r, "data.max_seq_length": cfg.data.max_seq_length,
+        "verify.max_tokens": cfg.verify.max_tokens,
     }
     for key, value in positive.items():
         if isinstance(value, int) and value <= 0:
@@ -274,7 +396,8 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(f"export.base_name: {problem}")
     _modelfile_checks(cfg, errors)
     host = cfg.ollama.host
-    if host is not None and isinstance(host, str) and not re.match(r"^(https?://)?[\w.\-\[\]:]+(:\d+)?(/[\w.\-/~%]*)?$", host):
+    host_re = r"^(https?://)?[\w.\-\[\]:]+(:\d+)?(/[\w.\-/~%]*)?$"
+    if host is not None and isinstance(host, str) and not re.match(host_re, host):
         errors.append(f"ollama.host: {host!r} is not a host URL like http://127.0.0.1:11434")
 
 
@@ -320,7 +443,8 @@ def _modelfile_checks(cfg: Config, errors: list[str]) -> None:
 
 def _distributed_checks(cfg: Config, errors: list[str]) -> None:
     t = cfg.train
-    ints = {"train.nproc": t.nproc, "train.nnodes": t.nnodes, "train.node_rank": t.node_rank, "train.master_port": t.master_port}
+    ints = {"train.nproc": t.nproc, "train.nnodes": t.nnodes, "train.node_rank": t.node_rank,
+            "train.master_port": t.master_port}
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()):
         return  # already reported as type errors
     if t.nproc < 1 or t.nnodes < 1:
@@ -336,8 +460,8 @@ def _distributed_checks(cfg: Config, errors: list[str]) -> None:
             split_global_batch(t.batch_size, t.gradient_accumulation, world, keep=True)
         except ConfigError:
             errors.append(
-                f"train.gradient_accumulation ({t.gradient_accumulation}) and train.batch_size ({t.batch_size}): neither "
-                f"divides by the world size {world} (nproc x nnodes), so the global batch of "
+                f"train.gradient_accumulation ({t.gradient_accumulation}) and train.batch_size ({t.batch_size}): "
+                f"neither divides by the world size {world} (nproc x nnodes), so the global batch of "
                 f"{t.batch_size * t.gradient_accumulation} cannot be kept; change one of them, or set "
                 "train.keep_global_batch=false")
     if t.load_in_8bit is True and t.load_in_4bit is True:
@@ -357,7 +481,8 @@ def split_global_batch(batch_size: int, accumulation: int, world: int, keep: boo
         return batch_size, accumulation // world
     if batch_size % world == 0:
         return batch_size // world, accumulation
-    raise ConfigError(f"batch_size {batch_size} x gradient_accumulation {accumulation} cannot be split over {world} processes")
+    raise ConfigError(
+        f"batch_size {batch_size} x gradient_accumulation {accumulation} cannot be split over {world} processes")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -454,7 +579,9 @@ def _with_origin(error: str, origins: dict[str, str]) -> str:
         for n in range(len(parts), 0, -1):
             origin = origins.get(".".join(parts[:n]))
             if origin is None:
-                origin = next((o for k, o in origins.items() if k.startswith(key + ".")), None) if n == len(parts) else None
+                origin = None
+                if n == len(parts):
+                    origin = next((o for k, o in origins.items() if k.startswith(key + ".")), None)
             if origin:
                 found.append(origin)
                 break
@@ -470,7 +597,8 @@ def _validated(raw: dict[str, Any], source: str, origins: dict[str, str] | None 
     if errors and origins:
         errors = [_with_origin(e, origins) for e in errors]
     if errors:
-        raise ConfigError(f"invalid configuration{source} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  " + "\n  ".join(errors))
+        count = f"{len(errors)} problem{'s' * (len(errors) > 1)}"
+        raise ConfigError(f"invalid configuration{source} ({count}):\n  " + "\n  ".join(errors))
     return cfg
 
 
@@ -480,8 +608,10 @@ ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def redacted(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """The config as it may be written to disk: header values other than ${VAR} references are secrets."""
     headers = cfg_dict.get("ollama", {}).get("headers") or {}
-    safe = {k: v if isinstance(v, str) and ENV_REF_RE.sub("", v).strip() in ("", "Bearer", "Basic", "Token") else "<redacted>"
-            for k, v in headers.items()}
+    def shown(v: Any) -> bool:  # only $VAR references and a scheme word: nothing secret
+        return isinstance(v, str) and ENV_REF_RE.sub("", v).strip() in ("", "Bearer", "Basic", "Token")
+
+    safe = {k: v if shown(v) else "<redacted>" for k, v in headers.items()}
     return {**cfg_dict, "ollama": {**cfg_dict.get("ollama", {}), "headers": safe}}
 
 
