@@ -10,8 +10,9 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -110,20 +111,27 @@ def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, t
         return lambda f: config_options(f, extra=extra)
     extra = extra or {}
     options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file (see configs/)."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set train.max_steps=20 (repeatable)."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="YAML config file (see configs/)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config key, e.g. --set train.max_steps=20 (repeatable)."),
         click.option("--base-model", help="Hub id, local HF directory, .gguf file, or 'smollm2-135m-instruct'."),
         click.option("--data", help="Training data (JSONL of chat messages), or 'demo'."),
         click.option("--name", help="Run name and Ollama model name."),
         click.option("--quant", help="Comma-separated llama.cpp types, e.g. q4_k_m,q8_0; the first is served."),
         click.option("--max-steps", type=int, help="Optimizer steps."),
         click.option("--engine", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine."),
-        click.option("--ollama-host", envvar="OLLAMA_HOST", help=f"Ollama server URL (env OLLAMA_HOST; default {DEFAULT_OLLAMA_HOST})."),
-        click.option("--runs-dir", type=click.Path(file_okay=False), help="Where run directories live (default runs/)."),
+        click.option("--ollama-host", envvar="OLLAMA_HOST",
+                     help=f"Ollama server URL (env OLLAMA_HOST; default {DEFAULT_OLLAMA_HOST})."),
+        click.option("--runs-dir", type=click.Path(file_okay=False),
+                     help="Where run directories live (default runs/)."),
         click.option("--ollama-header", "ollama_headers", multiple=True, metavar="'NAME: VALUE'",
-                     help="Extra HTTP header for the Ollama host, e.g. 'Authorization: Bearer ${OLLAMA_TOKEN}' (repeatable; ${VAR} read from the environment)."),
-        click.option("--ollama-ca-cert", type=click.Path(dir_okay=False), help="CA bundle (PEM) for an https Ollama host."),
-        click.option("-v", "--verbose", "stage_verbose", count=True, help="More logging on stderr (also accepted before the command)."),
+                     help="Extra HTTP header for the Ollama host, e.g. 'Authorization: Bearer ${OLLAMA_TOKEN}' "
+                          "(repeatable; ${VAR} read from the environment)."),
+        click.option("--ollama-ca-cert", type=click.Path(dir_okay=False),
+                     help="CA bundle (PEM) for an https Ollama host."),
+        click.option("-v", "--verbose", "stage_verbose", count=True,
+                     help="More logging on stderr (also accepted before the command)."),
         *[option for _, option in extra.values()],
     ]
     for option in reversed(options):
@@ -184,25 +192,38 @@ def _parse_headers(items: tuple[str, ...]) -> dict[str, str]:
 
 
 _DIST_FLAGS = {
-    "nproc": ("train.nproc", click.option("--nproc", type=int, help="Training processes on this host (one per GPU); >1 runs torchrun.")),
+    "nproc": ("train.nproc", click.option("--nproc", type=int,
+                                          help="Training processes on this host (one per GPU); >1 runs torchrun.")),
     "nnodes": ("train.nnodes", click.option("--nnodes", type=int, help="Hosts taking part in training (default 1).")),
-    "node_rank": ("train.node_rank", click.option("--node-rank", type=int, help="This host's rank among --nnodes (0 writes and serves).")),
+    "node_rank": ("train.node_rank", click.option("--node-rank", type=int,
+                                                  help="This host's rank among --nnodes (0 writes and serves).")),
     "master_addr": ("train.master_addr", click.option("--master-addr", help="Rank-0 host address (multi-node).")),
-    "master_port": ("train.master_port", click.option("--master-port", type=int, help="Rank-0 rendezvous port (multi-node, default 29500).")),
-    "strategy": ("train.strategy", click.option("--strategy", type=click.Choice(["ddp", "fsdp", "deepspeed"]), help="Multi-process strategy (default ddp).")),
+    "master_port": ("train.master_port", click.option("--master-port", type=int,
+                                                      help="Rank-0 rendezvous port (multi-node, default 29500).")),
+    "strategy": ("train.strategy", click.option("--strategy", type=click.Choice(["ddp", "fsdp", "deepspeed"]),
+                                                help="Multi-process strategy (default ddp).")),
 }
 _DEPLOY_FLAGS = {
-    "deploy": ("export.deploy", click.option("--deploy", type=click.Choice(["full", "adapter"]), help="Register the merged model (full) or the base once plus this tune as a LoRA adapter (adapter).")),
+    "deploy": ("export.deploy", click.option("--deploy", type=click.Choice(["full", "adapter"]),
+                                             help="Register the merged model (full) or the base once plus this tune "
+                                                  "as a LoRA adapter (adapter).")),
 }
 _GATE_FLAGS = {
-    "min_fidelity": ("verify.min_fidelity", click.option("--min-fidelity", type=float, help="Quant gate: least top-1 token agreement with F16 (default 0.85).")),
+    "min_fidelity": ("verify.min_fidelity", click.option("--min-fidelity", type=float,
+                                                         help="Quant gate: least top-1 token agreement with F16 "
+                                                              "(default 0.85).")),
 }
 _DATA_FLAGS = {
-    "layout": ("data.format", click.option("--format", "layout", type=click.Choice(["auto", "messages", "sharegpt", "alpaca", "pairs", "text"]), help="Dataset layout (default: detected).")),
-    "on_bad_row": ("data.on_bad_row", click.option("--on-bad-row", type=click.Choice(["error", "skip"]), help="Stop on a bad row (error) or drop and report it (skip).")),
-    "eval_split": ("data.eval_split", click.option("--eval-split", type=float, help="Fraction held out for eval, e.g. 0.05.")),
+    "layout": ("data.format", click.option(
+        "--format", "layout", type=click.Choice(["auto", "messages", "sharegpt", "alpaca", "pairs", "text"]),
+        help="Dataset layout (default: detected).")),
+    "on_bad_row": ("data.on_bad_row", click.option("--on-bad-row", type=click.Choice(["error", "skip"]),
+                                                   help="Stop on a bad row (error) or drop and report it (skip).")),
+    "eval_split": ("data.eval_split", click.option("--eval-split", type=float,
+                                                   help="Fraction held out for eval, e.g. 0.05.")),
     "eval_file": ("data.eval", click.option("--eval-file", help="Eval data file (same layouts).")),
-    "system_prompt": ("data.system_prompt", click.option("--system-prompt", help="System prompt for conversations without one.")),
+    "system_prompt": ("data.system_prompt", click.option("--system-prompt",
+                                                         help="System prompt for conversations without one.")),
 }
 
 
@@ -235,9 +256,11 @@ def _ollama_run_line(name: str, host: str) -> str:
 @cli.command("train-and-serve")
 @config_options(extra=_DATA_FLAGS | _GATE_FLAGS | _DIST_FLAGS | _DEPLOY_FLAGS)
 @click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), help="Rerun this stage and every one after it.")
-@click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Rerun this stage even if unchanged (repeatable).")
+@click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES),
+              help="Rerun this stage even if unchanged (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None, force: tuple[str, ...], as_json: bool) -> None:
+def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None, force: tuple[str, ...],
+                        as_json: bool) -> None:
     """Run every stage: data, train, merge, export, modelfile, register, verify.
 
     Rerunning the same command continues where it stopped: finished stages whose inputs are
@@ -246,7 +269,8 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
     from .pipeline import train_and_serve
 
     ctx = _context(cfg, ollama_explicit)
-    results = train_and_serve(ctx, on_stage=lambda s: click.echo(f"==> {s}", err=True), from_stage=from_stage, force=force)
+    results = train_and_serve(ctx, on_stage=lambda s: click.echo(f"==> {s}", err=True), from_stage=from_stage,
+                              force=force)
     from .results import ExportResult, TrainResult, VerifySummary
 
     trained = results.get("train")
@@ -286,11 +310,15 @@ def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) ->
         _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
 
 
-_stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf; --nproc N for torchrun).", _DIST_FLAGS)
+_stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf; --nproc N for "
+               "torchrun).", _DIST_FLAGS)
 _stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.")
-_stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M); the quant gate picks the served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
-_stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, parameters.", _DEPLOY_FLAGS)
-_stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.", _DEPLOY_FLAGS)
+_stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M); the quant gate picks the "
+               "served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
+_stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, "
+               "parameters.", _DEPLOY_FLAGS)
+_stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.",
+               _DEPLOY_FLAGS)
 
 
 @cli.group("data", cls=FtdeployGroup, invoke_without_command=True)
@@ -313,9 +341,11 @@ def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_jso
 
 @data_group.command("inspect")
 @click.argument("data_path", metavar="DATA")
-@click.option("--json", "as_json", is_flag=True, help="Print format, rows, bad_rows and token-length statistics as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print format, rows, bad_rows and token-length statistics as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help="Where to write the token-length plot (default: the run directory if the run exists, else the temp directory).")
+              help="Where to write the token-length plot (default: the run directory if the run exists, else the "
+                   "temp directory).")
 @click.pass_obj
 def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None) -> None:
     """Show the detected layout, row counts, token lengths (histogram) and one example as the model sees it."""
@@ -343,12 +373,15 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
         return
     t = result["tokens"]
     lines = [f"layout:   {result['format']}  (chat format {result['chat_format']})",
-             f"rows:     {result['rows']}  bad rows: {result['bad_rows']}  truncated: {result['truncated']} (max_seq_length {result['max_seq_length']})",
-             f"tokens:   min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}",
+             f"rows:     {result['rows']}  bad rows: {result['bad_rows']}  truncated: {result['truncated']} "
+             f"(max_seq_length {result['max_seq_length']})",
+             f"tokens:   min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
+             f"max {t['max']}",
              "histogram:"]
     peak = max(h["count"] for h in result["histogram"]) or 1
     for h in result["histogram"]:
-        lines.append(f"  {h['low']:>6}-{h['high']:<6} {'#' * max(1 if h['count'] else 0, round(40 * h['count'] / peak)):<40} {h['count']}")
+        bar = "#" * max(1 if h["count"] else 0, round(40 * h["count"] / peak))
+        lines.append(f"  {h['low']:>6}-{h['high']:<6} {bar:<40} {h['count']}")
     lines += [f"plot:     {result['plot']}", f"example ({result['example']['source']}), trained spans in [[ ]]:",
               result["example"]["rendered"]]
     click.echo("\n".join(lines))
@@ -356,7 +389,8 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
 
 @cli.command("register")
 @config_options(extra=_DEPLOY_FLAGS)
-@click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False), help="Register this GGUF instead of the run's (needs --name).")
+@click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False),
+              help="Register this GGUF instead of the run's (needs --name).")
 @click.option("--json", "as_json", is_flag=True, help="Print model, digest and uploaded_bytes as JSON.")
 def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json: bool) -> None:
     """Upload the GGUF to Ollama over HTTP and create the model (template, system, parameters)."""
@@ -377,7 +411,8 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
         mapping = mapping_for_template(template, bos, eos, f"{path} chat template")
         spec = build_spec(mapping, path, cfg.modelfile, cfg.data.system_prompt, {})
         out = register(client, cfg.name, spec).as_dict()
-    _emit(out, as_json, lambda o: f"registered {o['model']} ({o['digest'][:19]}…, uploaded {o['uploaded_bytes']} bytes) at {o['host']}")
+    _emit(out, as_json, lambda o: f"registered {o['model']} ({o['digest'][:19]}…, uploaded {o['uploaded_bytes']} "
+                                  f"bytes) at {o['host']}")
 
 
 @cli.command("push")
@@ -405,8 +440,9 @@ def push_cmd(cfg: Any, ollama_explicit: bool, destination: str | None, insecure:
         raise ConfigError(f"--to {destination!r}: {rest!r} is not a valid namespace/name[:tag]")
     client = connect(cfg.ollama, ollama_explicit)
     result = push(client, cfg.name, destination, insecure)
-    _emit(result, as_json, lambda r: f"pushed {r['model']} as {r['destination']} ({r['bytes']} bytes in {r['layers']} layers)"
-                                     f"\n\nFetch it elsewhere:\n  ollama pull {'--insecure ' if insecure else ''}{r['destination']}")
+    _emit(result, as_json, lambda r: f"pushed {r['model']} as {r['destination']} ({r['bytes']} bytes in "
+                                     f"{r['layers']} layers)\n\nFetch it elsewhere:\n  ollama pull "
+                                     f"{'--insecure ' if insecure else ''}{r['destination']}")
 
 
 # ---------------------------------------------------------------- environment
@@ -430,7 +466,8 @@ def doctor_cmd(ollama_host: str | None, as_json: bool) -> None:
     from .doctor import run_checks
 
     report = run_checks(ollama_host)
-    _emit(report, as_json, lambda r: "\n".join(f"{'ok ' if c['ok'] else '-- '} {c['name']:<12} {c['detail']}" for c in r["checks"]))
+    _emit(report, as_json,
+          lambda r: "\n".join(f"{'ok ' if c['ok'] else '-- '} {c['name']:<12} {c['detail']}" for c in r["checks"]))
 
 
 @cli.group("ollama", cls=FtdeployGroup)
