@@ -61,14 +61,16 @@ def resolve_base_model(spec: str, trust_remote_code: bool = False, revision: str
     path = Path(spec).expanduser()
     if path.is_file():
         if not is_gguf(path):
-            raise ModelError(f"--base-model {spec}: the file is not a GGUF (no GGUF magic); give a .gguf file or a model directory")
+            raise ModelError(f"--base-model {spec}: the file is not a GGUF (no GGUF magic); give a .gguf file or a "
+                             "model directory")
         return materialize_gguf(path, display=str(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if ggufs:
                 return materialize_gguf(ggufs[0], display=str(ggufs[0]))
-            raise ModelError(f"--base-model {spec}: the directory has no config.json (not a Hugging Face model directory)")
+            raise ModelError(f"--base-model {spec}: the directory has no config.json (not a Hugging Face model "
+                             "directory)")
         return path
     if HUB_ID_RE.match(spec) and not spec.startswith((".", "/")):
         return download_snapshot(spec, revision)

@@ -49,7 +49,8 @@ def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
         import torch
 
         cuda = torch.cuda.is_available()
-        add("cuda", cuda, torch.cuda.get_device_name(0) if cuda else "no CUDA GPU visible: training uses the hf engine on CPU")
+        add("cuda", cuda,
+            torch.cuda.get_device_name(0) if cuda else "no CUDA GPU visible: training uses the hf engine on CPU")
     unsloth_version = _version("unsloth") if importlib.util.find_spec("unsloth") else None
     add("unsloth", unsloth_version is not None,
         unsloth_version or "not installed (GPU only): pip install 'ftdeploy[gpu]'")
@@ -58,14 +59,17 @@ def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
         v = _version(dist)
         add(dist, v is not None, f"{v} ({what})" if v else f"not installed ({what}): pip install 'ftdeploy[train]'")
     binary = find_ollama_binary()
-    add("ollama-bin", binary is not None, str(binary) if binary else "no local ollama binary: scripts/install-ollama.sh builds the pinned release")
+    add("ollama-bin", binary is not None,
+        str(binary) if binary else "no local ollama binary: scripts/install-ollama.sh builds the pinned release")
     client = OllamaClient(ollama_host)
     if client.is_up():
         version = client.version()
         ok = parse_version(version) >= MIN_VERSION
-        add("ollama", ok, f"{client.host} answers, version {version}" + ("" if ok else f" (too old: need {'.'.join(map(str, MIN_VERSION))}+)"))
+        too_old = "" if ok else f" (too old: need {'.'.join(map(str, MIN_VERSION))}+)"
+        add("ollama", ok, f"{client.host} answers, version {version}{too_old}")
     else:
-        add("ollama", False, f"nothing answers at {client.host}; train-and-serve starts the local build when no address is given")
+        add("ollama", False,
+            f"nothing answers at {client.host}; train-and-serve starts the local build when no address is given")
     from .errors import OllamaError
     from .optional import MissingDependencyError
     from .sidecar import docker_client

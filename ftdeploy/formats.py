@@ -20,12 +20,14 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import itertools
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import DataError
 from .optional import require
@@ -189,7 +191,8 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowException, ValueError, OSError) as exc:
-        reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(exc).splitlines()[0] if str(exc) else "")
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", first_line)
         raise DataError(f"{path}: not a readable parquet file ({reason or type(exc).__name__})") from None
     for i, row in enumerate(rows):
         yield f"{path}:row {i + 1}", row
@@ -237,7 +240,8 @@ def _iter_hub(dataset_id: str, config: str | None, split: str) -> Iterator[tuple
     try:
         ds = load_dataset(dataset_id, config, split=split)
     except Exception as exc:  # noqa: BLE001 - network, auth, missing config: all end here
-        raise DataError(f"{dataset_id} (config {config}, split {split}): cannot load: {str(exc).splitlines()[0][:200]}") from None
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DataError(f"{dataset_id} (config {config}, split {split}): cannot load: {first_line}") from None
     for i, row in enumerate(ds):
         yield f"{dataset_id}:{split}:{i}", row
 
@@ -307,7 +311,7 @@ def _check_messages(messages: Any) -> str | None:
     turns = [m["role"] for m in messages if m["role"] != "system"]
     if not turns or turns[0] != "user":
         return "turns out of order: the first non-system message must be from the user"
-    for a, b in zip(turns, turns[1:]):
+    for a, b in itertools.pairwise(turns):
         if a == b:
             return f"turns out of order: two {a} messages in a row"
     if "assistant" not in turns:
@@ -359,7 +363,8 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         reason = _check_messages(row["messages"])
         if reason:
             return reason
-        return Record("", messages=[{"role": m["role"], "content": m["content"]} for m in row["messages"]], expect=expect)
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        return Record("", messages=messages, expect=expect)
     if layout == "sharegpt":
         conv = row.get("conversations")
         if not isinstance(conv, list) or not conv:

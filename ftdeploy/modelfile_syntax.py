@@ -64,7 +64,8 @@ def parse(text: str) -> list[tuple[str, str]]:
                 word = buf.lower()
                 if word not in COMMANDS:
                     raise ModelfileSyntaxError(f"line {line}: {buf!r} is not a Modelfile command")
-                state, name, buf = ("parameter" if word == "parameter" else "value"), ("model" if word == "from" else word), ""
+                state = "parameter" if word == "parameter" else "value"
+                name, buf = ("model" if word == "from" else word), ""
             else:
                 raise ModelfileSyntaxError(f"line {line}: {buf + ch!r} is not a Modelfile command")
         elif state == "parameter":

@@ -65,8 +65,8 @@ class Context:
         made = None if made.exists() else made
         lock = run.acquire_lock()
         atomic_write_text(run.path / CONFIG_FILE, dump_config(cfg))
-        return cls(cfg, run, ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST")), _lock=lock,
-                   _made_run=made)
+        explicit = ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST"))
+        return cls(cfg, run, explicit, _lock=lock, _made_run=made)
 
     def close(self) -> None:
         """Release the run. A run directory this command made, where no stage ever started (the command
@@ -83,7 +83,8 @@ class Context:
                     parent.rmdir()
 
     def fingerprint(self, stage: str) -> str:
-        """What a stage's output depends on: the config keys it declares, its outside inputs, and the stage before it."""
+        """What a stage's output depends on: the config keys it declares, its outside inputs, and the stage
+        before it."""
         if stage not in self._fingerprints:
             declared = REGISTRY[stage]
             parts: dict[str, Any] = {"stage": stage, "config": declared.config_values(self.cfg)}
@@ -92,7 +93,8 @@ class Context:
             index = STAGES.index(stage)
             if index:
                 parts["upstream"] = self.fingerprint(STAGES[index - 1])
-            self._fingerprints[stage] = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            canonical = json.dumps(parts, sort_keys=True, default=str).encode()
+            self._fingerprints[stage] = hashlib.sha256(canonical).hexdigest()[:16]
         return self._fingerprints[stage]
 
     def base(self) -> Path | str:
@@ -119,7 +121,8 @@ class Stage:
 
     name: str
     run: Callable[[Context], Result]
-    reads: tuple[str, ...] = ()  # config keys its output depends on: a section ("lora") or a key ("verify.min_fidelity")
+    # config keys its output depends on: a section ("lora") or a key ("verify.min_fidelity")
+    reads: tuple[str, ...] = ()
     volatile: tuple[str, ...] = ()  # keys it reads that do not change its output (logging, where to connect)
     outputs: Callable[[Run], list[Path]] | None = None  # what a reused run must still have; None: it always runs
     inputs: Callable[[Config], Any] | None = None  # outside the config: digests of the data files

@@ -18,10 +18,11 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import __version__
 
@@ -113,7 +114,7 @@ def package_versions(names: tuple[str, ...] = (
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _error_text(exc: BaseException) -> str:
@@ -249,7 +250,8 @@ class Run:
             fh.seek(0)
             owner = fh.read().strip() or "unknown"
             fh.close()
-            raise FtdeployError(f"{self.path} is in use by another ftdeploy (pid {owner}); wait for it or stop it") from None
+            raise FtdeployError(
+                f"{self.path} is in use by another ftdeploy (pid {owner}); wait for it or stop it") from None
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))

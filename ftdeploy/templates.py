@@ -13,9 +13,9 @@ function (e.g. a tokenizer's `apply_chat_template(..., tokenize=False)`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
 
 from .errors import TemplateError
 
@@ -24,7 +24,8 @@ RenderFn = Callable[[list[Message], bool], str]
 
 # Sentinels that no template would produce by itself.
 _S = "\u27e6sys-7f3a\u27e7"
-_U1, _A1, _U2, _A2 = ("\u27e6user-one\u27e7", "\u27e6assistant-one\u27e7", "\u27e6user-two\u27e7", "\u27e6assistant-two\u27e7")
+_U1, _A1 = "\u27e6user-one\u27e7", "\u27e6assistant-one\u27e7"
+_U2, _A2 = "\u27e6user-two\u27e7", "\u27e6assistant-two\u27e7"
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,16 @@ class TemplateMapping:
         text = resources.files("ftdeploy.modelfiles").joinpath(self.format.template_file).read_text()
         for literal in (self.system_prefix, self.implicit_system):
             if "{{" in literal or "}}" in literal:
-                raise TemplateError(f"chat template text {literal!r} contains '{{{{' or '}}}}', which Ollama templates cannot hold")
+                raise TemplateError(
+                    f"chat template text {literal!r} contains '{{{{' or '}}}}', which Ollama templates cannot hold")
         lines = [line for line in text.splitlines(keepends=True) if not line.startswith("{{- /*")]  # maintainer notes
         if not self.implicit_system:
             lines = [line for line in lines if "[[IMPLICIT_SYSTEM]]" not in line]
         text = "".join(lines).rstrip("\n")  # a trailing newline would be rendered after the generation prompt
         if not self.system_prefix:
             text = text.replace('{{ if eq .Role "system" }}[[SYSTEM_PREFIX]]{{ end }}', "")
-        return text.replace("[[SYSTEM_PREFIX]]", self.system_prefix).replace("[[IMPLICIT_SYSTEM]]", self.implicit_system)
+        text = text.replace("[[SYSTEM_PREFIX]]", self.system_prefix)
+        return text.replace("[[IMPLICIT_SYSTEM]]", self.implicit_system)
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         """The prompt Ollama builds for `messages` when the Modelfile carries this mapping."""
@@ -171,7 +174,8 @@ def _try_format(fmt: ChatFormat, render: RenderFn, bos: str | None) -> TemplateM
     return TemplateMapping(fmt, system_prefix=prefix, implicit_system=implicit)
 
 
-def match_chat_template(render: RenderFn, bos_token: str | None = None, source: str = "chat template") -> TemplateMapping:
+def match_chat_template(render: RenderFn, bos_token: str | None = None,
+                        source: str = "chat template") -> TemplateMapping:
     """Find the known chat format that `render` produces; raise TemplateError naming the formats tried."""
     failures = []
     for fmt in FORMATS:
@@ -197,10 +201,10 @@ def match_chat_template(render: RenderFn, bos_token: str | None = None, source: 
 
 def jinja_renderer(chat_template: str, bos_token: str = "", eos_token: str = "") -> RenderFn:
     """Render a Hugging Face chat template without transformers (for `modelfile` without torch)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     import datetime
     import json
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # The same environment transformers renders chat templates in.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])

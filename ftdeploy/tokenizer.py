@@ -42,7 +42,8 @@ def ensure_pad_token(tokenizer: Any, mapping: TemplateMapping) -> str:
     if tokenizer.pad_token and tokenizer.pad_token not in forbidden:
         return tokenizer.pad_token
     markers = mapping.format.turn_open + mapping.format.generation_prompt
-    for candidate in [tokenizer.unk_token, *tokenizer.all_special_tokens, *getattr(tokenizer, "added_tokens_encoder", {})]:
+    added = getattr(tokenizer, "added_tokens_encoder", {})
+    for candidate in [tokenizer.unk_token, *tokenizer.all_special_tokens, *added]:
         if candidate and candidate not in forbidden and candidate not in markers and candidate != tokenizer.bos_token:
             tokenizer.pad_token = candidate
             log.info("pad token set to %r (distinct from EOS %r)", candidate, tokenizer.eos_token)

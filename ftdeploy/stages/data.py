@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..config import DEMO_DATA, DataConfig
 from ..errors import DataError
@@ -92,7 +93,7 @@ def tokenize_conversation(
     ids: list[int] = enc["input_ids"]
     offsets = enc["offset_mapping"]
     labels = []
-    for tok, (start, end) in zip(ids, offsets):
+    for tok, (start, _end) in zip(ids, offsets, strict=True):
         trained = train_on == "all" or any(s <= start < e for s, e in spans)
         labels.append(tok if trained else IGNORE_INDEX)
     eot_id = tokenizer.convert_tokens_to_ids(mapping.end_of_turn)
@@ -213,7 +214,8 @@ def load_eval(data_dir: Path) -> list[Record]:
     if not path.is_file():
         return []
     with open(path, encoding="utf-8") as fh:
-        return [Record(r.get("source", ""), messages=r["messages"], expect=r.get("expect"), match=r.get("match", "contains"))
+        return [Record(r.get("source", ""), messages=r["messages"], expect=r.get("expect"),
+                       match=r.get("match", "contains"))
                 for r in map(json.loads, fh)]
 
 
@@ -243,7 +245,7 @@ def histogram(lengths: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
 def mark_trained(tokenizer: Any, tok: Tokenized, open_mark: str = "[[", close_mark: str = "]]") -> str:
     """The example exactly as the model sees it, trained spans between markers."""
     out, trained = [], False
-    for token_id, label in zip(tok.input_ids, tok.labels):
+    for token_id, label in zip(tok.input_ids, tok.labels, strict=True):
         is_trained = label != IGNORE_INDEX
         if is_trained != trained:
             out.append(open_mark if is_trained else close_mark)
@@ -254,7 +256,8 @@ def mark_trained(tokenizer: Any, tok: Tokenized, open_mark: str = "[[", close_ma
     return "".join(out)
 
 
-def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMapping, plot_path: Path | None) -> dict[str, Any]:
+def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMapping,
+                 plot_path: Path | None) -> dict[str, Any]:
     """Layout, row counts, token-length statistics and histogram, and one example with its trained span marked."""
     loaded = read_records(cfg, spec, "train")
     lengths, example, truncated = [], None, 0

@@ -15,8 +15,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import ExportError, StageMissingError
 from ..quants import BY_NAME
@@ -84,7 +84,8 @@ def quantize(src: Path, out_path: Path, qtype: str, threads: int | None = None) 
                 log.info("llama.cpp: %s", line.split(": ", 1)[-1])
         if rc != 0:
             tail = "\n".join(text.strip().splitlines()[-5:])
-            raise ExportError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc}):\n{tail}")
+            raise ExportError(
+                f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc}):\n{tail}")
     return out_path
 
 

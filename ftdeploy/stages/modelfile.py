@@ -67,18 +67,21 @@ class ModelfileSpec:
                     style = "bare" if _PLAIN_VALUE.fullmatch(arg) else "inline"
                     lines.append(f"PARAMETER {parameter_name(command)} {quote(arg, style)}")
             except ModelfileSyntaxError as exc:
-                what = command.upper() if command in ("model", "adapter", "template", "system") else f"PARAMETER {command}"
-                raise TemplateError(f"the Modelfile cannot carry this {what} value: {exc}. Value: {arg[:200]!r}") from None
+                named = command in ("model", "adapter", "template", "system")
+                what = command.upper() if named else f"PARAMETER {command}"
+                raise TemplateError(
+                    f"the Modelfile cannot carry this {what} value: {exc}. Value: {arg[:200]!r}") from None
         text = "\n".join(lines) + "\n"
         if parse(text) != self.commands(from_path):  # a guard on quote(): never write what reads back otherwise
-            raise TemplateError("the Modelfile would not read back as written; this is a bug in ftdeploy, please report it")
+            raise TemplateError(
+                "the Modelfile would not read back as written; this is a bug in ftdeploy, please report it")
         return text
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelfileSpec":
+    def from_json(cls, text: str) -> ModelfileSpec:
         return cls(**json.loads(text))
 
 
@@ -130,7 +133,8 @@ def read_gguf_chat_template(gguf_path: Path) -> tuple[str, str, str]:
 
     template = field_value("tokenizer.chat_template")
     if not template:
-        raise TemplateError(f"{gguf_path}: the GGUF carries no tokenizer.chat_template; give --template-from a model directory")
+        raise TemplateError(
+            f"{gguf_path}: the GGUF carries no tokenizer.chat_template; give --template-from a model directory")
     tokens = field_value("tokenizer.ggml.tokens") or []
 
     def token(key: str) -> str:

@@ -42,9 +42,11 @@ def select_engine(requested: str, has_cuda: bool | None = None, has_unsloth: boo
         return "unsloth" if has_cuda and has_unsloth else "hf"
     if requested == "unsloth":
         if not has_cuda:
-            raise ConfigError("--engine unsloth needs a CUDA GPU and none is visible; use --engine hf (or auto) on this machine")
+            raise ConfigError(
+                "--engine unsloth needs a CUDA GPU and none is visible; use --engine hf (or auto) on this machine")
         if not has_unsloth:
-            raise ConfigError("--engine unsloth: unsloth is not installed; pip install 'ftdeploy[gpu]' (or use --engine hf)")
+            raise ConfigError(
+                "--engine unsloth: unsloth is not installed; pip install 'ftdeploy[gpu]' (or use --engine hf)")
     return requested
 
 
@@ -98,7 +100,8 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(f["labels"])
             mask[i, :n] = 1
         if not bool((labels != IGNORE_INDEX).any()):
-            raise DataError("a training batch has every label masked (nothing to learn); check train_on and the chat template")
+            raise DataError(
+                "a training batch has every label masked (nothing to learn); check train_on and the chat template")
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
