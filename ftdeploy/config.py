@@ -337,7 +337,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> An
             continue
         tp = hints[f.name]
         value = raw[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 errors.append(f"{prefix}{f.name}: expected a mapping of {tp.__name__} keys, got {value!r}")
                 continue
@@ -389,9 +389,9 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
         if isinstance(value, float) and not 0 < value < float("inf"):
             errors.append(f"ollama.{key}: must be a number of seconds > 0, got {value}")
     if isinstance(cfg.ollama.headers, dict):
-        for key, value in cfg.ollama.headers.items():
-            if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", str(key)):
-                errors.append(f"ollama.headers.{key}: a header needs a token name and a string value")
+        for name, header in cfg.ollama.headers.items():
+            if not isinstance(header, str) or not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", str(name)):
+                errors.append(f"ollama.headers.{name}: a header needs a token name and a string value")
     if isinstance(cfg.export.base_name, str) and (problem := model_name_problem(cfg.export.base_name)):
         errors.append(f"export.base_name: {problem}")
     _modelfile_checks(cfg, errors)
@@ -625,7 +625,7 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.extend(describe_keys(tp, f"{prefix}{f.name}."))
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -388,10 +388,10 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return _single_turn(prompt, output, _text(row, columns.system), expect)
     if layout == "pairs":
-        prompt, response = _text(row, columns.prompt), _text(row, columns.response)
-        if prompt is None or response is None:
+        asked, answered = _text(row, columns.prompt), _text(row, columns.response)
+        if asked is None or answered is None:
             return f"missing field {columns.prompt!r} or {columns.response!r} (or not a string)"
-        return _single_turn(prompt, response, _text(row, columns.system), expect)
+        return _single_turn(asked, answered, _text(row, columns.system), expect)
     if layout == "text":
         text = _text(row, "text")
         if text is None or not text.strip():

@@ -59,10 +59,10 @@ class Context:
                 f"no run named {cfg.name!r} in {cfg.run_dir.parent} ({run.manifest_path} does not exist); start one "
                 "with `ftdeploy train-and-serve` (or `ftdeploy data`), or give the --name (and --runs-dir) of an "
                 "existing run")
-        made: Path | None = run.path  # the topmost directory this command will make: the run's, or a new --runs-dir
-        while not made.parent.exists():
-            made = made.parent
-        made = None if made.exists() else made
+        top = run.path  # the topmost directory this command will make: the run's, or a new --runs-dir
+        while not top.parent.exists():
+            top = top.parent
+        made = None if top.exists() else top
         lock = run.acquire_lock()
         atomic_write_text(run.path / CONFIG_FILE, dump_config(cfg))
         explicit = ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST"))
@@ -133,7 +133,7 @@ class Stage:
             value: Any = cfg
             for part in key.split("."):
                 value = getattr(value, part)
-            if dataclasses.is_dataclass(value):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 value = {k: v for k, v in dataclasses.asdict(value).items() if f"{key}.{k}" not in self.volatile}
             values[key] = value
         return values

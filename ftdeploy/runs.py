@@ -191,8 +191,9 @@ class Run:
         manifest["updated"] = _now()
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
-    def update(self, **sections: dict[str, Any]) -> dict[str, Any]:
-        """Merge `sections` (e.g. metrics={...}) into the manifest."""
+    def update(self, **sections: Any) -> dict[str, Any]:
+        """Merge `sections` into the manifest: a mapping (metrics={...}) into the section of that name, any other
+        value (world_size=2) in place of it."""
         manifest = self.load_manifest()
         for key, value in sections.items():
             if isinstance(manifest.get(key), dict) and isinstance(value, dict):

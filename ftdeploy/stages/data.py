@@ -175,6 +175,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
         if ex.text is not None:
             tok = tokenize_text(ex.text, tokenizer, cfg.max_seq_length)
         else:
+            assert ex.messages is not None, "a record holds text or messages"
             tok = tokenize_conversation(ex.messages, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, ex.source)
         stats.truncated += tok.truncated
         stats.total_tokens += len(tok.input_ids)
@@ -265,6 +266,7 @@ def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMa
         if rec.text is not None:
             tok = tokenize_text(rec.text, tokenizer, cfg.max_seq_length)
         else:
+            assert rec.messages is not None, "a record holds text or messages"
             tok = tokenize_conversation(rec.messages, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, rec.source)
         lengths.append(len(tok.input_ids))
         truncated += tok.truncated

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +280,7 @@ def _has_training_arg(name: str) -> bool:
 
 
 def build_trainer(base: Path | str, rows: list[dict[str, list[int]]], cfg: Config, tokenizer: Any, engine: str,
-                  output_dir: str, save_checkpoints: bool, callbacks: list[Any] = ()) -> tuple[Any, dict[str, Any]]:
+                  output_dir: str, save_checkpoints: bool, callbacks: Sequence[Any] = ()) -> tuple[Any, dict[str, Any]]:
     """The model, its LoRA and the SFTTrainer as `ftdeploy train` builds them; return (trainer, SFTConfig kwargs).
 
     scripts/bench_train.py times this same trainer, so its figures describe the product.
