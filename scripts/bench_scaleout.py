@@ -39,12 +39,13 @@ def main() -> None:
             name = f"bench-np{nproc}"
             ftdeploy("data", "--runs-dir", str(runs), "--name", name)
             started = time.monotonic()
-            ftdeploy("train", "--runs-dir", str(runs), "--name", name, "--nproc", str(nproc), "--max-steps", str(args.steps))
+            ftdeploy("train", "--runs-dir", str(runs), "--name", name, "--nproc", str(nproc),
+                     "--max-steps", str(args.steps))
             train = json.loads((runs / name / "manifest.json").read_text())["metrics"]["train"]
             result[f"nproc_{nproc}"] = {"wall_s": round(time.monotonic() - started, 1), "train_s": train["seconds"],
                                         "global_batch": train["global_batch"], "final_loss": train["final_loss"]}
             histories[nproc] = [h["loss"] for h in train["loss_history"]]
-        gaps = [abs(a - b) for a, b in zip(histories[1], histories[args.nproc])]
+        gaps = [abs(a - b) for a, b in zip(histories[1], histories[args.nproc], strict=False)]
         result["max_loss_gap"] = max(gaps)
         result["mean_loss_gap"] = sum(gaps) / len(gaps)
         text = json.dumps(result, indent=2)

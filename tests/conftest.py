@@ -107,7 +107,8 @@ def ollama_server(tmp_path_factory):
 
     binary = find_ollama_binary()
     if binary is None:
-        pytest.fail("no ollama binary: run scripts/setup.sh (it builds the pinned release with scripts/install-ollama.sh)")
+        pytest.fail("no ollama binary: run scripts/setup.sh "
+                    "(it builds the pinned release with scripts/install-ollama.sh)")
     root = tmp_path_factory.mktemp("ollama")
     server = start_local_server(port=free_port(), models_dir=root / "models", log_path=root / "serve.log",
                                 binary=binary, detach=False)
@@ -135,7 +136,7 @@ def smol_gguf_copy(folder, tag: str):
 OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
 
 
-def json_reply(body: "dict | bytes") -> bytes:
+def json_reply(body: dict | bytes) -> bytes:
     """A complete HTTP 200 JSON answer that closes the connection."""
     text = body if isinstance(body, bytes) else json.dumps(body).encode()
     return OK_JSON % (len(text), text)

@@ -180,7 +180,8 @@ def test_ollama_reaches_nothing_outside_its_internal_network(stack):
     # (A route table proves nothing: Docker gives internal networks a default route and drops the
     # traffic in its firewall rules.)
     stack.compose("up", "--detach", "--wait", "ollama", timeout=300)
-    listener = stack.compose("run", "--detach", "--entrypoint", "python", "ftdeploy", "-m", "http.server", "8000").stdout.strip()
+    listener = stack.compose("run", "--detach", "--entrypoint", "python", "ftdeploy",
+                             "-m", "http.server", "8000").stdout.strip()
     try:
         address = stack.docker_out("inspect", "--format",
                                    f'{{{{(index .NetworkSettings.Networks "{stack.project}_egress").IPAddress}}}}',
@@ -243,5 +244,7 @@ def test_the_gpu_image_can_build_triton_launchers_and_gets_to_unsloth(stack, gpu
     # stops at its own device check. Either way nothing it needs is missing from the image.
     imported, gpu_only = probe["unsloth"], probe["unsloth_gpu_only"]
     assert imported["rc"] == 0 and any("no GPU found" in line for line in imported["said"]), imported
-    assert gpu_only["rc"] != 0 and gpu_only["said"][-1].startswith("NotImplementedError: Unsloth cannot find any"), gpu_only
-    assert not any("ModuleNotFoundError" in line or "ImportError" in line for line in imported["said"] + gpu_only["said"])
+    assert (gpu_only["rc"] != 0
+            and gpu_only["said"][-1].startswith("NotImplementedError: Unsloth cannot find any")), gpu_only
+    assert not any("ModuleNotFoundError" in line or "ImportError" in line
+                   for line in imported["said"] + gpu_only["said"])

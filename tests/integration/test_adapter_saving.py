@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import build_tiny_model_dir
 
 pytestmark = pytest.mark.slow

@@ -45,7 +45,8 @@ def test_inspect_human_output_and_bad_rows_by_default(tmp_path):
 def test_data_stage_accepts_sharegpt_and_writes_the_run(tmp_path):
     data = _write(tmp_path / "sg.jsonl", [{"conversations": [{"from": "human", "value": f"q{i}"},
                                                              {"from": "gpt", "value": f"a{i}"}]} for i in range(10)])
-    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "--data", str(data), "--eval-split", "0.2", "--json"])
+    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "--data", str(data),
+                                      "--eval-split", "0.2", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output[result.output.index("{"):])
     assert (out["rows"], out["eval_rows"]) == (8, 2)

@@ -8,10 +8,8 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
-
 from conftest import REPO, build_tiny_model_dir
 
 pytestmark = pytest.mark.slow

@@ -81,7 +81,8 @@ def test_what_the_writer_writes_is_what_the_real_ollama_reads(ollama_server, tmp
         cases.append((text, [stop]))
     env = {**os.environ, "OLLAMA_HOST": ollama_server.host}
     for i, (system, stops) in enumerate(cases):
-        template = f'{{{{ if .System }}}}{system}{{{{ end }}}}{{{{ .Prompt }}}}' if '"""\n' not in system else "{{ .Prompt }}"
+        template = (f'{{{{ if .System }}}}{system}{{{{ end }}}}{{{{ .Prompt }}}}' if '"""\n' not in system
+                    else "{{ .Prompt }}")
         spec = ModelfileSpec(gguf=str(gguf), template=template, stops=stops, system=system,
                              parameters={"num_ctx": 512, "temperature": 0.5})
         modelfile = tmp_path / f"Modelfile.{i}"
@@ -158,7 +159,8 @@ def test_a_run_that_fails_in_preflight_leaves_no_directory(tmp_path):
 def test_data_inspect_makes_no_run_directory(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "q?", "response": "a."}\n')
-    proc = ftdeploy("data", "--runs-dir", str(tmp_path / "runs"), "inspect", str(data), "--json", cwd=tmp_path, timeout=120)
+    proc = ftdeploy("data", "--runs-dir", str(tmp_path / "runs"), "inspect", str(data), "--json",
+                    cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert Path(json.loads(proc.stdout)["plot"]).is_file()
     assert not (tmp_path / "runs").exists()

@@ -39,7 +39,8 @@ def hub_listener():
 
 def _ftdeploy(cwd, hub_endpoint, *args, timeout=300):
     """Run the CLI as a user would; the Hub is online as far as it knows (no *_OFFLINE), at `hub_endpoint`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_ENDPOINT"] = hub_endpoint
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "ftdeploy.cli", *args], cwd=cwd, env=env, capture_output=True,

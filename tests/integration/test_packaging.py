@@ -17,10 +17,12 @@ def base_venv(tmp_path_factory):
     venv = tmp_path_factory.mktemp("base-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     # The wheelhouse scripts/setup.sh fills, when it is there; the index otherwise.
-    wheels = Path(os.environ.get("FTDEPLOY_WHEELHOUSE", SHARED_CACHE / "wheels" / f"cp{sys.version_info[0]}{sys.version_info[1]}"))
+    wheels = Path(os.environ.get("FTDEPLOY_WHEELHOUSE",
+                                 SHARED_CACHE / "wheels" / f"cp{sys.version_info[0]}{sys.version_info[1]}"))
     source = ["--no-index", "--find-links", str(wheels)] if any(wheels.glob("*.whl")) else []
     src = tmp_path_factory.mktemp("src") / "ftdeploy"  # a copy: building must not leave build/ in the checkout
-    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(".venv", ".git", "runs", ".wheelhouse", "build", "*.egg-info"))
+    shutil.copytree(REPO, src, symlinks=True,
+                    ignore=shutil.ignore_patterns(".venv", ".git", "runs", ".wheelhouse", "build", "*.egg-info"))
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *source, str(src)], check=True, timeout=900)
     return venv
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-
 from conftest import smol_gguf_copy
+
 from ftdeploy.cli import cli
 from ftdeploy.local_server import free_port
 
@@ -57,7 +57,8 @@ def registry(tmp_path_factory):
 def test_push_publishes_the_model_and_another_server_pulls_and_runs_it(ollama_server, registry, tmp_path):
     gguf = smol_gguf_copy(tmp_path, "push")
     runner = CliRunner()
-    result = runner.invoke(cli, ["register", "--gguf", str(gguf), "--name", "push-smol", "--ollama-host", ollama_server.host])
+    result = runner.invoke(cli, ["register", "--gguf", str(gguf), "--name", "push-smol",
+                                 "--ollama-host", ollama_server.host])
     assert result.exit_code == 0, result.output
     destination = f"{registry}/team/push-smol:v1"
     result = runner.invoke(cli, ["push", "--name", "push-smol", "--to", destination, "--insecure",

@@ -39,7 +39,8 @@ def test_register_show_chat_and_reregister_uploads_nothing(ollama_server, small_
     assert "SmolLM" in ollama_server.show_json("smol-it").get("system", "")
 
     # Asked as a user asks it: the official client.
-    reply = ollama_server.official.chat(model="smol-it", messages=[{"role": "user", "content": "What is the capital of France?"}],
+    reply = ollama_server.official.chat(model="smol-it",
+                                        messages=[{"role": "user", "content": "What is the capital of France?"}],
                                         options={"temperature": 0, "num_predict": 48})
     assert reply.message.content.strip()
     assert reply.done_reason == "stop", reply  # the stop token ends the answer
@@ -51,7 +52,8 @@ def test_register_show_chat_and_reregister_uploads_nothing(ollama_server, small_
 def test_a_gguf_that_is_not_one_registers_nothing(ollama_server, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUX" + b"\0" * 100)
-    result = CliRunner().invoke(cli, ["register", "--gguf", str(bad), "--name", "bad-it", "--ollama-host", ollama_server.host])
+    result = CliRunner().invoke(cli, ["register", "--gguf", str(bad), "--name", "bad-it",
+                                      "--ollama-host", ollama_server.host])
     assert result.exit_code == 1 and "not a GGUF file" in result.output
     assert "bad-it:latest" not in [m.model for m in ollama_server.client.list_models()]
 
@@ -63,15 +65,16 @@ def test_ollama_builds_the_prompt_the_chat_template_builds(ollama_server, small_
 
     _register(small_gguf, "smol-parity", ollama_server.host)
     template, bos, eos = read_gguf_chat_template(small_gguf)
-    result = template_parity(ollama_server.client, "smol-parity", jinja_renderer(template, bos, eos), None, PARITY_CHATS)
+    result = template_parity(ollama_server.client, "smol-parity", jinja_renderer(template, bos, eos), None,
+                             PARITY_CHATS)
     assert result.checked == len(PARITY_CHATS)
     assert result.passed, json.dumps(result.to_dict()["mismatches"], indent=1)
 
 
 def test_parity_check_catches_a_template_that_differs(ollama_server, small_gguf):
     """A TEMPLATE that adds one newline after the generation prompt changes the answers: caught."""
-    from ftdeploy.stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
     from ftdeploy.config import ModelfileConfig
+    from ftdeploy.stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
     from ftdeploy.stages.register import register
     from ftdeploy.stages.verify import PARITY_CHATS, template_parity
     from ftdeploy.templates import jinja_renderer
@@ -80,7 +83,8 @@ def test_parity_check_catches_a_template_that_differs(ollama_server, small_gguf)
     spec = build_spec(mapping_for_template(template, bos, eos, "t"), small_gguf, ModelfileConfig(), None, {})
     spec.template = spec.template + "\n\n"
     register(ollama_server.client, "smol-broken", spec, show_progress=False)
-    result = template_parity(ollama_server.client, "smol-broken", jinja_renderer(template, bos, eos), None, PARITY_CHATS)
+    result = template_parity(ollama_server.client, "smol-broken", jinja_renderer(template, bos, eos), None,
+                             PARITY_CHATS)
     assert not result.passed
 
 

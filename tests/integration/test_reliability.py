@@ -88,8 +88,9 @@ def test_a_disk_too_small_for_merge_and_export_is_refused_before_any_work(tmp_pa
     (base / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
     (base / "model.safetensors").write_bytes(b"\0" * (4 << 20))  # ~1 M parameters in fp32
     monkeypatch.setattr(pipeline, "free_bytes", lambda path: 1 << 20)
-    result = CliRunner().invoke(cli, ["train-and-serve", "--runs-dir", str(tmp_path / "runs"), "--base-model", str(base),
-                                      "--data", "demo", "--ollama-host", "http://127.0.0.1:9"])
+    result = CliRunner().invoke(cli, ["train-and-serve", "--runs-dir", str(tmp_path / "runs"),
+                                      "--base-model", str(base), "--data", "demo",
+                                      "--ollama-host", "http://127.0.0.1:9"])
     assert result.exit_code == 1
     assert "not enough disk" in result.output and "GiB needed" in result.output
     assert not (tmp_path / "runs" / "ftdeploy-demo" / "data").exists()

@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import smol_gguf_copy
+
 from ftdeploy.cli import cli
 
 pytestmark = pytest.mark.ollama
@@ -103,7 +103,8 @@ def small_gguf(tmp_path_factory):
 
 
 def _register(gguf, name, host, *extra, env=None):
-    return CliRunner().invoke(cli, ["register", "--gguf", str(gguf), "--name", name, "--ollama-host", host, "--json", *extra],
+    return CliRunner().invoke(cli, ["register", "--gguf", str(gguf), "--name", name, "--ollama-host", host,
+                                    "--json", *extra],
                               env=env)
 
 

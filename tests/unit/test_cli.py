@@ -28,7 +28,8 @@ def test_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys; from ftdeploy.cli import cli; cli(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    code = ("import sys; from ftdeploy.cli import cli; cli(['--help'], standalone_mode=False); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
 

@@ -17,7 +17,8 @@ def read_chat(path, system_prompt=None):
 
 
 def _mapping(tok):
-    return match_chat_template(lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), tok.bos_token)
+    return match_chat_template(lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g),
+                               tok.bos_token)
 
 
 def _write(path, rows):
@@ -36,7 +37,7 @@ def test_loss_falls_on_the_assistant_turn_and_its_end_of_turn_token(tiny_tokeniz
     text = tiny_tokenizer.decode(trained)
     assert text.startswith("The Zephyr service uses port 7341.")
     assert tiny_tokenizer.convert_tokens_to_ids("<|im_end|>") in trained
-    prompt = tiny_tokenizer.decode([t for t, lab in zip(tok.input_ids, tok.labels) if lab == IGNORE_INDEX])
+    prompt = tiny_tokenizer.decode([t for t, lab in zip(tok.input_ids, tok.labels, strict=True) if lab == IGNORE_INDEX])
     assert "What port does" in prompt and "7341" not in prompt
 
 

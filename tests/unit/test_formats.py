@@ -78,7 +78,8 @@ def test_pairs_with_a_column_mapping(tmp_path):
 
 
 def test_sharegpt_aliases_and_system(tmp_path):
-    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "user", "value": "u"}, {"from": "chatgpt", "value": "a"}]}
+    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "user", "value": "u"},
+                             {"from": "chatgpt", "value": "a"}]}
     rec = load_records(str(_write(tmp_path / "s.jsonl", [row]))).records[0]
     assert [m["role"] for m in rec.messages] == ["system", "user", "assistant"]
 
@@ -98,8 +99,10 @@ def test_unknown_columns_are_an_error_naming_them(tmp_path):
 BAD_SHAREGPT = [
     ({"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}, "unknown speaker 'alien'"),
     ({"conversations": [{"from": "gpt", "value": "y"}, {"from": "human", "value": "x"}]}, "turns out of order"),
-    ({"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "y"}]}, "content must be a non-empty string"),
-    ({"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "y"}]}, "content must be a non-empty string"),
+    ({"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "y"}]},
+     "content must be a non-empty string"),
+    ({"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "y"}]},
+     "content must be a non-empty string"),
     ({"conversations": []}, "missing or empty field 'conversations'"),
 ]
 

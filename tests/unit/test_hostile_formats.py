@@ -55,7 +55,8 @@ def test_a_corrupt_parquet_file_names_the_file_and_pyarrow_reason(tmp_path):
     ("g.jsonl", gzip.compress(JSONL.encode()), "not a JSONL text file: it is gzip-compressed; decompress it first"),
     ("z.csv", b"PK\x03\x04rest", "not a CSV text file: it is a zip archive; extract it first"),
     ("p.json", b"PAR1....PAR1", "not a JSON text file: it is a parquet file; name it .parquet"),
-    ("n.jsonl", b'{"prompt": "a\x00"}\n', "not a JSONL text file (it holds NUL bytes, so it is binary or in a wide encoding)"),
+    ("n.jsonl", b'{"prompt": "a\x00"}\n',
+     "not a JSONL text file (it holds NUL bytes, so it is binary or in a wide encoding)"),
     ("w.csv", codecs.BOM_UTF16_LE + "prompt,response\n".encode("utf-16-le"),
      "the file is UTF-16 text; save it as UTF-8 (in PowerShell, Out-File -Encoding utf8) and try again"),
 ])
@@ -105,7 +106,8 @@ def test_unreadable_and_special_paths(tmp_path):
     assert _error("  ").startswith("the data path is empty")
     long_name = tmp_path / ("a" * 300 + ".jsonl")
     assert _error(long_name).startswith(f"{long_name}: cannot look up this path (")
-    assert _error("~no-such-user-ftdeploy/x.jsonl").startswith("~no-such-user-ftdeploy/x.jsonl: no such file or directory")
+    assert _error("~no-such-user-ftdeploy/x.jsonl").startswith(
+        "~no-such-user-ftdeploy/x.jsonl: no such file or directory")
 
 
 def test_a_file_that_cannot_be_read(tmp_path, monkeypatch):
@@ -129,7 +131,8 @@ def test_a_missing_path_never_reaches_the_hub(tmp_path, monkeypatch):
     for spec in ("d/nonexist.jsonl", "./org/name", "../org/name", "data/train", "org/name.parquet", "org/name.txt"):
         assert "no such file or directory (looked for " in _error(spec), spec
     assert _error("d/nonexist.jsonl") == (f"d/nonexist.jsonl: no such file or directory (looked for "
-                                          f"{tmp_path}/d/nonexist.jsonl; the directory {tmp_path}/d does not exist either)")
+                                          f"{tmp_path}/d/nonexist.jsonl; "
+                                          f"the directory {tmp_path}/d does not exist either)")
 
 
 @pytest.mark.parametrize("spec,is_path", [

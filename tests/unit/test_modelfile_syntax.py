@@ -36,7 +36,8 @@ def test_random_values_read_back_exactly_or_are_refused_for_a_real_reason(seed):
     for _ in range(250):
         system, template = _random_text(rng), _random_text(rng) or "{{ .Prompt }}"
         stops = [_random_text(rng) or "<|im_end|>" for _ in range(rng.randint(0, 2))]
-        key = rng.choice(["temperature", "num_ctx", "top_k", "min_p", "stop", "bad key", "x\ny"] if rng.random() < 0.1 else
+        key = rng.choice(["temperature", "num_ctx", "top_k", "min_p", "stop", "bad key", "x\ny"]
+                         if rng.random() < 0.1 else
                          ["temperature", "num_ctx", "top_k", "min_p", "stop"])
         parameters = {key: rng.choice([0.7, 4096, True, _random_text(rng) or "v"])}
         spec = _spec(system, template, stops, parameters)

@@ -28,7 +28,8 @@ def test_an_installed_package_with_a_broken_dependency_is_not_called_missing(tmp
 
 
 def test_an_uncaught_import_error_of_a_known_module_becomes_the_same_message():
-    converted = missing_dependency(ModuleNotFoundError("No module named 'transformers.models'", name="transformers.models"))
+    converted = missing_dependency(ModuleNotFoundError("No module named 'transformers.models'",
+                                                       name="transformers.models"))
     assert isinstance(converted, MissingDependencyError) and converted.extra == "train"
     assert missing_dependency(ModuleNotFoundError("x", name="some_unrelated_module")) is None
     assert missing_dependency(ValueError("not an import error")) is None

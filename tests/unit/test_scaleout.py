@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from ftdeploy.cli import cli
 from ftdeploy.config import dump_config, load_config, split_global_batch
 from ftdeploy.distributed import launch_command
-from ftdeploy.strategy import check_strategy, strategy_args
 from ftdeploy.errors import ConfigError, OllamaError
 from ftdeploy.ollama import OllamaClient, expand_headers
 from ftdeploy.stages.modelfile import ModelfileSpec
 from ftdeploy.stages.register import blob_digests
 from ftdeploy.stages.train import trainer_kwargs
+from ftdeploy.strategy import check_strategy, strategy_args
 
 
 def _cfg(*sets):
@@ -85,7 +85,8 @@ def test_unsloth_is_ddp_only_and_deepspeed_must_be_installed():
 def test_launch_command_single_host_uses_a_free_port_and_multi_host_names_the_master(tmp_path):
     cmd = launch_command(_cfg("train.nproc=2"), tmp_path / "spec.json")
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert "--standalone" in cmd and "--nproc-per-node=2" in cmd and cmd[-2:] == ["ftdeploy.distributed", str(tmp_path / "spec.json")]
+    assert ("--standalone" in cmd and "--nproc-per-node=2" in cmd
+            and cmd[-2:] == ["ftdeploy.distributed", str(tmp_path / "spec.json")])
     multi = launch_command(_cfg("train.nproc=8", "train.nnodes=2", "train.node_rank=1", "train.master_addr=10.0.0.5",
                                 "train.keep_global_batch=false",
                                 "train.master_port=29400"), tmp_path / "s.json")
@@ -177,8 +178,8 @@ def test_cli_rejects_a_header_without_a_colon_and_a_push_without_a_namespace():
 
 
 def test_an_adapter_modelfile_points_at_the_registered_base():
-    spec = ModelfileSpec(gguf="g.gguf", template="{{ .Prompt }}", stops=["<|im_end|>"], base_name="ftdeploy-base-x:q4_k_m",
-                         adapter="runs/x/adapter")
+    spec = ModelfileSpec(gguf="g.gguf", template="{{ .Prompt }}", stops=["<|im_end|>"],
+                         base_name="ftdeploy-base-x:q4_k_m", adapter="runs/x/adapter")
     text = spec.render("./adapter")
     assert text.startswith("FROM ftdeploy-base-x:q4_k_m\nADAPTER ./adapter\n")
     assert "g.gguf" not in text
@@ -187,7 +188,8 @@ def test_an_adapter_modelfile_points_at_the_registered_base():
 def test_the_base_name_is_derived_from_the_base_model_and_quant():
     from ftdeploy.stage_runs import base_name
 
-    assert base_name(_cfg("base_model=unsloth/Llama-3.2-3B-Instruct"), "q4_k_m") == "ftdeploy-base-llama-3.2-3b-instruct:q4_k_m"
+    assert (base_name(_cfg("base_model=unsloth/Llama-3.2-3B-Instruct"), "q4_k_m")
+            == "ftdeploy-base-llama-3.2-3b-instruct:q4_k_m")
     assert base_name(_cfg("export.base_name=team/base:v1"), "q8_0") == "team/base:v1"
 
 

@@ -25,14 +25,16 @@ LLAMA32 = (
 )
 LLAMA3_PLAIN = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 CHATS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Port?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "Port?"}],
     [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
      {"role": "user", "content": "c"}],
 ]
@@ -69,8 +71,8 @@ def test_llama3_plain():
     assert "<|eot_id|>" in m.format.stops
 
 
-@pytest.mark.parametrize("template,bos", [(SMOLLM2, "<|endoftext|>"), (PLAIN_CHATML, ""), (LLAMA32, "<|begin_of_text|>"),
-                                          (LLAMA3_PLAIN, "<|begin_of_text|>")])
+@pytest.mark.parametrize("template,bos", [(SMOLLM2, "<|endoftext|>"), (PLAIN_CHATML, ""),
+                                          (LLAMA32, "<|begin_of_text|>"), (LLAMA3_PLAIN, "<|begin_of_text|>")])
 @pytest.mark.parametrize("chat", CHATS)
 def test_the_ollama_side_renders_exactly_what_training_rendered(template, bos, chat):
     render = jinja_renderer(template, bos, "")
@@ -82,7 +84,8 @@ def test_the_ollama_side_renders_exactly_what_training_rendered(template, bos, c
 
 
 def test_unknown_template_is_an_error_not_a_guess():
-    alpaca = "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}{% if add_generation_prompt %}### assistant:\n{% endif %}"
+    alpaca = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+              "{% if add_generation_prompt %}### assistant:\n{% endif %}")
     with pytest.raises(TemplateError, match="matches no supported format"):
         _mapping(alpaca)
 
