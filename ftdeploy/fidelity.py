@@ -17,10 +17,16 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 log = logging.getLogger(__name__)
 
+
+class GeneralPrompt(TypedDict):
+    """One row of the bundled general-knowledge set (demo/general.jsonl)."""
+
+    messages: list[dict[str, str]]
+    expect: str
 
 
 def normalize(text: str) -> str:
@@ -37,7 +43,7 @@ def contains(reply: str, expected: str, mode: str = "contains") -> bool:
     return any(alt.strip() and normalize(alt) in normalize(reply) for alt in expected.split("|"))
 
 
-def general_prompts() -> list[dict[str, str]]:
+def general_prompts() -> list[GeneralPrompt]:
     path = Path(str(resources.files("ftdeploy.demo").joinpath("general.jsonl")))
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -63,7 +69,7 @@ def token_fidelity(reference: Path, candidate: Path, texts: list[str], max_token
     cand_logits, _ = run(candidate)
     agree = total = 0
     nll_ref = nll_cand = 0.0
-    for r, c, toks in zip(ref_logits, cand_logits, tokens):
+    for r, c, toks in zip(ref_logits, cand_logits, tokens, strict=True):
         agree += int((r[:-1].argmax(-1) == c[:-1].argmax(-1)).sum())
         total += len(toks) - 1
         nxt = np.array(toks[1:])
@@ -105,20 +111,20 @@ def hf_answers(model_dir: Path | str, chats: list[list[dict[str, str]]], max_new
 def score(replies: list[str], expected: list[str], reference: list[str] | None = None,
           modes: list[str] | None = None) -> dict[str, Any]:
     modes = modes or ["contains"] * len(expected)
-    hits = [contains(r, e, m) for r, e, m in zip(replies, expected, modes)]
+    hits = [contains(r, e, m) for r, e, m in zip(replies, expected, modes, strict=True)]
     result: dict[str, Any] = {"match": round(sum(hits) / len(hits), 4) if hits else 0.0, "hits": sum(hits),
                               "total": len(hits)}
     if reference is not None:
-        same = [normalize(a) == normalize(b) for a, b in zip(replies, reference)]
+        same = [normalize(a) == normalize(b) for a, b in zip(replies, reference, strict=True)]
         result["agreement"] = round(sum(same) / len(same), 4) if same else 0.0
     return result
 
 
 def forgetting(base_replies: list[str], tuned_replies: list[str], expected: list[str]) -> dict[str, Any]:
-    base_ok = [contains(r, e) for r, e in zip(base_replies, expected)]
-    tuned_ok = [contains(r, e) for r, e in zip(tuned_replies, expected)]
+    base_ok = [contains(r, e) for r, e in zip(base_replies, expected, strict=True)]
+    tuned_ok = [contains(r, e) for r, e in zip(tuned_replies, expected, strict=True)]
     return {
         "prompts": len(expected), "base_correct": sum(base_ok), "tuned_correct": sum(tuned_ok),
-        "broken": sum(b and not t for b, t in zip(base_ok, tuned_ok)),
-        "changed": sum(normalize(a) != normalize(b) for a, b in zip(base_replies, tuned_replies)),
+        "broken": sum(b and not t for b, t in zip(base_ok, tuned_ok, strict=True)),
+        "changed": sum(normalize(a) != normalize(b) for a, b in zip(base_replies, tuned_replies, strict=True)),
     }

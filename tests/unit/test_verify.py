@@ -8,7 +8,7 @@ from ftdeploy.stages.verify import check, summarize
 
 
 def _summary(done_reasons, oks, parity_ok=True):
-    answers = [Answer("q", "e", "a", ok, r) for ok, r in zip(oks, done_reasons)]
+    answers = [Answer("q", "e", "a", ok, r) for ok, r in zip(oks, done_reasons, strict=True)]
     s = summarize(answers, 0.8)
     s.template_parity = TemplateParity(checked=3, passed=parity_ok,
                                        mismatches=[] if parity_ok else [ParityMismatch(raw="x", chat_answer="y")])
@@ -53,8 +53,9 @@ def test_match_modes_per_eval_row(tmp_path):
     assert contains("Port 7341.", "port 7341", "exact") and not contains("It is port 7341.", "port 7341", "exact")
     assert contains("The port is 7341", r"\b73\d\d\b", "regex") and not contains("port 1234", r"\b73\d\d\b", "regex")
     path = tmp_path / "eval.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "expect": "7[", "match": "regex"},
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "match": "fuzzy"}]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rows = [{"messages": messages, "expect": "7[", "match": "regex"},
+            {"messages": messages, "match": "fuzzy"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as err:
         load_records(str(path))
