@@ -217,8 +217,9 @@ class Run:
         """Time a stage and record its status and input fingerprint; the yielded dict is stored as its outputs."""
         outputs: dict[str, Any] = {}
         started = time.monotonic()
-        self.update(stages={name: {"status": "running", "started": _now(), "fingerprint": fingerprint}})
         try:
+            # Inside the try: a SIGTERM that lands just after "running" is written still marks the stage failed.
+            self.update(stages={name: {"status": "running", "started": _now(), "fingerprint": fingerprint}})
             yield outputs
         except BaseException as exc:
             self.update(stages={name: {
