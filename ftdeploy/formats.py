@@ -24,10 +24,10 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, TextIO
 
 from .errors import DataError
 from .optional import require
@@ -68,8 +68,12 @@ class Columns:
 # ---------------------------------------------------------------- reading rows
 
 
-def iter_rows(spec: str, hub_config: str | None = None, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """Yield (where, row) for every row of a file, a directory of files, or a Hub dataset."""
+def iter_rows(spec: str, hub_config: str | None = None, split: str = "train",
+              stream: bool = False) -> Iterator[tuple[str, Any]]:
+    """Yield (where, row) for every row of a file, a directory of files, or a Hub dataset.
+
+    With `stream`, JSONL, CSV and parquet files are read as they are iterated (memory flat in the rows; the
+    same rows and the same errors); a .json file is one document and is read whole either way."""
     if not spec.strip():
         raise DataError("the data path is empty; give a file, a directory or a Hugging Face dataset id (owner/name)")
     try:
@@ -85,10 +89,10 @@ def iter_rows(spec: str, hub_config: str | None = None, split: str = "train") ->
         if not files:
             raise DataError(f"{path}: the directory holds no {', '.join(FILE_SUFFIXES)} files")
         for f in files:
-            yield from _iter_file(f)
+            yield from _iter_file(f, stream)
         return
     if is_file:
-        yield from _iter_file(path)
+        yield from _iter_file(path, stream)
         return
     if exists:
         raise DataError(f"{spec}: not a regular file or directory (a pipe or device cannot be read as a dataset)")
@@ -135,10 +139,10 @@ def looks_like_path(spec: str) -> bool:
         return False
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_file(path: Path, stream: bool = False) -> Iterator[tuple[str, Any]]:
     """The one place a data file is opened: every way it can be unreadable ends as a DataError naming it."""
     suffix = path.suffix.lower()
-    reader = _READERS.get(suffix)
+    reader = (stream and _STREAM_READERS.get(suffix)) or _READERS.get(suffix)
     if reader is None:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use {', '.join(FILE_SUFFIXES)}")
     try:
@@ -148,7 +152,16 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(io.StringIO(_read_text(path, "JSONL"), newline=None), 1):
+    yield from _jsonl_rows(path, io.StringIO(_read_text(path, "JSONL"), newline=None))
+
+
+def _stream_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open_text(path, "JSONL", newline=None) as lines:
+        yield from _jsonl_rows(path, lines)
+
+
+def _jsonl_rows(path: Path, lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -176,7 +189,16 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    reader = csv.DictReader(io.StringIO(_read_text(path, "CSV"), newline=""))
+    yield from _csv_rows(path, io.StringIO(_read_text(path, "CSV"), newline=""))
+
+
+def _stream_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open_text(path, "CSV", newline="") as text:
+        yield from _csv_rows(path, text)
+
+
+def _csv_rows(path: Path, text: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    reader = csv.DictReader(text)
     try:
         for row in reader:
             yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
@@ -191,14 +213,32 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowException, ValueError, OSError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", first_line)
-        raise DataError(f"{path}: not a readable parquet file ({reason or type(exc).__name__})") from None
+        raise _not_parquet(path, exc) from None
     for i, row in enumerate(rows):
         yield f"{path}:row {i + 1}", row
 
 
+def _stream_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    pa = require("pyarrow", f"{path}: reading parquet")
+    pq = require("pyarrow.parquet", f"{path}: reading parquet")
+    i = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                i += 1
+                yield f"{path}:row {i}", row
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise _not_parquet(path, exc) from None
+
+
+def _not_parquet(path: Path, exc: BaseException) -> DataError:
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", first_line)
+    return DataError(f"{path}: not a readable parquet file ({reason or type(exc).__name__})")
+
+
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+_STREAM_READERS = {".jsonl": _stream_jsonl, ".csv": _stream_csv, ".parquet": _stream_parquet}
 # Binary formats that turn up under a text suffix, named so the error can say what the file is.
 _MAGIC = ((b"\x1f\x8b", "gzip-compressed; decompress it first"), (b"PK\x03\x04", "a zip archive; extract it first"),
           (b"PAR1", "a parquet file; name it .parquet"), (b"ARROW1", "an Arrow file; convert it to .parquet or .jsonl"))
@@ -210,23 +250,50 @@ def _read_text(path: Path, kind: str) -> str:
     """The file as UTF-8 text, a leading BOM dropped (Windows editors write one: the `utf-8-sig` reading);
     a binary, UTF-16 or non-UTF-8 file is an error saying which, with the line of the first bad byte."""
     raw = path.read_bytes()
-    for magic, what in _MAGIC:
-        if raw.startswith(magic):
-            raise DataError(f"{path}: not a {kind} text file: it is {what}")
-    for bom, encoding in _WIDE_BOMS:
-        if raw.startswith(bom):
-            raise DataError(f"{path}: the file is {encoding} text; save it as UTF-8 (in PowerShell, "
-                            "Out-File -Encoding utf8) and try again")
-    if b"\x00" in raw[:65536]:
-        raise DataError(f"{path}: not a {kind} text file (it holds NUL bytes, so it is binary or in a wide encoding)")
+    _check_head(path, kind, raw[:_HEAD_BYTES])
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         start = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)
         line = raw.count(b"\n", 0, start) + 1
         column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[start]:02x} at column {column}); save the file "
-                        "as UTF-8 (it may be Latin-1 or Windows-1252)") from None
+        raise _not_utf8(path, line, column, raw[start]) from None
+
+
+_HEAD_BYTES = 65536
+
+
+def _check_head(path: Path, kind: str, head: bytes) -> None:
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            raise DataError(f"{path}: not a {kind} text file: it is {what}")
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            raise DataError(f"{path}: the file is {encoding} text; save it as UTF-8 (in PowerShell, "
+                            "Out-File -Encoding utf8) and try again")
+    if b"\x00" in head:
+        raise DataError(f"{path}: not a {kind} text file (it holds NUL bytes, so it is binary or in a wide encoding)")
+
+
+def _not_utf8(path: Path, line: int, column: int, byte: int) -> DataError:
+    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at column {column}); save the file "
+                     "as UTF-8 (it may be Latin-1 or Windows-1252)")
+
+
+def _open_text(path: Path, kind: str, newline: str | None) -> TextIO:
+    """The file as a UTF-8 text stream (a leading BOM dropped), after the checks `_read_text` makes, with the same
+    errors: the whole file is checked first, one line at a time, so a bad byte far down is still reported before any
+    row is read, as when the file is read whole. UTF-8 never puts a newline byte inside a character, so decoding
+    line by line finds the same first bad byte."""
+    with open(path, "rb") as fh:
+        _check_head(path, kind, fh.read(_HEAD_BYTES))
+        fh.seek(0)
+        for lineno, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, lineno, exc.start + 1, line[exc.start]) from None
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def _json_reason(exc: BaseException) -> str:
@@ -421,21 +488,92 @@ def load_records(spec: str, layout: str = "auto", columns: Columns | None = None
     records: list[Record] = []
     bad: list[str] = []
     for where, row in rows:
-        result = convert_row(row, layout, columns)
+        result = _to_record(where, row, layout, columns, system_prompt)
         if isinstance(result, str):
-            bad.append(f"{where}: {result}")
-            continue
-        result.source = where
-        if isinstance(row, dict) and row.get("match"):
-            result.match = row["match"]
-        if system_prompt and result.messages and result.messages[0]["role"] != "system":
-            result.messages.insert(0, {"role": "system", "content": system_prompt})
-        records.append(result)
+            bad.append(result)
+        else:
+            records.append(result)
+    _check_rows(spec, layout, on_bad_row, bad, len(records))
+    return LoadResult(records, layout, bad)
+
+
+def _to_record(where: str, row: Any, layout: str, columns: Columns, system_prompt: str | None) -> Record | str:
+    """The row as a Record, or the bad-row line naming where it came from."""
+    result = convert_row(row, layout, columns)
+    if isinstance(result, str):
+        return f"{where}: {result}"
+    result.source = where
+    if isinstance(row, dict) and row.get("match"):
+        result.match = row["match"]
+    if system_prompt and result.messages and result.messages[0]["role"] != "system":
+        result.messages.insert(0, {"role": "system", "content": system_prompt})
+    return result
+
+
+def _check_rows(spec: str, layout: str, on_bad_row: str, bad: list[str], n_records: int) -> None:
     if bad and on_bad_row == "error":
         listed = "\n  ".join(bad[:MAX_LISTED])
         more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         raise DataError(f"{spec}: {len(bad)} bad row{'s' * (len(bad) > 1)} ({layout} layout; "
                         f"--on-bad-row skip to drop them):\n  {listed}{more}")
-    if not records:
+    if not n_records:
         raise DataError(f"{spec}: no usable rows" + (f" ({len(bad)} bad rows skipped)" if bad else ""))
-    return LoadResult(records, layout, bad)
+
+
+class RecordStream:
+    """`load_records` for datasets of any size: the records are read as they are iterated, so memory stays flat in
+    the rows, and each iteration is a fresh pass over the source.
+
+    What differs from `load_records` is only when an error is raised, never which: the layout is detected from the
+    first rows at construction (a file-level error anywhere in the source still wins over a layout error, as when
+    the source is read whole), and the end of each pass raises the bad-row or no-usable-rows error `load_records`
+    would have raised. `bad` lists the bad rows of the last complete pass. A caller that fails part-way through a
+    pass for a reason of its own calls `check()` first, so that an error of the source itself is the one reported.
+    """
+
+    def __init__(self, spec: str, layout: str = "auto", columns: Columns | None = None, on_bad_row: str = "error",
+                 system_prompt: str | None = None, hub_config: str | None = None, split: str = "train"):
+        self.spec, self.columns, self.on_bad_row = spec, columns or Columns(), on_bad_row
+        self.system_prompt, self._hub_config, self._split = system_prompt, hub_config, split
+        self.bad: list[str] = []
+        self.records = 0  # records of the last complete pass
+        rows = self._rows()
+        head = list(itertools.islice(rows, 200))
+        if not head:
+            raise DataError(f"{spec}: the dataset is empty")
+        if layout == "auto":
+            try:
+                layout = detect_layout(head, self.columns, spec)
+            except DataError:
+                for _ in rows:  # a file-level error further down is the one the whole-file read reports
+                    pass
+                raise
+        self.layout = layout
+        self._pending: tuple[list[tuple[str, Any]], Iterator[tuple[str, Any]]] | None = (head, rows)
+
+    def _rows(self) -> Iterator[tuple[str, Any]]:
+        return iter_rows(self.spec, self._hub_config, self._split, stream=True)
+
+    def __iter__(self) -> Iterator[Record]:
+        if self._pending is not None:  # the first pass reuses the rows read to detect the layout
+            head, rest = self._pending
+            self._pending = None
+            rows: Iterator[tuple[str, Any]] = itertools.chain(head, rest)
+        else:
+            rows = self._rows()
+        bad: list[str] = []
+        n_records = 0
+        for where, row in rows:
+            result = _to_record(where, row, self.layout, self.columns, self.system_prompt)
+            if isinstance(result, str):
+                bad.append(result)
+                continue
+            n_records += 1
+            yield result
+        self.bad, self.records = bad, n_records
+        _check_rows(self.spec, self.layout, self.on_bad_row, bad, n_records)
+
+    def check(self) -> None:
+        """One pass that only reads and validates: raises what the end of a pass raises."""
+        for _ in self:
+            pass

@@ -3,28 +3,44 @@
 Each conversation is rendered with the base model's own chat template. Loss falls on the
 assistant turns only (by default), and each assistant turn's end-of-turn token is inside the
 loss, so the model learns to stop. A row that would train on nothing is an error naming it.
+
+`tokenize_conversation` is the definition of the labels: the assistant span of turn i runs from
+the end of the conversation before it (rendered with the generation prompt) to the end of the
+conversation through it, and a token is trained when it starts inside a span. The data stage
+computes exactly that, faster (`tokenize_records`): the same compiled template without
+apply_chat_template's per-call overhead, the tokenizer's Rust backend over many rows at once on a
+thread of its own, and the labels by bisecting the token starts; the records stream from the
+source to train.jsonl, so memory stays flat in the rows. The first rows are also done the
+definition's way, and any difference sends the whole dataset down that exact slow path.
 """
 
 from __future__ import annotations
 
+import array
+import bisect
+import itertools
 import json
 import logging
+import operator
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..config import DEMO_DATA, DataConfig
 from ..errors import DataError
-from ..formats import Columns, LoadResult, Record, load_records
+from ..formats import Columns, LoadResult, Record, RecordStream, load_records
 from ..runs import atomic_path
 from ..templates import TemplateMapping
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+BATCH_ROWS = 512  # rows rendered, then tokenized together on the backend's threads
+GUARD_ROWS = 64  # first rows done both ways; one difference and the exact slow path does them all
 
 
 @dataclass
@@ -41,9 +57,20 @@ class DataStats:
     truncated: int = 0
     trained_tokens: int = 0
     total_tokens: int = 0
-    lengths: list[int] = field(default_factory=list)
+    max_length: int = 0
     layout: str = ""
     bad_rows: list[str] = field(default_factory=list)
+
+    def add(self, tok: Tokenized) -> None:
+        self.rows += 1
+        self.truncated += tok.truncated
+        self.total_tokens += len(tok.input_ids)
+        self.trained_tokens += len(tok.labels) - tok.labels.count(IGNORE_INDEX)
+        self.max_length = max(self.max_length, len(tok.input_ids))
+
+    @property
+    def mean_length(self) -> float:
+        return round(self.total_tokens / self.rows, 1) if self.rows else 0.0
 
 
 def demo_path(split: str) -> Path:
@@ -61,6 +88,13 @@ def read_records(cfg: DataConfig, spec: str, split: str = "train") -> LoadResult
     source = str(demo_path(split)) if spec == DEMO_DATA else spec
     columns = Columns(**cfg.columns) if cfg.columns else Columns()
     return load_records(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split)
+
+
+def stream_records(cfg: DataConfig, spec: str, split: str = "train") -> RecordStream:
+    """`read_records` as a stream: the same records and errors, read as they are used."""
+    source = str(demo_path(split)) if spec == DEMO_DATA else spec
+    columns = Columns(**cfg.columns) if cfg.columns else Columns()
+    return RecordStream(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split)
 
 
 def tokenize_conversation(
@@ -122,31 +156,285 @@ def tokenize_text(text: str, tokenizer: Any, max_seq_length: int) -> Tokenized:
     return Tokenized(ids, list(ids), truncated)
 
 
+# ---------------------------------------------------------------- many records at once
+
+
+Outcome = Tokenized | BaseException  # what a record gives: its tokens, or the error tokenizing it raises
+
+
+def tokenize_records(records: Iterable[Record], tokenizer: Any, mapping: TemplateMapping, max_seq_length: int,
+                     train_on: str = "assistant") -> Iterator[tuple[Record, Tokenized]]:
+    """`tokenize_conversation` / `tokenize_text` for every record, in order, many at a time; the first record whose
+    tokenization fails raises its error here, after the records before it.
+
+    Exact by construction (the same compiled chat template with the same variables, the same Rust tokenizer with the
+    same settings, the same rule for labels), and checked: the first GUARD_ROWS records are also tokenized one by one
+    through apply_chat_template, and if any result differs (a template or tokenizer the fast path does not reproduce),
+    every record is tokenized that way."""
+    it = iter(records)
+
+    def exact(rec: Record) -> Tokenized:
+        if rec.text is not None:
+            return tokenize_text(rec.text, tokenizer, max_seq_length)
+        assert rec.messages is not None, "a record holds text or messages"
+        return tokenize_conversation(rec.messages, tokenizer, mapping, max_seq_length, train_on, rec.source)
+
+    fast = _FastTokenizer.create(tokenizer, mapping, max_seq_length, train_on, exact)
+    if fast is not None:
+        head = list(itertools.islice(it, GUARD_ROWS))
+        expected = [_outcome(exact, rec) for rec in head]
+        for rec, want, got in zip(head, expected, fast.run(head), strict=True):
+            if not _same(want, got):
+                log.warning("%s: the fast data path differs from apply_chat_template here (%s); preparing every row "
+                            "the exact slow way", rec.source, _describe(want, got))
+                fast = None
+                break
+        for rec, outcome in zip(head, expected, strict=True):
+            yield rec, _result(outcome)
+    if fast is None:
+        for rec in it:
+            yield rec, exact(rec)
+        return
+    yield from fast.stream(it)
+
+
+def _outcome(fn: Callable[[Record], Tokenized], rec: Record) -> Outcome:
+    try:
+        return fn(rec)
+    except Exception as exc:  # kept to be compared, then raised in its place in the order
+        return exc
+
+
+def _result(outcome: Outcome) -> Tokenized:
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _same(a: Outcome, b: Outcome) -> bool:
+    if isinstance(a, BaseException) or isinstance(b, BaseException):
+        return type(a) is type(b) and str(a) == str(b)
+    return a == b
+
+
+def _describe(want: Outcome, got: Outcome) -> str:
+    if isinstance(want, BaseException) or isinstance(got, BaseException):
+        return f"expected {want!r}, got {got!r}"
+    return f"expected {len(want.input_ids)} tokens, {want.labels.count(IGNORE_INDEX)} masked; got " \
+           f"{len(got.input_ids)} tokens, {got.labels.count(IGNORE_INDEX)} masked"
+
+
+@dataclass
+class _Item:
+    """A record rendered and ready for the tokenizer."""
+
+    record: Record
+    text: str | None = None  # what the tokenizer reads
+    spans: list[tuple[int, int]] | None = None  # assistant spans in `text` (conversations)
+    error: Exception | None = None  # the error tokenize_conversation raises for it, once it is this record's turn
+    exact: bool = False  # the fast renderer failed on it: the one-by-one path gives its outcome (or error)
+
+
+class _FastTokenizer:
+    """Renders with the compiled chat template itself and tokenizes many texts in one call to the Rust backend."""
+
+    def __init__(self, template: Any, context: dict[str, Any], backend: Any, end_of_turn: str, eot_id: int | None,
+                 eos_id: int | None, max_seq_length: int, train_on: str, exact: Callable[[Record], Tokenized]):
+        self.template, self.context, self.backend = template, context, backend
+        self.end_of_turn, self.eot_id, self.eos_id = end_of_turn, eot_id, eos_id
+        self.max_seq_length, self.train_on, self.exact = max_seq_length, train_on, exact
+
+    @classmethod
+    def create(cls, tokenizer: Any, mapping: TemplateMapping, max_seq_length: int, train_on: str,
+               exact: Callable[[Record], Tokenized]) -> _FastTokenizer | None:
+        """The fast path for this tokenizer, or None (logged) where its pieces are not there to be had."""
+        try:
+            from tokenizers import Tokenizer
+
+            # The function apply_chat_template compiles (and caches) the template with: the same sandboxed
+            # environment, filters and globals, so the same text for the same variables.
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            template = _compile_jinja_template(tokenizer.get_chat_template())
+            # A copy of the backend apply_chat_template's tokenizer call runs, set the way that call sets it: no
+            # truncation, no padding, special tokens recognised unless the tokenizer splits them.
+            backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+            backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+            context = dict(tokenizer.special_tokens_map)
+        except Exception as exc:  # an older or newer transformers, a tokenizer without a Rust backend
+            log.info("fast data path unavailable (%s: %s); tokenizing one row at a time", type(exc).__name__, exc)
+            return None
+        eot_id = tokenizer.convert_tokens_to_ids(mapping.end_of_turn)
+        return cls(template, context, backend, mapping.end_of_turn, eot_id, tokenizer.eos_token_id, max_seq_length,
+                   train_on, exact)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        # The variables apply_chat_template gives the template: tools and documents (none), the special tokens.
+        text: str = self.template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.context)
+        return text
+
+    def prepare(self, rec: Record) -> _Item:
+        """Render as tokenize_conversation does, with the same checks and errors; one render fewer, since the
+        conversation through its last turn is the whole conversation."""
+        item = _Item(rec)
+        if rec.text is not None:
+            item.text = rec.text
+            return item
+        messages = rec.messages
+        assert messages is not None, "a record holds text or messages"
+        try:
+            full = self.render(messages, False)
+            spans: list[tuple[int, int]] = []
+            for i, m in enumerate(messages):
+                if m["role"] != "assistant":
+                    continue
+                prefix = self.render(messages[:i], True)
+                through = full if i + 1 == len(messages) else self.render(messages[: i + 1], False)
+                if not (through.startswith(prefix) and full.startswith(through)):
+                    item.error = DataError(
+                        f"{rec.source}: the chat template does not render this conversation turn by turn "
+                        "(an earlier turn changes when later ones are added), so the assistant span cannot be located"
+                    )
+                    return item
+                spans.append((len(prefix), len(through)))
+        except Exception:  # the template raised: the one-by-one path raises the same, from apply_chat_template
+            item.exact = True
+            return item
+        item.text, item.spans = full, spans
+        return item
+
+    def encode(self, items: list[_Item]) -> tuple[list[Any], list[Any]]:
+        """Runs on the worker thread; the backend releases the GIL and spreads the batch over its threads."""
+        chats = [it.text for it in items if it.spans is not None]
+        texts = [it.text for it in items if it.spans is None and it.text is not None]
+        return (self.backend.encode_batch(chats, add_special_tokens=False) if chats else [],
+                self.backend.encode_batch(texts, add_special_tokens=True) if texts else [])
+
+    def finish(self, items: list[_Item], encodings: tuple[list[Any], list[Any]]) -> list[Outcome]:
+        chats, texts = iter(encodings[0]), iter(encodings[1])
+        out: list[Outcome] = []
+        for it in items:
+            if it.exact:
+                out.append(_outcome(self.exact, it.record))
+            elif it.error is not None:
+                out.append(it.error)
+            elif it.spans is None:
+                out.append(self._text(next(texts).ids))
+            else:
+                try:
+                    out.append(self._label(it.record, next(chats), it.spans))
+                except DataError as exc:
+                    out.append(exc)
+        return out
+
+    def _text(self, encoded: list[int]) -> Tokenized:
+        ids: list[Any] = encoded + [self.eos_id]  # tokenize_text appends eos_token_id as it is, None included
+        truncated = len(ids) > self.max_seq_length
+        ids = ids[: self.max_seq_length]
+        return Tokenized(ids, list(ids), truncated)
+
+    def _label(self, rec: Record, encoding: Any, spans: list[tuple[int, int]]) -> Tokenized:
+        """tokenize_conversation's labels, checks and errors from the encoding of the whole conversation."""
+        ids: list[int] = encoding.ids
+        if self.train_on == "all":
+            labels = list(ids)
+        else:
+            starts = [start for start, _end in encoding.offsets]
+            if all(map(operator.le, starts, itertools.islice(starts, 1, None))):
+                # Token starts in order: the tokens starting inside [s, e) are one run, found by bisection.
+                labels = [IGNORE_INDEX] * len(ids)
+                for s, e in spans:
+                    a = bisect.bisect_left(starts, s)
+                    b = bisect.bisect_left(starts, e, a)
+                    labels[a:b] = ids[a:b]
+            else:
+                labels = [tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+                          for tok, start in zip(ids, starts, strict=True)]
+        if self.eot_id is None or self.eot_id not in labels:
+            raise DataError(
+                f"{rec.source}: the end-of-turn token {self.end_of_turn!r} is not inside the trained span; "
+                "the model would never learn to stop"
+            )
+        truncated = len(ids) > self.max_seq_length
+        if truncated:
+            ids, labels = ids[: self.max_seq_length], labels[: self.max_seq_length]
+        if labels.count(IGNORE_INDEX) == len(labels):
+            raise DataError(
+                f"{rec.source}: no trainable tokens left"
+                + (f" after truncation to max_seq_length={self.max_seq_length}" if truncated else "")
+            )
+        return Tokenized(ids, labels, truncated)
+
+    def run(self, records: list[Record]) -> list[Outcome]:
+        """Each record's outcome, errors kept in place rather than raised."""
+        items = [self.prepare(rec) for rec in records]
+        return self.finish(items, self.encode(items))
+
+    def stream(self, records: Iterator[Record]) -> Iterator[tuple[Record, Tokenized]]:
+        """Renders batch k+1 and labels batch k-1 while the backend tokenizes batch k."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftdeploy-tokenize") as pool:
+            pending: tuple[list[_Item], Future[tuple[list[Any], list[Any]]]] | None = None
+            while batch := list(itertools.islice(records, BATCH_ROWS)):
+                items = [self.prepare(rec) for rec in batch]
+                submitted = pool.submit(self.encode, items)
+                if pending is not None:
+                    yield from self._results(*pending)
+                pending = (items, submitted)
+            if pending is not None:
+                yield from self._results(*pending)
+
+    def _results(self, items: list[_Item],
+                 future: Future[tuple[list[Any], list[Any]]]) -> Iterator[tuple[Record, Tokenized]]:
+        for it, outcome in zip(items, self.finish(items, future.result()), strict=True):
+            yield it.record, _result(outcome)
+
+
 def pack(rows: list[dict[str, Any]], max_seq_length: int) -> list[dict[str, Any]]:
     """Greedy packing of tokenized rows into sequences of at most max_seq_length (labels kept per row).
 
     As in TRL's wrapped packing, packed conversations attend to each other; it trades that for
     fewer pad tokens on many short rows."""
-    packed: list[dict[str, Any]] = []
-    current: dict[str, Any] = {"input_ids": [], "labels": [], "source": "packed"}
-    for row in sorted(rows, key=lambda r: -len(r["input_ids"])):
-        if current["input_ids"] and len(current["input_ids"]) + len(row["input_ids"]) > max_seq_length:
-            packed.append(current)
-            current = {"input_ids": [], "labels": [], "source": "packed"}
-        current["input_ids"] = current["input_ids"] + row["input_ids"]
-        current["labels"] = current["labels"] + row["labels"]
-    if current["input_ids"]:
-        packed.append(current)
+    packed = []
+    for group in pack_groups([len(r["input_ids"]) for r in rows], max_seq_length):
+        packed.append({"input_ids": [t for i in group for t in rows[i]["input_ids"]],
+                       "labels": [t for i in group for t in rows[i]["labels"]], "source": "packed"})
     return packed
 
 
-def split_eval(examples: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
+def pack_groups(lengths: Iterable[int], max_seq_length: int) -> list[list[int]]:
+    """Which rows (by index) each packed sequence holds: longest first, each row into the current sequence
+    while it fits, else into a new one."""
+    order = sorted(range(len(lengths := list(lengths))), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i in order:
+        if current and size + lengths[i] > max_seq_length:
+            groups.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += lengths[i]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def held_out(n: int, fraction: float, seed: int) -> set[int]:
+    """Indices of the records held out for eval (deterministic by seed)."""
+    if fraction <= 0 or n < 2:
+        return set()
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(len(examples) * fraction)))
-    held = set(order[:n_eval])
+    return set(order[: max(1, int(round(n * fraction)))])
+
+
+def split_eval(examples: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    held = held_out(len(examples), fraction, seed)
+    if not held:
+        return examples, []
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
@@ -156,52 +444,124 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def _eval_line(rec: Record) -> str:
+    return json.dumps({"messages": rec.messages, "expect": rec.expect, "match": rec.match, "source": rec.source},
+                      ensure_ascii=False) + "\n"
+
+
+class _TrainWriter:
+    """Writes train.jsonl as rows come; with packing, rows go to a spool file first, and only each row's length
+    and place in it are kept (two numbers a row) until the packed sequences are written."""
+
+    def __init__(self, path: Path, packing: bool, max_seq_length: int):
+        self.path, self.packing, self.max_seq_length = path, packing, max_seq_length
+        self.spool = path.with_name(".unpacked.jsonl")
+        self.fh: IO[str] = open(self.spool if packing else path, "w", encoding="utf-8")
+        self.lengths = array.array("L")
+        self.offsets = array.array("Q")
+        self.at = 0
+        self.packed = 0
+
+    def write(self, tok: Tokenized, source: str) -> None:
+        line = json.dumps({"input_ids": tok.input_ids, "labels": tok.labels, "source": source},
+                          ensure_ascii=False) + "\n"
+        self.fh.write(line)
+        if self.packing:
+            self.lengths.append(len(tok.input_ids))
+            self.offsets.append(self.at)
+            self.at += len(line.encode("utf-8"))
+
+    def close(self) -> None:
+        self.fh.close()
+        if not self.packing:
+            return
+        with open(self.spool, "rb") as rows, open(self.path, "w", encoding="utf-8") as out:
+            for group in pack_groups(self.lengths, self.max_seq_length):
+                ids: list[int] = []
+                labels: list[int] = []
+                for i in group:
+                    rows.seek(self.offsets[i])
+                    row = json.loads(rows.readline())
+                    ids += row["input_ids"]
+                    labels += row["labels"]
+                out.write(json.dumps({"input_ids": ids, "labels": labels, "source": "packed"},
+                                     ensure_ascii=False) + "\n")
+                self.packed += 1
+        self.spool.unlink()
+
+
 def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_dir: Path, seed: int) -> DataStats:
-    """Validate, split, tokenize; write train.jsonl (ids + labels), eval.jsonl (chats) and stats.json."""
-    loaded = read_records(cfg, cfg.train, "train")
-    examples = loaded.records
-    if cfg.eval:
-        eval_examples = read_records(cfg, cfg.eval, "eval").records
-    elif cfg.train == DEMO_DATA and cfg.eval_split == 0:
-        eval_examples = read_records(cfg, DEMO_DATA, "eval").records
-    else:
-        examples, eval_examples = split_eval(examples, cfg.eval_split, seed)
-    if loaded.bad:
-        log.warning("skipped %d bad rows (--on-bad-row skip):\n  %s", len(loaded.bad), "\n  ".join(loaded.bad[:20]))
+    """Validate, split, tokenize; write train.jsonl (ids + labels), eval.jsonl (chats) and stats.json.
 
-    stats = DataStats(rows=len(examples), eval_rows=len(eval_examples), layout=loaded.layout, bad_rows=loaded.bad)
-    tokenized = []
-    for ex in examples:
-        if ex.text is not None:
-            tok = tokenize_text(ex.text, tokenizer, cfg.max_seq_length)
-        else:
-            assert ex.messages is not None, "a record holds text or messages"
-            tok = tokenize_conversation(ex.messages, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, ex.source)
-        stats.truncated += tok.truncated
-        stats.total_tokens += len(tok.input_ids)
-        stats.trained_tokens += sum(1 for lab in tok.labels if lab != IGNORE_INDEX)
-        stats.lengths.append(len(tok.input_ids))
-        tokenized.append({"input_ids": tok.input_ids, "labels": tok.labels, "source": ex.source})
-    if cfg.packing:
-        tokenized = pack(tokenized, cfg.max_seq_length)
-    if stats.truncated:
-        log.warning("%d of %d conversations were longer than max_seq_length=%d and were truncated",
-                    stats.truncated, stats.rows, cfg.max_seq_length)
+    The records stream from the source through the tokenizer into train.jsonl: memory stays flat in the rows
+    (packing keeps two numbers a row; an eval split, one bit of bookkeeping a row and a counting pass first)."""
+    train = stream_records(cfg, cfg.train, "train")
+    eval_stream: RecordStream | None = None
+    held: set[int] = set()
+    try:
+        if cfg.eval:
+            eval_stream = stream_records(cfg, cfg.eval, "eval")
+        elif cfg.train == DEMO_DATA and cfg.eval_split == 0:
+            eval_stream = stream_records(cfg, DEMO_DATA, "eval")
+        elif cfg.eval_split > 0:
+            train.check()  # a counting pass: which rows are held out depends on how many there are
+            held = held_out(train.records, cfg.eval_split, seed)
+    except DataError:
+        train.check()  # the train file's own errors come first, as when both were read whole
+        raise
 
+    stats = DataStats(layout=train.layout)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        _write_jsonl(tmp / "train.jsonl", tokenized)
-        _write_jsonl(tmp / "eval.jsonl", (
-            {"messages": e.messages, "expect": e.expect, "match": e.match, "source": e.source}
-            for e in eval_examples if e.messages))
+        writer = _TrainWriter(tmp / "train.jsonl", cfg.packing, cfg.max_seq_length)
+        try:
+            with open(tmp / "eval.jsonl", "w", encoding="utf-8") as eval_fh:
+                try:
+                    if eval_stream is not None:
+                        for rec in eval_stream:
+                            stats.eval_rows += 1
+                            if rec.messages:
+                                eval_fh.write(_eval_line(rec))
+                    records: Iterable[Record] = train
+                    if held:
+                        records = _hold_out(train, held, eval_fh, stats)
+                    for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on):
+                        stats.add(tok)
+                        writer.write(tok, rec.source)
+                except DataError:
+                    train.check()
+                    raise
+        finally:
+            writer.fh.close()
+        if not stats.rows:
+            raise DataError(f"{cfg.train}: no rows left to train on after holding out {stats.eval_rows} for eval "
+                            f"(data.eval_split={cfg.eval_split})")
+        writer.close()
+        stats.bad_rows = train.bad
+        if train.bad:
+            log.warning("skipped %d bad rows (--on-bad-row skip):\n  %s", len(train.bad), "\n  ".join(train.bad[:20]))
+        if stats.truncated:
+            log.warning("%d of %d conversations were longer than max_seq_length=%d and were truncated",
+                        stats.truncated, stats.rows, cfg.max_seq_length)
         (tmp / "stats.json").write_text(json.dumps({
             "rows": stats.rows, "eval_rows": stats.eval_rows, "truncated": stats.truncated,
             "trained_tokens": stats.trained_tokens, "total_tokens": stats.total_tokens,
-            "max_length": max(stats.lengths), "mean_length": round(sum(stats.lengths) / len(stats.lengths), 1),
-            "train_source": cfg.train, "layout": loaded.layout, "bad_rows": len(loaded.bad),
-            "packed_sequences": len(tokenized) if cfg.packing else None, "chat_format": mapping.format.name,
+            "max_length": stats.max_length, "mean_length": stats.mean_length,
+            "train_source": cfg.train, "layout": train.layout, "bad_rows": len(train.bad),
+            "packed_sequences": writer.packed if cfg.packing else None, "chat_format": mapping.format.name,
         }, indent=2))
     return stats
+
+
+def _hold_out(records: Iterable[Record], held: set[int], eval_fh: IO[str], stats: DataStats) -> Iterator[Record]:
+    """The records not held out; the held-out ones go to eval.jsonl on the way."""
+    for i, rec in enumerate(records):
+        if i in held:
+            stats.eval_rows += 1
+            if rec.messages:
+                eval_fh.write(_eval_line(rec))
+        else:
+            yield rec
 
 
 def load_tokenized(data_dir: Path) -> list[dict[str, list[int]]]:
@@ -260,20 +620,20 @@ def mark_trained(tokenizer: Any, tok: Tokenized, open_mark: str = "[[", close_ma
 def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMapping,
                  plot_path: Path | None) -> dict[str, Any]:
     """Layout, row counts, token-length statistics and histogram, and one example with its trained span marked."""
-    loaded = read_records(cfg, spec, "train")
-    lengths, example, truncated = [], None, 0
-    for rec in loaded.records:
-        if rec.text is not None:
-            tok = tokenize_text(rec.text, tokenizer, cfg.max_seq_length)
-        else:
-            assert rec.messages is not None, "a record holds text or messages"
-            tok = tokenize_conversation(rec.messages, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, rec.source)
-        lengths.append(len(tok.input_ids))
-        truncated += tok.truncated
-        if example is None:
-            example = {"source": rec.source, "rendered": mark_trained(tokenizer, tok)}
+    records = stream_records(cfg, spec, "train")
+    lengths: list[int] = []
+    example, truncated = None, 0
+    try:
+        for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on):
+            lengths.append(len(tok.input_ids))
+            truncated += tok.truncated
+            if example is None:
+                example = {"source": rec.source, "rendered": mark_trained(tokenizer, tok)}
+    except DataError:
+        records.check()  # the file's own errors (bad rows) come first, as when it was read whole
+        raise
     result = {
-        "format": loaded.layout, "rows": len(loaded.records), "bad_rows": len(loaded.bad), "bad": loaded.bad[:50],
+        "format": records.layout, "rows": records.records, "bad_rows": len(records.bad), "bad": records.bad[:50],
         "truncated": truncated, "max_seq_length": cfg.max_seq_length, "tokens": length_stats(lengths),
         "histogram": [{"low": lo, "high": hi, "count": c} for lo, hi, c in histogram(lengths)],
         "chat_format": mapping.format.name, "example": example,
@@ -289,7 +649,7 @@ def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMa
         ax.axvline(cfg.max_seq_length, color="red", linestyle="--", label="max_seq_length")
         ax.set_xlabel("tokens per example")
         ax.set_ylabel("examples")
-        ax.set_title(f"{Path(spec).name}: {len(lengths)} examples ({loaded.layout})")
+        ax.set_title(f"{Path(spec).name}: {len(lengths)} examples ({records.layout})")
         ax.legend()
         fig.tight_layout()
         with atomic_path(plot_path) as tmp:

@@ -1,0 +1,299 @@
+"""The data stage's fast path (`tokenize_records`, and `prepare_data` streaming through it) gives the labels that
+`tokenize_conversation` / `tokenize_text` define, bit for bit: every layout, both bundled chat formats (ChatML as in
+SmolLM2, Llama 3 as in Llama 3.2, whose template trims contents and writes BOS), with the same errors, in the same
+order, naming the same file:line."""
+
+import json
+import logging
+import random
+
+import pytest
+from conftest import CHATML_TEMPLATE, build_tiny_tokenizer
+
+from ftdeploy.config import DataConfig
+from ftdeploy.errors import DataError
+from ftdeploy.formats import load_records
+from ftdeploy.stages import data
+from ftdeploy.stages.data import (
+    IGNORE_INDEX,
+    pack,
+    prepare_data,
+    split_eval,
+    tokenize_conversation,
+    tokenize_records,
+    tokenize_text,
+)
+from ftdeploy.templates import match_chat_template
+
+LLAMA32_TEMPLATE = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Cutting Knowledge Date: December 2023\n' }}"
+    "{{- 'Today Date: 26 Jul 2024\n\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+FORMATS = {
+    "chatml": dict(chat_template=CHATML_TEMPLATE),
+    "llama3": dict(chat_template=LLAMA32_TEMPLATE, eos="<|eot_id|>",
+                   specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+}
+LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "text")
+MAX_LEN = 256  # some rows are longer: truncation is part of what is compared
+WORDS = ("The Zephyr service uses port 7341 . What does hello world system user assistant café 東京 🚀 "
+         "  spaced  \n newline \t tab <|im_end|> <|eot_id|> <|im_start|> 0.5 1234567").split(" ")
+
+
+@pytest.fixture(params=sorted(FORMATS))
+def chat(request):
+    tok = build_tiny_tokenizer(**FORMATS[request.param])
+    mapping = match_chat_template(
+        lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), tok.bos_token)
+    assert mapping.format.name == request.param
+    return tok, mapping
+
+
+@pytest.fixture
+def every_row_fast(monkeypatch):
+    """No guard rows and small batches: every row takes the fast path, across many batch boundaries."""
+    monkeypatch.setattr(data, "GUARD_ROWS", 0)
+    monkeypatch.setattr(data, "BATCH_ROWS", 7)
+
+
+def _text(rng, lo=1, hi=12):
+    words = rng.choices(WORDS, k=rng.randint(lo, hi))
+    text = " ".join(words)
+    return text if text.strip() else "hello"
+
+
+def _conversation(rng):
+    turns = []
+    if rng.random() < 0.3:
+        turns.append({"role": "system", "content": _text(rng)})
+    for _ in range(rng.randint(1, 3)):
+        turns.append({"role": "user", "content": _text(rng)})
+        turns.append({"role": "assistant", "content": _text(rng, 1, 60 if rng.random() < 0.2 else 12)})
+    if rng.random() < 0.15:
+        turns.append({"role": "user", "content": _text(rng)})  # a conversation may end on a question
+    return turns
+
+
+def _row(layout, rng):
+    turns = _conversation(rng)
+    first = next(t for t in turns if t["role"] == "user")["content"]
+    answer = next(t for t in turns if t["role"] == "assistant")["content"]
+    if layout == "messages":
+        return {"messages": turns}
+    if layout == "sharegpt":
+        speaker = {"system": "system", "user": rng.choice(["human", "user"]), "assistant": rng.choice(["gpt", "model"])}
+        return {"conversations": [{"from": speaker[t["role"]], "value": t["content"]} for t in turns]}
+    if layout == "alpaca":
+        row = {"instruction": first, "input": _text(rng) if rng.random() < 0.5 else "", "output": answer}
+        return {**row, "system": _text(rng)} if rng.random() < 0.3 else row
+    if layout == "pairs":
+        return {"prompt": first, "response": answer}
+    return {"text": " ".join(t["content"] for t in turns)}
+
+
+def _dataset(tmp_path, layout, n=150, seed=0):
+    rng = random.Random(f"{layout}-{seed}")
+    path = tmp_path / f"{layout}.jsonl"
+    path.write_text("".join(json.dumps(_row(layout, rng), ensure_ascii=False) + "\n" for _ in range(n)),
+                    encoding="utf-8")
+    return path
+
+
+def _reference(rec, tok, mapping, max_len=MAX_LEN, train_on="assistant"):
+    """The definition, one record at a time through apply_chat_template."""
+    if rec.text is not None:
+        return tokenize_text(rec.text, tok, max_len)
+    return tokenize_conversation(rec.messages, tok, mapping, max_len, train_on, rec.source)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_labels_are_tokenize_conversations_bit_for_bit(tmp_path, chat, layout, every_row_fast):
+    tok, mapping = chat
+    records = load_records(str(_dataset(tmp_path, layout))).records
+    expected = [_reference(rec, tok, mapping) for rec in records]
+    got = [t for _, t in tokenize_records(records, tok, mapping, MAX_LEN)]
+    assert got == expected
+    assert any(t.truncated for t in expected) and any(not t.truncated for t in expected)
+    if layout != "text":
+        assert all(IGNORE_INDEX in t.labels and set(t.labels) != {IGNORE_INDEX} for t in expected)
+
+
+def test_train_on_all_is_the_same_too(tmp_path, chat, every_row_fast):
+    tok, mapping = chat
+    records = load_records(str(_dataset(tmp_path, "messages"))).records
+    expected = [_reference(rec, tok, mapping, train_on="all") for rec in records]
+    assert [t for _, t in tokenize_records(records, tok, mapping, MAX_LEN, "all")] == expected
+
+
+def _expected_files(path, tok, mapping, cfg, seed=0):
+    """train.jsonl and eval.jsonl as the data stage wrote them before it streamed (whole lists, one row at a time)."""
+    loaded = load_records(str(path))
+    train, held = split_eval(loaded.records, cfg.eval_split, seed)
+    rows = [{"input_ids": t.input_ids, "labels": t.labels, "source": r.source}
+            for r in train for t in [_reference(r, tok, mapping, cfg.max_seq_length)]]
+    if cfg.packing:
+        rows = pack(rows, cfg.max_seq_length)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    evals = "".join(json.dumps({"messages": e.messages, "expect": e.expect, "match": e.match, "source": e.source},
+                               ensure_ascii=False) + "\n" for e in held if e.messages)
+    return lines, evals, rows
+
+
+@pytest.mark.parametrize("layout,packing,eval_split", [
+    ("messages", False, 0.0), ("sharegpt", True, 0.0), ("alpaca", False, 0.2), ("pairs", True, 0.1),
+    ("text", False, 0.0),
+])
+def test_prepare_data_writes_the_files_it_wrote_before(tmp_path, chat, layout, packing, eval_split, every_row_fast):
+    tok, mapping = chat
+    path = _dataset(tmp_path, layout, n=120)
+    cfg = DataConfig(train=str(path), packing=packing, eval_split=eval_split, max_seq_length=MAX_LEN)
+    out = tmp_path / "run" / "data"
+    stats = prepare_data(cfg, tok, mapping, out, seed=3)
+    train_lines, eval_lines, rows = _expected_files(path, tok, mapping, cfg, seed=3)
+    assert (out / "train.jsonl").read_text(encoding="utf-8") == train_lines
+    assert (out / "eval.jsonl").read_text(encoding="utf-8") == eval_lines
+    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "stats.json", "train.jsonl"]
+    written = json.loads((out / "stats.json").read_text())
+    unpacked = [_reference(r, tok, mapping) for r in split_eval(load_records(str(path)).records, eval_split, 3)[0]]
+    lengths = [len(t.input_ids) for t in unpacked]
+    assert written == {
+        "rows": len(unpacked), "eval_rows": 120 - len(unpacked), "truncated": sum(t.truncated for t in unpacked),
+        "trained_tokens": sum(lab != IGNORE_INDEX for t in unpacked for lab in t.labels),
+        "total_tokens": sum(lengths), "max_length": max(lengths), "mean_length": round(sum(lengths) / len(lengths), 1),
+        "train_source": str(path), "layout": layout, "bad_rows": 0,
+        "packed_sequences": len(rows) if packing else None, "chat_format": mapping.format.name,
+    }
+    assert (stats.rows, stats.truncated) == (written["rows"], written["truncated"])
+
+
+# ---------------------------------------------------------------- errors: the same ones, in the same order
+
+GOOD = {"messages": [{"role": "user", "content": "What port?"}, {"role": "assistant", "content": "Port 7341."}]}
+
+
+def _file(tmp_path, rows):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _error(fn):
+    with pytest.raises(DataError) as info:
+        fn()
+    return str(info.value)
+
+
+@pytest.fixture(params=["guarded", "every-row-fast"])
+def paths(request, monkeypatch):
+    """Each error both inside the guard's first rows and on the fast path proper."""
+    if request.param == "every-row-fast":
+        monkeypatch.setattr(data, "GUARD_ROWS", 0)
+        monkeypatch.setattr(data, "BATCH_ROWS", 3)
+    return request.param
+
+
+def _same_error_as_reference(tmp_path, tok, mapping, rows, max_len=2048):
+    path = _file(tmp_path, rows)
+    records = load_records(str(path)).records
+    bad_index = next(i for i, r in enumerate(records) if _outcome_error(r, tok, mapping, max_len))
+    expected = _outcome_error(records[bad_index], tok, mapping, max_len)
+    got = _error(lambda: prepare_data(DataConfig(train=str(path), max_seq_length=max_len), tok, mapping,
+                                      tmp_path / "out", seed=0))
+    assert got == expected
+    assert not (tmp_path / "out").exists()
+    return got
+
+
+def _outcome_error(rec, tok, mapping, max_len):
+    try:
+        _reference(rec, tok, mapping, max_len)
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
+def test_nothing_trainable_after_truncation_names_the_line(tmp_path, chat, paths):
+    tok, mapping = chat
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+    message = _same_error_as_reference(tmp_path, tok, mapping, [GOOD] * 9 + [long_prompt] + [GOOD] * 5, max_len=200)
+    assert message == f"{tmp_path / 'd.jsonl'}:10: no trainable tokens left after truncation to max_seq_length=200"
+
+
+def test_a_template_that_does_not_render_turn_by_turn_names_the_line(tmp_path, paths):
+    # The turn count is written up front, so an earlier render is not a prefix of a later one.
+    template = "{{ messages|length }}" + CHATML_TEMPLATE
+    tok = build_tiny_tokenizer(template)
+    mapping = match_chat_template(
+        lambda m, g: build_tiny_tokenizer().apply_chat_template(m, tokenize=False, add_generation_prompt=g))
+    message = _same_error_as_reference(tmp_path, tok, mapping, [GOOD] * 4)
+    assert message.startswith(f"{tmp_path / 'd.jsonl'}:1: the chat template does not render this conversation turn")
+
+
+def test_an_untrained_end_of_turn_names_the_line(tmp_path, paths):
+    # Assistant turns end with a newline instead of <|im_end|>: the model would never learn to stop.
+    template = CHATML_TEMPLATE.replace(
+        "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}",
+        "{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant\\n' + message['content'] + '\\n'}}"
+        "{% else %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endif %}")
+    assert template != CHATML_TEMPLATE
+    tok = build_tiny_tokenizer(template)
+    mapping = match_chat_template(
+        lambda m, g: build_tiny_tokenizer().apply_chat_template(m, tokenize=False, add_generation_prompt=g))
+    message = _same_error_as_reference(tmp_path, tok, mapping, [GOOD] * 3)
+    assert message == (f"{tmp_path / 'd.jsonl'}:1: the end-of-turn token '<|im_end|>' is not inside the trained span; "
+                       "the model would never learn to stop")
+
+
+def test_the_first_failing_row_is_the_one_reported(tmp_path, chat, paths):
+    tok, mapping = chat
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+    rows = [GOOD] * 5 + [long_prompt] * 3 + [GOOD] * 4
+    message = _same_error_as_reference(tmp_path, tok, mapping, rows, max_len=200)
+    assert message.startswith(f"{tmp_path / 'd.jsonl'}:6: ")
+
+
+def test_bad_rows_anywhere_are_reported_before_a_tokenization_error(tmp_path, chat, paths):
+    tok, mapping = chat
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+    path = _file(tmp_path, [GOOD, long_prompt] + [GOOD] * 300 + ["{not json"])
+    message = _error(lambda: prepare_data(DataConfig(train=str(path), max_seq_length=200), tok, mapping,
+                                          tmp_path / "out", seed=0))
+    assert message.startswith(f"{path}: 1 bad row (messages layout")
+    assert f"{path}:303: not JSON" in message
+
+
+def test_skipped_bad_rows_are_counted_and_the_rest_prepared(tmp_path, chat, paths):
+    tok, mapping = chat
+    path = _file(tmp_path, [GOOD, "{not json", GOOD, {"messages": []}])
+    stats = prepare_data(DataConfig(train=str(path), on_bad_row="skip"), tok, mapping, tmp_path / "out", seed=0)
+    assert (stats.rows, len(stats.bad_rows)) == (2, 2)
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["bad_rows"] == 2
+
+
+# ---------------------------------------------------------------- the guard
+
+
+def test_a_fast_path_that_differs_sends_every_row_the_exact_way(tmp_path, chat, monkeypatch, caplog):
+    tok, mapping = chat
+    render = data._FastTokenizer.render
+    monkeypatch.setattr(data._FastTokenizer, "render", lambda self, m, g: render(self, m, g) + " ")
+    records = load_records(str(_dataset(tmp_path, "messages", n=100))).records
+    with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
+        got = [t for _, t in tokenize_records(records, tok, mapping, MAX_LEN)]
+    assert got == [_reference(rec, tok, mapping) for rec in records]
+    assert "differs from apply_chat_template" in caplog.text
+
+
+def test_the_guard_passes_on_the_bundled_formats(tmp_path, chat, caplog):
+    tok, mapping = chat
+    fast = data._FastTokenizer.create(tok, mapping, MAX_LEN, "assistant", lambda rec: _reference(rec, tok, mapping))
+    assert fast is not None
+    records = load_records(str(_dataset(tmp_path, "messages", n=100))).records
+    with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
+        assert len(list(tokenize_records(records, tok, mapping, MAX_LEN))) == 100
+    assert "differs" not in caplog.text
