@@ -21,7 +21,6 @@ import bisect
 import itertools
 import json
 import logging
-import operator
 import random
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -343,7 +342,7 @@ class _FastTokenizer:
             labels = list(ids)
         else:
             starts = [start for start, _end in encoding.offsets]
-            if all(map(operator.le, starts, itertools.islice(starts, 1, None))):
+            if starts == sorted(starts):
                 # Token starts in order: the tokens starting inside [s, e) are one run, found by bisection.
                 labels = [IGNORE_INDEX] * len(ids)
                 for s, e in spans:

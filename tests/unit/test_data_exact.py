@@ -297,3 +297,45 @@ def test_the_guard_passes_on_the_bundled_formats(tmp_path, chat, caplog):
     with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
         assert len(list(tokenize_records(records, tok, mapping, MAX_LEN))) == 100
     assert "differs" not in caplog.text
+
+
+def test_an_eval_file_and_the_demo_data_are_written_as_before(tmp_path, chat, every_row_fast):
+    tok, mapping = chat
+    train = _dataset(tmp_path, "messages", n=40)
+    evals = _file(tmp_path, [GOOD, {"messages": GOOD["messages"], "expect": "7341", "match": "exact"}])
+    for cfg in (DataConfig(train=str(train), eval=str(evals), max_seq_length=MAX_LEN), DataConfig()):
+        out = tmp_path / "out"
+        prepare_data(cfg, tok, mapping, out, seed=0)
+        train_records = data.read_records(cfg, cfg.train, "train").records
+        eval_records = data.read_records(cfg, cfg.eval or cfg.train, "eval").records
+        expected = "".join(json.dumps({"input_ids": t.input_ids, "labels": t.labels, "source": r.source},
+                                      ensure_ascii=False) + "\n"
+                           for r in train_records for t in [_reference(r, tok, mapping, cfg.max_seq_length)])
+        assert (out / "train.jsonl").read_text(encoding="utf-8") == expected
+        assert [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()] == [
+            {"messages": e.messages, "expect": e.expect, "match": e.match, "source": e.source} for e in eval_records]
+        assert json.loads((out / "stats.json").read_text())["eval_rows"] == len(eval_records)
+
+
+def test_the_train_files_errors_come_before_the_eval_files(tmp_path, chat):
+    tok, mapping = chat
+    train = tmp_path / "t.jsonl"
+    train.write_text(json.dumps(GOOD) + "\n{oops\n")
+    evals = tmp_path / "e.jsonl"
+    evals.write_text(json.dumps(GOOD) + "\n{oops\n")
+    message = _error(lambda: prepare_data(DataConfig(train=str(train), eval=str(evals)), tok, mapping,
+                                          tmp_path / "out", seed=0))
+    assert message.startswith(f"{train}: 1 bad row")
+    train.write_text(json.dumps(GOOD) + "\n")
+    message = _error(lambda: prepare_data(DataConfig(train=str(train), eval=str(evals)), tok, mapping,
+                                          tmp_path / "out", seed=0))
+    assert message.startswith(f"{evals}: 1 bad row")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_split_that_leaves_nothing_to_train_on_says_so(tmp_path, chat):
+    tok, mapping = chat
+    path = _file(tmp_path, [GOOD, GOOD])
+    message = _error(lambda: prepare_data(DataConfig(train=str(path), eval_split=0.75), tok, mapping,
+                                          tmp_path / "out", seed=0))
+    assert message == f"{path}: no rows left to train on after holding out 2 for eval (data.eval_split=0.75)"
