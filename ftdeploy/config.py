@@ -224,8 +224,24 @@ class OllamaConfig:
 
 @dataclass
 class VerifyConfig:
-    min_score: float = _help("Fraction of eval prompts whose expected answer must come back.", default=0.8)
-    max_tokens: int = _help("Generation limit per eval answer.", default=96)
+    min_agreement: float = _help(
+        "The default gate, per served quant: least mean share of its greedy answers' tokens (the stop counted as one) "
+        "that follow the merged 16-bit model's greedy answers from the start.",
+        default=0.5,
+    )
+    min_score: float = _help(
+        "Least share of the eval rows carrying `expect` whose expected answer must come back (rows without `expect` "
+        "are scored against their reference, not gated).",
+        default=0.8,
+    )
+    min_chrf: float | None = _help(
+        "Least chrF (0-100) of the served answers against the eval references; not gated unless set.",
+        default=None,
+    )
+    max_tokens: int = _help(
+        "Generation limit per eval answer; 0: 1.5 x the longest eval reference in tokens, plus 8.",
+        default=0,
+    )
     limit: int = _help("At most this many eval prompts (0: all).", default=0)
     min_fidelity: float = _help(
         "Quant gate: least top-1 token agreement of a quant with its F16 on the eval chats; below it a quant is "
@@ -233,8 +249,8 @@ class VerifyConfig:
         default=0.85,
     )
     compare: bool = _help(
-        "Also answer the eval and general-knowledge prompts with the base and merged models (transformers) for the "
-        "report.",
+        "Also answer the eval and general-knowledge prompts with the base model (transformers): the report's base "
+        "column and the forgetting check.",
         default=True,
     )
 
@@ -364,7 +380,6 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
     positive = {
         "train.batch_size": cfg.train.batch_size, "train.gradient_accumulation": cfg.train.gradient_accumulation,
         "lora.r": cfg.lora.r, "data.max_seq_length": cfg.data.max_seq_length,
-        "verify.max_tokens": cfg.verify.max_tokens,
     }
     for key, value in positive.items():
         if isinstance(value, int) and value <= 0:
@@ -381,8 +396,14 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(f"data.eval_split: must be in [0, 1), got {cfg.data.eval_split}")
     if isinstance(cfg.verify.min_fidelity, float) and not 0 <= cfg.verify.min_fidelity <= 1:
         errors.append(f"verify.min_fidelity: must be in [0, 1], got {cfg.verify.min_fidelity}")
-    if isinstance(cfg.verify.min_score, float) and not 0 <= cfg.verify.min_score <= 1:
-        errors.append(f"verify.min_score: must be in [0, 1], got {cfg.verify.min_score}")
+    for key in ("min_score", "min_agreement"):
+        value = getattr(cfg.verify, key)
+        if isinstance(value, float) and not 0 <= value <= 1:
+            errors.append(f"verify.{key}: must be in [0, 1], got {value}")
+    if isinstance(cfg.verify.min_chrf, float) and not 0 <= cfg.verify.min_chrf <= 100:
+        errors.append(f"verify.min_chrf: must be in [0, 100], got {cfg.verify.min_chrf}")
+    if isinstance(cfg.verify.max_tokens, int) and cfg.verify.max_tokens < 0:
+        errors.append(f"verify.max_tokens: must be >= 0 (0: from the eval references), got {cfg.verify.max_tokens}")
     _distributed_checks(cfg, errors)
     for key in ("connect_timeout", "timeout", "long_timeout"):
         value = getattr(cfg.ollama, key)

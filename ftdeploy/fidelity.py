@@ -1,8 +1,11 @@
 """Is the served model the trained model? Measures that mean something:
 
+* agreement with the merged model (the default gate): for each served quant, how far its greedy answer follows the
+  merged 16-bit model's greedy answer to the same rendered prompt, in tokens (the common prefix over the merged
+  answer's length, the stop counted as a token), so a changed template, a bad conversion or a broken quant shows
+  whatever the dataset looks like;
 * answer match: the expected answer (or `expect` snippet) is in the reply at temperature 0;
-* agreement with the merged model: the reply equals the merged 16-bit model's greedy reply
-  (normalised for case and spacing), i.e. quantization and serving changed nothing a user sees;
+* chrF (sacrebleu) of the replies against the eval references: a soft score for free-form answers;
 * token fidelity of each GGUF against its F16, through llama.cpp on the eval conversations:
   top-1 agreement (the fraction of positions where both pick the same next token) and the
   perplexity ratio (quant / F16; 1.00 is lossless);
@@ -15,9 +18,12 @@ import json
 import logging
 import math
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypedDict
+
+from .results import PromptAgreement
 
 log = logging.getLogger(__name__)
 
@@ -86,37 +92,119 @@ def token_fidelity(reference: Path, candidate: Path, texts: list[str], max_token
             "ppl": round(ppl_cand, 4), "ppl_ratio": round(ppl_cand / ppl_ref, 4), "tokens": total}
 
 
+@dataclass
+class Generation:
+    """A greedy answer: its text and whether it ended on a stop token within its limit."""
+
+    text: str
+    stopped: bool
+
+
+class HFModel:
+    """A Hugging Face checkpoint (the merged 16-bit model, or the base), loaded once and asked in batches."""
+
+    def __init__(self, model_dir: Path | str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {int(i) for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
+
+    def tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, chats: list[list[dict[str, str]]], limits: list[int]) -> list[Generation]:
+        """Greedy answers to every chat in one left-padded batch, each cut at its own token limit (greedy decoding
+        is causal, so an answer cut at its limit is the answer generated with that limit)."""
+        import torch
+
+        if not chats:
+            return []
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.stop_ids)
+        side, pad = tok.padding_side, tok.pad_token
+        tok.padding_side = "left"
+        if pad is None:
+            tok.pad_token = tok.convert_ids_to_tokens(pad_id)
+        try:
+            batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        finally:
+            tok.padding_side, tok.pad_token = side, pad
+        with torch.no_grad():
+            out = self.model.generate(**batch, max_new_tokens=max(limits), do_sample=False, pad_token_id=pad_id,
+                                      eos_token_id=sorted(self.stop_ids))
+        answers = []
+        for row, limit in zip(out[:, batch["input_ids"].shape[1]:].tolist(), limits, strict=True):
+            row = row[:limit]
+            stop = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+            ids = row if stop is None else row[:stop]
+            answers.append(Generation(tok.decode(ids, skip_special_tokens=True).strip(), stop is not None))
+        return answers
+
+
 def hf_answers(model_dir: Path | str, chats: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
     """Greedy replies of a Hugging Face checkpoint (the merged 16-bit model, or the base)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
-    replies = []
-    for chat in chats:
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ids = {k: v.to(device) for k, v in ids.items()}
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        replies.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    del model
-    return replies
+    hf = HFModel(model_dir)
+    return [g.text for g in hf.generate(chats, [max_new_tokens] * len(chats))]
 
 
-def score(replies: list[str], expected: list[str], reference: list[str] | None = None,
-          modes: list[str] | None = None) -> dict[str, Any]:
+STOP = -1  # the stop, as one more token of an answer that ended on one
+
+
+def prompt_agreement(served: list[int], served_stopped: bool, merged: list[int],
+                     merged_stopped: bool) -> PromptAgreement:
+    """How far the served answer follows the merged one: the common prefix of the two token sequences (each with
+    the stop appended when it stopped) over the merged sequence's length."""
+    a = [*served, STOP] if served_stopped else served
+    b = [*merged, STOP] if merged_stopped else merged
+    prefix = 0
+    for x, y in zip(a, b, strict=False):  # the shorter one ends the common prefix
+        if x != y:
+            break
+        prefix += 1
+    return PromptAgreement(prefix=prefix, length=len(b), ratio=round(prefix / len(b), 4) if b else float(not a),
+                           merged_stopped=merged_stopped, served_stopped=served_stopped)
+
+
+def agreement_scores(items: list[PromptAgreement]) -> dict[str, Any]:
+    """ModelScore fields: mean token agreement and the share of prompts whose stop matched."""
+    if not items:
+        return {"token_agreement": None, "stop_agreement": None, "prompts": []}
+    return {"token_agreement": round(sum(i.ratio for i in items) / len(items), 4),
+            "stop_agreement": round(sum(i.merged_stopped == i.served_stopped for i in items) / len(items), 4),
+            "prompts": items}
+
+
+def chrf(replies: list[str], references: list[str]) -> float | None:
+    """Corpus chrF (0-100) of the replies against the references that are not empty (sacrebleu's CHRF, its
+    defaults: character 6-grams, beta 2)."""
+    from .optional import require
+
+    pairs = [(r, ref) for r, ref in zip(replies, references, strict=True) if ref.strip()]
+    if not pairs:
+        return None
+    metrics = require("sacrebleu.metrics", "verify's chrF score")
+    return round(metrics.CHRF().corpus_score([r for r, _ in pairs], [[ref for _, ref in pairs]]).score, 2)
+
+
+def score(replies: list[str], expected: list[str], merged: list[str] | None = None,
+          modes: list[str] | None = None, references: list[str] | None = None) -> dict[str, Any]:
+    """ModelScore fields: expected answers found, replies equal to the merged model's, chrF against the references."""
     modes = modes or ["contains"] * len(expected)
     hits = [contains(r, e, m) for r, e, m in zip(replies, expected, modes, strict=True)]
     result: dict[str, Any] = {"match": round(sum(hits) / len(hits), 4) if hits else 0.0, "hits": sum(hits),
                               "total": len(hits)}
-    if reference is not None:
-        same = [normalize(a) == normalize(b) for a, b in zip(replies, reference, strict=True)]
+    if merged is not None:
+        same = [normalize(a) == normalize(b) for a, b in zip(replies, merged, strict=True)]
         result["agreement"] = round(sum(same) / len(same), 4) if same else 0.0
+    if references is not None:
+        result["chrf"] = chrf(replies, references)
     return result
 
 

@@ -15,7 +15,7 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -48,37 +48,68 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
         agree = served.agreement if served else None
         verdict.append(
             f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}` answered {verify.hits}/{verify.total} "
-            f"eval prompts as expected (min_score {verify.min_score})"
+            f"eval prompts as expected"
+            + (f" ({verify.expect_hits}/{verify.expect_rows} rows with `expect`, min_score {verify.min_score})"
+               if verify.expect_rows else " (no row carries `expect`: reported, not gated)")
             + (f"; the merged 16-bit model answered {merged.hits}/{merged.total}" if merged else "")
             + (f", and the served answers agree with it on {_pct(agree)} of prompts." if agree is not None else ".")
         )
+        quants = [m for m in models if m.role in ("served", "tag") and m.token_agreement is not None]
+        if quants:
+            verdict.append(
+                "Served vs merged (the default gate, verify.min_agreement "
+                f"{_pct(verify.min_agreement)}): greedy answers follow the merged model's for "
+                + "; ".join(f"`{m.tag}` ({m.quant}) {_pct(m.token_agreement)} of tokens, stops agree on "
+                            f"{_pct(m.stop_agreement)}" + ("" if m.gated else " (flagged by the quant gate: not gated)")
+                            + (" - FAIL" if m.passed is False else "") for m in quants)
+                + f". Answers were cut at {verify.max_tokens} tokens.")
         parity = verify.template_parity
         if parity:
             verdict.append(f"Template parity: {parity.checked - len(parity.mismatches)}/{parity.checked} probe chats "
                            "answer the same through `/api/chat` as with the training-rendered prompt sent raw.")
-        verdict.append(f"Stops: {verify.stopped}/{verify.total} answers ended on a stop token.")
+        verdict.append(f"Stops: {verify.stopped}/{verify.total} answers ended on a stop token"
+                       + (f" (the merged model: {merged.stopped}/{merged.total})." if merged else "."))
+        for f in verify.failures:
+            verdict.append(f"Failed {f.check}: `{f.model}`" + (f" ({f.quant})" if f.quant else "") + f": {f.message}"
+                           + (f" E.g. {f.example}" if f.example else ""))
+        if verify.unverified:
+            verdict.append("Moved so that no failed model answers under its own name: "
+                           + ", ".join(f"`{a}` -> `{b}`" for a, b in verify.unverified.items()) + ".")
     else:
         verdict.append("Not verified yet: run `ftdeploy verify`.")
     out.append(("Verdict", verdict, None))
 
     if models:
-        rows = [["model", "expected answers", "agrees with merged", "top-1 vs F16", "perplexity ratio"]]
+        rows = [["model", "expected answers", "agrees with merged", "top-1 vs F16", "perplexity ratio",
+                 "tokens as merged", "stops as merged", "chrF"]]
         for m in models:
             rows.append([m.label, f"{m.hits}/{m.total} ({_pct(m.match)})", _pct(m.agreement),
-                         _num(m.top1_agreement), _num(m.ppl_ratio)])
-        notes = ["*expected answers*: the expected answer is in the reply at temperature 0. *agrees with merged*: the reply "
-                 "equals the merged 16-bit model's (case and spacing aside). *top-1 vs F16*: share of positions where the "
-                 "quant and the F16 GGUF pick the same next token on the eval chats (llama.cpp). *perplexity ratio*: quant / F16."]
+                         _num(m.top1_agreement), _num(m.ppl_ratio), _pct(m.token_agreement), _pct(m.stop_agreement),
+                         _num(m.chrf, "{:.1f}")])
+        notes = ["*expected answers*: the expected answer is in the reply at temperature 0. *agrees with merged*: the "
+                 "reply equals the merged 16-bit model's (case and spacing aside). *top-1 vs F16*: share of positions "
+                 "where the quant and the F16 GGUF pick the same next token on the eval chats (llama.cpp). *perplexity "
+                 "ratio*: quant / F16. *tokens as merged*: mean share of the merged model's greedy answer (in tokens, "
+                 "the stop counted as one) that the served answer repeats from its start. *stops as merged*: share of "
+                 "prompts where both stopped, or both ran to the limit. *chrF*: sacrebleu's chrF (0-100) against the "
+                 "eval references."]
         if export.flagged:
             notes.append(f"Quant gate (min_fidelity {export.min_fidelity}): flagged {', '.join(export.flagged)}; "
-                         f"never served under the default tag. Served: {export.served}.")
+                         f"never served by default. Served: {export.served}.")
         out.append(("Eval per model and quant", notes, rows))
         prompts = verify.prompts
         if prompts:
-            rows = [["prompt", *(m.label for m in models)]]
+            refs = verify.references or [""] * len(prompts)
+            rows = [["prompt", "reference", *(m.label for m in models)]]
             for i, prompt in enumerate(prompts):
-                rows.append([prompt, *[(m.replies or [""] * len(prompts))[i][:80] for m in models]])
-            out.append(("Answers", [], rows))
+                cells = []
+                for m in models:
+                    reply = (m.replies or [""] * len(prompts))[i][:80]
+                    p = m.prompts[i] if i < len(m.prompts) else None
+                    cells.append(reply + (f" [{p.prefix}/{p.length} tokens as merged]" if p else ""))
+                rows.append([prompt, refs[i][:80], *cells])
+            out.append(("Answers", ["Merged and served side by side with the eval reference; [a/b]: the served "
+                                    "answer repeats the first a of the merged answer's b tokens."], rows))
 
     forget = verify.forgetting
     if forget:
@@ -121,8 +152,8 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
     versions = manifest.get("versions", {})
     rows = [["tool", "version"]] + [[k, str(v)] for k, v in versions.items()]
     base = manifest.get("base_model", {})
-    out.append(("Versions and provenance", [f"Base model: `{base.get('spec', '?')}`"
-                                            + (f" at revision {base['revision']}" if base.get("revision") else "")], rows))
+    revision = f" at revision {base['revision']}" if base.get("revision") else ""
+    out.append(("Versions and provenance", [f"Base model: `{base.get('spec', '?')}`{revision}"], rows))
     return out
 
 
@@ -164,7 +195,8 @@ def build_report(run_dir: Path) -> tuple[Path, Path]:
             if p.startswith("![loss]"):
                 body.append(img)
                 continue
-            text = html.escape(p).replace("**PASS**", "<b class=pass>PASS</b>").replace("**FAIL**", "<b class=fail>FAIL</b>")
+            text = (html.escape(p).replace("**PASS**", "<b class=pass>PASS</b>")
+                    .replace("**FAIL**", "<b class=fail>FAIL</b>"))
             body.append(f"<p>{text}</p>")
         if rows:
             body.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0]) + "</tr>")
@@ -172,7 +204,9 @@ def build_report(run_dir: Path) -> tuple[Path, Path]:
             body.append("</table>")
     style = ("body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
              "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
-             "text-align:left;font-size:.9rem}th{background:#f3f3f3}.pass{color:#187a2f}.fail{color:#b00020}img{max-width:40rem}")
-    page = f"<!doctype html><html><head><meta charset=utf-8><title>ftdeploy {html.escape(name)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+             "text-align:left;font-size:.9rem}th{background:#f3f3f3}.pass{color:#187a2f}.fail{color:#b00020}"
+             "img{max-width:40rem}")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>ftdeploy {html.escape(name)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
     html_path = atomic_write_text(run_dir / REPORT_HTML, page)
     return md_path, html_path

@@ -130,6 +130,7 @@ class Answer(Result):
     answer: str = ""
     ok: bool = False
     done_reason: str = ""
+    gated: bool = False  # the row carries `expect`: its match counts toward verify.min_score
 
 
 @dataclass
@@ -170,10 +171,23 @@ ModelRole = Literal["base", "merged", "served", "tag"]
 
 
 @dataclass
+class PromptAgreement(Result):
+    """One eval prompt: how far a served quant's greedy answer follows the merged model's, in the merged
+    tokenizer's tokens. The stop counts as one more token of an answer that stopped."""
+
+    prefix: int = 0  # tokens both answers share from the start (the stop included)
+    length: int = 0  # tokens of the merged answer (the stop included)
+    ratio: float = 0.0  # prefix / length
+    merged_stopped: bool = False
+    served_stopped: bool = False
+
+
+@dataclass
 class ModelScore(Result):
     """One model's answers to the eval prompts: the base and merged checkpoints through transformers, the served
     quant and every other tag through Ollama."""
 
+    nested = {"prompts": (PromptAgreement, "list")}
     role: ModelRole = "served"
     label: str = ""  # as shown in the report
     quant: str | None = None
@@ -185,12 +199,31 @@ class ModelScore(Result):
     top1_agreement: float | None = None  # quants: top-1 token agreement with the unquantized GGUF
     ppl_ratio: float | None = None
     replies: list[str] = field(default_factory=list)
+    chrf: float | None = None  # corpus chrF (sacrebleu, 0-100) of the replies against the eval references
+    stopped: int = 0  # answers that ended on a stop token within the limit
+    # Served quants: greedy agreement with the merged model, in tokens (mean of PromptAgreement.ratio) ...
+    token_agreement: float | None = None
+    stop_agreement: float | None = None  # ... and the share of prompts where both stopped or both ran on
+    gated: bool = False  # token_agreement is gated for this one (not for a quant export already flagged)
+    passed: bool | None = None  # the gate's verdict (None: not gated)
+    prompts: list[PromptAgreement] = field(default_factory=list)
+
+
+@dataclass
+class VerifyFailure(Result):
+    """A check verify failed: which, for which model, and one example."""
+
+    check: str = ""  # template_parity | agreement | stops | expected_answers | chrf | no_prompts
+    model: str = ""  # the Ollama name
+    quant: str | None = None
+    message: str = ""
+    example: str = ""
 
 
 @dataclass
 class VerifySummary(Result):
     nested = {"answers": (Answer, "list"), "template_parity": (TemplateParity, "one"),
-              "forgetting": (Forgetting, "one"), "models": (ModelScore, "list")}
+              "forgetting": (Forgetting, "one"), "models": (ModelScore, "list"), "failures": (VerifyFailure, "list")}
     hits: int = 0
     total: int = 0
     score: float = 0.0
@@ -202,6 +235,15 @@ class VerifySummary(Result):
     forgetting: Forgetting | None = None
     models: list[ModelScore] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)  # the eval rows' reference answers
+    expect_rows: int = 0  # rows that carry `expect`: the only ones min_score gates
+    expect_hits: int = 0
+    max_tokens: int = 0  # the generation limit used (from the references' lengths unless verify.max_tokens is set)
+    min_agreement: float = 0.0
+    min_chrf: float | None = None
+    failures: list[VerifyFailure] = field(default_factory=list)
+    unverified: dict[str, str] = field(default_factory=dict)  # failed name -> the name it was moved to
+    seconds: dict[str, float] = field(default_factory=dict)  # where verify spent its time
 
     def model(self, role: ModelRole) -> ModelScore | None:
         return next((m for m in self.models if m.role == role), None)

@@ -14,16 +14,18 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import base_model
 from .config import DEMO_DATA, Config
 from .errors import StageMissingError
 from .results import (
+    Answer,
     DataResult,
     ExportResult,
     MergeResult,
     ModelfileResult,
+    ModelRole,
     ModelScore,
     RegisterResult,
     Result,
@@ -34,6 +36,7 @@ from .results import (
 from .runs import LOSS_PLOT, Run, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
+    from .ollama import OllamaClient
     from .pipeline import Context
     from .stages.modelfile import ModelfileSpec
 
@@ -310,79 +313,192 @@ def stage_register(ctx: Context) -> RegisterResult:
     return result
 
 
+GENERAL_TOKENS = 32  # the general-knowledge answers (forgetting): a short fact each, in its first sentence
+
+
 def stage_verify(ctx: Context) -> VerifySummary:
-    from .fidelity import forgetting, general_prompts, hf_answers, score
+    """Is the served model the trained model? Each served quant's greedy answers to the eval prompts against the
+    merged 16-bit model's (the default gate), the template check, the references, and forgetting. A model that fails
+    is moved to `<name>-unverified`, so nothing that failed answers under the name a user runs."""
+    import time
+
+    from .fidelity import HFModel, agreement_scores, forgetting, general_prompts, prompt_agreement, score
     from .results import Forgetting, ForgettingItem
     from .stages.data import load_eval
     from .stages.modelfile import mapping_for_template, read_chat_template
     from .stages.verify import (
         PARITY_CHATS,
         ask_all,
-        check,
         expected_answer,
+        failures,
+        generation_limit,
         prompt_messages,
+        reference_answer,
         summarize,
         template_parity,
     )
     from .templates import jinja_renderer
 
-    cfg = ctx.cfg
+    cfg, name = ctx.cfg, ctx.cfg.name
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(what: str) -> None:
+        now = time.perf_counter()
+        seconds[what] = round(seconds.get(what, 0.0) + now - clock[0], 2)
+        clock[0] = now
+
     with ctx.run.stage("verify", ctx.fingerprint("verify")) as out:
         examples = load_eval(ctx.run.data_dir)
         if cfg.verify.limit:
             examples = examples[: cfg.verify.limit]
         client = ctx.client()
-        answers = ask_all(client, cfg.name, examples, cfg.verify.max_tokens, cfg.train.seed)
-        summary = summarize(answers, cfg.verify.min_score)
-        template, bos, eos = read_chat_template(ctx.run.merged_dir)
-        mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
-        summary.template_parity = template_parity(client, cfg.name, jinja_renderer(template, bos, eos),
-                                                  bos if mapping.format.bos_in_template else None, PARITY_CHATS)
-
-        # Every model side by side: base and merged through transformers, each quant through Ollama.
+        _require_registered(client, name)
+        tags = other_quants(ctx)
+        exported = previous(ctx, "export", ExportResult)
+        if not examples:
+            summary = VerifySummary(min_score=cfg.verify.min_score, min_agreement=cfg.verify.min_agreement)
+            return _verdict(ctx, summary, out, tags)
         chats = [prompt_messages(e) for e in examples]
-        expected = [expected_answer(e) for e in examples]
-        modes = [e.match for e in examples]
+        expected, modes = [expected_answer(e) for e in examples], [e.match for e in examples]
+        references = [reference_answer(e) for e in examples]
         general = general_prompts()
         general_chats, general_expected = [g["messages"] for g in general], [g["expect"] for g in general]
-        merged_replies = None
+        lap("setup")
+
+        # The merged model once: the generation limit from its tokenizer, then the eval and general prompts in one
+        # batch. The base the same way, after the merged model is freed (two models at once would double memory).
+        merged_model = HFModel(ctx.run.merged_dir)
+        limit = generation_limit([len(merged_model.tokens(r)) for r in references if r], cfg.verify.max_tokens)
+        limits = [limit] * len(chats) + [GENERAL_TOKENS] * len(general_chats)
+        lap("load merged")
+        merged_all = merged_model.generate(chats + general_chats, limits)
+        merged_gen, tuned_general = merged_all[: len(chats)], [g.text for g in merged_all[len(chats):]]
+        merged_replies = [g.text for g in merged_gen]
+        merged_model.model = None  # the tokenizer stays: the agreement is counted in its tokens
+        lap("merged answers")
+        base_replies = base_general = None
         if cfg.verify.compare:
-            base = ctx.base()
-            base_replies = hf_answers(base, chats, cfg.verify.max_tokens)
-            merged_replies = hf_answers(ctx.run.merged_dir, chats, cfg.verify.max_tokens)
-            summary.models += [
-                ModelScore(role="base", label="base", replies=base_replies,
-                           **score(base_replies, expected, merged_replies, modes)),
-                ModelScore(role="merged", label="merged", replies=merged_replies,
-                           **score(merged_replies, expected, modes=modes)),
-            ]
-            base_general = hf_answers(base, general_chats, 48)
-            tuned_general = hf_answers(ctx.run.merged_dir, general_chats, 48)
+            base_model_ = HFModel(ctx.base())
+            lap("load base")
+            base_all = [g.text for g in base_model_.generate(chats + general_chats, limits)]
+            base_replies, base_general = base_all[: len(chats)], base_all[len(chats):]
+            del base_model_
+            lap("base answers")
+
+        template, bos, eos = read_chat_template(ctx.run.merged_dir)
+        mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
+        parity = template_parity(client, name, jinja_renderer(template, bos, eos),
+                                 bos if mapping.format.bos_in_template else None, PARITY_CHATS)
+        lap("template parity")
+        answers = ask_all(client, name, examples, limit, cfg.train.seed)
+        lap("served answers")
+        tag_answers = {tag: ask_all(client, tag, examples, limit, cfg.train.seed) for tag in tags}
+        lap("other quants")
+
+        summary = summarize(answers, cfg.verify.min_score)
+        summary.template_parity, summary.max_tokens = parity, limit
+        summary.min_agreement, summary.min_chrf = cfg.verify.min_agreement, cfg.verify.min_chrf
+        summary.prompts, summary.references = [c[-1]["content"] for c in chats], references
+
+        def agreement(replies: list[Answer]) -> dict[str, Any]:
+            return agreement_scores([
+                prompt_agreement(merged_model.tokens(a.answer.strip()), a.done_reason == "stop",
+                                 merged_model.tokens(g.text), g.stopped)
+                for a, g in zip(replies, merged_gen, strict=True)])
+
+        if base_replies is not None:
+            summary.models.append(ModelScore(role="base", label="base", replies=base_replies,
+                                             **score(base_replies, expected, merged_replies, modes, references)))
+        summary.models.append(ModelScore(role="merged", label="merged", replies=merged_replies,
+                                         stopped=sum(g.stopped for g in merged_gen),
+                                         **score(merged_replies, expected, None, modes, references)))
+        served = served_quant(ctx)
+        for tag, qtype, replies in [(name, served, answers), *((t, q, tag_answers[t]) for t, q in tags.items())]:
+            texts = [a.answer for a in replies]
+            role: ModelRole = "served" if tag == name else "tag"
+            label = f"{qtype} (served as {name})" if role == "served" else f"{qtype} ({tag})"
+            m = ModelScore(role=role, label=label, quant=qtype, tag=tag, replies=texts,
+                           stopped=sum(a.done_reason == "stop" for a in replies),
+                           gated=role == "served" or qtype not in exported.flagged,
+                           **score(texts, expected, merged_replies, modes, references),
+                           **_quant_scores(exported.fidelity.get(qtype, {})), **agreement(replies))
+            summary.models.append(m)
+        if base_general is not None:
             items = [ForgettingItem(prompt=c[-1]["content"], expect=e, base=b, tuned=t)
                      for c, e, b, t in zip(general_chats, general_expected, base_general, tuned_general, strict=True)]
             summary.forgetting = Forgetting(**forgetting(base_general, tuned_general, general_expected), items=items)
-        fidelity = previous(ctx, "export", ExportResult).fidelity
-        served = served_quant(ctx)
-        served_replies = [a.answer for a in answers]
-        summary.models.append(ModelScore(role="served", label=f"{served} (served as {cfg.name})", quant=served,
-                                         tag=cfg.name, replies=served_replies,
-                                         **score(served_replies, expected, merged_replies, modes),
-                                         **_quant_scores(fidelity.get(served, {}))))
-        for tag, qtype in other_quants(ctx).items():
-            replies = [a.answer for a in ask_all(client, tag, examples, cfg.verify.max_tokens, cfg.train.seed)]
-            summary.models.append(ModelScore(role="tag", label=f"{qtype} ({tag})", quant=qtype, tag=tag, replies=replies,
-                                             **score(replies, expected, merged_replies, modes),
-                                             **_quant_scores(fidelity.get(qtype, {}))))
-        summary.prompts = [c[-1]["content"] for c in chats]
-        record = summary.to_dict()
-        out.update(record)
-        ctx.run.update(metrics={"verify": record})
-        atomic_write_text(ctx.run.path / "verify.json", json.dumps(record, indent=2))
-        check(summary, cfg.name)
+        lap("scoring")
+        summary.seconds = seconds
+        for m in summary.models:
+            if m.gated:
+                m.passed = m.token_agreement is not None and m.token_agreement >= summary.min_agreement
+        summary.failures = failures(summary, name)
+        return _verdict(ctx, summary, out, tags)
+
+
+def _verdict(ctx: Context, summary: VerifySummary, out: dict[str, Any], tags: dict[str, str]) -> VerifySummary:
+    """Record the summary; a model that failed goes to `<name>-unverified`; raise VerifyError naming each failure."""
+    from .stages.verify import check, failures
+
+    name = ctx.cfg.name
+    summary.failures = summary.failures or failures(summary, name)
+    summary.passed = not summary.failures
+    if summary.failures:
+        # A failure of the whole model (no prompts, the template) moves every tag; a quant's own, only that tag.
+        whole = {f.check for f in summary.failures} & {"no_prompts", "template_parity"}
+        failed = {f.model for f in summary.failures}
+        moving = [n for n in (name, *tags) if whole or n in failed]
+        summary.unverified = _move_unverified(ctx.client(), moving)
+    else:
+        _forget_unverified(ctx.client(), [name, *tags])
+    record = summary.to_dict()
+    out.update(record)
+    ctx.run.update(metrics={"verify": record})
+    atomic_write_text(ctx.run.path / "verify.json", json.dumps(record, indent=2))
+    check(summary, name)
     return summary
 
 
-def _quant_scores(fidelity: dict[str, float]) -> dict[str, float]:
+def _require_registered(client: OllamaClient, name: str) -> None:
+    from .errors import ModelNotFoundError
+    from .stages.verify import unverified_name
+
+    try:
+        client.show(name)
+    except ModelNotFoundError:
+        raise StageMissingError(
+            f"{name}: not on the Ollama server at {client.host}. A model that fails verify is moved to "
+            f"{unverified_name(name)}; run `ftdeploy register` (or `ftdeploy train-and-serve`) to register it again"
+        ) from None
+
+
+def _move_unverified(client: OllamaClient, names: list[str]) -> dict[str, str]:
+    """Copy each model to its `-unverified` name and delete the original: {original: new name}."""
+    from .stages.verify import unverified_name
+
+    moved = {}
+    for name in names:
+        client.copy(name, unverified_name(name))
+        client.delete(name)
+        moved[name] = unverified_name(name)
+        log.warning("verify failed: %s moved to %s", name, moved[name])
+    return moved
+
+
+def _forget_unverified(client: OllamaClient, names: list[str]) -> None:
+    """A model that passed: drop what an earlier failed verify left under its `-unverified` name."""
+    from .errors import ModelNotFoundError
+    from .stages.verify import unverified_name
+
+    for name in names:
+        try:
+            client.delete(unverified_name(name))
+        except ModelNotFoundError:
+            continue
+
+
+def _quant_scores(fidelity: dict[str, float]) -> dict[str, Any]:
     """The export stage's token fidelity of a quant, as ModelScore fields."""
     return {k: fidelity[k] for k in ("top1_agreement", "ppl_ratio") if k in fidelity}
 

@@ -1,19 +1,34 @@
-"""Verify stage: ask the served model the eval prompts at temperature 0 and count expected answers."""
+"""Verify stage: is the served model the trained model? Ask every served quant the eval prompts at temperature 0,
+compare its answers with the merged 16-bit model's, token by token (the default gate), and score both against the
+eval references (gated where the rows carry `expect`, or where the user sets a threshold)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import VerifyError
 from ..formats import Record as Example
 from ..ollama import OllamaClient
-from ..results import Answer, ParityMismatch, TemplateParity, VerifySummary
+from ..results import Answer, ModelScore, ParityMismatch, TemplateParity, VerifyFailure, VerifySummary
+
+# The generation limit: the longest eval reference in tokens, times this, plus MARGIN_TOKENS. Room for an answer
+# a little longer than its reference, and still a few seconds on a CPU when every answer runs on.
+LIMIT_FACTOR = 1.5
+MARGIN_TOKENS = 8
+NO_REFERENCE_LIMIT = 96  # eval rows without an assistant answer: the old fixed limit
 
 
 def expected_answer(example: Example) -> str:
     if example.expect:
         return example.expect
-    return example.messages[-1]["content"] if example.messages[-1]["role"] == "assistant" else ""
+    return reference_answer(example)
+
+
+def reference_answer(example: Example) -> str:
+    """The eval row's own answer (its last assistant turn), or "" when it has none."""
+    msgs = example.messages or []
+    return msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else ""
 
 
 def matches(answer: str, expected: str, mode: str = "contains") -> bool:
@@ -24,10 +39,18 @@ def matches(answer: str, expected: str, mode: str = "contains") -> bool:
 
 
 def prompt_messages(example: Example) -> list[dict[str, str]]:
-    msgs = example.messages
+    msgs = example.messages or []
     if msgs and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
     return msgs
+
+
+def generation_limit(reference_tokens: list[int], override: int = 0) -> int:
+    """verify.max_tokens when set, else from the references' lengths in tokens (with a margin)."""
+    if override:
+        return override
+    longest = max(reference_tokens, default=0)
+    return math.ceil(longest * LIMIT_FACTOR) + MARGIN_TOKENS if longest else NO_REFERENCE_LIMIT
 
 
 def ask_all(client: OllamaClient, model: str, examples: list[Example], max_tokens: int, seed: int = 0) -> list[Answer]:
@@ -38,45 +61,122 @@ def ask_all(client: OllamaClient, model: str, examples: list[Example], max_token
         text = reply.get("message", {}).get("content", "")
         expected = expected_answer(ex)
         answers.append(Answer(msgs[-1]["content"], expected, text, matches(text, expected, ex.match),
-                              reply.get("done_reason", "")))
+                              reply.get("done_reason", ""), gated=bool(ex.expect)))
     return answers
 
 
 def summarize(answers: list[Answer], min_score: float) -> VerifySummary:
+    """The served model's answers against the references. `passed` here is the expected-answer gate alone (rows with
+    `expect`); the verify stage sets the verdict of every check."""
     hits = sum(a.ok for a in answers)
     score = hits / len(answers) if answers else 0.0
+    gated = [a for a in answers if a.gated]
+    expect_hits = sum(a.ok for a in gated)
     return VerifySummary(hits=hits, total=len(answers), score=round(score, 4), min_score=min_score,
-                         passed=bool(answers) and score >= min_score,
-                         stopped=sum(a.done_reason == "stop" for a in answers), answers=list(answers))
+                         passed=bool(answers) and (not gated or expect_hits / len(gated) >= min_score),
+                         stopped=sum(a.done_reason == "stop" for a in answers), answers=list(answers),
+                         expect_rows=len(gated), expect_hits=expect_hits)
 
 
-def check(summary: VerifySummary, model: str) -> None:
+def _short(text: str, n: int = 70) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= n else text[: n - 1] + "…")
+
+
+def missed_stops(m: ModelScore) -> int:
+    """Prompts where the merged model stopped and this one ran on to the limit."""
+    return sum(p.merged_stopped and not p.served_stopped for p in m.prompts)
+
+
+def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
+    """Every check the summary fails, first the ones that explain the others (no prompts, the template)."""
+    if not summary.total:
+        return [VerifyFailure(check="no_prompts", model=model,
+                              message="no eval prompts to verify with; give data.eval or data.eval_split")]
+    found = []
     parity = summary.template_parity
     if parity and not parity.passed:
         first = parity.mismatches[0]
-        raise VerifyError(
-            f"{model}: the prompt Ollama builds from the Modelfile TEMPLATE differs from the training chat template "
-            f"({len(parity.mismatches)}/{parity.checked} probe chats answer differently; e.g. raw "
-            f"{first.raw[:60]!r} vs chat {first.chat_answer[:60]!r}). Suspect the TEMPLATE or the stop tokens."
-        )
-    unstopped = summary.total - summary.stopped
-    if unstopped:
-        raise VerifyError(
-            f"{model}: {unstopped}/{summary.total} answers ran to the length limit instead of stopping; "
-            "suspect the TEMPLATE or the PARAMETER stop tokens (the end-of-turn token is not ending answers)"
-        )
-    if not summary.total:
-        raise VerifyError(f"{model}: no eval prompts to verify with; give data.eval or data.eval_split")
-    if not summary.passed:
-        raise VerifyError(
-            f"{model}: {summary.hits}/{summary.total} expected answers came back "
-            f"(score {summary.score:.2f} < min_score {summary.min_score:.2f})"
-        )
+        found.append(VerifyFailure(
+            check="template_parity", model=model,
+            message=f"the prompt Ollama builds from the Modelfile TEMPLATE differs from the training chat template "
+                    f"({len(parity.mismatches)}/{parity.checked} probe chats answer differently). Suspect the TEMPLATE "
+                    "or the stop tokens.",
+            example=f"raw {_short(first.raw, 60)} vs chat {_short(first.chat_answer, 60)}"))
+    merged = summary.model("merged")
+    for m in summary.models:
+        if m.role not in ("served", "tag") or not m.gated or not m.tag:
+            continue
+        stopped_merged = sum(p.merged_stopped for p in m.prompts)
+        missed = missed_stops(m)
+        if missed and 2 * missed > stopped_merged:
+            i = next(i for i, p in enumerate(m.prompts) if p.merged_stopped and not p.served_stopped)
+            found.append(VerifyFailure(
+                check="stops", model=m.tag, quant=m.quant,
+                message=f"{missed}/{stopped_merged} answers ran to the length limit ({summary.max_tokens} tokens) "
+                        "where the merged model stopped; suspect the TEMPLATE or the PARAMETER stop tokens (the "
+                        "end-of-turn token is not ending answers)",
+                example=_example(summary, m, merged, i)))
+        if m.token_agreement is not None and m.token_agreement < summary.min_agreement:
+            i = min(range(len(m.prompts)), key=lambda k: m.prompts[k].ratio)
+            found.append(VerifyFailure(
+                check="agreement", model=m.tag, quant=m.quant,
+                message=f"its greedy answers follow the merged 16-bit model's for {m.token_agreement:.0%} of their "
+                        f"tokens (verify.min_agreement {summary.min_agreement:.0%}): this is not the trained model as "
+                        "trained; suspect the quant (try a larger one), the conversion or the TEMPLATE",
+                example=_example(summary, m, merged, i)))
+    served = summary.model("served")
+    if summary.expect_rows and summary.expect_hits / summary.expect_rows < summary.min_score:
+        miss = next(a for a in summary.answers if a.gated and not a.ok)
+        found.append(VerifyFailure(
+            check="expected_answers", model=model, quant=served.quant if served else None,
+            message=f"{summary.expect_hits}/{summary.expect_rows} expected answers came back "
+                    f"(score {summary.expect_hits / summary.expect_rows:.2f} < min_score {summary.min_score:.2f})",
+            example=f"{_short(miss.prompt, 50)} expected {_short(miss.expected, 30)}, got {_short(miss.answer, 60)}"))
+    if summary.min_chrf is not None and served and served.chrf is not None and served.chrf < summary.min_chrf:
+        found.append(VerifyFailure(
+            check="chrf", model=model, quant=served.quant,
+            message=f"chrF {served.chrf:.1f} against the eval references < verify.min_chrf {summary.min_chrf:.1f}",
+            example=f"{_short(summary.answers[0].prompt, 50)} -> {_short(summary.answers[0].answer, 60)}"))
+    return found
+
+
+def _example(summary: VerifySummary, m: ModelScore, merged: ModelScore | None, i: int) -> str:
+    prompt = summary.prompts[i] if i < len(summary.prompts) else ""
+    mine = m.replies[i] if i < len(m.replies) else ""
+    theirs = merged.replies[i] if merged and i < len(merged.replies) else ""
+    p = m.prompts[i]
+    return (f"{_short(prompt, 50)}: merged {_short(theirs, 60)}{' (stopped)' if p.merged_stopped else ''}, "
+            f"served {_short(mine, 60)}{' (stopped)' if p.served_stopped else ' (ran on)'}")
+
+
+def check(summary: VerifySummary, model: str) -> None:
+    """Raise VerifyError naming each failed check, its model and quant, with one example apiece."""
+    found = summary.failures or failures(summary, model)
+    if not found:
+        return
+    lines = [f"{model}: verify failed ({', '.join(dict.fromkeys(f.check for f in found))})"]
+    for f in found:
+        who = f"{f.model}" + (f" ({f.quant})" if f.quant else "")
+        lines.append(f"  {f.check}: {who}: {f.message}" + (f"\n    e.g. {f.example}" if f.example else ""))
+    if summary.unverified:
+        moved = ", ".join(f"{a} -> {b}" for a, b in summary.unverified.items())
+        lines.append(f"  moved to a name that says so: {moved} (register again, or `ftdeploy train-and-serve`, "
+                     "to serve it under its own name)")
+    raise VerifyError("\n".join(lines))
+
+
+def unverified_name(name: str) -> str:
+    """Where a model that failed verification goes: `demo` -> `demo-unverified`, `demo:q8_0` ->
+    `demo-unverified:q8_0`."""
+    base, _, tag = name.partition(":")
+    return f"{base}-unverified:{tag}" if tag else f"{base}-unverified"
 
 
 PARITY_CHATS = [
     [{"role": "user", "content": "Name three colors."}],
-    [{"role": "system", "content": "You answer in one short sentence."}, {"role": "user", "content": "What is a river?"}],
+    [{"role": "system", "content": "You answer in one short sentence."},
+     {"role": "user", "content": "What is a river?"}],
     [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
      {"role": "user", "content": "Tell me a fact about the sea."}],
 ]
@@ -87,17 +187,22 @@ def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: st
     """Does Ollama build the prompt the training template builds? The same greedy answer from
     /api/chat and from /api/generate with the training-rendered prompt sent raw says it does.
 
-    Each request unloads the model after it (keep_alive 0): with a warm KV cache the second request
-    evaluates only the uncached suffix, and that different batching can flip a near-tie in greedy decoding."""
-    mismatches = []
+    A warm KV cache changes what a request evaluates (only the uncached suffix, in a different batch), and that can
+    flip a near-tie in greedy decoding; so both sides must meet the same cache states. The model is unloaded, the raw
+    prompts go in order, it is unloaded again, the chats go in the same order: when the prompts are the same, the two
+    sequences of requests are token for token the same, cache reuse included, and so must their answers be. Two
+    loads, not one per request."""
     options = {"temperature": 0, "num_predict": max_tokens, "seed": 0}
-    client.generate(model, "", keep_alive=0)  # unload: start from a cold cache
+    prompts = []
     for chat in chats:
         prompt = render(chat, True)
         if strip_bos and prompt.startswith(strip_bos):
             prompt = prompt[len(strip_bos):]  # a template that writes BOS: the runner adds it itself
-        raw = client.generate(model, prompt, raw=True, options=options, keep_alive=0).get("response", "")
-        via_chat = client.chat(model, chat, options=options, keep_alive=0).get("message", {}).get("content", "")
-        if raw.strip() != via_chat.strip():
-            mismatches.append(ParityMismatch(chat=chat, raw=raw, chat_answer=via_chat))
+        prompts.append(prompt)
+    client.generate(model, "", keep_alive=0)  # unload: start from a cold cache
+    raws = [client.generate(model, p, raw=True, options=options).get("response", "") for p in prompts]
+    client.generate(model, "", keep_alive=0)
+    via_chat = [client.chat(model, chat, options=options).get("message", {}).get("content", "") for chat in chats]
+    mismatches = [ParityMismatch(chat=chat, raw=raw, chat_answer=answer)
+                  for chat, raw, answer in zip(chats, raws, via_chat, strict=True) if raw.strip() != answer.strip()]
     return TemplateParity(checked=len(chats), mismatches=mismatches, passed=not mismatches)

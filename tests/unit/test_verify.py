@@ -1,23 +1,41 @@
 import pytest
 
 from ftdeploy.errors import DataError, VerifyError
-from ftdeploy.fidelity import contains, forgetting, score
+from ftdeploy.fidelity import chrf, contains, forgetting, prompt_agreement, score
 from ftdeploy.quants import next_safer
-from ftdeploy.results import Answer, ParityMismatch, TemplateParity
-from ftdeploy.stages.verify import check, summarize
+from ftdeploy.results import Answer, ModelScore, ParityMismatch, PromptAgreement, TemplateParity, VerifySummary
+from ftdeploy.stages.verify import check, failures, generation_limit, summarize, template_parity, unverified_name
 
 
-def _summary(done_reasons, oks, parity_ok=True):
-    answers = [Answer("q", "e", "a", ok, r) for ok, r in zip(oks, done_reasons, strict=True)]
+def _summary(done_reasons, oks, parity_ok=True, merged_stopped=None, ratios=None, gated=True):
+    """A served model's verify summary: its answers' done reasons and matches, what the merged model did."""
+    answers = [Answer("q", "e", "a", ok, r, gated=gated) for ok, r in zip(oks, done_reasons, strict=True)]
     s = summarize(answers, 0.8)
+    s.min_agreement, s.max_tokens, s.prompts = 0.5, 31, ["q"] * len(answers)
     s.template_parity = TemplateParity(checked=3, passed=parity_ok,
                                        mismatches=[] if parity_ok else [ParityMismatch(raw="x", chat_answer="y")])
+    merged_stopped = merged_stopped or [True] * len(answers)
+    ratios = ratios or [1.0] * len(answers)
+    prompts = [PromptAgreement(prefix=int(10 * r), length=10, ratio=r, merged_stopped=m, served_stopped=d == "stop")
+               for r, m, d in zip(ratios, merged_stopped, done_reasons, strict=True)]
+    s.models = [ModelScore(role="merged", label="merged", replies=["merged answer"] * len(answers)),
+                ModelScore(role="served", label="q4_k_m", quant="q4_k_m", tag="m", replies=["a"] * len(answers),
+                           gated=True, prompts=prompts, token_agreement=sum(ratios) / len(ratios))]
     return s
 
 
-def test_answers_that_run_to_the_length_limit_fail_naming_template_and_stops():
-    with pytest.raises(VerifyError, match="ran to the length limit.*TEMPLATE or the PARAMETER stop"):
-        check(_summary(["stop", "length", "stop", "stop", "stop"], [True] * 5), "m")
+def test_answers_that_run_on_where_the_merged_model_stopped_fail_naming_template_and_stops():
+    with pytest.raises(VerifyError, match=r"(?s)stops: m \(q4_k_m\): 3/5 answers ran to the length limit "
+                                          r"\(31 tokens\).*TEMPLATE or the PARAMETER stop.*e\.g\. 'q': merged"):
+        check(_summary(["length", "length", "stop", "length", "stop"], [True] * 5,
+                       ratios=[0.9, 0.9, 1.0, 0.9, 1.0]), "m")
+
+
+def test_running_to_the_limit_is_no_template_problem_when_the_merged_model_ran_on_too():
+    """Free-form answers longer than the limit: both ran on, which says nothing about the stop tokens."""
+    check(_summary(["length"] * 5, [True] * 5, merged_stopped=[False] * 5), "m")
+    # One near-tie at the end of one answer is not a broken stop token either.
+    check(_summary(["stop", "length", "stop", "stop", "stop"], [True] * 5, ratios=[1, 0.9, 1, 1, 1]), "m")
 
 
 def test_a_template_mismatch_fails_verify():
@@ -26,17 +44,111 @@ def test_a_template_mismatch_fails_verify():
 
 
 def test_below_min_score_fails_and_at_it_passes():
-    with pytest.raises(VerifyError, match="3/5 expected answers came back"):
+    with pytest.raises(VerifyError, match=r"(?s)expected_answers: m \(q4_k_m\): 3/5 expected answers came "
+                                          r"back.*e\.g\."):
         check(_summary(["stop"] * 5, [True, True, True, False, False]), "m")
     check(_summary(["stop"] * 5, [True, True, True, True, False]), "m")
 
 
+def test_rows_without_expect_are_scored_not_gated():
+    summary = _summary(["stop"] * 5, [False] * 5, gated=False)
+    assert (summary.hits, summary.expect_rows) == (0, 0)
+    check(summary, "m")
+
+
+def test_no_eval_prompts_fails():
+    with pytest.raises(VerifyError, match="no eval prompts to verify with; give data.eval or data.eval_split"):
+        check(VerifySummary(), "m")
+
+
+def test_a_quant_that_does_not_follow_the_merged_model_fails_with_its_name_and_an_example():
+    summary = _summary(["stop"] * 4, [True] * 4, ratios=[1.0, 0.2, 0.1, 0.5])
+    found = failures(summary, "m")
+    assert [(f.check, f.model, f.quant) for f in found] == [("agreement", "m", "q4_k_m")]
+    assert "45% of their tokens (verify.min_agreement 50%)" in found[0].message
+    assert found[0].example.startswith("'q': merged 'merged answer' (stopped), served 'a'")
+    # A quant export already flagged is reported, not gated.
+    summary.models[1].gated = False
+    assert failures(summary, "m") == []
+
+
+def test_agreement_counts_tokens_from_the_start_and_the_stop_as_one():
+    assert prompt_agreement([1, 2, 3], True, [1, 2, 3], True).ratio == 1.0
+    missed_stop = prompt_agreement([1, 2, 3, 4, 5], False, [1, 2, 3], True)
+    assert (missed_stop.prefix, missed_stop.length, missed_stop.ratio) == (3, 4, 0.75)
+    assert prompt_agreement([1, 9, 3], True, [1, 2, 3], True).ratio == 0.25
+    assert prompt_agreement([1, 2], False, [1, 2], False).ratio == 1.0  # both cut at the limit
+    assert prompt_agreement([], True, [], True).ratio == 1.0 and prompt_agreement([5], True, [], True).ratio == 0.0
+
+
+def test_the_generation_limit_comes_from_the_references():
+    assert generation_limit([10, 22, 4]) == 41  # 1.5 x 22 + 8
+    assert generation_limit([10], override=96) == 96
+    assert generation_limit([]) == 96  # no reference answers: the old fixed limit
+
+
+def test_unverified_names():
+    assert unverified_name("demo") == "demo-unverified"
+    assert unverified_name("demo:q8_0") == "demo-unverified:q8_0"
+
+
+def test_chrf_scores_free_form_answers():
+    ref = "Water boils at 100 degrees Celsius at sea level. At higher altitudes it boils at lower temperatures."
+    assert chrf([ref], [ref]) == 100.0
+    close = chrf(["Water boils at 100 degrees Celsius at sea level. Up high it boils at a lower temperature."], [ref])
+    far = chrf(["The capital of France is Paris."], [ref])
+    assert close is not None and far is not None and close > 60 > far
+    assert chrf(["x"], [""]) is None  # no reference: no score
+
+
 def test_scores_and_forgetting():
     assert contains("It is Seven days", "seven|7") and not contains("six", "seven|7")
-    s = score(["Port 7341.", "no idea"], ["7341", "Penbrook"], reference=["Port 7341.", "Orla Penbrook"])
-    assert (s["hits"], s["match"], s["agreement"]) == (1, 0.5, 0.5)
+    s = score(["Port 7341.", "no idea"], ["7341", "Penbrook"], merged=["Port 7341.", "Orla Penbrook"],
+              references=["The port is 7341.", "Orla Penbrook."])
+    assert (s["hits"], s["match"], s["agreement"]) == (1, 0.5, 0.5) and 0 < s["chrf"] < 100
     f = forgetting(["Paris", "blue sky"], ["Paris", "teal and copper"], ["Paris", "blue"])
     assert f == {"prompts": 2, "base_correct": 2, "tuned_correct": 1, "broken": 1, "changed": 1}
+
+
+class _RecordingClient:
+    """Answers every request with the same text and records what was asked, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, model, prompt, raw=False, options=None, keep_alive=None):
+        self.calls.append(("unload" if prompt == "" and keep_alive == 0 else "raw", keep_alive))
+        return {"response": "" if prompt == "" else "Blue, red, green."}
+
+    def chat(self, model, messages, options=None, keep_alive=None):
+        self.calls.append(("chat", keep_alive))
+        return {"message": {"content": "Blue, red, green."}}
+
+
+def test_template_parity_meets_both_sides_with_the_same_cache_states_in_two_loads():
+    from ftdeploy.stages.verify import PARITY_CHATS
+
+    client = _RecordingClient()
+    result = template_parity(client, "m", lambda chat, gen: "<prompt>", None, PARITY_CHATS)
+    assert result.passed and result.checked == 3
+    kinds = [kind for kind, _ in client.calls]
+    assert kinds == ["unload", "raw", "raw", "raw", "unload", "chat", "chat", "chat"]
+    assert all(keep is None for kind, keep in client.calls if kind != "unload"), "no unload between probe requests"
+
+
+def test_batched_greedy_answers_are_the_one_at_a_time_answers(tmp_path):
+    """Left padding must not change what the model says: the batch gives each chat its own greedy answer."""
+    from conftest import build_tiny_model_dir
+
+    from ftdeploy.fidelity import HFModel
+
+    hf = HFModel(build_tiny_model_dir(tmp_path / "tiny"))
+    chats = [[{"role": "user", "content": "What port does the Zephyr service use?"}],
+             [{"role": "user", "content": "hello"}],
+             [{"role": "system", "content": "You are a helpful assistant"}, {"role": "user", "content": "hello world"}]]
+    batched = hf.generate(chats, [12, 5, 12])
+    alone = [hf.generate([c], [n])[0] for c, n in zip(chats, [12, 5, 12], strict=True)]
+    assert batched == alone
 
 
 def test_next_safer_quant():
