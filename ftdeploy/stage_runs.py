@@ -85,7 +85,8 @@ def stage_train(ctx: Context) -> TrainResult:
         base = ctx.base()
         tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code)
         # Checkpoints from a different config or data are not this training's: start over.
-        if ctx.run.checkpoint_dir.is_dir() and ctx.run.load_manifest().get("checkpoint_fingerprint") != ctx.fingerprint("train"):
+        stale = ctx.run.load_manifest().get("checkpoint_fingerprint") != ctx.fingerprint("train")
+        if ctx.run.checkpoint_dir.is_dir() and stale:
             shutil.rmtree(ctx.run.checkpoint_dir)
         ctx.run.update(checkpoint_fingerprint=ctx.fingerprint("train"))
         metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)

@@ -177,7 +177,7 @@ def test_two_gloo_processes_follow_the_one_process_loss_trajectory(demo_run, ddp
     assert two["global_batch"] == one["global_batch"] == 4 and two["per_device_batch"] == 2
     steps_one = [h["step"] for h in one["loss_history"]]
     assert steps_one == [h["step"] for h in two["loss_history"]] and len(steps_one) == 30
-    gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(one["loss_history"], two["loss_history"])]
+    gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(one["loss_history"], two["loss_history"], strict=True)]
     assert max(gaps) < LOSS_TOLERANCE, gaps
     # Rank 0 alone wrote the adapter; only one progress line per step reached stderr.
     assert ddp_adapter_run[2].count("  step   30/30") == 1
@@ -192,11 +192,12 @@ def test_the_adapter_deploy_answers_the_trained_facts_and_uploads_megabytes(ddp_
     shown = ollama_server.client.show("ftdeploy-e2e-ddp")
     assert "ADAPTER" in shown["modelfile"]
     facts = load_records(str(demo_path("eval"))).records
-    hits = sum(f.expect.lower() in ollama_server.chat("ftdeploy-e2e-ddp", f.messages[0]["content"]).lower() for f in facts)
-    assert hits >= 4
+    def knows(model, fact):
+        return fact.expect.lower() in ollama_server.chat(model, fact.messages[0]["content"]).lower()
+
+    assert sum(knows("ftdeploy-e2e-ddp", f) for f in facts) >= 4
     # The base alone does not know the made-up facts: the answers come from the adapter.
-    base_hits = sum(f.expect.lower() in ollama_server.chat(reg["base_model"], f.messages[0]["content"]).lower() for f in facts)
-    assert base_hits <= 1
+    assert sum(knows(reg["base_model"], f) for f in facts) <= 1
     report = (run_dir / "report.md").read_text()
     assert "## Deploy" in report and "LoRA adapter (this tune)" in report and "full model" in report
 
