@@ -225,9 +225,9 @@ class OllamaConfig:
 @dataclass
 class VerifyConfig:
     min_agreement: float = _help(
-        "The default gate, per served quant: least mean share of its greedy answers' tokens (the stop counted as one) "
-        "that follow the merged 16-bit model's greedy answers from the start.",
-        default=0.5,
+        "The default gate, per served quant: least share of greedy steps at which it picks the merged 16-bit model's "
+        "token (the stop counted as one), counted along each eval answer up to its first difference.",
+        default=0.7,
     )
     min_score: float = _help(
         "Least share of the eval rows carrying `expect` whose expected answer must come back (rows without `expect` "

@@ -1,9 +1,8 @@
 """Is the served model the trained model? Measures that mean something:
 
 * agreement with the merged model (the default gate): for each served quant, how far its greedy answer follows the
-  merged 16-bit model's greedy answer to the same rendered prompt, in tokens (the common prefix over the merged
-  answer's length, the stop counted as a token), so a changed template, a bad conversion or a broken quant shows
-  whatever the dataset looks like;
+  merged 16-bit model's greedy answer to the same rendered prompt, in tokens (the common prefix, the stop counted
+  as a token), so a bad conversion, a broken quant or a wrong model shows whatever the dataset looks like;
 * answer match: the expected answer (or `expect` snippet) is in the reply at temperature 0;
 * chrF (sacrebleu) of the replies against the eval references: a soft score for free-form answers;
 * token fidelity of each GGUF against its F16, through llama.cpp on the eval conversations:
@@ -173,10 +172,19 @@ def prompt_agreement(served: list[int], served_stopped: bool, merged: list[int],
 
 
 def agreement_scores(items: list[PromptAgreement]) -> dict[str, Any]:
-    """ModelScore fields: mean token agreement and the share of prompts whose stop matched."""
+    """ModelScore fields from the prompts' agreements with the merged model.
+
+    token_agreement (the gate): the share of greedy steps at which the served model picked the merged model's token,
+    counted along each answer up to its first difference (after it, the two answers go on from different text and
+    say nothing more). It does not depend on how long the answers are, so one threshold holds for a fact and for a
+    paragraph. prefix_share: the mean share of the merged answer the served one repeats from its start (long answers
+    lower it even for a near-lossless quant). stop_agreement: prompts where both stopped, or both ran on."""
     if not items:
-        return {"token_agreement": None, "stop_agreement": None, "prompts": []}
-    return {"token_agreement": round(sum(i.ratio for i in items) / len(items), 4),
+        return {"token_agreement": None, "prefix_share": None, "stop_agreement": None, "prompts": []}
+    kept = sum(i.prefix for i in items)
+    diverged = sum(i.prefix < i.length for i in items)
+    return {"token_agreement": round(kept / (kept + diverged), 4) if kept + diverged else 1.0,
+            "prefix_share": round(sum(i.ratio for i in items) / len(items), 4),
             "stop_agreement": round(sum(i.merged_stopped == i.served_stopped for i in items) / len(items), 4),
             "prompts": items}
 

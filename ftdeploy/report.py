@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .results import ExportResult, RegisterResult, VerifySummary
+from .results import ExportResult, ModelScore, RegisterResult, VerifySummary
 from .runs import LOSS_PLOT, MANIFEST_FILE, atomic_write_text
 
 REPORT_MD = "report.md"
@@ -56,12 +56,15 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
         )
         quants = [m for m in models if m.role in ("served", "tag") and m.token_agreement is not None]
         if quants:
+            def gate(m: ModelScore) -> str:
+                return "PASS" if m.passed else "FAIL" if m.passed is False else "not gated: flagged by the quant gate"
+
             verdict.append(
-                "Served vs merged (the default gate, verify.min_agreement "
-                f"{_pct(verify.min_agreement)}): greedy answers follow the merged model's for "
-                + "; ".join(f"`{m.tag}` ({m.quant}) {_pct(m.token_agreement)} of tokens, stops agree on "
-                            f"{_pct(m.stop_agreement)}" + ("" if m.gated else " (flagged by the quant gate: not gated)")
-                            + (" - FAIL" if m.passed is False else "") for m in quants)
+                f"Served vs merged (the default gate, verify.min_agreement {_pct(verify.min_agreement)} of greedy "
+                "steps picking the merged model's token, up to each answer's first difference): "
+                + "; ".join(f"`{m.tag}` ({m.quant}) {_pct(m.token_agreement)} {gate(m)}, repeating "
+                            f"{_pct(m.prefix_share)} of the merged answers from their start, stops agreeing on "
+                            f"{_pct(m.stop_agreement)}" for m in quants)
                 + f". Answers were cut at {verify.max_tokens} tokens.")
         parity = verify.template_parity
         if parity:
@@ -81,16 +84,18 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
 
     if models:
         rows = [["model", "expected answers", "agrees with merged", "top-1 vs F16", "perplexity ratio",
-                 "tokens as merged", "stops as merged", "chrF"]]
+                 "steps as merged", "prefix kept", "stops as merged", "chrF"]]
         for m in models:
             rows.append([m.label, f"{m.hits}/{m.total} ({_pct(m.match)})", _pct(m.agreement),
-                         _num(m.top1_agreement), _num(m.ppl_ratio), _pct(m.token_agreement), _pct(m.stop_agreement),
-                         _num(m.chrf, "{:.1f}")])
+                         _num(m.top1_agreement), _num(m.ppl_ratio), _pct(m.token_agreement), _pct(m.prefix_share),
+                         _pct(m.stop_agreement), _num(m.chrf, "{:.1f}")])
         notes = ["*expected answers*: the expected answer is in the reply at temperature 0. *agrees with merged*: the "
                  "reply equals the merged 16-bit model's (case and spacing aside). *top-1 vs F16*: share of positions "
                  "where the quant and the F16 GGUF pick the same next token on the eval chats (llama.cpp). *perplexity "
-                 "ratio*: quant / F16. *tokens as merged*: mean share of the merged model's greedy answer (in tokens, "
-                 "the stop counted as one) that the served answer repeats from its start. *stops as merged*: share of "
+                 "ratio*: quant / F16. *steps as merged* (the gate): share of greedy steps where the served model "
+                 "picked the merged model's token (the stop counted as one), up to each answer's first difference. "
+                 "*prefix kept*: mean share of the merged answer that the served one repeats from its start. "
+                 "*stops as merged*: share of "
                  "prompts where both stopped, or both ran to the limit. *chrF*: sacrebleu's chrF (0-100) against the "
                  "eval references."]
         if export.flagged:

@@ -201,9 +201,12 @@ class ModelScore(Result):
     replies: list[str] = field(default_factory=list)
     chrf: float | None = None  # corpus chrF (sacrebleu, 0-100) of the replies against the eval references
     stopped: int = 0  # answers that ended on a stop token within the limit
-    # Served quants: greedy agreement with the merged model, in tokens (mean of PromptAgreement.ratio) ...
+    # Served quants: greedy agreement with the merged model (fidelity.agreement_scores): the share of greedy steps
+    # that picked the merged model's token up to each answer's first difference (the gate), the mean share of the
+    # merged answer repeated from its start, and the share of prompts where both stopped or both ran on.
     token_agreement: float | None = None
-    stop_agreement: float | None = None  # ... and the share of prompts where both stopped or both ran on
+    prefix_share: float | None = None
+    stop_agreement: float | None = None
     gated: bool = False  # token_agreement is gated for this one (not for a quant export already flagged)
     passed: bool | None = None  # the gate's verdict (None: not gated)
     prompts: list[PromptAgreement] = field(default_factory=list)

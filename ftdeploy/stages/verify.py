@@ -121,9 +121,10 @@ def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
             i = min(range(len(m.prompts)), key=lambda k: m.prompts[k].ratio)
             found.append(VerifyFailure(
                 check="agreement", model=m.tag, quant=m.quant,
-                message=f"its greedy answers follow the merged 16-bit model's for {m.token_agreement:.0%} of their "
-                        f"tokens (verify.min_agreement {summary.min_agreement:.0%}): this is not the trained model as "
-                        "trained; suspect the quant (try a larger one), the conversion or the TEMPLATE",
+                message=f"it picked the merged 16-bit model's token at {m.token_agreement:.0%} of greedy steps, "
+                        f"counted up to each answer's first difference (verify.min_agreement "
+                        f"{summary.min_agreement:.0%}): this is not the model as trained; suspect the quant (try a "
+                        "larger one), the conversion or the TEMPLATE",
                 example=_example(summary, m, merged, i)))
     served = summary.model("served")
     if summary.expect_rows and summary.expect_hits / summary.expect_rows < summary.min_score:

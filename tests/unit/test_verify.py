@@ -1,7 +1,7 @@
 import pytest
 
 from ftdeploy.errors import DataError, VerifyError
-from ftdeploy.fidelity import chrf, contains, forgetting, prompt_agreement, score
+from ftdeploy.fidelity import agreement_scores, chrf, contains, forgetting, prompt_agreement, score
 from ftdeploy.quants import next_safer
 from ftdeploy.results import Answer, ModelScore, ParityMismatch, PromptAgreement, TemplateParity, VerifySummary
 from ftdeploy.stages.verify import check, failures, generation_limit, summarize, template_parity, unverified_name
@@ -11,7 +11,7 @@ def _summary(done_reasons, oks, parity_ok=True, merged_stopped=None, ratios=None
     """A served model's verify summary: its answers' done reasons and matches, what the merged model did."""
     answers = [Answer("q", "e", "a", ok, r, gated=gated) for ok, r in zip(oks, done_reasons, strict=True)]
     s = summarize(answers, 0.8)
-    s.min_agreement, s.max_tokens, s.prompts = 0.5, 31, ["q"] * len(answers)
+    s.min_agreement, s.max_tokens, s.prompts = 0.7, 31, ["q"] * len(answers)
     s.template_parity = TemplateParity(checked=3, passed=parity_ok,
                                        mismatches=[] if parity_ok else [ParityMismatch(raw="x", chat_answer="y")])
     merged_stopped = merged_stopped or [True] * len(answers)
@@ -20,7 +20,7 @@ def _summary(done_reasons, oks, parity_ok=True, merged_stopped=None, ratios=None
                for r, m, d in zip(ratios, merged_stopped, done_reasons, strict=True)]
     s.models = [ModelScore(role="merged", label="merged", replies=["merged answer"] * len(answers)),
                 ModelScore(role="served", label="q4_k_m", quant="q4_k_m", tag="m", replies=["a"] * len(answers),
-                           gated=True, prompts=prompts, token_agreement=sum(ratios) / len(ratios))]
+                           gated=True, **agreement_scores(prompts))]
     return s
 
 
@@ -62,10 +62,11 @@ def test_no_eval_prompts_fails():
 
 
 def test_a_quant_that_does_not_follow_the_merged_model_fails_with_its_name_and_an_example():
-    summary = _summary(["stop"] * 4, [True] * 4, ratios=[1.0, 0.2, 0.1, 0.5])
+    summary = _summary(["stop"] * 4, [True] * 4, ratios=[0.1, 0.0, 0.2, 0.0])  # 3 steps kept, 4 differences
     found = failures(summary, "m")
     assert [(f.check, f.model, f.quant) for f in found] == [("agreement", "m", "q4_k_m")]
-    assert "45% of their tokens (verify.min_agreement 50%)" in found[0].message
+    assert "at 43% of greedy steps, counted up to each answer's first difference (verify.min_agreement 70%)" in \
+        found[0].message
     assert found[0].example.startswith("'q': merged 'merged answer' (stopped), served 'a'")
     # A quant export already flagged is reported, not gated.
     summary.models[1].gated = False
@@ -79,6 +80,19 @@ def test_agreement_counts_tokens_from_the_start_and_the_stop_as_one():
     assert prompt_agreement([1, 9, 3], True, [1, 2, 3], True).ratio == 0.25
     assert prompt_agreement([1, 2], False, [1, 2], False).ratio == 1.0  # both cut at the limit
     assert prompt_agreement([], True, [], True).ratio == 1.0 and prompt_agreement([5], True, [], True).ratio == 0.0
+
+
+def test_the_gate_counts_greedy_steps_up_to_the_first_difference_whatever_the_answer_length():
+    """A near-lossless quant flips a near-tie now and then: on a paragraph that cuts the shared prefix short, so the
+    mean prefix share falls with the answer's length while the share of agreeing steps does not."""
+    short = [prompt_agreement([1, 2, 3, 4], True, [1, 2, 3, 4], True)] * 4
+    long = [prompt_agreement(list(range(20)) + [99], False, list(range(60)), True)] * 4
+    assert agreement_scores(short)["token_agreement"] == 1.0
+    scores = agreement_scores(long)
+    assert scores["token_agreement"] == round(20 / 21, 4) and scores["prefix_share"] == round(20 / 61, 4)
+    assert scores["stop_agreement"] == 0.0
+    assert agreement_scores([]) == {"token_agreement": None, "prefix_share": None, "stop_agreement": None,
+                                    "prompts": []}
 
 
 def test_the_generation_limit_comes_from_the_references():
