@@ -46,14 +46,20 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
     if verified:
         ok = verify.passed and (verify.template_parity is None or verify.template_parity.passed)
         agree = served.agreement if served else None
-        verdict.append(
-            f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}` answered {verify.hits}/{verify.total} "
-            f"eval prompts as expected"
-            + (f" ({verify.expect_hits}/{verify.expect_rows} rows with `expect`, min_score {verify.min_score})"
-               if verify.expect_rows else " (no row carries `expect`: reported, not gated)")
-            + (f"; the merged 16-bit model answered {merged.hits}/{merged.total}" if merged else "")
-            + (f", and the served answers agree with it on {_pct(agree)} of prompts." if agree is not None else ".")
-        )
+        head = f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}`"
+        gated_rows = verify.total if verify.expect_rows is None else verify.expect_rows
+        if gated_rows or not verify.total:
+            head += (f" answered {verify.hits}/{verify.total} eval prompts as expected (min_score {verify.min_score}"
+                     + (f" on the {gated_rows} rows with `expect`)" if gated_rows != verify.total else ")")
+                     + (f"; the merged 16-bit model answered {merged.hits}/{merged.total}" if merged else ""))
+        else:
+            head += (f" was asked {verify.total} eval prompts; no row carries `expect`, so the references are scored "
+                     f"(chrF: served {_num(served.chrf if served else None, '{:.1f}')}, merged "
+                     f"{_num(merged.chrf if merged else None, '{:.1f}')}), not gated")
+        if agree is not None and merged:
+            head += (f", and the served answers agree with it on {_pct(agree)} of prompts" if gated_rows
+                     else f"; {_pct(agree)} of the served answers equal the merged model's word for word")
+        verdict.append(head + ".")
         quants = [m for m in models if m.role in ("served", "tag") and m.token_agreement is not None]
         if quants:
             def gate(m: ModelScore) -> str:

@@ -239,7 +239,8 @@ class VerifySummary(Result):
     models: list[ModelScore] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)  # the eval rows' reference answers
-    expect_rows: int = 0  # rows that carry `expect`: the only ones min_score gates
+    expect_rows: int | None = None  # rows carrying `expect`, the only ones min_score gates (None: an older ftdeploy
+    # wrote this, and gated every row)
     expect_hits: int = 0
     max_tokens: int = 0  # the generation limit used (from the references' lengths unless verify.max_tokens is set)
     min_agreement: float = 0.0

@@ -127,7 +127,7 @@ def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
                         "larger one), the conversion or the TEMPLATE",
                 example=_example(summary, m, merged, i)))
     served = summary.model("served")
-    if summary.expect_rows and summary.expect_hits / summary.expect_rows < summary.min_score:
+    if summary.expect_rows and summary.expect_hits / summary.expect_rows < summary.min_score:  # None: not measured
         miss = next(a for a in summary.answers if a.gated and not a.ok)
         found.append(VerifyFailure(
             check="expected_answers", model=model, quant=served.quant if served else None,
