@@ -9,7 +9,29 @@ OLLAMA_VERSION="${OLLAMA_VERSION:-v0.17.4}"
 cache="${FTDEPLOY_CACHE:-$HOME/.cache/ftdeploy}/ollama/${OLLAMA_VERSION}"
 bin="$cache/ollama"
 
-if [ -x "$bin" ] && "$bin" --version 2>&1 | grep -q "${OLLAMA_VERSION#v}"; then
+# cgo compiles Ollama's CPU backend (ggml) once, with the compiler flags it is given. Ollama's own releases ship one
+# CPU library per x86-64 level and load the best the CPU has; a `go build` gets one, and with no -march that is
+# baseline x86-64 (SSE2): the demo model then generates 5-7x slower (docs/benchmarks.md, "Verify"). So build for
+# the level this host has: x86-64-v3 (AVX2, FMA, F16C, BMI2) when its CPU flags show all of it, else the baseline.
+# OLLAMA_CPU_FLAGS overrides; set it empty for a binary that runs on any x86-64 CPU. The flags are stamped next to
+# the binary, and a binary built with other flags is rebuilt. FTDEPLOY_CPUINFO names another file to read the CPU
+# flags from (the tests use it).
+if [ -z "${OLLAMA_CPU_FLAGS+set}" ]; then
+  OLLAMA_CPU_FLAGS=""
+  cpuinfo="${FTDEPLOY_CPUINFO:-/proc/cpuinfo}"
+  if [ "$(uname -m)" = x86_64 ] && [ -r "$cpuinfo" ]; then
+    cpu=" $(grep -m 1 '^flags' "$cpuinfo" | cut -d: -f2) "
+    v3=1
+    for f in avx avx2 fma f16c bmi1 bmi2 movbe abm xsave; do
+      case "$cpu" in *" $f "*) ;; *) v3=0 ;; esac
+    done
+    [ "$v3" = 1 ] && OLLAMA_CPU_FLAGS="-march=x86-64-v3"
+  fi
+fi
+stamp="$cache/cpu-flags"
+
+if [ -x "$bin" ] && "$bin" --version 2>&1 | grep -q "${OLLAMA_VERSION#v}" \
+   && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$OLLAMA_CPU_FLAGS" ]; then
   echo "$bin"
   exit 0
 fi
@@ -38,8 +60,9 @@ if [ ! -f "$inc/miniaudio/miniaudio.h" ]; then
   rm -rf "$dl"
 fi
 export CGO_CPPFLAGS="${CGO_CPPFLAGS:-} -I$inc"
+export CGO_CFLAGS="-O3 $OLLAMA_CPU_FLAGS" CGO_CXXFLAGS="-O3 $OLLAMA_CPU_FLAGS"
 
-echo "install-ollama: building ollama ${OLLAMA_VERSION} from its Go module (cgo compiles the CPU backend; several minutes on 2 cores)" >&2
+echo "install-ollama: building ollama ${OLLAMA_VERSION} from its Go module for CPU flags '${OLLAMA_CPU_FLAGS}' (cgo compiles the CPU backend; several minutes on 2 cores)" >&2
 mkdir -p "$cache"
 tmp="$(mktemp -d "$cache/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
@@ -49,4 +72,5 @@ CGO_ENABLED=1 GOBIN="$tmp" go install -trimpath \
   "github.com/ollama/ollama@${OLLAMA_VERSION}" >&2
 "$tmp/ollama" --version >&2 || true
 mv -f "$tmp/ollama" "$bin"
+printf '%s\n' "$OLLAMA_CPU_FLAGS" > "$stamp"
 echo "$bin"
