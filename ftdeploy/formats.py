@@ -3,11 +3,17 @@
 Sources: .jsonl, .json, .csv, .parquet files, a directory of them, or a Hugging Face dataset id
 (`datasets.load_dataset(id, config, split=...)`). Layouts, detected from the columns or chosen:
 
-  messages  {"messages": [{"role", "content"}, ...]}            (OpenAI style)
+  messages  {"messages": [{"role", "content"}, ...]}            (OpenAI style; optional "tools", see below)
   sharegpt  {"conversations": [{"from", "value"}, ...]}         (human/gpt/system and aliases)
   alpaca    {"instruction", "input", "output"}                  (optional "system")
   pairs     {"prompt", "response"}                              (column names configurable)
   text      {"text"}                                            (continued pre-training: every token trained)
+
+Tool calls (messages layout), as Hugging Face chat templates and TRL take them: a row-level "tools" list of
+function specs ({"type": "function", "function": {"name", "description", "parameters"}}, or that list as a JSON
+string), assistant turns with "tool_calls" ([{"type": "function", "function": {"name", "arguments"}}], content
+optional) and "tool" turns holding each call's result ("content", optional "name" / "tool_call_id"). Arguments given
+as a JSON string are parsed to the object the templates expect. Rows without tool fields convert as they always did.
 
 Text files are read as UTF-8 with an optional BOM (`utf-8-sig`). A value that looks like a path (a data
 suffix, ./ ../ / ~, or a first component that is a local directory) is never tried as a Hub id.
@@ -37,6 +43,7 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Suffixes that mark a value as a file path (never a Hub id), read or not: a missing one is "no such file".
 PATH_SUFFIXES = (*FILE_SUFFIXES, ".txt", ".arrow", ".tsv", ".gz", ".zip", ".xlsx")
 ROLES = ("system", "user", "assistant")
+TOOL_ROLE = "tool"  # a tool call's result, in the messages layout
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
     "bot": "assistant", "model": "assistant", "system": "system",
@@ -50,10 +57,11 @@ class Record:
     """One converted row: a conversation, or raw text for the `text` layout."""
 
     source: str
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
     expect: str | None = None
     match: str = "contains"  # how verify compares the reply with `expect`: contains, exact, regex
+    tools: list[dict[str, Any]] | None = None  # function specs the chat template renders (tools=...)
 
 
 @dataclass
@@ -360,15 +368,39 @@ def detect_layout(rows: list[tuple[str, Any]], columns: Columns, source: str) ->
     return top[0]
 
 
-def _check_messages(messages: Any) -> str | None:
+def _check_messages(messages: Any, tools: list[dict[str, Any]] | None = None) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty list"
+    calls_open: tuple[int, list[str]] | None = None  # the assistant turn whose tool calls await results
+    results = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             return f"message {i} is not an object"
         role, content = m.get("role"), m.get("content")
+        if role == TOOL_ROLE:
+            if calls_open is None:
+                return f"message {i} (tool): a tool result with no tool call before it (the turn before it is " \
+                       "not an assistant turn with 'tool_calls')"
+            if reason := _check_tool_result(i, m, *calls_open, results):
+                return reason
+            results += 1
+            continue
         if role not in ROLES:
-            return f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})"
+            return f"message {i}: unknown role {role!r} (expected one of {', '.join((*ROLES, TOOL_ROLE))})"
+        if calls_open is not None and not results:
+            return f"message {i}: the tool calls of message {calls_open[0]} have no tool result after them " \
+                   "(a 'tool' turn with each call's result)"
+        calls_open, results = None, 0
+        if role == "assistant" and m.get("tool_calls") is not None:
+            names = _check_tool_calls(i, m.get("tool_calls"), tools)
+            if isinstance(names, str):
+                return names
+            if content is not None and not isinstance(content, str):
+                return f"message {i} (assistant): content must be a string (or left out beside 'tool_calls')"
+            if content and (reason := _not_unicode(content)):
+                return f"message {i} ({role}): content {reason}"
+            calls_open = (i, names)
+            continue
         if not isinstance(content, str) or not content.strip():
             return f"message {i} ({role}): content must be a non-empty string"
         if reason := _not_unicode(content):
@@ -379,11 +411,129 @@ def _check_messages(messages: Any) -> str | None:
     if not turns or turns[0] != "user":
         return "turns out of order: the first non-system message must be from the user"
     for a, b in itertools.pairwise(turns):
-        if a == b:
+        if a == b and a != TOOL_ROLE:  # tool results follow one another, one a call
             return f"turns out of order: two {a} messages in a row"
     if "assistant" not in turns:
         return "no assistant message to learn from"
     return None
+
+
+def _check_tool_calls(i: int, calls: Any, tools: list[dict[str, Any]] | None) -> list[str] | str:
+    """The names an assistant turn's tool calls call, or the reason they are bad."""
+    where = f"message {i} (assistant): 'tool_calls'"
+    if not isinstance(calls, list) or not calls:
+        return f"{where} must be a non-empty list of calls, got {_kind(calls)}"
+    known = [t["function"]["name"] for t in tools or []]
+    names = []
+    for k, call in enumerate(calls):
+        fn = _function_of(call)
+        if isinstance(fn, str):
+            return f"{where}[{k}]: {fn}"
+        name, args = fn.get("name"), fn.get("arguments")
+        if not isinstance(name, str) or not name.strip():
+            return f"{where}[{k}]: the function has no name (function.name must be a non-empty string)"
+        if known and name not in known:
+            return f"{where}[{k}]: calls {name!r}, which is not among the row's tools ({', '.join(known)})"
+        if args is None:
+            return f"{where}[{k}] ({name}): function.arguments is missing (use {{}} for a call without arguments)"
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except (ValueError, RecursionError) as exc:
+                return f"{where}[{k}] ({name}): function.arguments is a string but not valid JSON ({_json_reason(exc)})"
+        if not isinstance(args, dict):
+            return f"{where}[{k}] ({name}): function.arguments must be an object (or a JSON string of one), " \
+                   f"got {_kind(args)}"
+        if reason := _not_unicode(json.dumps(call, ensure_ascii=False)):
+            return f"{where}[{k}] ({name}) {reason}"
+        names.append(name)
+    return names
+
+
+def _function_of(call: Any) -> dict[str, Any] | str:
+    """The {"name", "arguments"} part of a tool call, nested under "function" or (flat) the call itself."""
+    if not isinstance(call, dict):
+        return f"expected an object, got {_kind(call)}"
+    if call.get("type", "function") != "function":
+        return f"type must be 'function', got {call.get('type')!r}"
+    fn = call.get("function", call)
+    return fn if isinstance(fn, dict) else f"'function' must be an object, got {_kind(fn)}"
+
+
+def _check_tool_result(i: int, m: dict[str, Any], call_at: int, names: list[str], results: int) -> str | None:
+    content, name = m.get("content"), m.get("name")
+    if not isinstance(content, str):
+        return f"message {i} (tool): content must be a string (a JSON result as text: json.dumps it), " \
+               f"got {_kind(content)}"
+    if reason := _not_unicode(content):
+        return f"message {i} (tool): content {reason}"
+    if results >= len(names):
+        return f"message {i} (tool): more tool results than the {len(names)} tool call{'s' * (len(names) > 1)} " \
+               f"of message {call_at}"
+    if name is not None and name not in names:
+        return f"message {i} (tool): a result for {name!r}, which message {call_at} did not call ({', '.join(names)})"
+    if m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
+        return f"message {i} (tool): tool_call_id must be a string"
+    return None
+
+
+def _check_tools(value: Any) -> list[dict[str, Any]] | str | None:
+    """A row's `tools`: the function specs (None for none), or the reason they are bad."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # CSV and parquet datasets often hold the list as JSON text
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            return f"'tools' is a string but not valid JSON ({_json_reason(exc)})"
+    if not isinstance(value, list):
+        return f"'tools' must be a list of function specs, got {_kind(value)}"
+    names: list[str] = []
+    for k, spec in enumerate(value):
+        shape = 'expected {"type": "function", "function": {"name", "description", "parameters"}}'
+        if not isinstance(spec, dict) or not isinstance(spec.get("function"), dict):
+            return f"'tools'[{k}]: {shape}, got {_kind(spec) if not isinstance(spec, dict) else sorted(spec)}"
+        if spec.get("type", "function") != "function":
+            return f"'tools'[{k}]: type must be 'function', got {spec.get('type')!r}"
+        fn = spec["function"]
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            return f"'tools'[{k}]: the function has no name (function.name must be a non-empty string)"
+        if name in names:
+            return f"'tools'[{k}]: {name!r} is defined twice"
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            return f"'tools'[{k}] ({name}): function.parameters must be a JSON schema object, got " \
+                   f"{_kind(fn['parameters'])}"
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            return f"'tools'[{k}] ({name}): function.description must be a string"
+        if reason := _not_unicode(json.dumps(spec, ensure_ascii=False)):
+            return f"'tools'[{k}] ({name}) {reason}"
+        names.append(name)
+    return value or None
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _normalized(m: dict[str, Any]) -> dict[str, Any]:
+    """A checked message as the chat template gets it: role and content, and the tool fields where there are some
+    (tool-call content "" where left out, arguments parsed); a plain message is {"role", "content"} as ever."""
+    if m["role"] == TOOL_ROLE:
+        out = {"role": TOOL_ROLE, "content": m["content"]}
+        out.update({k: m[k] for k in ("name", "tool_call_id") if m.get(k) is not None})
+        return out
+    if m["role"] == "assistant" and m.get("tool_calls") is not None:
+        calls = []
+        for call in m["tool_calls"]:
+            fn = call.get("function", call)
+            args = json.loads(fn["arguments"]) if isinstance(fn["arguments"], str) else fn["arguments"]
+            normal = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+            if isinstance(call.get("id"), str):
+                normal["id"] = call["id"]
+            calls.append(normal)
+        return {"role": "assistant", "content": m.get("content") or "", "tool_calls": calls}
+    return {"role": m["role"], "content": m["content"]}
 
 
 def _not_unicode(text: str) -> str | None:
@@ -427,11 +577,13 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
     if layout == "messages":
         if "messages" not in row:
             return f"missing field 'messages' (keys {sorted(row)})"
-        reason = _check_messages(row["messages"])
+        tools = _check_tools(row.get("tools"))
+        if isinstance(tools, str):
+            return tools
+        reason = _check_messages(row["messages"], tools)
         if reason:
             return reason
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        return Record("", messages=messages, expect=expect)
+        return Record("", messages=[_normalized(m) for m in row["messages"]], expect=expect, tools=tools)
     if layout == "sharegpt":
         conv = row.get("conversations")
         if not isinstance(conv, list) or not conv:

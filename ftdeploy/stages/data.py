@@ -12,6 +12,12 @@ apply_chat_template's per-call overhead, the tokenizer's Rust backend over many 
 thread of its own, and the labels by bisecting the token starts; the records stream from the
 source to train.jsonl, so memory stays flat in the rows. The first rows are also done the
 definition's way, and any difference sends the whole dataset down that exact slow path.
+
+Rows with tools (the messages layout's "tools", "tool_calls" and "tool" turns) are rendered with `tools=` as
+apply_chat_template renders them, and an assistant turn that calls tools is trained like any other assistant turn;
+tool results and user turns are not. The fast path renders them the same way, and its first GUARD_ROWS rows with
+tools, wherever they come in the file, are also done the definition's way: one difference sends every later row
+with tools down the exact path. A chat template that renders no tool information is an error, not dropped tools.
 """
 
 from __future__ import annotations
@@ -97,19 +103,23 @@ def stream_records(cfg: DataConfig, spec: str, split: str = "train") -> RecordSt
 
 
 def tokenize_conversation(
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     tokenizer: Any,
     mapping: TemplateMapping,
     max_seq_length: int,
     train_on: str = "assistant",
     source: str = "",
+    tools: list[dict[str, Any]] | None = None,
 ) -> Tokenized:
-    """Render with the tokenizer's chat template; label the assistant spans (end-of-turn included)."""
+    """Render with the tokenizer's chat template (and the row's tools); label the assistant spans, tool-call turns
+    included (end-of-turn included)."""
 
-    def render(msgs: list[dict[str, str]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    def render(msgs: list[dict[str, Any]], gen: bool, with_tools: list[dict[str, Any]] | None = tools) -> str:
+        return tokenizer.apply_chat_template(msgs, tools=with_tools, tokenize=False, add_generation_prompt=gen)
 
     full = render(messages, False)
+    if reason := template_drops_tools(messages, tools, full, render, getattr(tokenizer, "name_or_path", "")):
+        raise DataError(f"{source}: {reason}")
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -147,6 +157,24 @@ def tokenize_conversation(
     return Tokenized(ids, labels, truncated)
 
 
+def template_drops_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str,
+                         render: Callable[..., str], template_name: str) -> str | None:
+    """Why this chat template cannot train on this row's tools: it renders the same text without the tool specs, or
+    without the tool calls (so the model would learn from calls it never sees); None when it renders both."""
+    where = f"the chat template of {template_name}" if template_name else "the tokenizer's chat template"
+    fix = ("use a base model whose chat template supports tools (Qwen2.5, Llama 3.1 and later), or drop the tool "
+           "fields from the data")
+    if tools and render(messages, False, None) == full:
+        return f"the row carries tools, but {where} renders none of them (the same text with and without " \
+               "`tools`); " + fix
+    if any("tool_calls" in m for m in messages):
+        without_calls = [{"role": m["role"], "content": m["content"]} if "tool_calls" in m else m for m in messages]
+        if render(without_calls, False) == full:
+            return f"the row has tool calls, but {where} does not render them (an assistant turn's `tool_calls` " \
+                   "leave no text); " + fix
+    return None
+
+
 def tokenize_text(text: str, tokenizer: Any, max_seq_length: int) -> Tokenized:
     """Continued pre-training: the whole text, then EOS, every token trained."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
@@ -176,7 +204,8 @@ def tokenize_records(records: Iterable[Record], tokenizer: Any, mapping: Templat
         if rec.text is not None:
             return tokenize_text(rec.text, tokenizer, max_seq_length)
         assert rec.messages is not None, "a record holds text or messages"
-        return tokenize_conversation(rec.messages, tokenizer, mapping, max_seq_length, train_on, rec.source)
+        return tokenize_conversation(rec.messages, tokenizer, mapping, max_seq_length, train_on, rec.source,
+                                     rec.tools)
 
     fast = _FastTokenizer.create(tokenizer, mapping, max_seq_length, train_on, exact)
     if fast is not None:
@@ -223,6 +252,11 @@ def _describe(want: Outcome, got: Outcome) -> str:
            f"{len(got.input_ids)} tokens, {got.labels.count(IGNORE_INDEX)} masked"
 
 
+def _with_tools(rec: Record) -> bool:
+    """Whether a conversation uses tools: tool specs, tool calls or tool results."""
+    return bool(rec.tools) or any("tool_calls" in m or m["role"] == "tool" for m in rec.messages or ())
+
+
 @dataclass
 class _Item:
     """A record rendered and ready for the tokenizer."""
@@ -238,10 +272,15 @@ class _FastTokenizer:
     """Renders with the compiled chat template itself and tokenizes many texts in one call to the Rust backend."""
 
     def __init__(self, template: Any, context: dict[str, Any], backend: Any, end_of_turn: str, eot_id: int | None,
-                 eos_id: int | None, max_seq_length: int, train_on: str, exact: Callable[[Record], Tokenized]):
+                 eos_id: int | None, max_seq_length: int, train_on: str, exact: Callable[[Record], Tokenized],
+                 tool_template: Any = None, template_name: str = ""):
         self.template, self.context, self.backend = template, context, backend
         self.end_of_turn, self.eot_id, self.eos_id = end_of_turn, eot_id, eos_id
         self.max_seq_length, self.train_on, self.exact = max_seq_length, train_on, exact
+        # apply_chat_template picks a template dict's "tool_use" entry whenever tools are given
+        self.tool_template, self.template_name = tool_template or template, template_name
+        self.tool_checks = GUARD_ROWS  # rows with tools still to be done both ways
+        self.tools_exact = False  # a row with tools differed: every later one goes the exact way
 
     @classmethod
     def create(cls, tokenizer: Any, mapping: TemplateMapping, max_seq_length: int, train_on: str,
@@ -255,6 +294,7 @@ class _FastTokenizer:
             from transformers.utils.chat_template_utils import _compile_jinja_template
 
             template = _compile_jinja_template(tokenizer.get_chat_template())
+            tool_template = _compile_jinja_template(tokenizer.get_chat_template(None, []))
             # A copy of the backend apply_chat_template's tokenizer call runs, set the way that call sets it: no
             # truncation, no padding, special tokens recognised unless the tokenizer splits them.
             backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
@@ -267,12 +307,15 @@ class _FastTokenizer:
             return None
         eot_id = tokenizer.convert_tokens_to_ids(mapping.end_of_turn)
         return cls(template, context, backend, mapping.end_of_turn, eot_id, tokenizer.eos_token_id, max_seq_length,
-                   train_on, exact)
+                   train_on, exact, tool_template, getattr(tokenizer, "name_or_path", ""))
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        # The variables apply_chat_template gives the template: tools and documents (none), the special tokens.
-        text: str = self.template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.context)
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        # The variables apply_chat_template gives the template: tools (the row's, or none), documents (none), the
+        # special tokens. Records hold plain JSON values and no None-valued keys, which apply_chat_template would drop.
+        template = self.template if tools is None else self.tool_template
+        text: str = template.render(messages=messages, tools=tools, documents=None,
+                                    add_generation_prompt=add_generation_prompt, **self.context)
         return text
 
     def prepare(self, rec: Record) -> _Item:
@@ -282,16 +325,22 @@ class _FastTokenizer:
         if rec.text is not None:
             item.text = rec.text
             return item
-        messages = rec.messages
+        messages, tools = rec.messages, rec.tools
         assert messages is not None, "a record holds text or messages"
+        if self.tools_exact and _with_tools(rec):
+            item.exact = True
+            return item
         try:
-            full = self.render(messages, False)
+            full = self.render(messages, False, tools)
+            if reason := template_drops_tools(messages, tools, full, self._renderer(tools), self.template_name):
+                item.error = DataError(f"{rec.source}: {reason}")
+                return item
             spans: list[tuple[int, int]] = []
             for i, m in enumerate(messages):
                 if m["role"] != "assistant":
                     continue
-                prefix = self.render(messages[:i], True)
-                through = full if i + 1 == len(messages) else self.render(messages[: i + 1], False)
+                prefix = self.render(messages[:i], True, tools)
+                through = full if i + 1 == len(messages) else self.render(messages[: i + 1], False, tools)
                 if not (through.startswith(prefix) and full.startswith(through)):
                     item.error = DataError(
                         f"{rec.source}: the chat template does not render this conversation turn by turn "
@@ -305,6 +354,12 @@ class _FastTokenizer:
         item.text, item.spans = full, spans
         return item
 
+    def _renderer(self, tools: list[dict[str, Any]] | None) -> Callable[..., str]:
+        def render(msgs: list[dict[str, Any]], gen: bool, with_tools: list[dict[str, Any]] | None = tools) -> str:
+            return self.render(msgs, gen, with_tools)
+
+        return render
+
     def encode(self, items: list[_Item]) -> tuple[list[Any], list[Any]]:
         """Runs on the worker thread; the backend releases the GIL and spreads the batch over its threads."""
         chats = [it.text for it in items if it.spans is not None]
@@ -316,18 +371,40 @@ class _FastTokenizer:
         chats, texts = iter(encodings[0]), iter(encodings[1])
         out: list[Outcome] = []
         for it in items:
+            outcome: Outcome
+            if it.spans is not None:
+                encoding = next(chats)  # consumed whatever happens to the item, to keep the rest in step
             if it.exact:
-                out.append(_outcome(self.exact, it.record))
+                outcome = _outcome(self.exact, it.record)
             elif it.error is not None:
-                out.append(it.error)
+                outcome = it.error
             elif it.spans is None:
-                out.append(self._text(next(texts).ids))
+                outcome = self._text(next(texts).ids)
             else:
                 try:
-                    out.append(self._label(it.record, next(chats), it.spans))
+                    outcome = self._label(it.record, encoding, it.spans)
                 except DataError as exc:
-                    out.append(exc)
+                    outcome = exc
+            if not it.exact and it.record.messages is not None and _with_tools(it.record):
+                outcome = self._checked_tools(it.record, outcome)
+            out.append(outcome)
         return out
+
+    def _checked_tools(self, rec: Record, outcome: Outcome) -> Outcome:
+        """A row with tools: the definition's outcome once a row with tools has differed (rows rendered before that
+        was known included), and for the first GUARD_ROWS of them, compared with it."""
+        if self.tools_exact:
+            return _outcome(self.exact, rec)
+        if self.tool_checks <= 0:
+            return outcome
+        self.tool_checks -= 1
+        expected = _outcome(self.exact, rec)
+        if not _same(expected, outcome):
+            log.warning("%s: the fast data path differs from apply_chat_template on this row with tools (%s); "
+                        "preparing every later row with tools the exact slow way", rec.source,
+                        _describe(expected, outcome))
+            self.tools_exact = True
+        return expected
 
     def _text(self, encoded: list[int]) -> Tokenized:
         ids: list[Any] = encoded + [self.eos_id]  # tokenize_text appends eos_token_id as it is, None included
@@ -444,8 +521,10 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def _eval_line(rec: Record) -> str:
-    return json.dumps({"messages": rec.messages, "expect": rec.expect, "match": rec.match, "source": rec.source},
-                      ensure_ascii=False) + "\n"
+    row: dict[str, Any] = {"messages": rec.messages, "expect": rec.expect, "match": rec.match, "source": rec.source}
+    if rec.tools:
+        row["tools"] = rec.tools
+    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 class _TrainWriter:
@@ -575,7 +654,7 @@ def load_eval(data_dir: Path) -> list[Record]:
         return []
     with open(path, encoding="utf-8") as fh:
         return [Record(r.get("source", ""), messages=r["messages"], expect=r.get("expect"),
-                       match=r.get("match", "contains"))
+                       match=r.get("match", "contains"), tools=r.get("tools"))
                 for r in map(json.loads, fh)]
 
 
@@ -621,18 +700,23 @@ def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMa
     """Layout, row counts, token-length statistics and histogram, and one example with its trained span marked."""
     records = stream_records(cfg, spec, "train")
     lengths: list[int] = []
-    example, truncated = None, 0
+    example, truncated, tool_rows, tool_calls = None, 0, 0, 0
     try:
         for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on):
             lengths.append(len(tok.input_ids))
             truncated += tok.truncated
-            if example is None:
-                example = {"source": rec.source, "rendered": mark_trained(tokenizer, tok)}
+            if rec.messages is not None and _with_tools(rec):
+                tool_rows += 1
+                tool_calls += sum(len(m.get("tool_calls", ())) for m in rec.messages)
+            # The first row with tools is the example where there is one: its masking is the one worth seeing.
+            if example is None or (tool_rows == 1 and _with_tools(rec) and not example.get("tools")):
+                example = {"source": rec.source, "rendered": mark_trained(tokenizer, tok), "tools": _with_tools(rec)}
     except DataError:
         records.check()  # the file's own errors (bad rows) come first, as when it was read whole
         raise
     result = {
         "format": records.layout, "rows": records.records, "bad_rows": len(records.bad), "bad": records.bad[:50],
+        "tool_rows": tool_rows, "tool_calls": tool_calls,
         "truncated": truncated, "max_seq_length": cfg.max_seq_length, "tokens": length_stats(lengths),
         "histogram": [{"low": lo, "high": hi, "count": c} for lo, hi, c in histogram(lengths)],
         "chat_format": mapping.format.name, "example": example,

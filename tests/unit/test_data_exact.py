@@ -281,7 +281,7 @@ def test_skipped_bad_rows_are_counted_and_the_rest_prepared(tmp_path, chat, path
 def test_a_fast_path_that_differs_sends_every_row_the_exact_way(tmp_path, chat, monkeypatch, caplog):
     tok, mapping = chat
     render = data._FastTokenizer.render
-    monkeypatch.setattr(data._FastTokenizer, "render", lambda self, m, g: render(self, m, g) + " ")
+    monkeypatch.setattr(data._FastTokenizer, "render", lambda self, m, g, tools=None: render(self, m, g, tools) + " ")
     records = load_records(str(_dataset(tmp_path, "messages", n=100))).records
     with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
         got = [t for _, t in tokenize_records(records, tok, mapping, MAX_LEN)]
