@@ -5,7 +5,12 @@ conversations made of sentinel strings are rendered through the training templat
 compared with each known chat format. What the template adds on its own (a default system
 prompt, a fixed preamble inside the system block, a system block it always emits) is read
 off those renderings and carried into the Modelfile. A template that matches no known
-format is an error, not a guess.
+format is an error, not a guess; the error names the format that came closest and where
+the renderings part.
+
+Each format is declared once, in FORMATS: how its turns are written (`ChatFormat.render`, the
+Python mirror of its Ollama template), what ends a turn (its stop tokens), and its Ollama
+template file under modelfiles/, which renders exactly what the mirror renders.
 
 Pure: no torch, no transformers. The caller passes a `render(messages, add_generation_prompt)`
 function (e.g. a tokenizer's `apply_chat_template(..., tokenize=False)`).
@@ -13,73 +18,210 @@ function (e.g. a tokenizer's `apply_chat_template(..., tokenize=False)`).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
+from typing import Literal
 
 from .errors import TemplateError
 
-Message = dict[str, str]
+Message = dict[str, str]  # role, content; an assistant message may carry "thinking" (Ollama's message.thinking)
 RenderFn = Callable[[list[Message], bool], str]
 
 # Sentinels that no template would produce by itself.
 _S = "\u27e6sys-7f3a\u27e7"
 _U1, _A1 = "\u27e6user-one\u27e7", "\u27e6assistant-one\u27e7"
 _U2, _A2 = "\u27e6user-two\u27e7", "\u27e6assistant-two\u27e7"
+_R1 = "\u27e6reasoning-one\u27e7"
+
+SystemPlacement = Literal["turn", "first_user", "last_user"]
+Reasoning = Literal["qwen3", "r1"]
 
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """One chat format: how each turn is written, what ends a turn, and its Ollama template file."""
+    """One chat format: how each turn is written, what ends a turn, and its Ollama template file.
+
+    A turn is `open + content + close`, looked up by role ("*" for any role, `{role}` filled in);
+    roles with no entry are not written. The last message, when it is the assistant's, is left open
+    (Ollama continues it); otherwise the generation prompt follows.
+    """
 
     name: str
-    turn_open: str  # with {role}
-    turn_close: str  # ends every turn; the model must emit it, so it is trained and is a stop
+    opens: dict[str, str] = field(hash=False)
+    closes: dict[str, str] = field(hash=False)
     generation_prompt: str
-    stops: tuple[str, ...]
+    stops: tuple[str, ...]  # stops[0] ends an assistant turn: the model must emit it, so it is trained
     template_file: str
-    bos_in_template: bool = False  # template starts with the tokenizer's BOS (llama 3)
+    bos_in_template: bool = False  # the training template starts with the tokenizer's BOS (Ollama adds it)
+    # Where a leading system message goes: its own turn, or folded (with system_join) into the first user
+    # turn (Gemma) or into the user turn that ends the chat (Mistral v3; dropped when the chat ends otherwise).
+    system: SystemPlacement = "turn"
+    system_join: str = "\n\n"
+    # Reasoning models: how earlier assistant turns lose their reasoning and how a turn's thinking is written.
+    reasoning: Reasoning | None = None
+
+    def open(self, role: str) -> str | None:
+        text = self.opens.get(role, self.opens.get("*"))
+        return None if text is None else text.replace("{role}", role)
+
+    def close(self, role: str) -> str:
+        return self.closes.get(role, self.closes.get("*", ""))
+
+    @property
+    def markers(self) -> str:
+        """Every literal the format writes around content (a pad token must be none of them)."""
+        return "".join([*self.opens.values(), *self.closes.values(), self.generation_prompt])
+
+    def system_block(self, system_prefix: str) -> str | None:
+        """The system turn with empty content (what a template that always writes one writes)."""
+        opened = self.open("system")
+        if self.system != "turn" or opened is None:
+            return None
+        return opened + system_prefix + self.close("system")
 
     def render(
         self,
         messages: list[Message],
-        add_generation_prompt: bool,
+        add_generation_prompt: bool = True,
         system_prefix: str = "",
         implicit_system: str = "",
+        think: bool | None = None,
     ) -> str:
-        """What the Ollama TEMPLATE of this format produces (mirrors modelfiles/<name>.tmpl)."""
-        out = []
-        if not messages or messages[0]["role"] != "system":
+        """What the Ollama TEMPLATE of this format produces (mirrors modelfiles/<template_file>).
+
+        Like Ollama, it always ends with the generation prompt unless the last message is the
+        assistant's; `add_generation_prompt` is accepted for the RenderFn shape. `think` is Ollama's
+        request flag: False (set and off) closes an empty think block after the generation prompt
+        where the format has one (Qwen3's enable_thinking=False)."""
+        del add_generation_prompt
+        out: list[str] = []
+        leading_system = bool(messages) and messages[0]["role"] == "system"
+        if not leading_system:
             out.append(implicit_system)
+        folded = leading_system and self.system != "turn"
+        system_text = system_prefix + messages[0]["content"] if folded else ""
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         for i, m in enumerate(messages):
             last = i == len(messages) - 1
-            content = (system_prefix if m["role"] == "system" else "") + m["content"]
-            out.append(self.turn_open.format(role=m["role"]) + content)
-            if not last or m["role"] != "assistant":
-                out.append(self.turn_close)
-            if last and m["role"] != "assistant":
+            role = m["role"]
+            if folded and i == 0:
+                continue
+            opened = self.open(role)
+            if opened is None:
+                continue
+            content = m["content"]
+            if role == "system":
+                content = system_prefix + content
+            elif role == "user" and folded and (
+                    (self.system == "first_user" and i == 1) or (self.system == "last_user" and last)):
+                content = system_text + self.system_join + content
+            elif role == "assistant":
+                content = self._assistant_content(m, after_last_user=i > last_user, last=last)
+            out.append(opened + content)
+            if not last or role != "assistant":
+                out.append(self.close(role))
+            if last and role != "assistant":
                 out.append(self.generation_prompt)
+                if think is False and self.reasoning == "qwen3":
+                    out.append("<think>\n\n</think>\n\n")
         return "".join(out)
+
+    def _assistant_content(self, m: Message, after_last_user: bool, last: bool) -> str:
+        thinking = m.get("thinking", "")
+        if self.reasoning == "qwen3" and after_last_user and (last or thinking):
+            # Qwen3 writes the reasoning of turns after the last user message (tool loops, a continued turn).
+            return f"<think>\n{thinking}\n</think>\n\n" + m["content"]
+        if self.reasoning == "r1" and thinking:
+            # R1 distills keep what followed </think> in an earlier turn: the blank line the model wrote there.
+            return "\n\n" + m["content"]
+        return m["content"]
 
 
 CHATML = ChatFormat(
     name="chatml",
-    turn_open="<|im_start|>{role}\n",
-    turn_close="<|im_end|>\n",
+    opens={"*": "<|im_start|>{role}\n"},
+    closes={"*": "<|im_end|>\n"},
     generation_prompt="<|im_start|>assistant\n",
     stops=("<|im_end|>", "<|im_start|>"),
     template_file="chatml.tmpl",
 )
 LLAMA3 = ChatFormat(
     name="llama3",
-    turn_open="<|start_header_id|>{role}<|end_header_id|>\n\n",
-    turn_close="<|eot_id|>",
+    opens={"*": "<|start_header_id|>{role}<|end_header_id|>\n\n"},
+    closes={"*": "<|eot_id|>"},
     generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
     stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>"),
     template_file="llama3.tmpl",
     bos_in_template=True,
 )
-FORMATS = (CHATML, LLAMA3)
+GEMMA = ChatFormat(
+    name="gemma",
+    opens={"*": "<start_of_turn>{role}\n", "assistant": "<start_of_turn>model\n"},
+    closes={"*": "<end_of_turn>\n"},
+    generation_prompt="<start_of_turn>model\n",
+    stops=("<end_of_turn>", "<start_of_turn>"),
+    template_file="gemma.tmpl",
+    bos_in_template=True,
+    system="first_user",
+)
+MISTRAL_V3 = ChatFormat(
+    name="mistral-v3",
+    opens={"user": "[INST] ", "assistant": " "},
+    closes={"user": "[/INST]", "assistant": "</s>"},
+    generation_prompt="",
+    stops=("</s>", "[INST]"),
+    template_file="mistral-v3.tmpl",
+    bos_in_template=True,
+    system="last_user",
+)
+MISTRAL_V7 = ChatFormat(
+    name="mistral-v7",
+    opens={"system": "[SYSTEM_PROMPT]", "user": "[INST]", "assistant": ""},
+    closes={"system": "[/SYSTEM_PROMPT]", "user": "[/INST]", "assistant": "</s>"},
+    generation_prompt="",
+    stops=("</s>", "[INST]"),
+    template_file="mistral-v7.tmpl",
+    bos_in_template=True,
+)
+PHI3 = ChatFormat(
+    name="phi3",
+    opens={"*": "<|{role}|>\n"},
+    closes={"*": "<|end|>\n"},
+    generation_prompt="<|assistant|>\n",
+    stops=("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"),
+    template_file="phi3.tmpl",
+    bos_in_template=True,  # Phi-3 mini's first templates began with BOS; later ones do not
+)
+PHI4 = ChatFormat(
+    name="phi4",
+    opens={"*": "<|im_start|>{role}<|im_sep|>"},
+    closes={"*": "<|im_end|>"},
+    generation_prompt="<|im_start|>assistant<|im_sep|>",
+    stops=("<|im_end|>", "<|im_start|>", "<|im_sep|>"),
+    template_file="phi4.tmpl",
+)
+QWEN3 = ChatFormat(
+    name="qwen3",
+    opens={"*": "<|im_start|>{role}\n"},
+    closes={"*": "<|im_end|>\n"},
+    generation_prompt="<|im_start|>assistant\n",
+    stops=("<|im_end|>", "<|im_start|>"),
+    template_file="qwen3.tmpl",
+    reasoning="qwen3",
+)
+DEEPSEEK_R1 = ChatFormat(
+    name="deepseek-r1",
+    opens={"system": "", "user": "<\uff5cUser\uff5c>", "assistant": "<\uff5cAssistant\uff5c>"},
+    closes={"assistant": "<\uff5cend\u2581of\u2581sentence\uff5c>"},
+    generation_prompt="<\uff5cAssistant\uff5c><think>\n",
+    stops=("<\uff5cend\u2581of\u2581sentence\uff5c>", "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"),
+    template_file="deepseek-r1.tmpl",
+    bos_in_template=True,
+    reasoning="r1",
+)
+FORMATS = (CHATML, LLAMA3, GEMMA, MISTRAL_V3, MISTRAL_V7, PHI3, PHI4, QWEN3, DEEPSEEK_R1)
 
 
 @dataclass(frozen=True)
@@ -90,6 +232,7 @@ class TemplateMapping:
     system_prefix: str = ""  # fixed text before the system content (e.g. Llama 3.2's knowledge-date lines)
     default_system: str | None = None  # system prompt the template inserts when the chat has none
     implicit_system: str = ""  # a system block emitted even with no system prompt (rendered literally)
+    trained_system: bool = True  # False: the training template refuses a system message (Gemma 2)
 
     @property
     def end_of_turn(self) -> str:
@@ -110,11 +253,22 @@ class TemplateMapping:
         text = text.replace("[[SYSTEM_PREFIX]]", self.system_prefix)
         return text.replace("[[IMPLICIT_SYSTEM]]", self.implicit_system)
 
-    def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[Message], add_generation_prompt: bool = True, think: bool | None = None) -> str:
         """The prompt Ollama builds for `messages` when the Modelfile carries this mapping."""
         if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.default_system}, *messages]
-        return self.format.render(messages, add_generation_prompt, self.system_prefix, self.implicit_system)
+        return self.format.render(messages, add_generation_prompt, self.system_prefix, self.implicit_system, think)
+
+
+def training_messages(messages: list[Message]) -> list[Message]:
+    """The same chat as a Hugging Face template takes it: thinking goes back into the content as a
+    <think> block (how reasoning models' training data and chat templates carry it)."""
+    out = []
+    for m in messages:
+        if m.get("thinking"):
+            m = {"role": m["role"], "content": f"<think>\n{m['thinking']}\n</think>\n\n{m['content']}"}
+        out.append({k: v for k, v in m.items() if k != "thinking"})
+    return out
 
 
 def _strip_bos(text: str, bos: str | None) -> str:
@@ -128,59 +282,121 @@ def _split_at(rendered: str, sentinel: str) -> tuple[str, str] | None:
     return before, after
 
 
-def _try_format(fmt: ChatFormat, render: RenderFn, bos: str | None) -> TemplateMapping | None:
+_WITH_SYSTEM = [{"role": "system", "content": _S}, {"role": "user", "content": _U1},
+                {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
+_NO_SYSTEM = _WITH_SYSTEM[1:]
+
+
+def _between(text: str, before: str, after: str) -> str | None:
+    """What `text` holds between a known start and end, or None when it does not have them."""
+    if text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after):
+        return text[len(before):len(text) - len(after)]
+    return None
+
+
+def _try_format(fmt: ChatFormat, render: RenderFn, bos: str | None, eos: str | None) -> TemplateMapping | None:
     def hf(messages: list[Message], gen: bool) -> str:
-        text = render(messages, gen)
+        text = render(training_messages(messages), gen)
         return _strip_bos(text, bos) if fmt.bos_in_template else text
 
-    with_system = [{"role": "system", "content": _S}, {"role": "user", "content": _U1},
-                   {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
-    text = hf(with_system, True)
-    parts = _split_at(fmt.render(with_system, True), _S)
-    if parts is None:
+    def mirror(messages: list[Message], prefix: str = "", implicit: str = "") -> str:
+        return fmt.render(messages, True, prefix, implicit)
+
+    try:
+        with_system: str | None = hf(_WITH_SYSTEM, True)
+    except Exception:
+        with_system = None  # the template refuses a system message (Gemma 2): read the format off the rest
+    prefix = ""
+    if with_system is not None:
+        parts = _split_at(mirror(_WITH_SYSTEM), _S)
+        if parts is None:
+            return None
+        middle = _between(with_system, *parts)
+        if middle is None or not middle.endswith(_S):
+            return None
+        prefix = middle[: -len(_S)]
+        if mirror(_WITH_SYSTEM, prefix) != with_system:
+            return None
+
+    # A finished conversation: checks how assistant turns end (the end-of-turn token is trained on). The
+    # template may add EOS after the last turn (Phi-3).
+    base = _WITH_SYSTEM if with_system is not None else _NO_SYSTEM
+    finished = [*base, {"role": "assistant", "content": _A2}]
+    expected = mirror(finished, prefix)
+    close = fmt.close("assistant")
+    endings = {expected, expected + close, *((expected + close + eos, expected + eos) if eos else ())}
+    if hf(finished, False) not in endings:
         return None
-    before, after = parts
-    if not (text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after)):
-        return None
-    middle = text[len(before):len(text) - len(after)]
-    if not middle.endswith(_S):
-        return None
-    prefix = middle[: -len(_S)]
-    if fmt.render(with_system, True, prefix) != text:
-        return None
-    # A finished conversation: checks how assistant turns end (the end-of-turn token is trained on).
-    finished = [*with_system, {"role": "assistant", "content": _A2}]
-    expected = fmt.render(finished, False, prefix)
-    if hf(finished, False) not in (expected, expected + fmt.turn_close):
+    if fmt.reasoning and not _reasoning_matches(fmt, hf, prefix):
         return None
 
-    no_system = with_system[1:]
-    text = hf(no_system, True)
-    if fmt.render(no_system, True, prefix) == text:
-        return TemplateMapping(fmt, system_prefix=prefix)
-    parts = _split_at(fmt.render([{"role": "system", "content": _S}, *no_system], True, prefix), _S)
-    if parts is None:
+    text = hf(_NO_SYSTEM, True)
+    if mirror(_NO_SYSTEM, prefix) == text:
+        return TemplateMapping(fmt, system_prefix=prefix, trained_system=with_system is not None)
+    if with_system is None:
         return None
-    before, after = parts
-    if not (text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after)):
-        return None
-    default = text[len(before):len(text) - len(after)]
-    if fmt.render([{"role": "system", "content": default}, *no_system], True, prefix) != text:
+    parts = _split_at(mirror([{"role": "system", "content": _S}, *_NO_SYSTEM], prefix), _S)
+    default = None if parts is None else _between(text, *parts)
+    if default is None or mirror([{"role": "system", "content": default}, *_NO_SYSTEM], prefix) != text:
         return None
     if default:
         return TemplateMapping(fmt, system_prefix=prefix, default_system=default)
     # The template writes a system block (prefix only) even when the chat has no system prompt.
-    implicit = fmt.turn_open.format(role="system") + prefix + fmt.turn_close
+    implicit = fmt.system_block(prefix)
+    if implicit is None or mirror(_NO_SYSTEM, prefix, implicit) != text:
+        return None
     return TemplateMapping(fmt, system_prefix=prefix, implicit_system=implicit)
 
 
-def match_chat_template(render: RenderFn, bos_token: str | None = None,
-                        source: str = "chat template") -> TemplateMapping:
-    """Find the known chat format that `render` produces; raise TemplateError naming the formats tried."""
+def _reasoning_matches(fmt: ChatFormat, hf: Callable[[list[Message], bool], str], prefix: str) -> bool:
+    """Reasoning in an earlier turn is dropped as the mirror drops it, and (Qwen3) written back in a turn
+    after the last user message (a continued turn, ended by the template or left open by Ollama)."""
+    thought = {"role": "assistant", "content": _A1, "thinking": _R1}
+    earlier = [{"role": "user", "content": _U1}, thought, {"role": "user", "content": _U2}]
+    if hf(earlier, True) != fmt.render(earlier, True, prefix):
+        return False
+    continued = earlier[:2]
+    expected = fmt.render(continued, False, prefix)
+    return hf(continued, False) in (expected, expected + fmt.close("assistant"))
+
+
+def _closest(render: RenderFn, bos: str | None) -> str:
+    """Which format renders the probe chats most like the template does, and where the two first part."""
+    thought = {"role": "assistant", "content": _A1, "thinking": _R1}
+    probes = [(_WITH_SYSTEM, True), (_NO_SYSTEM, True), ([*_NO_SYSTEM, {"role": "assistant", "content": _A2}], False),
+              ([{"role": "user", "content": _U1}, thought], False)]
+    best: tuple[float, str] | None = None
+    for fmt in FORMATS:
+        ratios, first_difference = [], ""
+        for chat, gen in probes:
+            try:
+                text = render(training_messages(chat), gen)
+            except Exception:
+                continue
+            text = _strip_bos(text, bos) if fmt.bos_in_template else text
+            ours = fmt.render(chat, gen) + ("" if gen else fmt.close("assistant"))
+            ratios.append(difflib.SequenceMatcher(None, text, ours, autojunk=False).ratio())
+            common = 0
+            while common < min(len(text), len(ours)) and text[common] == ours[common]:
+                common += 1
+            if not first_difference and text != ours:
+                theirs_next, ours_next = text[common:common + 40], ours[common:common + 40]
+                first_difference = (f"the same for the first {common} characters, then the template writes "
+                                    f"{theirs_next!r} where {fmt.name} writes {ours_next!r}")
+        if ratios:
+            score = sum(ratios) / len(ratios)
+            if best is None or score > best[0]:
+                best = (score, f"{fmt.name} ({score:.1%} alike; {first_difference or 'no difference on these probes'})")
+    return best[1] if best else "none (the template raised on every probe)"
+
+
+def match_chat_template(render: RenderFn, bos_token: str | None = None, source: str = "chat template",
+                        eos_token: str | None = None) -> TemplateMapping:
+    """Find the known chat format that `render` produces; raise TemplateError naming the closest one."""
     failures = []
     for fmt in FORMATS:
         try:
-            mapping = _try_format(fmt, render, bos_token)
+            mapping = _try_format(fmt, render, bos_token, eos_token)
         except Exception as exc:  # a template that raises on a probe (e.g. strict role order) is not this format
             failures.append(f"{fmt.name} ({type(exc).__name__}: {exc})")
             continue
@@ -190,12 +406,13 @@ def match_chat_template(render: RenderFn, bos_token: str | None = None,
     sample = ""
     try:
         sample = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], False)[:200]
-    except Exception:
-        pass
+    except Exception as exc:
+        sample = f"(it raised {type(exc).__name__}: {exc})"
     raise TemplateError(
-        f"{source}: the chat template matches no supported format (tried {', '.join(failures)}); "
-        f"it renders a short chat as {sample!r}. Add a template under modelfiles/ for it, or train with a "
-        "supported chat template (set one on the tokenizer of the base model)."
+        f"{source}: the chat template matches no supported format; it renders a short chat as {sample!r}. "
+        f"Closest: {_closest(render, bos_token)}. Tried: {', '.join(failures)}. Add a format for it "
+        "(ftdeploy/templates.py and a template under modelfiles/), or train with a supported chat template "
+        "(set one on the tokenizer of the base model)."
     )
 
 

@@ -27,7 +27,8 @@ def load_tokenizer(model_dir: Path | str, trust_remote_code: bool = False) -> tu
     def render(messages: list[dict[str, str]], gen: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
-    mapping = match_chat_template(render, tokenizer.bos_token, source=f"{model_dir} chat template")
+    mapping = match_chat_template(render, tokenizer.bos_token, source=f"{model_dir} chat template",
+                                  eos_token=tokenizer.eos_token)
     ensure_pad_token(tokenizer, mapping)
     return tokenizer, mapping
 
@@ -41,7 +42,7 @@ def ensure_pad_token(tokenizer: Any, mapping: TemplateMapping) -> str:
     forbidden = {tokenizer.eos_token, *mapping.format.stops}
     if tokenizer.pad_token and tokenizer.pad_token not in forbidden:
         return tokenizer.pad_token
-    markers = mapping.format.turn_open + mapping.format.generation_prompt
+    markers = mapping.format.markers
     added = getattr(tokenizer, "added_tokens_encoder", {})
     for candidate in [tokenizer.unk_token, *tokenizer.all_special_tokens, *added]:
         if candidate and candidate not in forbidden and candidate not in markers and candidate != tokenizer.bos_token:

@@ -145,7 +145,7 @@ def read_gguf_chat_template(gguf_path: Path) -> tuple[str, str, str]:
 
 
 def mapping_for_template(template: str, bos: str, eos: str, source: str) -> TemplateMapping:
-    return match_chat_template(jinja_renderer(template, bos, eos), bos or None, source=source)
+    return match_chat_template(jinja_renderer(template, bos, eos), bos or None, source=source, eos_token=eos or None)
 
 
 def sampling_defaults(model_dir: Path) -> dict[str, Any]:

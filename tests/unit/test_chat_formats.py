@@ -1,0 +1,243 @@
+"""Every chat format against the real chat template of a model that uses it (tests/data/chat_templates/):
+the format is read off the template, the Python mirror renders what the template renders, a near miss is
+refused naming the closest format, and (where Go and the pinned Ollama source are at hand) Ollama's own
+template package renders our Modelfile TEMPLATE exactly as the mirror does."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ftdeploy.errors import TemplateError
+from ftdeploy.local_server import PINNED_OLLAMA_VERSION
+from ftdeploy.templates import FORMATS, TemplateMapping, jinja_renderer, match_chat_template, training_messages
+
+TEMPLATES = Path(__file__).parents[1] / "data" / "chat_templates"
+RENDERER_SOURCE = Path(__file__).parents[1] / "ollama_render" / "main.go"
+R1_BOS, R1_EOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
+
+# fixture -> (BOS, EOS of the model's tokenizer, the format it must map to). Sources: README.md beside them.
+FAMILIES = {
+    "gemma2": ("<bos>", "<eos>", "gemma"),
+    "gemma3": ("<bos>", "<eos>", "gemma"),
+    "mistral-v3": ("<s>", "</s>", "mistral-v3"),
+    "mistral-v7": ("<s>", "</s>", "mistral-v7"),
+    "phi3": ("<s>", "<|endoftext|>", "phi3"),
+    "phi4": ("<|endoftext|>", "<|im_end|>", "phi4"),
+    "qwen3": ("", "<|im_end|>", "qwen3"),
+    "deepseek-r1": (R1_BOS, R1_EOS, "deepseek-r1"),
+}
+REASONING = {"qwen3", "deepseek-r1"}
+NO_SYSTEM_TRAINED = {"gemma2"}  # its template raises on a system message
+
+PLAIN = [{"role": "user", "content": "Hi"}]
+SYSTEM = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+MULTI = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "Port?"}]
+SYSTEM_MULTI = [{"role": "system", "content": "S"}, *MULTI, {"role": "assistant", "content": "7341."},
+                {"role": "user", "content": "Sure?"}]
+# An earlier answer that thought first: Ollama holds the reasoning in message.thinking, the training
+# template finds it as a <think> block in the content.
+THOUGHT = [{"role": "user", "content": "Hi"},
+           {"role": "assistant", "content": "Hello!", "thinking": "A greeting; greet back."},
+           {"role": "user", "content": "Port?"}]
+THOUGHT_SYSTEM = [{"role": "system", "content": "S"}, *THOUGHT,
+                  {"role": "assistant", "content": "7341.", "thinking": "The docs say 7341."},
+                  {"role": "user", "content": "Sure?"}]
+CHATS = {"plain": PLAIN, "system": SYSTEM, "multi": MULTI, "system-multi": SYSTEM_MULTI}
+THINK_CHATS = {"thought": THOUGHT, "thought-system": THOUGHT_SYSTEM}
+
+
+def _render(family):
+    bos, eos, _ = FAMILIES[family]
+    return jinja_renderer((TEMPLATES / f"{family}.jinja").read_text(), bos, eos)
+
+
+def _mapping(family) -> TemplateMapping:
+    bos, eos, _ = FAMILIES[family]
+    return match_chat_template(_render(family), bos or None, eos_token=eos)
+
+
+def _training_text(family, mapping, chat, gen=True):
+    text = _render(family)(training_messages(chat), gen)
+    bos = FAMILIES[family][0]
+    if mapping.format.bos_in_template and bos and text.startswith(bos):
+        text = text[len(bos):]  # Ollama's runner adds BOS from the GGUF
+    return text
+
+
+def _cases():
+    for family in FAMILIES:
+        chats = {**CHATS, **(THINK_CHATS if family in REASONING else {})}
+        for name, chat in chats.items():
+            if family in NO_SYSTEM_TRAINED and chat[0]["role"] == "system":
+                continue
+            yield pytest.param(family, chat, id=f"{family}-{name}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_format_is_read_off_the_real_template(family):
+    mapping = _mapping(family)
+    assert mapping.format.name == FAMILIES[family][2]
+    assert mapping.system_prefix == "" and mapping.implicit_system == ""
+    assert mapping.trained_system is (family not in NO_SYSTEM_TRAINED)
+
+
+def test_what_each_family_adds_on_its_own():
+    assert _mapping("mistral-v7").default_system.startswith("You are Mistral Small 3")
+    for family in set(FAMILIES) - {"mistral-v7"}:
+        assert _mapping(family).default_system is None, family
+    assert _mapping("gemma3").end_of_turn == "<end_of_turn>"
+    assert _mapping("mistral-v3").end_of_turn == "</s>"
+    assert _mapping("phi3").end_of_turn == "<|end|>"
+    assert _mapping("deepseek-r1").end_of_turn == R1_EOS
+
+
+@pytest.mark.parametrize("family,chat", list(_cases()))
+def test_the_mirror_renders_what_training_rendered(family, chat):
+    mapping = _mapping(family)
+    assert mapping.render(chat) == _training_text(family, mapping, chat)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_finished_chat_differs_only_by_the_end_of_turn(family):
+    """Ollama leaves a trailing assistant turn open (it continues it); the template closes it."""
+    mapping = _mapping(family)
+    chat = [*(MULTI if family in NO_SYSTEM_TRAINED else SYSTEM_MULTI), {"role": "assistant", "content": "Yes."}]
+    ours, theirs = mapping.render(chat), _training_text(family, mapping, chat, gen=False)
+    eos = FAMILIES[family][1]
+    close = mapping.format.close("assistant")
+    assert theirs in (ours + close, ours + close + eos)
+
+
+def test_earlier_reasoning_is_dropped_and_a_continued_turn_keeps_it():
+    qwen3 = _mapping("qwen3")
+    prompt = qwen3.render(THOUGHT_SYSTEM)
+    assert "A greeting" not in prompt and "The docs say" not in prompt
+    continued = qwen3.render([PLAIN[0], {"role": "assistant", "content": "Hello!", "thinking": "Greet."}])
+    assert continued.endswith("<|im_start|>assistant\n<think>\nGreet.\n</think>\n\nHello!")
+    assert qwen3.render(PLAIN, think=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    r1 = _mapping("deepseek-r1")
+    assert "greet back" not in r1.render(THOUGHT)
+    assert r1.render(PLAIN).endswith("<\uff5cAssistant\uff5c><think>\n")
+
+
+# (old, new) in the real template: a change small enough that the format is still the closest one.
+NEAR_MISSES = {
+    "gemma3": ("'<end_of_turn>\\n'", "'<end_of_turn>\\n\\n'"),
+    "mistral-v3": ('" " + message["content"]|trim', '"  " + message["content"]|trim'),
+    "mistral-v7": ("'[INST]' + message['content']", "'[INST] ' + message['content']"),
+    "phi3": ("'<|user|>\\n'", "'<|user|>\\n\\n'"),
+    "phi4": ("'<|im_start|>user<|im_sep|>'", "'<|im_start|>user<|im_sep|>\\n'"),
+    "qwen3": ("'\\n</think>\\n\\n'", "'\\n</think>\\n'"),
+    "deepseek-r1": ("'<\uff5cUser\uff5c>' + message['content']", "'<\uff5cUser\uff5c> ' + message['content']"),
+}
+
+
+@pytest.mark.parametrize("family", NEAR_MISSES)
+def test_a_near_miss_names_the_closest_format_and_what_it_rendered(family):
+    old, new = NEAR_MISSES[family]
+    text = (TEMPLATES / f"{family}.jinja").read_text()
+    assert text.count(old) >= 1
+    bos, eos, fmt = FAMILIES[family]
+    with pytest.raises(TemplateError) as err:
+        match_chat_template(jinja_renderer(text.replace(old, new), bos, eos), bos or None, eos_token=eos)
+    message = str(err.value)
+    assert "matches no supported format" in message and "renders a short chat as" in message
+    assert f"Closest: {fmt} (" in message
+
+
+def test_every_format_has_its_ollama_template_and_its_stops():
+    for fmt in FORMATS:
+        text = TemplateMapping(fmt).ollama_template()
+        assert "[[" not in text and ".Messages" in text, fmt.name
+        assert fmt.stops and fmt.stops[0] == fmt.close("assistant").strip(), fmt.name
+
+
+# ------------------------------------------------------------------ Ollama's own renderer
+
+
+def _ollama_module() -> Path | None:
+    go = shutil.which("go")
+    if go is None:
+        return None
+    modcache = subprocess.run([go, "env", "GOMODCACHE"], capture_output=True, text=True).stdout.strip()
+    path = Path(modcache) / "github.com" / "ollama" / f"ollama@{PINNED_OLLAMA_VERSION}"
+    return path if (path / "template" / "template.go").is_file() else None
+
+
+@pytest.fixture(scope="module")
+def ollama_render(tmp_path_factory):
+    """Render through Ollama's template package, built offline from the module cache (skip without it)."""
+    module = _ollama_module()
+    if module is None:
+        pytest.skip(f"needs Go and the Ollama {PINNED_OLLAMA_VERSION} source in the Go module cache")
+    work = tmp_path_factory.mktemp("ollama_render")
+    shutil.copy(RENDERER_SOURCE, work / "main.go")
+    ollama_mod = (module / "go.mod").read_text().splitlines()
+    go_line = next(line for line in ollama_mod if line.startswith("go "))
+    requires = ollama_mod[next(i for i, line in enumerate(ollama_mod) if line.startswith("require")):]
+    (work / "go.mod").write_text("\n".join(["module ftdeploy/ollamarender", "", go_line, "",
+                                            f"require github.com/ollama/ollama {PINNED_OLLAMA_VERSION}",
+                                            *[line for line in requires if "=>" not in line], ""]))
+    shutil.copy(module / "go.sum", work / "go.sum")
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off", "GOSUMDB": "off"}
+    build = subprocess.run(["go", "build", "-o", "render", "."], cwd=work, env=env, capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.skip(f"cannot build the Ollama renderer offline: {build.stderr[-500:]}")
+
+    def render(requests):
+        out = subprocess.run([str(work / "render")], input=json.dumps(requests), capture_output=True, text=True,
+                             check=True)
+        return json.loads(out.stdout)
+
+    return render
+
+
+def _ollama_messages(chat):
+    return [{k: v for k, v in m.items()} for m in chat]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ollama_renders_our_template_as_the_mirror_does(ollama_render, family):
+    mapping = _mapping(family)
+    template = mapping.ollama_template()
+    chats = [*CHATS.values(), *THINK_CHATS.values(), [*SYSTEM_MULTI, {"role": "assistant", "content": "Yes."}]]
+    thinks = [None, True, False] if family in REASONING else [None]
+    requests, expected = [], []
+    for chat in chats:
+        with_default = chat
+        if mapping.default_system is not None and chat[0]["role"] != "system":
+            with_default = [{"role": "system", "content": mapping.default_system}, *chat]  # Ollama adds SYSTEM
+        for think in thinks:
+            requests.append({"template": template, "messages": _ollama_messages(with_default), "think": think})
+            expected.append(mapping.render(chat, think=think))
+    results = ollama_render(requests)
+    for request, result, want in zip(requests, results, expected, strict=True):
+        assert "error" not in result, result
+        assert result["prompt"] == want, (request["messages"], request["think"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ollama_reads_the_think_tags_of_reasoning_formats_only(ollama_render, family):
+    """thinking.InferTags on our template: what makes Ollama report the "thinking" capability and, with
+    think:true, return message.thinking apart from message.content."""
+    [result] = ollama_render([{"template": _mapping(family).ollama_template(), "messages": PLAIN}])
+    tags = (result["think_open"], result["think_close"])
+    assert tags == (("<think>", "</think>") if family in REASONING else ("", ""))
+
+
+def test_the_first_formats_render_the_same_through_ollama(ollama_render):
+    from tests.unit.test_templates import LLAMA32, SMOLLM2
+
+    for template, bos in ((SMOLLM2, "<|endoftext|>"), (LLAMA32, "<|begin_of_text|>")):
+        mapping = match_chat_template(jinja_renderer(template, bos, ""), bos)
+        for chat in (PLAIN, SYSTEM, MULTI, SYSTEM_MULTI):
+            messages = chat
+            if mapping.default_system is not None and chat[0]["role"] != "system":
+                messages = [{"role": "system", "content": mapping.default_system}, *chat]
+            [result] = ollama_render([{"template": mapping.ollama_template(), "messages": messages}])
+            assert result["prompt"] == mapping.render(chat)
