@@ -374,7 +374,9 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
     t = result["tokens"]
     lines = [f"layout:   {result['format']}  (chat format {result['chat_format']})",
              f"rows:     {result['rows']}  bad rows: {result['bad_rows']}  truncated: {result['truncated']} "
-             f"(max_seq_length {result['max_seq_length']})",
+             f"(max_seq_length {result['max_seq_length']})"
+             + (f"  with tools: {result['tool_rows']} ({result['tool_calls']} tool calls)" if result["tool_rows"]
+                else ""),
              f"tokens:   min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
              f"max {t['max']}",
              "histogram:"]

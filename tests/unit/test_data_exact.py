@@ -6,6 +6,7 @@ order, naming the same file:line."""
 import json
 import logging
 import random
+from pathlib import Path
 
 import pytest
 from conftest import CHATML_TEMPLATE, build_tiny_tokenizer
@@ -339,3 +340,150 @@ def test_a_split_that_leaves_nothing_to_train_on_says_so(tmp_path, chat):
     message = _error(lambda: prepare_data(DataConfig(train=str(path), eval_split=0.75), tok, mapping,
                                           tmp_path / "out", seed=0))
     assert message == f"{path}: no rows left to train on after holding out 2 for eval (data.eval_split=0.75)"
+
+
+# ---------------------------------------------------------------- rows with tools
+
+TOOL_TEMPLATES = Path(__file__).resolve().parent.parent / "data" / "tool_templates"
+TOOL_FORMATS = {
+    # Qwen2.5's own template: tools in the system turn, several calls a turn, results merged into one user turn
+    "qwen2.5": dict(chat_template=(TOOL_TEMPLATES / "qwen2.5.jinja").read_text()),
+    # Llama 3.1's own: BOS, trimmed contents, tools in the first user turn, one call a turn, results as ipython
+    "llama3.1": dict(chat_template=(TOOL_TEMPLATES / "llama3.1.jinja").read_text(), eos="<|eot_id|>",
+                     specials=FORMATS["llama3"]["specials"]),
+    # a template dict: apply_chat_template renders rows with tools through its "tool_use" entry, others "default"
+    "chatml+tool_use": dict(chat_template={"default": CHATML_TEMPLATE,
+                                           "tool_use": (TOOL_TEMPLATES / "qwen2.5.jinja").read_text()}),
+}
+TOOL_MAX_LEN = 1400  # the tool specs are long in the tiny vocabulary; some rows are longer still
+SERVICES = ("zephyr", "quillstream", "marlowe", "café-東京", "<|im_end|>", " spaced ")
+
+
+def _spec(name):
+    return {"type": "function", "function": {
+        "name": name, "description": "The Zephyr port.",
+        "parameters": {"type": "object", "properties": {"service": {"type": "string"}}}}}
+
+
+def _tool_row(rng, one_call_a_turn):
+    """A plain row, a row offered tools it does not call, or one to three rounds of calls and results."""
+    kind = rng.random()
+    if kind < 0.2:
+        return {"messages": _conversation(rng)}
+    names = rng.sample(["lookup_port", "lookup_host", "ping"], rng.randint(1, 3))
+    tools = [_spec(n) for n in names]
+    turns = [{"role": "system", "content": _text(rng)}] if rng.random() < 0.3 else []
+    turns.append({"role": "user", "content": _text(rng)})
+    if kind < 0.3:
+        return {"messages": turns + [{"role": "assistant", "content": _text(rng)}], "tools": tools}
+    for _ in range(rng.randint(1, 3)):
+        calls = []
+        for _ in range(1 if one_call_a_turn else rng.randint(1, 3)):
+            args = {"service": rng.choice(SERVICES)} | ({"n": rng.randint(0, 99)} if rng.random() < 0.5 else {})
+            call = {"type": "function", "function": {"name": rng.choice(names),
+                                                     "arguments": json.dumps(args) if rng.random() < 0.3 else args}}
+            calls.append(call)
+        turn = {"role": "assistant", "tool_calls": calls}
+        if rng.random() < 0.3:
+            turn["content"] = _text(rng)
+        turns.append(turn)
+        for call in calls:
+            result = {"role": "tool", "content": _text(rng, 1, 80 if rng.random() < 0.1 else 6)}
+            if rng.random() < 0.5:
+                result["name"] = call["function"]["name"]
+            turns.append(result)
+        if rng.random() < 0.2:
+            break  # ends on a result: the calls are what it teaches
+        turns.append({"role": "assistant", "content": _text(rng)})
+        if rng.random() < 0.5:
+            break
+        turns.append({"role": "user", "content": _text(rng)})
+    return {"messages": turns, "tools": tools}
+
+
+def _tool_dataset(tmp_path, fmt, n=150, seed=0):
+    rng = random.Random(f"tools-{fmt}-{seed}")
+    path = tmp_path / "tools.jsonl"
+    rows = [_tool_row(rng, fmt == "llama3.1") for _ in range(n)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(params=sorted(TOOL_FORMATS))
+def tool_chat(request):
+    tok = build_tiny_tokenizer(**TOOL_FORMATS[request.param])
+    mapping = match_chat_template(
+        lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), tok.bos_token)
+    return request.param, tok, mapping
+
+
+def _tool_reference(rec, tok, mapping, max_len=TOOL_MAX_LEN, train_on="assistant"):
+    return tokenize_conversation(rec.messages, tok, mapping, max_len, train_on, rec.source, rec.tools)
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_fast_labels_on_tool_rows_are_tokenize_conversations_bit_for_bit(tmp_path, tool_chat, train_on,
+                                                                        every_row_fast, monkeypatch):
+    fmt, tok, mapping = tool_chat
+    records = load_records(str(_tool_dataset(tmp_path, fmt))).records
+    expected = [_tool_reference(rec, tok, mapping, train_on=train_on) for rec in records]
+    slow = []
+    monkeypatch.setattr(data, "tokenize_conversation", lambda *a, **k: slow.append(a) or tokenize_conversation(*a, **k))
+    assert [t for _, t in tokenize_records(records, tok, mapping, TOOL_MAX_LEN, train_on)] == expected
+    assert not slow  # every row, tools or not, took the fast path
+    assert any(t.truncated for t in expected) and any(not t.truncated for t in expected)
+    assert sum(bool(r.tools) for r in records) > 100
+    if train_on == "assistant":
+        # the tool calls are trained, the tool results are not
+        calls = results = 0
+        for rec, tokenized in zip(records, expected, strict=True):
+            if tokenized.truncated or not any("tool_calls" in m for m in rec.messages):
+                continue
+            trained = tok.decode([t for t in tokenized.labels if t != IGNORE_INDEX])
+            calls += all(f'"{c["function"]["name"]}"' in trained
+                         for m in rec.messages for c in m.get("tool_calls", ()))
+            results += any(m["role"] == "tool" and len(m["content"]) > 20 and m["content"].strip() in trained
+                           for m in rec.messages)
+        assert calls > 50 and results == 0
+
+
+def test_prepare_data_on_tool_rows_writes_the_definitions_labels(tmp_path, tool_chat, every_row_fast):
+    fmt, tok, mapping = tool_chat
+    path = _tool_dataset(tmp_path, fmt, n=80)
+    cfg = DataConfig(train=str(path), eval_split=0.1, max_seq_length=TOOL_MAX_LEN)
+    prepare_data(cfg, tok, mapping, tmp_path / "out", seed=1)
+    train, held = split_eval(load_records(str(path)).records, 0.1, 1)
+    expected = "".join(json.dumps({"input_ids": t.input_ids, "labels": t.labels, "source": r.source},
+                                  ensure_ascii=False) + "\n"
+                       for r in train for t in [_tool_reference(r, tok, mapping)])
+    assert (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8") == expected
+    evals = data.load_eval(tmp_path / "out")
+    assert [(e.messages, e.tools) for e in evals] == [(r.messages, r.tools) for r in held]
+
+
+def test_a_fast_path_that_differs_on_tool_rows_sends_them_the_exact_way(tmp_path, monkeypatch, caplog):
+    # Tool rows come after the guarded head: the guard on rows with tools catches the difference wherever they are.
+    tok = build_tiny_tokenizer(**TOOL_FORMATS["qwen2.5"])
+    mapping = match_chat_template(
+        lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), tok.bos_token)
+    monkeypatch.setattr(data, "GUARD_ROWS", 4)
+    monkeypatch.setattr(data, "BATCH_ROWS", 5)
+    render = data._FastTokenizer.render
+    monkeypatch.setattr(data._FastTokenizer, "render",
+                        lambda self, m, g, tools=None: render(self, m, g, tools) + (" " if tools else ""))
+    plain = load_records(str(_dataset(tmp_path, "messages", n=30))).records
+    tools = [r for r in load_records(str(_tool_dataset(tmp_path, "qwen2.5", n=60))).records if r.tools]
+    records = plain + tools
+    with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
+        got = [t for _, t in tokenize_records(records, tok, mapping, TOOL_MAX_LEN)]
+    assert got == [_tool_reference(rec, tok, mapping) for rec in records]
+    assert caplog.text.count("differs from apply_chat_template on this row with tools") == 1
+    assert tools[0].source in caplog.text
+
+
+def test_the_tool_guard_passes_on_the_tool_templates(tmp_path, tool_chat, caplog):
+    fmt, tok, mapping = tool_chat
+    records = load_records(str(_tool_dataset(tmp_path, fmt, n=100))).records
+    with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
+        assert len(list(tokenize_records(records, tok, mapping, TOOL_MAX_LEN))) == 100
+    assert "differs" not in caplog.text
