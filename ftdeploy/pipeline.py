@@ -188,6 +188,8 @@ def preflight(ctx: Context, stages: list[str]) -> None:
 
     if "train" in stages:
         check_strategy(ctx.cfg, select_engine(ctx.cfg.train.engine))
+    if "data" in stages:
+        check_chat_template(ctx)
     needed = estimate_disk_bytes(ctx, stages)
     free = free_bytes(ctx.run.path)
     if needed > free:
@@ -198,6 +200,56 @@ def preflight(ctx: Context, stages: list[str]) -> None:
         )
     if "register" in stages or "verify" in stages:
         ctx.client()  # a wrong address fails in seconds, not after training
+
+
+def check_chat_template(ctx: Context) -> None:
+    """A chat template no Ollama template can serve fails here, before the data stage, read from the base's
+    tokenizer files (or its GGUF's metadata) with jinja2: no torch, no download. A Hub id not downloaded yet
+    is checked by the data stage, which loads its tokenizer."""
+    from .stages.modelfile import mapping_for_template
+
+    found = _base_chat_template(ctx)
+    if found is not None:
+        template, bos, eos, where = found
+        mapping_for_template(template, bos, eos, f"{where} chat template")
+
+
+def _base_chat_template(ctx: Context) -> tuple[str, str, str, str] | None:
+    """(template, bos, eos, where it was read) for the base model, when that is on disk; None otherwise."""
+    from .stages.modelfile import read_chat_template, read_gguf_chat_template
+
+    spec = ctx.cfg.base_model
+    base = ctx.base_if_local()
+    if base is None and spec in base_model.EMBEDDED:
+        with contextlib.suppress(FtdeployError):
+            base = base_model.embedded_gguf(spec)
+    if base is None and base_model.HUB_ID_RE.match(spec) and not Path(spec).expanduser().exists():
+        base = _hub_snapshot(spec, ctx.cfg.base_revision)
+    if base is None:
+        path = Path(spec).expanduser()
+        base = path if path.is_file() else None
+    if base is None:
+        return None
+    if base.is_dir() and not (base / "tokenizer_config.json").is_file():
+        ggufs = sorted(base.glob("*.gguf"))  # a directory of GGUFs: resolve_base_model takes the first
+        if not ggufs:
+            return None
+        base = ggufs[0]
+    if base.is_file():
+        if not base_model.is_gguf(base):
+            return None  # resolve_base_model says what is wrong with it
+        return (*read_gguf_chat_template(base), str(base))
+    return (*read_chat_template(base), str(base))
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The cached snapshot of a Hub model, when its tokenizer files are already downloaded (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cached = try_to_load_from_cache(repo_id, "tokenizer_config.json", revision=revision)
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def free_bytes(path: Path) -> int:

@@ -123,25 +123,72 @@ def read_chat_template(model_dir: Path) -> tuple[str, str, str]:
 
 def read_gguf_chat_template(gguf_path: Path) -> tuple[str, str, str]:
     """(chat_template, bos_token, eos_token) from a GGUF's metadata."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(gguf_path))
-
-    def field_value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    template = field_value("tokenizer.chat_template")
-    if not template:
+    meta = gguf_metadata(gguf_path, ("tokenizer.chat_template", "tokenizer.ggml.tokens",
+                                     "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"))
+    template = meta.get("tokenizer.chat_template")
+    if not template or not isinstance(template, str):
         raise TemplateError(
             f"{gguf_path}: the GGUF carries no tokenizer.chat_template; give --template-from a model directory")
-    tokens = field_value("tokenizer.ggml.tokens") or []
+    tokens = meta.get("tokenizer.ggml.tokens") or []
 
     def token(key: str) -> str:
-        idx = field_value(key)
+        idx = meta.get(key)
         return tokens[idx] if isinstance(idx, int) and 0 <= idx < len(tokens) else ""
 
     return template, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+
+
+# GGUF value types: struct format of the scalars; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(gguf_path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The named key/value pairs of a GGUF's header, read without the tensor index (gguf's GGUFReader
+    parses all of it: seconds on a busy machine, for a check that runs before every data stage)."""
+    import io
+    import struct
+
+    wanted, found = set(keys), {}
+    with open(gguf_path, "rb", buffering=1 << 20) as f:
+
+        def read(fmt: str) -> Any:
+            size = struct.calcsize("<" + fmt)
+            return struct.unpack("<" + fmt, f.read(size))[0]
+
+        def string() -> bytes:
+            return f.read(read("Q"))
+
+        def value(kind: int, keep: bool) -> Any:
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == 8:
+                text = string()
+                return text.decode("utf-8", "replace") if keep else None
+            if kind == 9:
+                item_kind, count = read("I"), read("Q")
+                if not keep and item_kind in _GGUF_SCALARS:
+                    f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item_kind]), io.SEEK_CUR)
+                    return None
+                return [value(item_kind, keep) for _ in range(count)]
+            raise TemplateError(f"{gguf_path}: unknown GGUF value type {kind}")
+
+        if f.read(4) != b"GGUF":
+            raise TemplateError(f"{gguf_path}: not a GGUF file")
+        version = read("I")
+        if version < 2:
+            raise TemplateError(f"{gguf_path}: GGUF version {version} is too old to read")
+        try:
+            read("Q")  # tensors
+            for _ in range(read("Q")):
+                key = string().decode("utf-8", "replace")
+                found_value = value(read("I"), key in wanted)
+                if key in wanted:
+                    found[key] = found_value
+                    if len(found) == len(wanted):
+                        break
+        except struct.error:
+            raise TemplateError(f"{gguf_path}: the GGUF header ends early (a truncated file?)") from None
+    return found
 
 
 def mapping_for_template(template: str, bos: str, eos: str, source: str) -> TemplateMapping:

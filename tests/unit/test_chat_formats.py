@@ -241,3 +241,71 @@ def test_the_first_formats_render_the_same_through_ollama(ollama_render):
                 messages = [{"role": "system", "content": mapping.default_system}, *chat]
             [result] = ollama_render([{"template": mapping.ollama_template(), "messages": messages}])
             assert result["prompt"] == mapping.render(chat)
+
+
+# ------------------------------------------------------------------ fail fast: the check before the data stage
+
+ALPACA = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+          "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+
+
+def _local_base(path: Path, chat_template: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "bos_token": "<s>",
+                                                            "eos_token": "</s>"}))
+    return path
+
+
+def test_a_run_whose_chat_template_has_no_format_stops_before_the_data_stage(tmp_path):
+    from click.testing import CliRunner
+
+    from ftdeploy.cli import cli
+
+    base = _local_base(tmp_path / "base", ALPACA)
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["train-and-serve", "--runs-dir", str(runs), "--base-model", str(base),
+                                      "--engine", "hf", "--ollama-host", "http://127.0.0.1:9"])
+    assert result.exit_code == TemplateError.exit_code, result.output
+    assert "matches no supported format" in result.output and "Closest: " in result.output
+    assert str(base) in result.output
+    assert not list(runs.glob("*/data")), "the data stage must not have started"
+
+
+def test_the_check_reads_a_local_base_and_skips_a_hub_id_not_downloaded(tmp_path):
+    from ftdeploy.config import config_from_dict
+    from ftdeploy.pipeline import Context, _base_chat_template, check_chat_template
+
+    base = _local_base(tmp_path / "base", (TEMPLATES / "gemma3.jinja").read_text())
+    for spec, expected in ((str(base), str(base)), ("ftdeploy-tests/never-downloaded-7f3a", None)):
+        cfg = config_from_dict({"base_model": spec, "runs_dir": str(tmp_path / "runs")})
+        ctx = Context.create(cfg, ollama_explicit=False)
+        try:
+            found = _base_chat_template(ctx)
+            assert (found and found[3]) == expected
+            check_chat_template(ctx)  # gemma: supported; the Hub id: nothing to read, no error
+        finally:
+            ctx.close()
+
+
+def test_a_gguf_base_is_checked_from_its_header_alone(tmp_path):
+    """The header's key/values are read without gguf's full reader (which indexes every tensor first)."""
+    gguf = pytest.importorskip("gguf")
+    from ftdeploy.stages.modelfile import read_gguf_chat_template
+
+    path = tmp_path / "base.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.context_length", 64)
+    writer.add_array("llama.some_ints", [1, 2, 3])
+    writer.add_token_list(["<unk>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"])
+    writer.add_bos_token_id(3)
+    writer.add_eos_token_id(4)
+    writer.add_chat_template((TEMPLATES / "gemma3.jinja").read_text())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    template, bos, eos = read_gguf_chat_template(path)
+    assert (template, bos, eos) == ((TEMPLATES / "gemma3.jinja").read_text(), "<bos>", "<eos>")
+    from ftdeploy.stages.modelfile import mapping_for_template
+
+    assert mapping_for_template(template, bos, eos, "gguf").format.name == "gemma"
