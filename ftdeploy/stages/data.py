@@ -168,7 +168,7 @@ def template_drops_tools(messages: list[dict[str, Any]], tools: list[dict[str, A
         return f"the row carries tools, but {where} renders none of them (the same text with and without " \
                "`tools`); " + fix
     if any("tool_calls" in m for m in messages):
-        without_calls = [{"role": m["role"], "content": m["content"]} if "tool_calls" in m else m for m in messages]
+        without_calls = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
         if render(without_calls, False) == full:
             return f"the row has tool calls, but {where} does not render them (an assistant turn's `tool_calls` " \
                    "leave no text); " + fix

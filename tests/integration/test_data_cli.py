@@ -52,3 +52,12 @@ def test_data_stage_accepts_sharegpt_and_writes_the_run(tmp_path):
     assert (out["rows"], out["eval_rows"]) == (8, 2)
     stats = json.loads((tmp_path / "ftdeploy-demo" / "data" / "stats.json").read_text())
     assert stats["layout"] == "sharegpt"
+
+
+def test_the_bundled_tool_data_on_the_demo_base_names_its_template_that_renders_no_tools(tmp_path):
+    # SmolLM2's chat template has no tools: the data stage says so rather than train on calls without specs
+    tools = Path(__file__).resolve().parents[2] / "ftdeploy" / "demo" / "tools.jsonl"
+    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "inspect", str(tools)])
+    assert result.exit_code == 1
+    assert f"{tools}:1: the row carries tools, but the chat template of " in result.output
+    assert "SmolLM2-135M-Instruct" in result.output and "renders none of them" in result.output
