@@ -411,7 +411,7 @@ def _check_messages(messages: Any, tools: list[dict[str, Any]] | None = None) ->
     if not turns or turns[0] != "user":
         return "turns out of order: the first non-system message must be from the user"
     for a, b in itertools.pairwise(turns):
-        if a == b and a != TOOL_ROLE:  # tool results follow one another, one a call
+        if a == b and a != TOOL_ROLE:  # a turn of several calls is followed by several results
             return f"turns out of order: two {a} messages in a row"
     if "assistant" not in turns:
         return "no assistant message to learn from"
