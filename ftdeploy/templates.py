@@ -176,6 +176,16 @@ MISTRAL_V3 = ChatFormat(
     bos_in_template=True,
     system="last_user",
 )
+MISTRAL_V3_TEKKEN = ChatFormat(
+    name="mistral-v3-tekken",
+    opens={"user": "[INST]", "assistant": ""},
+    closes={"user": "[/INST]", "assistant": "</s>"},
+    generation_prompt="",
+    stops=("</s>", "[INST]"),
+    template_file="mistral-v3-tekken.tmpl",
+    bos_in_template=True,
+    system="last_user",
+)
 MISTRAL_V7 = ChatFormat(
     name="mistral-v7",
     opens={"system": "[SYSTEM_PROMPT]", "user": "[INST]", "assistant": ""},
@@ -193,6 +203,14 @@ PHI3 = ChatFormat(
     stops=("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"),
     template_file="phi3.tmpl",
     bos_in_template=True,  # Phi-3 mini's first templates began with BOS; later ones do not
+)
+PHI4_MINI = ChatFormat(
+    name="phi4-mini",
+    opens={"*": "<|{role}|>"},
+    closes={"*": "<|end|>"},
+    generation_prompt="<|assistant|>",
+    stops=("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"),
+    template_file="phi4-mini.tmpl",
 )
 PHI4 = ChatFormat(
     name="phi4",
@@ -221,7 +239,8 @@ DEEPSEEK_R1 = ChatFormat(
     bos_in_template=True,
     reasoning="r1",
 )
-FORMATS = (CHATML, LLAMA3, GEMMA, MISTRAL_V3, MISTRAL_V7, PHI3, PHI4, QWEN3, DEEPSEEK_R1)
+FORMATS = (CHATML, LLAMA3, GEMMA, MISTRAL_V3, MISTRAL_V3_TEKKEN, MISTRAL_V7, PHI3, PHI4_MINI, PHI4, QWEN3,
+           DEEPSEEK_R1)
 
 
 @dataclass(frozen=True)
