@@ -440,10 +440,23 @@ def jinja_renderer(chat_template: str, bos_token: str = "", eos_token: str = "")
     import datetime
     import json
 
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.parser import Parser
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class Generation(Extension):
+        """{% generation %}…{% endgeneration %} (transformers marks the assistant's tokens with it): the body, as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Parser) -> list[nodes.Node]:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
     # The same environment transformers renders chat templates in.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", Generation])
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
 

@@ -313,3 +313,11 @@ def test_a_gguf_base_is_checked_from_its_header_alone(tmp_path):
     from ftdeploy.stages.modelfile import mapping_for_template
 
     assert mapping_for_template(template, bos, eos, "gguf").format.name == "gemma"
+
+
+def test_a_template_marking_the_assistant_turns_for_training_is_read_as_transformers_reads_it():
+    marked = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+              "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+              "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    assert match_chat_template(jinja_renderer(marked)).format.name == "chatml"
