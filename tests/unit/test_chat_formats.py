@@ -321,3 +321,29 @@ def test_a_template_marking_the_assistant_turns_for_training_is_read_as_transfor
               "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     assert match_chat_template(jinja_renderer(marked)).format.name == "chatml"
+
+
+# ------------------------------------------------------------------ verify's template parity on these formats
+
+
+class _ThinkingClient:
+    """Ollama with a reasoning model: both endpoints split the thinking off the answer."""
+
+    def __init__(self, chat_thinking="Colors."):
+        self.chat_thinking = chat_thinking
+
+    def generate(self, model, prompt, raw=False, options=None, keep_alive=None):
+        return {"response": "" if prompt == "" else "Red.", "thinking": "" if prompt == "" else "Colors."}
+
+    def chat(self, model, messages, options=None, keep_alive=None):
+        return {"message": {"content": "Red.", "thinking": self.chat_thinking}}
+
+
+def test_parity_compares_the_thinking_too_and_skips_chats_the_training_template_refuses():
+    from ftdeploy.stages.verify import PARITY_CHATS, template_parity
+
+    gemma2 = _render("gemma2")
+    result = template_parity(_ThinkingClient(), "m", gemma2, "<bos>", PARITY_CHATS)
+    assert result.passed and result.checked == 2, "the system chat is not one Gemma 2 was trained on"
+    result = template_parity(_ThinkingClient(chat_thinking="Shapes."), "m", _render("qwen3"), None, PARITY_CHATS)
+    assert not result.passed and result.mismatches[0].raw == "<think>Colors.</think>Red."
