@@ -7,6 +7,7 @@ from a GGUF's metadata) and rendered with jinja2.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from ..errors import StageMissingError, TemplateError
 from ..modelfile_syntax import ModelfileSyntaxError, parameter_name, parse, quote
 from ..runs import atomic_write_text
 from ..templates import TemplateMapping, jinja_renderer, match_chat_template
+
+log = logging.getLogger(__name__)
 
 # generation_config.json key -> Ollama PARAMETER
 _GENERATION_PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -211,6 +214,9 @@ def build_spec(mapping: TemplateMapping, gguf_path: Path, cfg: ModelfileConfig, 
     system = cfg.system if cfg.system is not None else system_prompt
     if system is None:
         system = mapping.default_system
+    if system and not mapping.trained_system:
+        log.warning("the %s chat template takes no system prompt; Ollama will write SYSTEM %r into the first user "
+                    "turn, as Gemma 3 does, a layout this model was not trained on", mapping.format.name, system[:60])
     parameters = {**sampling, **cfg.parameters}
     stops = list(dict.fromkeys(mapping.format.stops))
     return ModelfileSpec(gguf=str(gguf_path), template=mapping.ollama_template(), stops=stops, system=system,

@@ -347,3 +347,15 @@ def test_parity_compares_the_thinking_too_and_skips_chats_the_training_template_
     assert result.passed and result.checked == 2, "the system chat is not one Gemma 2 was trained on"
     result = template_parity(_ThinkingClient(chat_thinking="Shapes."), "m", _render("qwen3"), None, PARITY_CHATS)
     assert not result.passed and result.mismatches[0].raw == "<think>Colors.</think>Red."
+
+
+def test_a_system_prompt_for_a_template_that_takes_none_is_warned_about(caplog, tmp_path):
+    from ftdeploy.config import ModelfileConfig
+    from ftdeploy.stages.modelfile import build_spec
+
+    spec = build_spec(_mapping("gemma2"), tmp_path / "m.gguf", ModelfileConfig(), "Be brief.", {})
+    assert spec.system == "Be brief." and spec.chat_format == "gemma"
+    assert "takes no system prompt" in caplog.text
+    caplog.clear()
+    build_spec(_mapping("gemma3"), tmp_path / "m.gguf", ModelfileConfig(), "Be brief.", {})
+    assert "takes no system prompt" not in caplog.text
