@@ -359,3 +359,45 @@ def test_a_system_prompt_for_a_template_that_takes_none_is_warned_about(caplog, 
     caplog.clear()
     build_spec(_mapping("gemma3"), tmp_path / "m.gguf", ModelfileConfig(), "Be brief.", {})
     assert "takes no system prompt" not in caplog.text
+
+
+def _random_chats(family, seed, count=25):
+    """Alternating chats of 1-4 exchanges ending with the user, some with a system prompt, some (reasoning
+    formats) with thinking on earlier answers, the words drawn from text that templates treat specially."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["port", "7341", "Zephyr", "<b>", "'quoted'", '"double"', "{json: 1}", "a\nb", "é", "[INST]?", "x"]
+    chats = []
+    for _ in range(count):
+        chat = []
+        if family not in NO_SYSTEM_TRAINED and rng.random() < 0.5:
+            chat.append({"role": "system", "content": " ".join(rng.choices(words, k=3))})
+        for turn in range(rng.randint(1, 4)):
+            if turn:
+                answer = {"role": "assistant", "content": " ".join(rng.choices(words, k=4))}
+                if family in REASONING and rng.random() < 0.5:
+                    answer["thinking"] = " ".join(rng.choices(words, k=5))
+                chat.append(answer)
+            chat.append({"role": "user", "content": " ".join(rng.choices(words, k=4))})
+        chats.append(chat)
+    return chats
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_chats_render_as_training_rendered_them(family):
+    """Training template and mirror agree on many chats, not only the probes."""
+    mapping = _mapping(family)
+    for chat in _random_chats(family, seed=len(family)):
+        assert mapping.render(chat) == _training_text(family, mapping, chat), chat
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_chats_render_through_ollama_as_the_mirror_does(family, ollama_render):
+    mapping = _mapping(family)
+    chats = _random_chats(family, seed=len(family))
+    requests = [{"template": mapping.ollama_template(),
+                 "messages": [{"role": "system", "content": mapping.default_system}, *chat]
+                 if mapping.default_system is not None and chat[0]["role"] != "system" else chat} for chat in chats]
+    for chat, result in zip(chats, ollama_render(requests), strict=True):
+        assert result.get("prompt") == mapping.render(chat), chat
