@@ -18,16 +18,21 @@ function (e.g. a tokenizer's `apply_chat_template(..., tokenize=False)`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import TemplateError
 
-Message = dict[str, str]  # role, content; an assistant message may carry "thinking" (Ollama's message.thinking)
-RenderFn = Callable[[list[Message], bool], str]
+# role, content; an assistant message may carry "thinking" and "tool_calls", a tool message "tool_name" (Ollama's
+# message fields)
+Message = dict[str, Any]
+Tool = dict[str, Any]  # {"type": "function", "function": {"name", "description", "parameters"}}
+RenderFn = Callable[[list[Message], bool], str]  # may also take tools=[...] (jinja_renderer's and the tokenizer's do)
 
 # Sentinels that no template would produce by itself.
 _S = "\u27e6sys-7f3a\u27e7"
@@ -37,6 +42,7 @@ _R1 = "\u27e6reasoning-one\u27e7"
 
 SystemPlacement = Literal["turn", "first_user", "last_user"]
 Reasoning = Literal["qwen3", "r1"]
+ToolStyle = Literal["qwen"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class ChatFormat:
     system_join: str = "\n\n"
     # Reasoning models: how earlier assistant turns lose their reasoning and how a turn's thinking is written.
     reasoning: Reasoning | None = None
+    # Formats whose template renders tools (the request's .Tools, an answer's .ToolCalls, tool results).
+    tools: ToolStyle | None = None
 
     def open(self, role: str) -> str | None:
         text = self.opens.get(role, self.opens.get("*"))
@@ -88,44 +96,57 @@ class ChatFormat:
         system_prefix: str = "",
         implicit_system: str = "",
         think: bool | None = None,
+        tools: list[Tool] | None = None,
     ) -> str:
         """What the Ollama TEMPLATE of this format produces (mirrors modelfiles/<template_file>).
 
         Like Ollama, it always ends with the generation prompt unless the last message is the
         assistant's; `add_generation_prompt` is accepted for the RenderFn shape. `think` is Ollama's
         request flag: False (set and off) closes an empty think block after the generation prompt
-        where the format has one (Qwen3's enable_thinking=False)."""
+        where the format has one (Qwen3's enable_thinking=False). `tools` are the request's; a format
+        whose template renders none ignores them."""
         del add_generation_prompt
+        tools = tools if self.tools else None
         out: list[str] = []
         leading_system = bool(messages) and messages[0]["role"] == "system"
-        if not leading_system:
+        if tools:
+            out.append(_qwen_tools_block(tools, system_prefix + messages[0]["content"] if leading_system else None))
+        elif not leading_system:
             out.append(implicit_system)
         folded = leading_system and self.system != "turn"
         system_text = system_prefix + messages[0]["content"] if folded else ""
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        previous = ""
         for i, m in enumerate(messages):
             last = i == len(messages) - 1
             role = m["role"]
-            if folded and i == 0:
+            if i == 0 and (folded or (tools and leading_system)):
                 continue
-            opened = self.open(role)
-            if opened is None:
-                continue
-            content = m["content"]
-            if role == "system":
-                content = system_prefix + content
-            elif role == "user" and folded and (
-                    (self.system == "first_user" and i == 1) or (self.system == "last_user" and last)):
-                content = system_text + self.system_join + content
-            elif role == "assistant":
-                content = self._assistant_content(m, after_last_user=i > last_user, last=last)
-            out.append(opened + content)
-            if not last or role != "assistant":
-                out.append(self.close(role))
+            if role == "tool" and self.tools == "qwen":
+                out.append(("" if previous == "tool" else "<|im_start|>user")
+                           + f"\n<tool_response>\n{m['content']}\n</tool_response>")
+                if last or messages[i + 1]["role"] != "tool":
+                    out.append("<|im_end|>\n")
+            elif (opened := self.open(role)) is not None:
+                content = m["content"]
+                if role == "system":
+                    content = system_prefix + content
+                elif role == "user" and folded and (
+                        (self.system == "first_user" and i == 1) or (self.system == "last_user" and last)):
+                    content = system_text + self.system_join + content
+                elif role == "assistant":
+                    content = self._assistant_content(m, after_last_user=i > last_user, last=last)
+                    if self.tools == "qwen" and m.get("tool_calls"):
+                        calls = [_qwen_tool_call(call) for call in m["tool_calls"]]
+                        content += ("\n" if m["content"] else "") + "\n".join(calls)
+                out.append(opened + content)
+                if not last or role != "assistant":
+                    out.append(self.close(role))
             if last and role != "assistant":
                 out.append(self.generation_prompt)
                 if think is False and self.reasoning == "qwen3":
                     out.append("<think>\n\n</think>\n\n")
+            previous = role
         return "".join(out)
 
     def _assistant_content(self, m: Message, after_last_user: bool, last: bool) -> str:
@@ -137,6 +158,58 @@ class ChatFormat:
             # R1 distills keep what followed </think> in an earlier turn: the blank line the model wrote there.
             return "\n\n" + m["content"]
         return m["content"]
+
+
+def _go_json(value: Any) -> str:
+    """What Ollama's `json` template function writes: Go's json.Marshal (compact, map keys sorted, <>& escaped)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                          ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def _py_list(values: list[Any]) -> str:
+    return "[" + ", ".join(_go_json(v) for v in values) + "]"
+
+
+def _tool_json(tool: Tool) -> str:
+    """A tool as modelfiles/qwen3.tmpl writes it: as Python's json.dumps writes a spec in the usual key order
+    (type, function: name, description, parameters: type, properties by name, required)."""
+    function = tool.get("function", {})
+    parameters = function.get("parameters") or {}
+    text = '{"type": ' + _go_json(tool.get("type", "")) + ', "function": {"name": ' + _go_json(function.get("name", ""))
+    if function.get("description"):
+        text += ', "description": ' + _go_json(function["description"])
+    properties = []
+    for name, prop in sorted((parameters.get("properties") or {}).items()):
+        item = _go_json(name) + ': {"type": ' + _go_json(prop.get("type", ""))
+        if prop.get("description"):
+            item += ', "description": ' + _go_json(prop["description"])
+        if prop.get("enum"):
+            item += ', "enum": ' + _py_list(prop["enum"])
+        properties.append(item + "}")
+    text += ', "parameters": {"type": ' + _go_json(parameters.get("type", "")) + ', "properties": {'
+    text += ", ".join(properties) + "}"
+    if parameters.get("required"):
+        text += ', "required": ' + _py_list(parameters["required"])
+    return text + "}}}"
+
+
+def _qwen_tool_call(call: dict[str, Any]) -> str:
+    function = call.get("function", call)
+    arguments = ", ".join(f"{_go_json(k)}: {_go_json(v)}" for k, v in sorted((function.get("arguments") or {}).items()))
+    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {{{arguments}}}}}\n</tool_call>'
+
+
+def _qwen_tools_block(tools: list[Tool], system: str | None) -> str:
+    listed = "".join("\n" + _tool_json(tool) for tool in tools)
+    return ("<|im_start|>system\n" + (system + "\n\n" if system is not None else "")
+            + "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>" + listed
+            + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+            "<args-json-object>}\n</tool_call><|im_end|>\n")
 
 
 CHATML = ChatFormat(
@@ -228,6 +301,7 @@ QWEN3 = ChatFormat(
     stops=("<|im_end|>", "<|im_start|>"),
     template_file="qwen3.tmpl",
     reasoning="qwen3",
+    tools="qwen",
 )
 DEEPSEEK_R1 = ChatFormat(
     name="deepseek-r1",
@@ -252,6 +326,7 @@ class TemplateMapping:
     default_system: str | None = None  # system prompt the template inserts when the chat has none
     implicit_system: str = ""  # a system block emitted even with no system prompt (rendered literally)
     trained_system: bool = True  # False: the training template refuses a system message (Gemma 2)
+    tools: bool = False  # the format renders tools and the training template renders them as it does
 
     @property
     def end_of_turn(self) -> str:
@@ -270,23 +345,31 @@ class TemplateMapping:
         if not self.system_prefix:
             text = text.replace('{{ if eq .Role "system" }}[[SYSTEM_PREFIX]]{{ end }}', "")
         text = text.replace("[[SYSTEM_PREFIX]]", self.system_prefix)
+        if not self.tools:  # no .Tools left: Ollama reports no tools capability and refuses tool requests
+            text = text.replace("{{- $tools := .Tools }}", "{{- $tools := false }}")
         return text.replace("[[IMPLICIT_SYSTEM]]", self.implicit_system)
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True, think: bool | None = None) -> str:
+    def render(self, messages: list[Message], add_generation_prompt: bool = True, think: bool | None = None,
+               tools: list[Tool] | None = None) -> str:
         """The prompt Ollama builds for `messages` when the Modelfile carries this mapping."""
         if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.default_system}, *messages]
-        return self.format.render(messages, add_generation_prompt, self.system_prefix, self.implicit_system, think)
+        return self.format.render(messages, add_generation_prompt, self.system_prefix, self.implicit_system, think,
+                                  tools if self.tools else None)
 
 
 def training_messages(messages: list[Message]) -> list[Message]:
     """The same chat as a Hugging Face template takes it: thinking goes back into the content as a
-    <think> block (how reasoning models' training data and chat templates carry it)."""
+    <think> block (how reasoning models' training data and chat templates carry it), tool calls are typed."""
     out = []
     for m in messages:
+        m = dict(m)
         if m.get("thinking"):
-            m = {"role": m["role"], "content": f"<think>\n{m['thinking']}\n</think>\n\n{m['content']}"}
-        out.append({k: v for k, v in m.items() if k != "thinking"})
+            m["content"] = f"<think>\n{m['thinking']}\n</think>\n\n{m['content']}"
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{"type": "function", **call} for call in m["tool_calls"]]
+        m.pop("thinking", None)
+        out.append(m)
     return out
 
 
@@ -313,7 +396,39 @@ def _between(text: str, before: str, after: str) -> str | None:
     return None
 
 
+_PROBE_TOOL: Tool = {"type": "function", "function": {
+    "name": "probe_lookup", "description": "\u27e6tool-description\u27e7",
+    "parameters": {"type": "object", "properties": {"key": {"type": "string", "description": "\u27e6key\u27e7"}},
+                   "required": ["key"]}}}
+_TOOL_CHAT: list[Message] = [
+    {"role": "user", "content": _U1},
+    {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "probe_lookup",
+                                                                      "arguments": {"key": "\u27e6arg\u27e7"}}}]},
+    {"role": "tool", "content": "\u27e6result\u27e7", "tool_name": "probe_lookup"},
+    {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
+
+
+def _tools_match(fmt: ChatFormat, render: RenderFn, bos: str | None, prefix: str) -> bool:
+    """The training template writes the probe tools, a call and its result as the format's template does."""
+    for chat in (_TOOL_CHAT, [{"role": "system", "content": _S}, *_TOOL_CHAT]):
+        try:
+            text = render(training_messages(chat), True, tools=[_PROBE_TOOL])  # type: ignore[call-arg]
+        except Exception:  # a renderer that takes no tools, or a template that refuses them
+            return False
+        if (_strip_bos(text, bos) if fmt.bos_in_template else text) != fmt.render(chat, True, prefix,
+                                                                                  tools=[_PROBE_TOOL]):
+            return False
+    return True
+
+
 def _try_format(fmt: ChatFormat, render: RenderFn, bos: str | None, eos: str | None) -> TemplateMapping | None:
+    mapping = _match_format(fmt, render, bos, eos)
+    if mapping is not None and fmt.tools and _tools_match(fmt, render, bos, mapping.system_prefix):
+        mapping = dataclasses.replace(mapping, tools=True)
+    return mapping
+
+
+def _match_format(fmt: ChatFormat, render: RenderFn, bos: str | None, eos: str | None) -> TemplateMapping | None:
     def hf(messages: list[Message], gen: bool) -> str:
         text = render(training_messages(messages), gen)
         return _strip_bos(text, bos) if fmt.bos_in_template else text
@@ -466,8 +581,9 @@ def jinja_renderer(chat_template: str, bos_token: str = "", eos_token: str = "")
     env.globals["raise_exception"] = raise_exception
     template = env.from_string(chat_template)
 
-    def render(messages: list[Message], add_generation_prompt: bool) -> str:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+    def render(messages: list[Message], add_generation_prompt: bool, tools: list[Tool] | None = None) -> str:
+        # tools=None is passed as transformers passes it: a template may test `tools is defined`
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                bos_token=bos_token, eos_token=eos_token)
 
     return render

@@ -24,8 +24,8 @@ def load_tokenizer(model_dir: Path | str, trust_remote_code: bool = False) -> tu
     if not tokenizer.chat_template:
         raise TemplateError(f"{model_dir}: the tokenizer has no chat template; use an instruct/chat model or set one")
 
-    def render(messages: list[dict[str, str]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    def render(messages: list[dict[str, Any]], gen: bool, tools: list[dict[str, Any]] | None = None) -> str:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
 
     mapping = match_chat_template(render, tokenizer.bos_token, source=f"{model_dir} chat template",
                                   eos_token=tokenizer.eos_token)

@@ -1,6 +1,6 @@
 // Renders Ollama templates with Ollama's own template package (the pinned version), for
-// tests/unit/test_chat_formats.py: reads [{template, messages, think}] as JSON on stdin and writes
-// [{prompt, think_open, think_close, vars} | {error}] as JSON. The test writes go.mod beside it.
+// tests/unit/test_chat_formats.py: reads [{template, messages, tools, think}] as JSON on stdin and writes
+// [{prompt, think_open, think_close, vars, tool_calls, content} | {error}] as JSON. The test writes go.mod beside it.
 package main
 
 import (
@@ -12,12 +12,15 @@ import (
 	"github.com/ollama/ollama/api"
 	"github.com/ollama/ollama/template"
 	"github.com/ollama/ollama/thinking"
+	"github.com/ollama/ollama/tools"
 )
 
 type request struct {
 	Template string        `json:"template"`
 	Messages []api.Message `json:"messages"`
+	Tools    api.Tools     `json:"tools"`
 	Think    *bool         `json:"think"`
+	Reply    string        `json:"reply"` // a model's reply, parsed for tool calls as /api/chat parses it
 }
 
 func main() {
@@ -34,7 +37,7 @@ func main() {
 		}
 		open, closing := thinking.InferTags(t.Template)
 		vars, _ := t.Vars()
-		v := template.Values{Messages: r.Messages}
+		v := template.Values{Messages: r.Messages, Tools: r.Tools}
 		if r.Think != nil {
 			v.Think, v.IsThinkSet = *r.Think, true
 		}
@@ -43,7 +46,12 @@ func main() {
 			out = append(out, map[string]any{"error": err.Error()})
 			continue
 		}
-		out = append(out, map[string]any{"prompt": b.String(), "think_open": open, "think_close": closing, "vars": vars})
+		result := map[string]any{"prompt": b.String(), "think_open": open, "think_close": closing, "vars": vars}
+		if r.Reply != "" {
+			calls, content := tools.NewParser(t.Template, r.Tools).Add(r.Reply)
+			result["tool_calls"], result["content"] = calls, content
+		}
+		out = append(out, result)
 	}
 	enc := json.NewEncoder(os.Stdout)
 	enc.SetEscapeHTML(false)

@@ -402,3 +402,71 @@ def test_random_chats_render_through_ollama_as_the_mirror_does(family, ollama_re
                  if mapping.default_system is not None and chat[0]["role"] != "system" else chat} for chat in chats]
     for chat, result in zip(chats, ollama_render(requests), strict=True):
         assert result.get("prompt") == mapping.render(chat), chat
+
+
+# ------------------------------------------------------------------ tools (Qwen3)
+
+# Exact where the spec is written in the usual key order with its properties (and a call's arguments) in name order:
+# Ollama hands the template maps, which it ranges over by key.
+LOOKUP_PORT = {"type": "function", "function": {
+    "name": "lookup_port", "description": "The port a service listens on.",
+    "parameters": {"type": "object", "properties": {"proto": {"type": "string", "enum": ["tcp", "udp"]},
+                                                    "service": {"type": "string", "description": "Its name."}},
+                   "required": ["service"]}}}
+# Ollama's message fields: an answer's tool_calls, a tool result's tool_name.
+TOOL_CHAT = [{"role": "user", "content": "What port does zephyr use?"},
+             {"role": "assistant", "content": "",
+              "tool_calls": [{"function": {"name": "lookup_port", "arguments": {"service": "zephyr"}}}]},
+             {"role": "tool", "content": "7341", "tool_name": "lookup_port"},
+             {"role": "assistant", "content": "Zephyr uses port 7341."},
+             {"role": "user", "content": "And kafka, over udp?"}]
+TOOL_LOOP = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "Ports of a and b?"},
+             {"role": "assistant", "content": "Looking both up.", "thinking": "Two lookups.",
+              "tool_calls": [{"function": {"name": "lookup_port", "arguments": {"proto": "tcp", "service": "a"}}},
+                             {"function": {"name": "lookup_port", "arguments": {"service": "b"}}}]},
+             {"role": "tool", "content": "1", "tool_name": "lookup_port"},
+             {"role": "tool", "content": "2", "tool_name": "lookup_port"}]
+
+
+def _tool_requests(mapping, chats):
+    return [{"template": mapping.ollama_template(), "messages": chat, "tools": [LOOKUP_PORT]} for chat in chats]
+
+
+def test_qwen3_tools_render_as_training_rendered_them():
+    mapping = _mapping("qwen3")
+    assert mapping.tools
+    render = _render("qwen3")
+    for chat in (TOOL_CHAT, TOOL_LOOP, [{"role": "system", "content": "S"}, *TOOL_CHAT]):
+        assert mapping.render(chat, tools=[LOOKUP_PORT]) == render(training_messages(chat), True, tools=[LOOKUP_PORT])
+    assert '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "zephyr"}}\n</tool_call>' in mapping.render(
+        TOOL_CHAT, tools=[LOOKUP_PORT])
+    unsorted = {"type": "function", "function": {**LOOKUP_PORT["function"], "parameters": {
+        "type": "object", "properties": dict(reversed(LOOKUP_PORT["function"]["parameters"]["properties"].items()))}}}
+    assert mapping.render(TOOL_CHAT, tools=[unsorted]) != render(training_messages(TOOL_CHAT), True, tools=[unsorted])
+
+
+def test_formats_without_tools_ignore_them():
+    for family in set(FAMILIES) - {"qwen3"}:
+        mapping = _mapping(family)
+        assert not mapping.tools and mapping.render(MULTI, tools=[LOOKUP_PORT]) == mapping.render(MULTI), family
+
+
+def test_qwen3_tools_render_through_ollama_and_its_reply_parses_into_tool_calls(ollama_render):
+    mapping = _mapping("qwen3")
+    chats = [TOOL_CHAT, TOOL_LOOP, [{"role": "system", "content": "S"}, *TOOL_CHAT], MULTI]
+    results = ollama_render(_tool_requests(mapping, chats))
+    for chat, result in zip(chats, results, strict=True):
+        assert result.get("prompt") == mapping.render(chat, tools=[LOOKUP_PORT]), chat
+        assert "tools" in result["vars"], "Ollama gives the model the tools capability"
+    reply = '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "kafka", "proto": "udp"}}\n</tool_call>'
+    [parsed] = ollama_render([{**_tool_requests(mapping, [TOOL_CHAT])[0], "reply": reply}])
+    assert [c["function"]["name"] for c in parsed["tool_calls"]] == ["lookup_port"]
+    assert parsed["tool_calls"][0]["function"]["arguments"] == {"service": "kafka", "proto": "udp"}
+
+
+def test_a_template_that_writes_tools_its_own_way_keeps_the_format_without_tools(ollama_render):
+    text = (TEMPLATES / "qwen3.jinja").read_text().replace("You may call one or more functions", "You may call tools")
+    mapping = match_chat_template(jinja_renderer(text, "", "<|im_end|>"), None)
+    assert mapping.format.name == "qwen3" and not mapping.tools
+    [result] = ollama_render(_tool_requests(mapping, [TOOL_CHAT]))
+    assert "tools" not in result["vars"], "no tools capability: Ollama refuses tool requests instead of guessing"
