@@ -97,16 +97,18 @@ class ChatFormat:
         implicit_system: str = "",
         think: bool | None = None,
         tools: list[Tool] | None = None,
+        tool_turns: bool = False,
     ) -> str:
         """What the Ollama TEMPLATE of this format produces (mirrors modelfiles/<template_file>).
 
         Like Ollama, it always ends with the generation prompt unless the last message is the
         assistant's; `add_generation_prompt` is accepted for the RenderFn shape. `think` is Ollama's
         request flag: False (set and off) closes an empty think block after the generation prompt
-        where the format has one (Qwen3's enable_thinking=False). `tools` are the request's; a format
-        whose template renders none ignores them."""
+        where the format has one (Qwen3's enable_thinking=False). `tool_turns`: the format's tool rendering
+        is on (the training template writes tools as the format does); `tools` are the request's."""
         del add_generation_prompt
-        tools = tools if self.tools else None
+        tool_turns = tool_turns and self.tools is not None
+        tools = tools if tool_turns else None
         out: list[str] = []
         leading_system = bool(messages) and messages[0]["role"] == "system"
         if tools:
@@ -122,7 +124,7 @@ class ChatFormat:
             role = m["role"]
             if i == 0 and (folded or (tools and leading_system)):
                 continue
-            if role == "tool" and self.tools == "qwen":
+            if role == "tool" and tool_turns:
                 out.append(("" if previous == "tool" else "<|im_start|>user")
                            + f"\n<tool_response>\n{m['content']}\n</tool_response>")
                 if last or messages[i + 1]["role"] != "tool":
@@ -136,7 +138,7 @@ class ChatFormat:
                     content = system_text + self.system_join + content
                 elif role == "assistant":
                     content = self._assistant_content(m, after_last_user=i > last_user, last=last)
-                    if self.tools == "qwen" and m.get("tool_calls"):
+                    if tool_turns and m.get("tool_calls"):
                         calls = [_qwen_tool_call(call) for call in m["tool_calls"]]
                         content += ("\n" if m["content"] else "") + "\n".join(calls)
                 out.append(opened + content)
@@ -219,6 +221,7 @@ CHATML = ChatFormat(
     generation_prompt="<|im_start|>assistant\n",
     stops=("<|im_end|>", "<|im_start|>"),
     template_file="chatml.tmpl",
+    tools="qwen",  # Qwen2.5's tool layout, where the template has it
 )
 LLAMA3 = ChatFormat(
     name="llama3",
@@ -347,6 +350,7 @@ class TemplateMapping:
         text = text.replace("[[SYSTEM_PREFIX]]", self.system_prefix)
         if not self.tools:  # no .Tools left: Ollama reports no tools capability and refuses tool requests
             text = text.replace("{{- $tools := .Tools }}", "{{- $tools := false }}")
+            text = text.replace("{{- $toolTurns := true }}", "{{- $toolTurns := false }}")
         return text.replace("[[IMPLICIT_SYSTEM]]", self.implicit_system)
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True, think: bool | None = None,
@@ -355,7 +359,7 @@ class TemplateMapping:
         if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.default_system}, *messages]
         return self.format.render(messages, add_generation_prompt, self.system_prefix, self.implicit_system, think,
-                                  tools if self.tools else None)
+                                  tools, tool_turns=self.tools)
 
 
 def training_messages(messages: list[Message]) -> list[Message]:
@@ -408,22 +412,24 @@ _TOOL_CHAT: list[Message] = [
     {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
 
 
-def _tools_match(fmt: ChatFormat, render: RenderFn, bos: str | None, prefix: str) -> bool:
+def _tools_match(mapping: TemplateMapping, render: RenderFn, bos: str | None) -> bool:
     """The training template writes the probe tools, a call and its result as the format's template does."""
+    with_tools = dataclasses.replace(mapping, tools=True)
     for chat in (_TOOL_CHAT, [{"role": "system", "content": _S}, *_TOOL_CHAT]):
         try:
             text = render(training_messages(chat), True, tools=[_PROBE_TOOL])  # type: ignore[call-arg]
         except Exception:  # a renderer that takes no tools, or a template that refuses them
             return False
-        if (_strip_bos(text, bos) if fmt.bos_in_template else text) != fmt.render(chat, True, prefix,
-                                                                                  tools=[_PROBE_TOOL]):
+        if mapping.format.bos_in_template:
+            text = _strip_bos(text, bos)
+        if text != with_tools.render(chat, tools=[_PROBE_TOOL]):
             return False
     return True
 
 
 def _try_format(fmt: ChatFormat, render: RenderFn, bos: str | None, eos: str | None) -> TemplateMapping | None:
     mapping = _match_format(fmt, render, bos, eos)
-    if mapping is not None and fmt.tools and _tools_match(fmt, render, bos, mapping.system_prefix):
+    if mapping is not None and fmt.tools and _tools_match(mapping, render, bos):
         mapping = dataclasses.replace(mapping, tools=True)
     return mapping
 

@@ -21,6 +21,7 @@ R1_BOS, R1_EOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581o
 
 # fixture -> (BOS, EOS of the model's tokenizer, the format it must map to). Sources: README.md beside them.
 FAMILIES = {
+    "qwen2.5": ("", "<|im_end|>", "chatml"),
     "gemma2": ("<bos>", "<eos>", "gemma"),
     "gemma3": ("<bos>", "<eos>", "gemma"),
     "mistral-v3": ("<s>", "</s>", "mistral-v3"),
@@ -33,6 +34,7 @@ FAMILIES = {
     "deepseek-r1": (R1_BOS, R1_EOS, "deepseek-r1"),
 }
 REASONING = {"qwen3", "deepseek-r1"}
+TOOLS = {"qwen3", "qwen2.5"}  # templates that write tools, and the formats that serve them
 NO_SYSTEM_TRAINED = {"gemma2"}  # its template raises on a system message
 
 PLAIN = [{"role": "user", "content": "Hi"}]
@@ -90,7 +92,8 @@ def test_the_format_is_read_off_the_real_template(family):
 
 def test_what_each_family_adds_on_its_own():
     assert _mapping("mistral-v7").default_system.startswith("You are Mistral Small 3")
-    for family in set(FAMILIES) - {"mistral-v7"}:
+    assert _mapping("qwen2.5").default_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    for family in set(FAMILIES) - {"mistral-v7", "qwen2.5"}:
         assert _mapping(family).default_system is None, family
     assert _mapping("gemma3").end_of_turn == "<end_of_turn>"
     assert _mapping("mistral-v3").end_of_turn == "</s>"
@@ -246,6 +249,7 @@ def test_the_first_formats_render_the_same_through_ollama(ollama_render):
                 messages = [{"role": "system", "content": mapping.default_system}, *chat]
             [result] = ollama_render([{"template": mapping.ollama_template(), "messages": messages}])
             assert result["prompt"] == mapping.render(chat)
+            assert "tools" not in result["vars"], "their templates write no tools"
 
 
 # ------------------------------------------------------------------ fail fast: the check before the data stage
@@ -432,12 +436,15 @@ def _tool_requests(mapping, chats):
     return [{"template": mapping.ollama_template(), "messages": chat, "tools": [LOOKUP_PORT]} for chat in chats]
 
 
-def test_qwen3_tools_render_as_training_rendered_them():
-    mapping = _mapping("qwen3")
+@pytest.mark.parametrize("family", sorted(TOOLS))
+def test_tools_render_as_training_rendered_them(family):
+    mapping = _mapping(family)
     assert mapping.tools
-    render = _render("qwen3")
-    for chat in (TOOL_CHAT, TOOL_LOOP, [{"role": "system", "content": "S"}, *TOOL_CHAT]):
-        assert mapping.render(chat, tools=[LOOKUP_PORT]) == render(training_messages(chat), True, tools=[LOOKUP_PORT])
+    render = _render(family)
+    loop = TOOL_LOOP if family in REASONING else [{k: v for k, v in m.items() if k != "thinking"} for m in TOOL_LOOP]
+    for chat in (TOOL_CHAT, loop, [{"role": "system", "content": "S"}, *TOOL_CHAT]):
+        expected = render(training_messages(chat), True, tools=[LOOKUP_PORT])
+        assert mapping.render(chat, tools=[LOOKUP_PORT]) == expected, chat
     assert '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "zephyr"}}\n</tool_call>' in mapping.render(
         TOOL_CHAT, tools=[LOOKUP_PORT])
     unsorted = {"type": "function", "function": {**LOOKUP_PORT["function"], "parameters": {
@@ -446,22 +453,34 @@ def test_qwen3_tools_render_as_training_rendered_them():
 
 
 def test_formats_without_tools_ignore_them():
-    for family in set(FAMILIES) - {"qwen3"}:
+    for family in set(FAMILIES) - TOOLS:
         mapping = _mapping(family)
         assert not mapping.tools and mapping.render(MULTI, tools=[LOOKUP_PORT]) == mapping.render(MULTI), family
 
 
-def test_qwen3_tools_render_through_ollama_and_its_reply_parses_into_tool_calls(ollama_render):
-    mapping = _mapping("qwen3")
-    chats = [TOOL_CHAT, TOOL_LOOP, [{"role": "system", "content": "S"}, *TOOL_CHAT], MULTI]
-    results = ollama_render(_tool_requests(mapping, chats))
-    for chat, result in zip(chats, results, strict=True):
+@pytest.mark.parametrize("family", sorted(TOOLS))
+def test_tools_render_through_ollama_and_a_reply_parses_into_tool_calls(family, ollama_render):
+    mapping = _mapping(family)
+    chats = [TOOL_CHAT, [{"role": "system", "content": "S"}, *TOOL_CHAT], MULTI]
+    requests = _tool_requests(mapping, chats)
+    if mapping.default_system is not None:  # Ollama adds the Modelfile's SYSTEM
+        for request in requests:
+            if request["messages"][0]["role"] != "system":
+                request["messages"] = [{"role": "system", "content": mapping.default_system}, *request["messages"]]
+    for chat, result in zip(chats, ollama_render(requests), strict=True):
         assert result.get("prompt") == mapping.render(chat, tools=[LOOKUP_PORT]), chat
         assert "tools" in result["vars"], "Ollama gives the model the tools capability"
     reply = '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "kafka", "proto": "udp"}}\n</tool_call>'
-    [parsed] = ollama_render([{**_tool_requests(mapping, [TOOL_CHAT])[0], "reply": reply}])
+    [parsed] = ollama_render([{**requests[0], "reply": reply}])
     assert [c["function"]["name"] for c in parsed["tool_calls"]] == ["lookup_port"]
     assert parsed["tool_calls"][0]["function"]["arguments"] == {"service": "kafka", "proto": "udp"}
+
+
+def test_formats_without_tools_give_ollama_no_tools_capability(ollama_render):
+    families = sorted(set(FAMILIES) - TOOLS)
+    results = ollama_render([_tool_requests(_mapping(family), [MULTI])[0] for family in families])
+    for family, result in zip(families, results, strict=True):
+        assert "tools" not in result["vars"], family
 
 
 def test_a_template_that_writes_tools_its_own_way_keeps_the_format_without_tools(ollama_render):
