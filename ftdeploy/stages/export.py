@@ -35,8 +35,9 @@ def convert(merged_dir: Path, out_path: Path, outtype: str = "f16", metadata: di
     """Run llama.cpp's converter on a merged HF directory."""
     if not (merged_dir / "config.json").is_file():
         raise StageMissingError(f"{merged_dir}: no merged model; run `ftdeploy merge` first")
-    with atomic_path(out_path) as tmp:
-        cmd = [sys.executable, "-c", _CONVERTER, str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
+    with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory(prefix="ftdeploy-convert-") as scratch:
+        source = _with_added_tokens_decoder(merged_dir, Path(scratch) / merged_dir.name)
+        cmd = [sys.executable, "-c", _CONVERTER, str(source), "--outfile", str(tmp), "--outtype", outtype]
         if metadata:
             meta_path = out_path.parent / f".{out_path.name}.metadata.json"
             meta_path.write_text(json.dumps(metadata))
@@ -53,6 +54,30 @@ def convert(merged_dir: Path, out_path: Path, outtype: str = "f16", metadata: di
     if metadata:
         (out_path.parent / f".{out_path.name}.metadata.json").unlink(missing_ok=True)
     return out_path
+
+
+def _with_added_tokens_decoder(merged_dir: Path, view: Path) -> Path:
+    """`merged_dir`, or a view of it (links to its files) whose tokenizer_config.json lists the added tokens.
+
+    transformers 5 saves a tokenizer's added tokens in tokenizer.json alone, but llama.cpp's converter reads which
+    pieces of a SentencePiece `tokenizer.model` are special from tokenizer_config.json's `added_tokens_decoder`
+    (Gemma, Phi-3, Mistral v3, Llama 2): without it `<start_of_turn>` and the like are written as normal tokens, and
+    llama.cpp and Ollama then split the chat template's special tokens into pieces. A byte-level BPE tokenizer is
+    read through transformers and needs nothing."""
+    config_path, tokenizer_json = merged_dir / "tokenizer_config.json", merged_dir / "tokenizer.json"
+    if not all(p.is_file() for p in (merged_dir / "tokenizer.model", config_path, tokenizer_json)):
+        return merged_dir
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    added = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens") or []
+    if config.get("added_tokens_decoder") or not added:
+        return merged_dir
+    config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
+    view.mkdir(parents=True)
+    for entry in merged_dir.iterdir():
+        if entry.name != config_path.name:
+            (view / entry.name).symlink_to(entry.resolve())
+    (view / config_path.name).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return view
 
 
 def ftype_for(qtype: str) -> int:
