@@ -10,7 +10,9 @@ the renderings part.
 
 Each format is declared once, in FORMATS: how its turns are written (`ChatFormat.render`, the
 Python mirror of its Ollama template), what ends a turn (its stop tokens), and its Ollama
-template file under modelfiles/, which renders exactly what the mirror renders.
+template file under modelfiles/, which renders exactly what the mirror renders. Reasoning
+formats (Qwen3, DeepSeek-R1) and Qwen's tool layout (ChatML, Qwen3) are probed the same way:
+earlier reasoning must be dropped, and a probe tool, call and result written, as the mirror does.
 
 Pure: no torch, no transformers. The caller passes a `render(messages, add_generation_prompt)`
 function (e.g. a tokenizer's `apply_chat_template(..., tokenize=False)`).
