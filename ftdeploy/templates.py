@@ -71,6 +71,10 @@ class ChatFormat:
     reasoning: Reasoning | None = None
     # Formats whose template renders tools (the request's .Tools, an answer's .ToolCalls, tool results).
     tools: ToolStyle | None = None
+    # False where the format's own template changes earlier text as turns are added (earlier answers lose their
+    # reasoning, the system prompt moves to the last user turn, EOS follows the final turn only): the data stage
+    # then finds each assistant turn by replacing it, not by rendering the chat turn by turn.
+    turn_by_turn: bool = True
 
     def open(self, role: str) -> str | None:
         text = self.opens.get(role, self.opens.get("*"))
@@ -253,6 +257,7 @@ MISTRAL_V3 = ChatFormat(
     template_file="mistral-v3.tmpl",
     bos_in_template=True,
     system="last_user",
+    turn_by_turn=False,
 )
 MISTRAL_V3_TEKKEN = ChatFormat(
     name="mistral-v3-tekken",
@@ -263,6 +268,7 @@ MISTRAL_V3_TEKKEN = ChatFormat(
     template_file="mistral-v3-tekken.tmpl",
     bos_in_template=True,
     system="last_user",
+    turn_by_turn=False,
 )
 MISTRAL_V7 = ChatFormat(
     name="mistral-v7",
@@ -281,6 +287,7 @@ PHI3 = ChatFormat(
     stops=("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"),
     template_file="phi3.tmpl",
     bos_in_template=True,  # Phi-3 mini's first templates began with BOS; later ones do not
+    turn_by_turn=False,
 )
 PHI4_MINI = ChatFormat(
     name="phi4-mini",
@@ -289,6 +296,7 @@ PHI4_MINI = ChatFormat(
     generation_prompt="<|assistant|>",
     stops=("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"),
     template_file="phi4-mini.tmpl",
+    turn_by_turn=False,
 )
 PHI4 = ChatFormat(
     name="phi4",
@@ -307,6 +315,7 @@ QWEN3 = ChatFormat(
     template_file="qwen3.tmpl",
     reasoning="qwen3",
     tools="qwen",
+    turn_by_turn=False,
 )
 DEEPSEEK_R1 = ChatFormat(
     name="deepseek-r1",
@@ -317,6 +326,7 @@ DEEPSEEK_R1 = ChatFormat(
     template_file="deepseek-r1.tmpl",
     bos_in_template=True,
     reasoning="r1",
+    turn_by_turn=False,
 )
 FORMATS = (CHATML, LLAMA3, GEMMA, MISTRAL_V3, MISTRAL_V3_TEKKEN, MISTRAL_V7, PHI3, PHI4_MINI, PHI4, QWEN3,
            DEEPSEEK_R1)

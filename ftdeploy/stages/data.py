@@ -39,7 +39,7 @@ from ..config import DEMO_DATA, DataConfig
 from ..errors import DataError
 from ..formats import Columns, LoadResult, Record, RecordStream, load_records
 from ..runs import atomic_path
-from ..templates import TemplateMapping
+from ..templates import ChatFormat, TemplateMapping
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +120,7 @@ def tokenize_conversation(
     full = render(messages, False)
     if reason := template_drops_tools(messages, tools, full, render, getattr(tokenizer, "name_or_path", "")):
         raise DataError(f"{source}: {reason}")
-    spans: list[tuple[int, int]] = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = render(messages[:i], True)
-        through = render(messages[: i + 1], False)
-        if not (through.startswith(prefix) and full.startswith(through)):
-            raise DataError(
-                f"{source}: the chat template does not render this conversation turn by turn "
-                "(an earlier turn changes when later ones are added), so the assistant span cannot be located"
-            )
-        spans.append((len(prefix), len(through)))
+    spans = assistant_spans(messages, full, render, mapping.format, source)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     offsets = enc["offset_mapping"]
@@ -155,6 +144,118 @@ def tokenize_conversation(
             + (f" after truncation to max_seq_length={max_seq_length}" if truncated else "")
         )
     return Tokenized(ids, labels, truncated)
+
+
+def assistant_spans(messages: list[dict[str, Any]], full: str, render: Callable[..., str],
+                    chat_format: ChatFormat | None, source: str) -> list[tuple[int, int]]:
+    """The characters of `full` (the whole conversation, rendered) that are the assistant's: one [start, end) span
+    for each assistant turn, its end-of-turn included.
+
+    Turn by turn, where the template renders the conversation that way (ChatML, Llama 3, Gemma, Phi-4, every chat
+    of a format on most chats): turn i runs from the end of the conversation before it, rendered with the
+    generation prompt, to the end of the conversation through it (all of the template's closing after it: the
+    end-of-turn, and whatever else the template writes there).
+
+    A format whose own template changes earlier text as turns are added (`ChatFormat.turn_by_turn` False: Qwen3
+    and DeepSeek-R1 drop the reasoning of earlier answers, and R1's generation prompt opens a think block its
+    finished answers do not have; Phi-3 and Phi-4-mini write EOS after the final turn only; Mistral v3 moves the
+    system prompt into the last user turn) is split by replacing each turn instead (`_replaced_turn_spans`), but only
+    on a chat where the turn-by-turn rule fails, so every chat it labels keeps its labels. Any other template that
+    does not render turn by turn is an error: it is not the format the Ollama model will be served with."""
+    spans = _turn_by_turn_spans(messages, full, render)
+    if spans is None and chat_format is not None and not chat_format.turn_by_turn:
+        spans = _replaced_turn_spans(messages, full, render, chat_format)
+    if spans is None:
+        raise DataError(
+            f"{source}: the chat template does not render this conversation turn by turn "
+            "(an earlier turn changes when later ones are added), so the assistant span cannot be located"
+        )
+    return spans
+
+
+def _turn_by_turn_spans(messages: list[dict[str, Any]], full: str,
+                        render: Callable[..., str]) -> list[tuple[int, int]] | None:
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(messages[:i], True)
+        # The conversation through its last turn is the whole conversation: one render fewer.
+        through = full if i + 1 == len(messages) else render(messages[: i + 1], False)
+        if not (through.startswith(prefix) and full.startswith(through)):
+            return None
+        spans.append((len(prefix), len(through)))
+    return spans
+
+
+def _replaced_turn_spans(messages: list[dict[str, Any]], full: str, render: Callable[..., str],
+                         chat_format: ChatFormat) -> list[tuple[int, int]] | None:
+    """Assistant spans found by replacing each assistant turn: the whole conversation is rendered again with turn i
+    replaced by a bare answer (a character `full` does not hold: no reasoning, no tool calls), and where the two
+    renderings differ (between their common prefix and common suffix) is what turn i wrote. The span then takes in,
+    before it, what the template writes in the turn after the generation prompt (Qwen3's think block of the final
+    answer, which the model writes itself), or else the whitespace between the prompt and the answer (Mistral's
+    space after [/INST], which SentencePiece joins to the answer's first word); and after it, the turn's close
+    (`ChatFormat.close("assistant")`, else its end-of-turn), or for the chat's last message all the template writes
+    after it (Phi-3's EOS). So each turn is trained as the template renders it in this conversation: the final
+    answer with its <think> block where the template writes one, earlier answers without the reasoning the template
+    drops (DeepSeek-R1 drops it from every answer, the final one included, and so trains none). None where the
+    turns overlap or an answer leaves no trace."""
+    mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in full)
+    close, end_of_turn = chat_format.close("assistant"), chat_format.stops[0]
+    spans: list[tuple[int, int]] = []
+    lo = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        replaced = render([*messages[:i], {"role": "assistant", "content": mark}, *messages[i + 1:]], False)
+        if mark not in replaced:
+            return None
+        start = _common_prefix(full, replaced)
+        end = len(full) - _common_suffix(full, replaced, min(len(full), len(replaced)) - start)
+        if start < lo:
+            return None
+        prompted, unprompted = render(messages[:i], True), render(messages[:i], False)
+        opener = prompted[_common_prefix(prompted, unprompted):]
+        at = full.rfind(opener, lo, start) if opener else -1
+        if at >= 0:
+            start = at + len(opener)
+        else:
+            while start > lo and full[start - 1].isspace():
+                start -= 1
+        if i + 1 == len(messages):
+            end = len(full)
+        elif close and full.startswith(close, end):
+            end += len(close)
+        elif full.startswith(end_of_turn, end):
+            end += len(end_of_turn)
+        spans.append((start, end))
+        lo = end
+    return spans
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of a and b (bisected: slices compare in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    """The length of the longest common suffix of a and b, at most `limit`."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def template_drops_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str,
@@ -273,8 +374,9 @@ class _FastTokenizer:
 
     def __init__(self, template: Any, context: dict[str, Any], backend: Any, end_of_turn: str, eot_id: int | None,
                  eos_id: int | None, max_seq_length: int, train_on: str, exact: Callable[[Record], Tokenized],
-                 tool_template: Any = None, template_name: str = ""):
+                 tool_template: Any = None, template_name: str = "", chat_format: ChatFormat | None = None):
         self.template, self.context, self.backend = template, context, backend
+        self.format = chat_format
         self.end_of_turn, self.eot_id, self.eos_id = end_of_turn, eot_id, eos_id
         self.max_seq_length, self.train_on, self.exact = max_seq_length, train_on, exact
         # apply_chat_template picks a template dict's "tool_use" entry whenever tools are given
@@ -307,7 +409,7 @@ class _FastTokenizer:
             return None
         eot_id = tokenizer.convert_tokens_to_ids(mapping.end_of_turn)
         return cls(template, context, backend, mapping.end_of_turn, eot_id, tokenizer.eos_token_id, max_seq_length,
-                   train_on, exact, tool_template, getattr(tokenizer, "name_or_path", ""))
+                   train_on, exact, tool_template, getattr(tokenizer, "name_or_path", ""), mapping.format)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                tools: list[dict[str, Any]] | None = None) -> str:
@@ -335,19 +437,10 @@ class _FastTokenizer:
             if reason := template_drops_tools(messages, tools, full, self._renderer(tools), self.template_name):
                 item.error = DataError(f"{rec.source}: {reason}")
                 return item
-            spans: list[tuple[int, int]] = []
-            for i, m in enumerate(messages):
-                if m["role"] != "assistant":
-                    continue
-                prefix = self.render(messages[:i], True, tools)
-                through = full if i + 1 == len(messages) else self.render(messages[: i + 1], False, tools)
-                if not (through.startswith(prefix) and full.startswith(through)):
-                    item.error = DataError(
-                        f"{rec.source}: the chat template does not render this conversation turn by turn "
-                        "(an earlier turn changes when later ones are added), so the assistant span cannot be located"
-                    )
-                    return item
-                spans.append((len(prefix), len(through)))
+            spans = assistant_spans(messages, full, self._renderer(tools), self.format, rec.source)
+        except DataError as exc:
+            item.error = exc
+            return item
         except Exception:  # the template raised: the one-by-one path raises the same, from apply_chat_template
             item.exact = True
             return item
