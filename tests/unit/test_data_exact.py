@@ -487,3 +487,192 @@ def test_the_tool_guard_passes_on_the_tool_templates(tmp_path, tool_chat, caplog
     with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
         assert len(list(tokenize_records(records, tok, mapping, TOOL_MAX_LEN))) == 100
     assert "differs" not in caplog.text
+
+
+# ---------------------------------------------------------------- every chat format ftdeploy recognises
+
+CHAT_TEMPLATES = Path(__file__).parents[1] / "data" / "chat_templates"
+R1_BOS, R1_EOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
+R1_TOOLS = tuple(f"<\uff5c{name}\uff5c>" for name in (
+    "tool\u2581calls\u2581begin", "tool\u2581calls\u2581end", "tool\u2581call\u2581begin", "tool\u2581call\u2581end",
+    "tool\u2581sep", "tool\u2581outputs\u2581begin", "tool\u2581outputs\u2581end", "tool\u2581output\u2581begin",
+    "tool\u2581output\u2581end"))
+MISTRAL_TOOLS = ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
+PHI_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# fixture -> (BOS, EOS, the family's other special tokens): each tokenizes as one token, as in the real tokenizer.
+FAMILY_TOKENS = {
+    "qwen2.5": ("", "<|im_end|>", ("<|im_start|>",)),
+    "gemma2": ("<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>")),
+    "gemma3": ("<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>")),
+    "mistral-v3": ("<s>", "</s>", ("[INST]", "[/INST]", *MISTRAL_TOOLS)),
+    "mistral-v3-tekken": ("<s>", "</s>", ("[INST]", "[/INST]")),
+    "mistral-v7": ("<s>", "</s>", ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", *MISTRAL_TOOLS)),
+    "phi3": ("<s>", "<|endoftext|>", PHI_ROLES),
+    "phi4-mini": ("<|endoftext|>", "<|endoftext|>", (*PHI_ROLES, "<|tool|>", "<|/tool|>")),
+    "phi4": ("<|endoftext|>", "<|im_end|>", ("<|im_start|>", "<|im_sep|>")),
+    "qwen3": ("", "<|im_end|>", ("<|im_start|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+                                 "<tool_response>", "</tool_response>")),
+    "deepseek-r1": (R1_BOS, R1_EOS, ("<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>", "<think>", "</think>",
+                                     *R1_TOOLS)),
+}
+REASONING = {"qwen3", "deepseek-r1"}
+NO_SYSTEM = {"gemma2"}  # its template raises on a system message
+FAMILY_MAX_LEN = 1024  # Mistral v7 writes a long default system prompt
+
+
+def family_tokenizer(family):
+    """A tiny BPE tokenizer with the family's real chat template and special tokens, and the format read off it."""
+    bos, eos, others = FAMILY_TOKENS[family]
+    specials = tuple(dict.fromkeys([bos or "<|endoftext|>", eos, *others]))
+    tok = build_tiny_tokenizer((CHAT_TEMPLATES / f"{family}.jinja").read_text(), specials=specials, eos=eos)
+    mapping = match_chat_template(
+        lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), bos or None, eos_token=eos)
+    return tok, mapping
+
+
+@pytest.fixture(params=sorted(FAMILY_TOKENS))
+def family(request):
+    return request.param
+
+
+def test_each_familys_special_tokens_are_one_token(family):
+    tok, _ = family_tokenizer(family)
+    bos, eos, others = FAMILY_TOKENS[family]
+    for special in filter(None, (bos, eos, *others)):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1, special
+
+
+def _family_conversation(rng, family):
+    turns = _conversation(rng)
+    if family in NO_SYSTEM:
+        turns = [t for t in turns if t["role"] != "system"]
+    if family in REASONING:  # answers that thought first, as a <think> block in the content
+        turns = [{**t, "content": f"<think>\n{_text(rng)}\n</think>\n\n{t['content']}"}
+                 if t["role"] == "assistant" and rng.random() < 0.5 else t for t in turns]
+    return turns
+
+
+def test_every_format_fast_labels_are_tokenize_conversations_bit_for_bit(tmp_path, family, every_row_fast):
+    tok, mapping = family_tokenizer(family)
+    assert data._FastTokenizer.create(tok, mapping, FAMILY_MAX_LEN, "assistant", lambda rec: None) is not None
+    rng = random.Random(family)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"messages": _family_conversation(rng, family)}, ensure_ascii=False) + "\n"
+                            for _ in range(80)), encoding="utf-8")
+    records = load_records(str(path)).records
+    expected = [_reference(rec, tok, mapping, FAMILY_MAX_LEN) for rec in records]
+    assert [t for _, t in tokenize_records(records, tok, mapping, FAMILY_MAX_LEN)] == expected
+    assert all(IGNORE_INDEX in t.labels and set(t.labels) != {IGNORE_INDEX} for t in expected)
+
+
+def _trained_runs(tok, tokenized):
+    """The trained text, one string per run of trained tokens."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in tokenized.labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return [tok.decode(run) for run in runs]
+
+
+HI, PORT = {"role": "user", "content": "Hi"}, {"role": "user", "content": "Port?"}
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def _answer(content):
+    return {"role": "assistant", "content": content}
+
+
+# The chats whose templates do not render them turn by turn (the data stage refused each of them before), and
+# exactly what is trained: each answer as the template renders it in the whole chat, with its end-of-turn.
+NOT_TURN_BY_TURN = {
+    # Qwen3: the final answer gets a think block (empty when the answer did not think), earlier ones lose theirs.
+    "qwen3-multi": ("qwen3", [SYSTEM, HI, _answer("<think>\nA greeting.\n</think>\n\nHello!"), PORT,
+                              _answer("7341.")],
+                    ["Hello!<|im_end|>\n", "<think>\n\n</think>\n\n7341.<|im_end|>\n"]),
+    "qwen3-multi-thought": ("qwen3", [HI, _answer("Hello!"), PORT, _answer("<think>\nThe docs.\n</think>\n\n7341.")],
+                            ["Hello!<|im_end|>\n", "<think>\nThe docs.\n</think>\n\n7341.<|im_end|>\n"]),
+    # DeepSeek-R1: the generation prompt opens <think>, a finished answer does not; reasoning is dropped from all.
+    "deepseek-r1-plain": ("deepseek-r1", [HI, _answer("Hello!")], [f"Hello!{R1_EOS}"]),
+    "deepseek-r1-multi": ("deepseek-r1", [SYSTEM, HI, _answer("<think>\nA greeting.\n</think>Hello!"), PORT,
+                                          _answer("7341.")], [f"Hello!{R1_EOS}", f"7341.{R1_EOS}"]),
+    # Phi-3: EOS after the final turn only.
+    "phi3-multi": ("phi3", [HI, _answer("Hello!"), PORT, _answer("7341.")],
+                   ["Hello!<|end|>\n", "7341.<|end|>\n<|endoftext|>"]),
+    "phi4-mini-multi": ("phi4-mini", [SYSTEM, HI, _answer("Hello!"), PORT, _answer("7341.")],
+                        ["Hello!<|end|>", "7341.<|end|><|endoftext|>"]),
+    # Mistral v3: the system prompt goes into the user turn that ends the chat (and is dropped when none does).
+    "mistral-v3-system": ("mistral-v3", [SYSTEM, HI, _answer("Hello!")], [" Hello!</s>"]),
+    "mistral-v3-system-multi": ("mistral-v3", [SYSTEM, HI, _answer("Hello!"), PORT, _answer("7341."), HI],
+                                [" Hello!</s>", " 7341.</s>"]),
+    "mistral-v3-tekken-system-multi": ("mistral-v3-tekken", [SYSTEM, HI, _answer("Hello!"), PORT, _answer("7341.")],
+                                       ["Hello!</s>", "7341.</s>"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_TURN_BY_TURN))
+def test_chats_not_rendered_turn_by_turn_train_the_answers_and_their_end_of_turn(tmp_path, case):
+    family, messages, answers = NOT_TURN_BY_TURN[case]
+    tok, mapping = family_tokenizer(family)
+    path = _file(tmp_path, [{"messages": messages}] * 3)
+    prepare_data(DataConfig(train=str(path), max_seq_length=FAMILY_MAX_LEN), tok, mapping, tmp_path / "out", seed=0)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    trained = data.Tokenized(rows[0]["input_ids"], rows[0]["labels"])
+    assert _trained_runs(tok, trained) == answers
+    assert tok.decode(trained.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+
+
+QWEN3_TOOL = {"type": "function", "function": {
+    "name": "lookup_port", "description": "The TCP port a service listens on.",
+    "parameters": {"type": "object", "properties": {"service": {"type": "string"}}, "required": ["service"]}}}
+QWEN3_CALL = {"type": "function", "function": {"name": "lookup_port", "arguments": {"service": "zephyr"}}}
+
+
+def _tool_chat(rng):
+    turns = [{"role": "user", "content": _text(rng)}, {"role": "assistant", "content": "", "tool_calls": [QWEN3_CALL]},
+             {"role": "tool", "content": "7341"}, _answer(_text(rng))]
+    if rng.random() < 0.5:
+        turns = [SYSTEM, *turns]
+    if rng.random() < 0.5:
+        turns += [{"role": "user", "content": _text(rng)}, _answer(_text(rng))]
+    return {"messages": turns, "tools": [QWEN3_TOOL]}
+
+
+def test_qwen3_tool_chats_fast_and_exact_agree_and_train_the_calls(tmp_path, every_row_fast):
+    tok, mapping = family_tokenizer("qwen3")
+    rng = random.Random("qwen3-tools")
+    path = _file(tmp_path, [_tool_chat(rng) for _ in range(40)])
+    records = load_records(str(path)).records
+    expected = [tokenize_conversation(r.messages, tok, mapping, FAMILY_MAX_LEN, source=r.source, tools=r.tools)
+                for r in records]
+    assert [t for _, t in tokenize_records(records, tok, mapping, FAMILY_MAX_LEN)] == expected
+    runs = _trained_runs(tok, expected[0])
+    assert runs[0] == ('<tool_call>\n{"name": "lookup_port", "arguments": {"service": "zephyr"}}\n</tool_call>'
+                       '<|im_end|>\n')
+    assert "7341" not in "".join(runs)  # the tool's result is not the assistant's
+
+
+@pytest.mark.parametrize("name", sorted(set(FAMILY_TOKENS) - {"deepseek-r1"}) + sorted(FORMATS))
+def test_replacing_a_turn_finds_the_turn_by_turn_spans_wherever_both_apply(name):
+    # The rule for chats not rendered turn by turn is sound where it can be checked: on every chat the turn-by-turn
+    # rule labels (of every format but DeepSeek-R1, which renders none turn by turn), the two give the same spans.
+    tok, mapping = family_tokenizer(name) if name in FAMILY_TOKENS else _format_tokenizer(name)
+    render = lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g)  # noqa: E731
+    rng, compared = random.Random(name), 0
+    for _ in range(120):
+        messages = _family_conversation(rng, name)
+        full = render(messages, False)
+        if (spans := data._turn_by_turn_spans(messages, full, render)) is not None:
+            assert data._replaced_turn_spans(messages, full, render, mapping.format) == spans, messages
+            compared += 1
+    assert compared >= 30
+
+
+def _format_tokenizer(name):
+    tok = build_tiny_tokenizer(**FORMATS[name])
+    return tok, match_chat_template(
+        lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), tok.bos_token)
