@@ -3,11 +3,11 @@ carries the family's special tokens, and the family's real chat template (tests/
 hundred KB to a few MB as a GGUF.
 
 Tokenizers. llama.cpp's converter identifies a byte-level BPE tokenizer by hashing how it splits a fixed text, and
-refuses one it does not know; SmolLM2's tokenizer (the embedded demo base) hashes to a known one ("smollm") and
-added special tokens leave the hash alone, so the families without BOS (Qwen3, Phi-4) reuse it. The hash includes BOS,
-though, and transformers gives every Qwen2 model its own pre-tokenizer: those families get a SentencePiece
-`tokenizer.model` trained here in milliseconds instead, with the special tokens as pieces of it, which the converter
-reads without a hash (and which Gemma 2 and Phi-3's converters require anyway).
+refuses one it does not know; SmolLM2's tokenizer (the embedded demo base) hashes to a known one ("smollm") and added
+special tokens leave the hash alone, so the families without BOS (Qwen3, Phi-4, Phi-4-mini) reuse it. The hash
+includes BOS, though, and transformers gives every Qwen2 model its own pre-tokenizer: those families get a
+SentencePiece `tokenizer.model` trained here in milliseconds instead, with the special tokens as pieces of it, which
+the converter reads without a hash (and which Gemma 2 and Phi-3's converters require anyway).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Each family's model is built from its own architecture with random weights, a to
 tokens and the family's chat template (tests/tiny_families.py); it goes through ftdeploy's own export (llama.cpp's
 converter and quantizer), modelfile and register stages; then verify's template parity check asks the served model
 each probe chat twice, as the prompt the training template renders (sent raw) and as a chat that Ollama's TEMPLATE
-renders. Random weights are enough: greedy answers of the same model differ when, and only when, the prompts do. Two
-checks keep the test honest: the family's special tokens are single tokens of the GGUF (a special token split into
+renders. Random weights are enough: greedy answers of one model can differ only where the prompts do, and with random
+weights a changed prompt almost always changes them (the seed is fixed, so this one does). Two checks keep the test
+honest: the family's special tokens are single tokens of the GGUF (a special token split into
 pieces would render the same text and still mean nothing to the model), and a TEMPLATE one newline off fails parity.
 """
 
