@@ -6,7 +6,8 @@ loss, so the model learns to stop. A row that would train on nothing is an error
 
 `tokenize_conversation` is the definition of the labels: the assistant span of turn i runs from
 the end of the conversation before it (rendered with the generation prompt) to the end of the
-conversation through it, and a token is trained when it starts inside a span. The data stage
+conversation through it, and a token is trained when it starts inside a span (a chat that a format's own template
+does not render turn by turn has each turn found by replacing it instead: `assistant_spans`). The data stage
 computes exactly that, faster (`tokenize_records`): the same compiled template without
 apply_chat_template's per-call overhead, the tokenizer's Rust backend over many rows at once on a
 thread of its own, and the labels by bisecting the token starts; the records stream from the
@@ -200,7 +201,11 @@ def _replaced_turn_spans(messages: list[dict[str, Any]], full: str, render: Call
     after it (Phi-3's EOS). So each turn is trained as the template renders it in this conversation: the final
     answer with its <think> block where the template writes one, earlier answers without the reasoning the template
     drops (DeepSeek-R1 drops it from every answer, the final one included, and so trains none). None where the
-    turns overlap or an answer leaves no trace."""
+    turns overlap, an answer leaves no trace, or the template refuses the chat with a bare answer in a turn's place.
+
+    TRL's `{% generation %}` assistant masks label the same characters where they render the same text (Phi-3's
+    training template); its Qwen3 and DeepSeek-R1 training templates keep every answer's reasoning instead, a text
+    these models' own templates (and Ollama's, which serves them) never write."""
     mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in full)
     close, end_of_turn = chat_format.close("assistant"), chat_format.stops[0]
     spans: list[tuple[int, int]] = []
@@ -208,7 +213,10 @@ def _replaced_turn_spans(messages: list[dict[str, Any]], full: str, render: Call
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        replaced = render([*messages[:i], {"role": "assistant", "content": mark}, *messages[i + 1:]], False)
+        try:
+            replaced = render([*messages[:i], {"role": "assistant", "content": mark}, *messages[i + 1:]], False)
+        except Exception:  # the template refuses the chat with a bare answer here (Mistral v3, for a tool-call turn)
+            return None
         if mark not in replaced:
             return None
         start = _common_prefix(full, replaced)

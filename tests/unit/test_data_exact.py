@@ -1,7 +1,10 @@
 """The data stage's fast path (`tokenize_records`, and `prepare_data` streaming through it) gives the labels that
 `tokenize_conversation` / `tokenize_text` define, bit for bit: every layout, both bundled chat formats (ChatML as in
 SmolLM2, Llama 3 as in Llama 3.2, whose template trims contents and writes BOS), with the same errors, in the same
-order, naming the same file:line."""
+order, naming the same file:line. Then every chat format ftdeploy recognises, with the real chat template of a model
+of each family (tests/data/chat_templates) and its special tokens: the fast path gives the definition's labels, the
+chats their templates do not render turn by turn train exactly the answers and their end-of-turn, and the rule that
+labels those agrees with the turn-by-turn rule wherever both apply."""
 
 import json
 import logging
