@@ -206,7 +206,9 @@ def _replaced_turn_spans(messages: list[dict[str, Any]], full: str, render: Call
     TRL's `{% generation %}` assistant masks label the same characters where they render the same text (Phi-3's
     training template); its Qwen3 and DeepSeek-R1 training templates keep every answer's reasoning instead, a text
     these models' own templates (and Ollama's, which serves them) never write."""
-    mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in full)
+    mark = next((chr(c) for c in range(0xE000, 0xF900) if chr(c) not in full), None)
+    if mark is None:
+        return None
     close, end_of_turn = chat_format.close("assistant"), chat_format.stops[0]
     spans: list[tuple[int, int]] = []
     lo = 0
