@@ -40,8 +40,9 @@ def test_register_show_chat_and_reregister_uploads_nothing(ollama_server, small_
 
     # Asked as a user asks it: the official client.
     reply = ollama_server.official.chat(model="smol-it",
-                                        messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                        options={"temperature": 0, "num_predict": 48})
+                                        messages=[{"role": "user", "content":
+                                                   "What is the capital of France? Answer in one sentence."}],
+                                        options={"temperature": 0, "num_predict": 128})
     assert reply.message.content.strip()
     assert reply.done_reason == "stop", reply  # the stop token ends the answer
 
