@@ -366,7 +366,7 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
     else:
         plot = Path(tempfile.gettempdir()) / f"ftdeploy-{cfg.name.replace('/', '_').replace(':', '_')}-data_lengths.png"
     base = resolve_base_model(cfg.base_model, cfg.trust_remote_code, cfg.base_revision)
-    tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code)
+    tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code, cfg.data.chat_template)
     result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot)
     if as_json:
         click.echo(json.dumps(result, indent=2))

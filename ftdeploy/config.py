@@ -66,6 +66,13 @@ class DataConfig:
     split: str = _help("Split of a Hugging Face dataset id.", default="train")
     packing: bool = _help("Pack short sequences together up to max_seq_length.", default=False)
     system_prompt: str | None = _help("System prompt prepended to every conversation that has none.", default=None)
+    chat_template: str | None = _help(
+        "A chat template to train and serve with instead of the base model's own (as Axolotl's chat_template and "
+        "Unsloth's get_chat_template do): a Jinja file, or `chatml-tools` (ChatML with Qwen2.5's tool-call "
+        "layout). For a base without a template, or to train tool calls on one whose template has none. It must "
+        "be a format ftdeploy serves (README, chat formats).",
+        default=None,
+    )
     max_seq_length: int = _help("Longer sequences are truncated (and counted).", default=2048)
     train_on: Literal["assistant", "all"] = _help(
         "Which tokens carry loss: assistant turns only, or every token.",

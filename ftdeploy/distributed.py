@@ -107,7 +107,7 @@ def worker_main(spec_path: str) -> int:
     logging.basicConfig(level=logging.WARNING if rank() else logging.INFO,
                         format=f"[rank {rank()}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import_engine_first(cfg)  # before the tokenizer brings in transformers
-    tokenizer, _ = load_tokenizer(spec["base"], cfg.trust_remote_code)
+    tokenizer, _ = load_tokenizer(spec["base"], cfg.trust_remote_code, cfg.data.chat_template)
     checkpoint_dir = Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None
     metrics = fit(spec["base"], Path(spec["data_dir"]), Path(spec["out_dir"]), cfg, tokenizer, checkpoint_dir,
                   spec["resume"])

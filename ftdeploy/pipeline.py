@@ -207,9 +207,17 @@ def check_chat_template(ctx: Context) -> None:
     tokenizer files (or its GGUF's metadata) with jinja2: no torch, no download. A Hub id not downloaded yet
     is checked by the data stage, which loads its tokenizer."""
     from .stages.modelfile import mapping_for_template
+    from .tokenizer import read_chat_template_file
 
-    found = _base_chat_template(ctx)
-    if found is not None:
+    override = ctx.cfg.data.chat_template
+    if override:  # data.chat_template replaces the base's: check it, with the base's BOS and EOS where known
+        found = None
+        with contextlib.suppress(FtdeployError):  # a base with no template of its own is what the option is for
+            found = _base_chat_template(ctx)
+        bos, eos = (found[1], found[2]) if found is not None else ("", "")
+        where = f"{override} (data.chat_template)"
+        mapping_for_template(read_chat_template_file(override), bos, eos, where)
+    elif (found := _base_chat_template(ctx)) is not None:
         template, bos, eos, where = found
         mapping_for_template(template, bos, eos, f"{where} chat template")
 

@@ -60,7 +60,7 @@ def stage_data(ctx: Context) -> DataResult:
             check_local_path(spec)
     with ctx.run.stage("data", ctx.fingerprint("data")) as out:
         base = ctx.base()
-        tokenizer, mapping = load_tokenizer(base, ctx.cfg.trust_remote_code)
+        tokenizer, mapping = load_tokenizer(base, ctx.cfg.trust_remote_code, ctx.cfg.data.chat_template)
         stats = prepare_data(ctx.cfg.data, tokenizer, mapping, ctx.run.data_dir, ctx.cfg.train.seed)
         result = DataResult(rows=stats.rows, eval_rows=stats.eval_rows, truncated=stats.truncated,
                             trained_tokens=stats.trained_tokens, chat_format=mapping.format.name,
@@ -83,7 +83,7 @@ def stage_train(ctx: Context) -> TrainResult:
         return _train_on_worker_node(ctx)
     with ctx.run.stage("train", ctx.fingerprint("train")) as out:
         base = ctx.base()
-        tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code)
+        tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code, ctx.cfg.data.chat_template)
         # Checkpoints from a different config or data are not this training's: start over.
         stale = ctx.run.load_manifest().get("checkpoint_fingerprint") != ctx.fingerprint("train")
         if ctx.run.checkpoint_dir.is_dir() and stale:
@@ -105,7 +105,7 @@ def _train_on_worker_node(ctx: Context) -> TrainResult:
     from .tokenizer import load_tokenizer
 
     base = ctx.base()
-    tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code)
+    tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code, ctx.cfg.data.chat_template)
     metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)
     log.info("node %d finished its share of training; node 0 writes the adapter and continues",
              ctx.cfg.train.node_rank)
@@ -528,6 +528,12 @@ def _export_files(run: Run) -> list[Path]:
 
 
 def _data_files(cfg: Config) -> list[str | None]:
-    return [_file_digest(cfg.data.train, "train"), _file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]
+    """The data files' digests, and the chat template file's: editing it prepares the data again."""
+    files = [_file_digest(cfg.data.train, "train"), _file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]
+    if cfg.data.chat_template:
+        from .tokenizer import chat_template_digest
+
+        files.append(chat_template_digest(cfg.data.chat_template))
+    return files
 
 

@@ -61,3 +61,18 @@ def test_the_bundled_tool_data_on_the_demo_base_names_its_template_that_renders_
     assert result.exit_code == 1
     assert f"{tools}:1: the row carries tools, but the chat template of " in result.output
     assert "SmolLM2-135M-Instruct" in result.output and "renders none of them" in result.output
+
+
+def test_the_bundled_tool_data_prepares_on_the_demo_base_with_chatml_tools(tmp_path):
+    # data.chat_template=chatml-tools gives SmolLM2 a ChatML template with tools: the same rows now prepare
+    tools = Path(__file__).resolve().parents[2] / "ftdeploy" / "demo" / "tools.jsonl"
+    result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "--set", "data.chat_template=chatml-tools",
+                                      "inspect", str(tools), "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output[result.output.index("{"):])
+    assert stats["chat_format"] == "chatml" and stats["tool_rows"] == stats["rows"] and stats["tool_calls"] > 0
+    rendered = stats["example"]["rendered"]
+    assert rendered.startswith("<|im_start|>system\n# Tools\n")  # the row's tools, in the system block
+    # the call is trained ([[ ]] marks the tokens with loss), the tool's result is not
+    assert '<|im_start|>assistant\n[[<tool_call>\n{"name": "lookup_port", "arguments": {"service": ' in rendered
+    assert "<|im_start|>user\n<tool_response>\n" in rendered and "[[<tool_response>" not in rendered
