@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -78,12 +77,9 @@ def _setup_logging(verbose: int) -> None:
     root.setLevel(logging.WARNING)
     logging.getLogger("ftdeploy").setLevel(min(level, logging.INFO))
     if verbose < 2:
-        for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "httpx", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from .quiet import quiet_libraries
+
+        quiet_libraries()
 
 
 @click.group(cls=FtdeployGroup, context_settings={"help_option_names": ["-h", "--help"]})

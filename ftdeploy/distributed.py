@@ -100,12 +100,14 @@ def launch(cfg: Config, base: Path | str, data_dir: Path, out_dir: Path, checkpo
 
 def worker_main(spec_path: str) -> int:
     """Entry point of one launched process."""
+    from .quiet import quiet_libraries
     from .tokenizer import load_tokenizer
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = config_from_dict(spec["config"])
     logging.basicConfig(level=logging.WARNING if rank() else logging.INFO,
                         format=f"[rank {rank()}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_libraries()
     import_engine_first(cfg)  # before the tokenizer brings in transformers
     tokenizer, _ = load_tokenizer(spec["base"], cfg.trust_remote_code, cfg.data.chat_template)
     checkpoint_dir = Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None
