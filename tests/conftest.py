@@ -218,3 +218,24 @@ def scripted():
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture(params=["guarded", "every-row-fast"])
+def data_paths(request, monkeypatch):
+    """The data stage's two paths: rows inside the guard's first rows (checked against the one-row definition)
+    and the fast path proper (no guard, batches of 3)."""
+    from ftdeploy.stages import data
+
+    if request.param == "every-row-fast":
+        monkeypatch.setattr(data, "GUARD_ROWS", 0)
+        monkeypatch.setattr(data, "BATCH_ROWS", 3)
+    return request.param
+
+
+def local_base_with_template(path: Path, chat_template: str) -> Path:
+    """A base model directory with only what the preflight template check reads: config and tokenizer_config."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "bos_token": "<s>",
+                                                            "eos_token": "</s>"}))
+    return path

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import local_base_with_template
 
 from ftdeploy.errors import TemplateError
 from ftdeploy.local_server import PINNED_OLLAMA_VERSION
@@ -258,20 +259,13 @@ ALPACA = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{%
           "{% if add_generation_prompt %}### assistant:\n{% endif %}")
 
 
-def _local_base(path: Path, chat_template: str) -> Path:
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "bos_token": "<s>",
-                                                            "eos_token": "</s>"}))
-    return path
-
 
 def test_a_run_whose_chat_template_has_no_format_stops_before_the_data_stage(tmp_path):
     from click.testing import CliRunner
 
     from ftdeploy.cli import cli
 
-    base = _local_base(tmp_path / "base", ALPACA)
+    base = local_base_with_template(tmp_path / "base", ALPACA)
     runs = tmp_path / "runs"
     result = CliRunner().invoke(cli, ["train-and-serve", "--runs-dir", str(runs), "--base-model", str(base),
                                       "--engine", "hf", "--ollama-host", "http://127.0.0.1:9"])
@@ -285,7 +279,7 @@ def test_the_check_reads_a_local_base_and_skips_a_hub_id_not_downloaded(tmp_path
     from ftdeploy.config import config_from_dict
     from ftdeploy.pipeline import Context, _base_chat_template, check_chat_template
 
-    base = _local_base(tmp_path / "base", (TEMPLATES / "gemma3.jinja").read_text())
+    base = local_base_with_template(tmp_path / "base", (TEMPLATES / "gemma3.jinja").read_text())
     for spec, expected in ((str(base), str(base)), ("ftdeploy-tests/never-downloaded-7f3a", None)):
         cfg = config_from_dict({"base_model": spec, "runs_dir": str(tmp_path / "runs")})
         ctx = Context.create(cfg, ollama_explicit=False)

@@ -3,10 +3,10 @@ ftdeploy's (chatml-tools, for tool calls on a ChatML base whose template has non
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from conftest import local_base_with_template
 
 from ftdeploy.errors import ConfigError, TemplateError
 from ftdeploy.templates import jinja_renderer, match_chat_template
@@ -85,13 +85,6 @@ def test_load_tokenizer_trains_with_the_given_template(tmp_path, tiny_tokenizer)
     assert not own.tools  # the base's own ChatML template has no tools
 
 
-def _local_base(path: Path, chat_template: str) -> Path:
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "bos_token": "<s>",
-                                                            "eos_token": "</s>"}))
-    return path
-
 
 def _check(tmp_path: Path, base: Path, override: str | None) -> None:
     from ftdeploy.config import config_from_dict
@@ -107,14 +100,14 @@ def _check(tmp_path: Path, base: Path, override: str | None) -> None:
 
 
 def test_preflight_checks_the_given_template_in_place_of_the_bases(tmp_path):
-    base = _local_base(tmp_path / "base", ALPACA)
+    base = local_base_with_template(tmp_path / "base", ALPACA)
     with pytest.raises(TemplateError, match="matches no supported format"):
         _check(tmp_path, base, None)
     _check(tmp_path, base, "chatml-tools")  # the base's own is not used: no error
     bad = tmp_path / "alpaca.jinja"
     bad.write_text(ALPACA)
     with pytest.raises(TemplateError, match=r"alpaca.jinja \(data.chat_template\).*matches no supported format"):
-        _check(tmp_path, _local_base(tmp_path / "base2", QWEN25), str(bad))
+        _check(tmp_path, local_base_with_template(tmp_path / "base2", QWEN25), str(bad))
 
 
 def test_a_run_with_a_missing_template_file_stops_before_the_data_stage(tmp_path):
@@ -122,7 +115,7 @@ def test_a_run_with_a_missing_template_file_stops_before_the_data_stage(tmp_path
 
     from ftdeploy.cli import cli
 
-    base = _local_base(tmp_path / "base", QWEN25)
+    base = local_base_with_template(tmp_path / "base", QWEN25)
     runs = tmp_path / "runs"
     result = CliRunner().invoke(cli, ["train-and-serve", "--runs-dir", str(runs), "--base-model", str(base),
                                       "--engine", "hf", "--ollama-host", "http://127.0.0.1:9",

@@ -192,14 +192,6 @@ def _error(fn):
     return str(info.value)
 
 
-@pytest.fixture(params=["guarded", "every-row-fast"])
-def paths(request, monkeypatch):
-    """Each error both inside the guard's first rows and on the fast path proper."""
-    if request.param == "every-row-fast":
-        monkeypatch.setattr(data, "GUARD_ROWS", 0)
-        monkeypatch.setattr(data, "BATCH_ROWS", 3)
-    return request.param
-
 
 def _same_error_as_reference(tmp_path, tok, mapping, rows, max_len=2048):
     path = _file(tmp_path, rows)
@@ -221,14 +213,14 @@ def _outcome_error(rec, tok, mapping, max_len):
     return None
 
 
-def test_nothing_trainable_after_truncation_names_the_line(tmp_path, chat, paths):
+def test_nothing_trainable_after_truncation_names_the_line(tmp_path, chat, data_paths):
     tok, mapping = chat
     long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     message = _same_error_as_reference(tmp_path, tok, mapping, [GOOD] * 9 + [long_prompt] + [GOOD] * 5, max_len=200)
     assert message == f"{tmp_path / 'd.jsonl'}:10: no trainable tokens left after truncation to max_seq_length=200"
 
 
-def test_a_template_that_does_not_render_turn_by_turn_names_the_line(tmp_path, paths):
+def test_a_template_that_does_not_render_turn_by_turn_names_the_line(tmp_path, data_paths):
     # The turn count is written up front, so an earlier render is not a prefix of a later one.
     template = "{{ messages|length }}" + CHATML_TEMPLATE
     tok = build_tiny_tokenizer(template)
@@ -238,7 +230,7 @@ def test_a_template_that_does_not_render_turn_by_turn_names_the_line(tmp_path, p
     assert message.startswith(f"{tmp_path / 'd.jsonl'}:1: the chat template does not render this conversation turn")
 
 
-def test_an_untrained_end_of_turn_names_the_line(tmp_path, paths):
+def test_an_untrained_end_of_turn_names_the_line(tmp_path, data_paths):
     # Assistant turns end with a newline instead of <|im_end|>: the model would never learn to stop.
     template = CHATML_TEMPLATE.replace(
         "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}",
@@ -253,7 +245,7 @@ def test_an_untrained_end_of_turn_names_the_line(tmp_path, paths):
                        "the model would never learn to stop")
 
 
-def test_the_first_failing_row_is_the_one_reported(tmp_path, chat, paths):
+def test_the_first_failing_row_is_the_one_reported(tmp_path, chat, data_paths):
     tok, mapping = chat
     long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     rows = [GOOD] * 5 + [long_prompt] * 3 + [GOOD] * 4
@@ -261,7 +253,7 @@ def test_the_first_failing_row_is_the_one_reported(tmp_path, chat, paths):
     assert message.startswith(f"{tmp_path / 'd.jsonl'}:6: ")
 
 
-def test_bad_rows_anywhere_are_reported_before_a_tokenization_error(tmp_path, chat, paths):
+def test_bad_rows_anywhere_are_reported_before_a_tokenization_error(tmp_path, chat, data_paths):
     tok, mapping = chat
     long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     path = _file(tmp_path, [GOOD, long_prompt] + [GOOD] * 300 + ["{not json"])
@@ -271,7 +263,7 @@ def test_bad_rows_anywhere_are_reported_before_a_tokenization_error(tmp_path, ch
     assert f"{path}:303: not JSON" in message
 
 
-def test_skipped_bad_rows_are_counted_and_the_rest_prepared(tmp_path, chat, paths):
+def test_skipped_bad_rows_are_counted_and_the_rest_prepared(tmp_path, chat, data_paths):
     tok, mapping = chat
     path = _file(tmp_path, [GOOD, "{not json", GOOD, {"messages": []}])
     stats = prepare_data(DataConfig(train=str(path), on_bad_row="skip"), tok, mapping, tmp_path / "out", seed=0)

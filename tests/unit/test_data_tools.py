@@ -202,15 +202,8 @@ def load_records_from_rows(rows, tmp=None):
 # ---------------------------------------------------------------- a template without tools
 
 
-@pytest.fixture(params=["guarded", "every-row-fast"])
-def paths(request, monkeypatch):
-    if request.param == "every-row-fast":
-        monkeypatch.setattr(data, "GUARD_ROWS", 0)
-        monkeypatch.setattr(data, "BATCH_ROWS", 3)
-    return request.param
 
-
-def test_a_template_without_tools_is_an_error_naming_the_file_and_the_template(tmp_path, paths):
+def test_a_template_without_tools_is_an_error_naming_the_file_and_the_template(tmp_path, data_paths):
     tok = build_tiny_tokenizer(CHATML_TEMPLATE)  # SmolLM2-135M-Instruct's own template: no tools
     tok.name_or_path = "SmolLM2-135M-Instruct"
     path = _write(tmp_path / "d.jsonl", [PLAIN_ROW] * 5 + [TOOL_ROW] + [PLAIN_ROW] * 3)
@@ -223,7 +216,7 @@ def test_a_template_without_tools_is_an_error_naming_the_file_and_the_template(t
     assert not (tmp_path / "out").exists()
 
 
-def test_a_template_that_drops_tool_calls_is_an_error_too(tmp_path, paths):
+def test_a_template_that_drops_tool_calls_is_an_error_too(tmp_path, data_paths):
     tok = build_tiny_tokenizer(CHATML_TEMPLATE)
     path = _write(tmp_path / "d.jsonl", [PLAIN_ROW, {"messages": TOOL_CHAT}])  # calls, but no tool specs
     with pytest.raises(DataError) as err:
