@@ -19,6 +19,8 @@ import yaml
 from . import quants
 from .errors import ConfigError
 
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 DEMO_BASE_MODEL = "smollm2-135m-instruct"
 DEMO_DATA = "demo"
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
@@ -333,6 +335,9 @@ def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads `2e-4`, with no dot, as a string; every trainer's docs write it that way.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where}: expected a number, got {value!r}")
             return value

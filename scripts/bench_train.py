@@ -302,11 +302,10 @@ def main() -> int:
             print(f"{run['shape']:<14} {run['kind']:<16} {engine:<8} {result['tokens_per_s']:>10.0f} tok/s "
                   f"{memory}  {share}", file=sys.stderr)
         report["runs"].append({k: v for k, v in run.items() if k != "batches"} | {"engines": engines})
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+        if args.out:  # after every run: a lease that ends mid-plan still keeps what was measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -39,6 +39,20 @@ def test_semantic_errors_name_the_key():
     assert "train.learning_rate: must be in (0, 1)" in msg
 
 
+def test_a_learning_rate_written_like_every_trainer_writes_it_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads `2e-4`, with no dot, as a string; Axolotl's and LLaMA-Factory's configs and the
+    Unsloth notebooks all write it that way, in a file and after --set alike."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 2e-4\n  weight_decay: 1E-2\nlora:\n  dropout: .5e-1\n")
+    cfg = load_config(path)
+    assert (cfg.train.learning_rate, cfg.train.weight_decay, cfg.lora.dropout) == (2e-4, 1e-2, 0.05)
+    assert load_config(overrides=["train.learning_rate=3e-5"]).train.learning_rate == 3e-5
+    with pytest.raises(ConfigError, match="train.learning_rate: expected a number, got '2e-4x'"):
+        load_config(overrides=["train.learning_rate=2e-4x"])
+    with pytest.raises(ConfigError, match="lora.r: expected an integer, got '1e2'"):
+        load_config(overrides=["lora.r=1e2"])  # an exponent is no integer, as in Python
+
+
 def test_set_overrides_and_flags_layer_over_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: from-file\ntrain:\n  max_steps: 10\n")
