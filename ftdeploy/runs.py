@@ -227,10 +227,13 @@ class Run:
                 "seconds": round(time.monotonic() - started, 2), "fingerprint": fingerprint,
             }})
             raise
+        versions = package_versions()
+        # Per stage too: a run trained on one machine (a GPU host) and served from another keeps the versions each
+        # stage ran with; the top-level `versions` are the latest stage's.
         self.update(stages={name: {
             "status": "done", "finished": _now(), "seconds": round(time.monotonic() - started, 2), "outputs": outputs,
-            "fingerprint": fingerprint,
-        }}, versions=package_versions())
+            "fingerprint": fingerprint, "versions": versions, "host": platform.node(),
+        }}, versions=versions)
 
     def acquire_lock(self) -> Any:
         """One writer per run directory: hold an exclusive lock for the life of this process.

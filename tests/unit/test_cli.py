@@ -142,3 +142,25 @@ def test_a_hub_model_that_cannot_be_downloaded_is_named(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "--base-model nobody/no-such-model: cannot download from the Hugging Face Hub" in result.output
     assert not (tmp_path / "ftdeploy-demo" / "data").exists()
+
+
+def test_each_stage_keeps_the_versions_and_host_it_ran_with(tmp_path, monkeypatch):
+    """A run trained on a GPU host and served from another must not lose the training side's versions when the
+    later stages overwrite the top-level ones."""
+    import ftdeploy.runs as runs
+    from ftdeploy.runs import Run
+
+    run = Run(tmp_path / "split")
+    monkeypatch.setattr(runs, "package_versions", lambda: {"torch": "2.11.0+cu130"})
+    monkeypatch.setattr(runs.platform, "node", lambda: "gpu-host")
+    with run.stage("train", "fp-train"):
+        pass
+    monkeypatch.setattr(runs, "package_versions", lambda: {"torch": "2.14.1"})
+    monkeypatch.setattr(runs.platform, "node", lambda: "cpu-host")
+    with run.stage("export", "fp-export"):
+        pass
+    manifest = run.load_manifest()
+    assert manifest["stages"]["train"]["versions"] == {"torch": "2.11.0+cu130"}
+    assert manifest["stages"]["train"]["host"] == "gpu-host"
+    assert manifest["stages"]["export"]["versions"] == {"torch": "2.14.1"}
+    assert manifest["versions"] == {"torch": "2.14.1"}
