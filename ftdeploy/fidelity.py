@@ -117,15 +117,22 @@ class HFModel:
     def tokens(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, chats: list[list[dict[str, str]]], limits: list[int]) -> list[Generation]:
+    def generate(self, chats: list[list[dict[str, Any]]], limits: list[int],
+                 tools: list[list[dict[str, Any]] | None] | None = None) -> list[Generation]:
         """Greedy answers to every chat in one left-padded batch, each cut at its own token limit (greedy decoding
-        is causal, so an answer cut at its limit is the answer generated with that limit)."""
+        is causal, so an answer cut at its limit is the answer generated with that limit). `tools`: each chat's
+        declared tools, rendered by the chat template as in training."""
         import torch
+
+        from .templates import training_messages
 
         if not chats:
             return []
         tok = self.tokenizer
-        texts = [tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+        tools = tools or [None] * len(chats)
+        texts = [tok.apply_chat_template(training_messages(chat), tools=t, add_generation_prompt=True, tokenize=False)
+                 if t else tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+                 for chat, t in zip(chats, tools, strict=True)]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.stop_ids)
         side, pad = tok.padding_side, tok.pad_token
         tok.padding_side = "left"

@@ -353,10 +353,11 @@ class OllamaClient:
         return self._call(f"generate with {model}", lambda: self._long_api.generate(
             model, prompt, raw=raw, options=options, keep_alive=keep_alive), request="POST /api/generate", long=True)
 
-    def chat(self, model: str, messages: list[dict[str, str]], options: dict[str, Any] | None = None,
-             keep_alive: str | int | None = None) -> ChatResponse:
+    def chat(self, model: str, messages: list[dict[str, Any]], options: dict[str, Any] | None = None,
+             keep_alive: str | int | None = None, tools: list[dict[str, Any]] | None = None) -> ChatResponse:
         return self._call(f"chat with {model}", lambda: self._long_api.chat(
-            model, messages, options=options, keep_alive=keep_alive), request="POST /api/chat", long=True)
+            model, messages, options=options, keep_alive=keep_alive, tools=tools), request="POST /api/chat",
+            long=True)
 
 
 def _blocks(fh: BinaryIO, progress: Callable[[int], None] | None) -> Iterator[bytes]:

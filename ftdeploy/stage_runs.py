@@ -329,6 +329,7 @@ def stage_verify(ctx: Context) -> VerifySummary:
     from .stages.modelfile import mapping_for_template, read_chat_template
     from .stages.verify import (
         PARITY_CHATS,
+        PARITY_TOOL_CHATS,
         ask_all,
         expected_answer,
         failures,
@@ -360,11 +361,16 @@ def stage_verify(ctx: Context) -> VerifySummary:
         if not examples:
             summary = VerifySummary(min_score=cfg.verify.min_score, min_agreement=cfg.verify.min_agreement)
             return _verdict(ctx, summary, out, tags)
+        # The Modelfile's format: how a reply's tool calls read as text, on every side of the comparison.
+        template, bos, eos = read_chat_template(ctx.run.merged_dir)
+        mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
+        calls_text = mapping.tool_calls_text if mapping.tools else None
         chats = [prompt_messages(e) for e in examples]
         expected, modes = [expected_answer(e) for e in examples], [e.match for e in examples]
-        references = [reference_answer(e) for e in examples]
+        references = [reference_answer(e, calls_text) for e in examples]
         general = general_prompts()
         general_chats, general_expected = [g["messages"] for g in general], [g["expect"] for g in general]
+        all_tools = [e.tools for e in examples] + [None] * len(general_chats)
         lap("setup")
 
         # The merged model once: the generation limit from its tokenizer, then the eval and general prompts in one
@@ -373,7 +379,7 @@ def stage_verify(ctx: Context) -> VerifySummary:
         limit = generation_limit([len(merged_model.tokens(r)) for r in references if r], cfg.verify.max_tokens)
         limits = [limit] * len(chats) + [GENERAL_TOKENS] * len(general_chats)
         lap("load merged")
-        merged_all = merged_model.generate(chats + general_chats, limits)
+        merged_all = merged_model.generate(chats + general_chats, limits, all_tools)
         merged_gen, tuned_general = merged_all[: len(chats)], [g.text for g in merged_all[len(chats):]]
         merged_replies = [g.text for g in merged_gen]
         merged_model.model = None  # the tokenizer stays: the agreement is counted in its tokens
@@ -382,19 +388,19 @@ def stage_verify(ctx: Context) -> VerifySummary:
         if cfg.verify.compare:
             base_model_ = HFModel(ctx.base())
             lap("load base")
-            base_all = [g.text for g in base_model_.generate(chats + general_chats, limits)]
+            base_all = [g.text for g in base_model_.generate(chats + general_chats, limits, all_tools)]
             base_replies, base_general = base_all[: len(chats)], base_all[len(chats):]
             del base_model_
             lap("base answers")
 
-        template, bos, eos = read_chat_template(ctx.run.merged_dir)
-        mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
+        parity_chats = [*PARITY_CHATS, *(PARITY_TOOL_CHATS if mapping.tools else [])]
         parity = template_parity(client, name, jinja_renderer(template, bos, eos),
-                                 bos if mapping.format.bos_in_template else None, PARITY_CHATS)
+                                 bos if mapping.format.bos_in_template else None, parity_chats,
+                                 calls_text=calls_text)
         lap("template parity")
-        answers = ask_all(client, name, examples, limit, cfg.train.seed)
+        answers = ask_all(client, name, examples, limit, cfg.train.seed, calls_text)
         lap("served answers")
-        tag_answers = {tag: ask_all(client, tag, examples, limit, cfg.train.seed) for tag in tags}
+        tag_answers = {tag: ask_all(client, tag, examples, limit, cfg.train.seed, calls_text) for tag in tags}
         lap("other quants")
 
         summary = summarize(answers, cfg.verify.min_score)

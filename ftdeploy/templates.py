@@ -374,6 +374,21 @@ class TemplateMapping:
                                   tools, tool_turns=self.tools)
 
 
+    def tool_calls_text(self, calls: list[dict[str, Any]], content: str = "") -> str:
+        """An assistant reply holding tool calls as this format writes it after the generation prompt, up to the end
+        of the turn: what the model generated before Ollama parsed it into message.tool_calls. A served reply written
+        back this way compares, token for token, with a raw or a Hugging Face one. Formats without a tool layout
+        get the calls as JSON."""
+        if not self.tools:
+            return (content + "\n" if content else "") + json.dumps([c.get("function", c) for c in calls])
+        ask: list[Message] = [{"role": "user", "content": "?"}]
+        head = self.render(ask, True, tools=[_PROBE_TOOL])
+        whole = self.render([*ask, {"role": "assistant", "content": content, "tool_calls": calls}], False,
+                            tools=[_PROBE_TOOL])
+        body = whole[len(head):] if whole.startswith(head) else whole
+        return body.split(self.end_of_turn, 1)[0]
+
+
 def training_messages(messages: list[Message]) -> list[Message]:
     """The same chat as a Hugging Face template takes it: thinking goes back into the content as a
     <think> block (how reasoning models' training data and chat templates carry it), tool calls are typed."""

@@ -5,6 +5,7 @@ eval references (gated where the rows carry `expect`, or where the user sets a t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import VerifyError
@@ -18,6 +19,10 @@ LIMIT_FACTOR = 1.5
 MARGIN_TOKENS = 8
 NO_REFERENCE_LIMIT = 96  # eval rows without an assistant answer: the old fixed limit
 
+# How a reply's tool calls read as text (TemplateMapping.tool_calls_text): an assistant turn that calls tools is
+# compared, scored and shown as the format writes the calls, whether Ollama parsed them or a model generated them.
+CallsText = Callable[[list[dict[str, Any]], str], str]
+
 
 def expected_answer(example: Example) -> str:
     if example.expect:
@@ -25,10 +30,26 @@ def expected_answer(example: Example) -> str:
     return reference_answer(example)
 
 
-def reference_answer(example: Example) -> str:
-    """The eval row's own answer (its last assistant turn), or "" when it has none."""
+def reference_answer(example: Example, calls_text: CallsText | None = None) -> str:
+    """The eval row's own answer (its last assistant turn), or "" when it has none; a turn that calls tools reads
+    as the format writes the calls."""
     msgs = example.messages or []
-    return msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else ""
+    if not msgs or msgs[-1]["role"] != "assistant":
+        return ""
+    return reply_text(msgs[-1], calls_text)
+
+
+def reply_text(message: dict[str, Any], calls_text: CallsText | None = None) -> str:
+    """An assistant message as text: its content, and its tool calls as the format writes them."""
+    content = message.get("content") or ""
+    calls = message.get("tool_calls") or []
+    if not calls:
+        return content
+    if calls_text is None:
+        import json
+
+        return (content + "\n" if content else "") + json.dumps([c.get("function", c) for c in calls])
+    return calls_text(calls, content)
 
 
 def matches(answer: str, expected: str, mode: str = "contains") -> bool:
@@ -53,12 +74,16 @@ def generation_limit(reference_tokens: list[int], override: int = 0) -> int:
     return math.ceil(longest * LIMIT_FACTOR) + MARGIN_TOKENS if longest else NO_REFERENCE_LIMIT
 
 
-def ask_all(client: OllamaClient, model: str, examples: list[Example], max_tokens: int, seed: int = 0) -> list[Answer]:
+def ask_all(client: OllamaClient, model: str, examples: list[Example], max_tokens: int, seed: int = 0,
+            calls_text: CallsText | None = None) -> list[Answer]:
+    """Each eval prompt through /api/chat, with the row's tools declared; a reply Ollama parsed into
+    message.tool_calls is read back as the format writes the calls (`calls_text`)."""
     answers = []
     for ex in examples:
         msgs = prompt_messages(ex)
-        reply = client.chat(model, msgs, options={"temperature": 0, "num_predict": max_tokens, "seed": seed})
-        text = reply.get("message", {}).get("content", "")
+        reply = client.chat(model, msgs, options={"temperature": 0, "num_predict": max_tokens, "seed": seed},
+                            tools=ex.tools)
+        text = reply_text(reply.get("message", {}), calls_text)
         expected = expected_answer(ex)
         answers.append(Answer(msgs[-1]["content"], expected, text, matches(text, expected, ex.match),
                               reply.get("done_reason", ""), gated=bool(ex.expect)))
@@ -183,16 +208,41 @@ PARITY_CHATS = [
 ]
 
 
-def _answer(reply: Any, text_key: str) -> str:
+# Tool-call and tool-result chats, asked where the Modelfile serves tools: the request declares a tool, and the
+# second chat carries an assistant turn that called it and the tool's answer.
+PARITY_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "get_tide", "description": "The next high tide at a harbour.",
+    "parameters": {"type": "object", "properties": {"harbour": {"type": "string", "description": "Harbour name"}},
+                   "required": ["harbour"]}}}
+PARITY_TOOL_CHATS: list[dict[str, Any]] = [
+    {"messages": [{"role": "user", "content": "When is high tide at Porthleven?"}], "tools": [PARITY_TOOL]},
+    {"messages": [{"role": "user", "content": "When is high tide at Porthleven?"},
+                  {"role": "assistant", "content": "",
+                   "tool_calls": [{"function": {"name": "get_tide", "arguments": {"harbour": "Porthleven"}}}]},
+                  {"role": "tool", "content": "{\"harbour\": \"Porthleven\", \"high_tide\": \"14:32\"}",
+                   "tool_name": "get_tide"}],
+     "tools": [PARITY_TOOL]},
+]
+
+
+def _answer(reply: Any, text_key: str, calls_text: CallsText | None = None) -> str:
     """A reply's text. A reasoning model's thinking, which Ollama splits off on both endpoints, goes first in its
-    tags: a few greedy tokens may all be thinking, and two empty answers would agree about nothing."""
+    tags: a few greedy tokens may all be thinking, and two empty answers would agree about nothing. Tool calls that
+    Ollama parsed out of the answer are written back as the format writes them."""
     thinking = reply.get("thinking") or ""
-    text = reply.get(text_key) or ""
+    text = reply_text({"content": reply.get(text_key), "tool_calls": reply.get("tool_calls")}, calls_text)
     return f"<think>{thinking}</think>{text}" if thinking else text
 
 
+def chat_parts(chat: list[dict[str, Any]] | dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A parity chat's messages and tools: a plain list of messages, or {"messages": [...], "tools": [...]}."""
+    if isinstance(chat, dict):
+        return chat["messages"], chat.get("tools")
+    return chat, None
+
+
 def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: str | None,
-                    chats: list[list[dict[str, str]]], max_tokens: int = 24) -> TemplateParity:
+                    chats: list[Any], max_tokens: int = 24, calls_text: CallsText | None = None) -> TemplateParity:
     """Does Ollama build the prompt the training template builds? The same greedy answer from
     /api/chat and from /api/generate with the training-rendered prompt sent raw says it does.
 
@@ -202,10 +252,13 @@ def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: st
     sequences of requests are token for token the same, cache reuse included, and so must their answers be. Two
     loads, not one per request."""
     options = {"temperature": 0, "num_predict": max_tokens, "seed": 0}
+    from ..templates import training_messages
+
     prompts, probed = [], []
     for chat in chats:
+        messages, tools = chat_parts(chat)
         try:
-            prompt = render(chat, True)
+            prompt = render(training_messages(messages), True, tools=tools) if tools else render(messages, True)
         except Exception:  # noqa: BLE001 - the training template refuses this chat (Gemma 2: a system role)
             continue
         if strip_bos and prompt.startswith(strip_bos):
@@ -216,7 +269,11 @@ def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: st
     client.generate(model, "", keep_alive=0)  # unload: start from a cold cache
     raws = [_answer(client.generate(model, p, raw=True, options=options), "response") for p in prompts]
     client.generate(model, "", keep_alive=0)
-    via_chat = [_answer(client.chat(model, chat, options=options).get("message", {}), "content") for chat in chats]
-    mismatches = [ParityMismatch(chat=chat, raw=raw, chat_answer=answer)
+    via_chat = []
+    for chat in chats:
+        messages, tools = chat_parts(chat)
+        reply = client.chat(model, messages, options=options, tools=tools)
+        via_chat.append(_answer(reply.get("message", {}), "content", calls_text))
+    mismatches = [ParityMismatch(chat=chat_parts(chat)[0], raw=raw, chat_answer=answer)
                   for chat, raw, answer in zip(chats, raws, via_chat, strict=True) if raw.strip() != answer.strip()]
     return TemplateParity(checked=len(chats), mismatches=mismatches, passed=not mismatches)

@@ -334,7 +334,7 @@ class _ThinkingClient:
     def generate(self, model, prompt, raw=False, options=None, keep_alive=None):
         return {"response": "" if prompt == "" else "Red.", "thinking": "" if prompt == "" else "Colors."}
 
-    def chat(self, model, messages, options=None, keep_alive=None):
+    def chat(self, model, messages, options=None, keep_alive=None, tools=None):
         return {"message": {"content": "Red.", "thinking": self.chat_thinking}}
 
 

@@ -134,7 +134,7 @@ class _RecordingClient:
         self.calls.append(("unload" if prompt == "" and keep_alive == 0 else "raw", keep_alive))
         return {"response": "" if prompt == "" else "Blue, red, green."}
 
-    def chat(self, model, messages, options=None, keep_alive=None):
+    def chat(self, model, messages, options=None, keep_alive=None, tools=None):
         self.calls.append(("chat", keep_alive))
         return {"message": {"content": "Blue, red, green."}}
 
@@ -187,3 +187,81 @@ def test_match_modes_per_eval_row(tmp_path):
         load_records(str(path))
     assert f"{path}:1: 'expect' is not a valid regex" in str(err.value)
     assert f"{path}:2: 'match' must be contains, exact or regex" in str(err.value)
+
+
+def _chatml_tools_mapping():
+    from ftdeploy.stages.modelfile import mapping_for_template
+    from ftdeploy.tokenizer import read_chat_template_file
+
+    mapping = mapping_for_template(read_chat_template_file("chatml-tools"), "", "<|im_end|>", "chatml-tools")
+    assert mapping.tools
+    return mapping
+
+
+CALL = {"function": {"name": "lookup_port", "arguments": {"service": "bramblewick"}}}
+CALL_TEXT = '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "bramblewick"}}\n</tool_call>'
+
+
+def test_a_served_reply_parsed_into_tool_calls_reads_as_the_model_wrote_it():
+    """Ollama returns message.tool_calls and empty content; verify scores and compares the calls as the format
+    writes them after the generation prompt, which is what the merged model generates."""
+    mapping = _chatml_tools_mapping()
+    assert mapping.tool_calls_text([CALL]) == CALL_TEXT
+    assert mapping.tool_calls_text([CALL, CALL], "One moment.") == f"One moment.\n{CALL_TEXT}\n{CALL_TEXT}"
+    from ftdeploy.templates import jinja_renderer, training_messages
+    from ftdeploy.tokenizer import read_chat_template_file
+
+    render = jinja_renderer(read_chat_template_file("chatml-tools"), "", "<|im_end|>")
+    ask = [{"role": "user", "content": "Port of bramblewick?"}]
+    head = render(ask, True)
+    whole = render(training_messages([*ask, {"role": "assistant", "content": "", "tool_calls": [CALL]}]), False)
+    assert whole == head + CALL_TEXT + "<|im_end|>\n"  # the training template writes exactly that
+
+
+def test_verify_asks_with_the_rows_tools_and_scores_the_parsed_call(tmp_path):
+    from ftdeploy.formats import Record
+    from ftdeploy.stages.verify import ask_all, reference_answer
+
+    tool = {"type": "function", "function": {"name": "lookup_port", "parameters": {"type": "object"}}}
+    row = Record("eval.jsonl:1", messages=[{"role": "user", "content": "Port of bramblewick?"},
+                                           {"role": "assistant", "tool_calls": [{"type": "function", **CALL}]}],
+                 expect="lookup_port", tools=[tool])
+    asked = []
+
+    class Client:
+        def chat(self, model, messages, options=None, keep_alive=None, tools=None):
+            asked.append((messages, tools))
+            return {"message": {"content": "", "tool_calls": [CALL]}, "done_reason": "stop"}
+
+    mapping = _chatml_tools_mapping()
+    [answer] = ask_all(Client(), "m", [row], 32, calls_text=mapping.tool_calls_text)
+    assert asked == [([row.messages[0]], [tool])]
+    assert answer.answer == CALL_TEXT and answer.ok
+    assert reference_answer(row, mapping.tool_calls_text) == CALL_TEXT
+    assert reference_answer(row) == '[{"name": "lookup_port", "arguments": {"service": "bramblewick"}}]'
+
+
+def test_template_parity_sends_tool_chats_with_their_tools_on_both_sides():
+    from ftdeploy.stages.verify import PARITY_TOOL_CHATS
+
+    rendered, chats = [], []
+
+    def render(messages, add_generation_prompt, tools=None):
+        rendered.append(tools)
+        assert all("type" in c for m in messages for c in m.get("tool_calls", []))  # training form
+        return "<prompt>"
+
+    class Client:
+        def generate(self, model, prompt, raw=False, options=None, keep_alive=None):
+            return {"response": "" if prompt == "" else CALL_TEXT}
+
+        def chat(self, model, messages, options=None, keep_alive=None, tools=None):
+            chats.append(tools)
+            return {"message": {"content": "", "tool_calls": [CALL]}}
+
+    mapping = _chatml_tools_mapping()
+    result = template_parity(Client(), "m", render, None, PARITY_TOOL_CHATS, calls_text=mapping.tool_calls_text)
+    assert result.passed and result.checked == 2
+    assert rendered == chats == [c["tools"] for c in PARITY_TOOL_CHATS]
+    # Without the format's writing of the calls, the parsed reply cannot equal the raw one.
+    assert not template_parity(Client(), "m", render, None, PARITY_TOOL_CHATS).passed
