@@ -29,10 +29,9 @@ def tool_model(ollama_server, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     common = ["--runs-dir", str(runs), "--name", NAME, "--set", "data.chat_template=chatml-tools",
               "--set", f"data.train={DEMO / 'tools.jsonl'}", "--set", f"data.eval={DEMO / 'tools_eval.jsonl'}"]
-    stderr = {}
-    for stage in ("data", "train", "merge", "export", "modelfile"):
-        stderr[stage] = _cli(stage, *common).stderr
-    _cli("register", *common, "--ollama-host", ollama_server.host)
+    # The user's one command: train-and-serve ends with verify, which asks the eval rows with their tools declared
+    # and compares the served tool calls with the merged model's.
+    stderr = {"train-and-serve": _cli("train-and-serve", *common, "--ollama-host", ollama_server.host).stderr}
     return runs / NAME, stderr
 
 
@@ -71,6 +70,20 @@ def test_the_served_model_answers_from_the_tool_result(tool_model, ollama_server
         port = json.loads(row["messages"][-2]["content"])["port"]
         message = _ask(ollama_server, row)
         assert not message.tool_calls and str(port) in message.content, message
+
+
+def test_verify_compared_the_served_tool_calls_with_the_merged_models(tool_model):
+    run, _ = tool_model
+    report = json.loads((run / "verify.json").read_text())
+    assert report["passed"] and report["template_parity"]["passed"]
+    assert report["template_parity"]["checked"] == 5  # plain, system, multi-turn, tool call, tool result
+    asks = [i for i, r in enumerate(_eval_rows()) if r.get("expect") == "lookup_port"]
+    served = next(m for m in report["models"] if m["role"] == "served")
+    merged = next(m for m in report["models"] if m["role"] == "merged")
+    called = [i for i in asks if served["replies"][i].startswith("<tool_call>")]
+    assert called, served["replies"]
+    for i in called:  # a parsed call reads as the merged model wrote it
+        assert served["replies"][i] == merged["replies"][i]
 
 
 def test_ollama_lists_the_tools_capability_and_the_stages_printed_no_library_warning(tool_model, ollama_server):
