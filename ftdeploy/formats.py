@@ -14,6 +14,9 @@ function specs ({"type": "function", "function": {"name", "description", "parame
 string), assistant turns with "tool_calls" ([{"type": "function", "function": {"name", "arguments"}}], content
 optional) and "tool" turns holding each call's result ("content", optional "name" / "tool_call_id"). Arguments given
 as a JSON string are parsed to the object the templates expect. Rows without tool fields convert as they always did.
+The sharegpt layout takes LLaMA-Factory's tool turns and converts them to that form: {"from": "function_call", "value":
+a JSON call {"name", "arguments"} or a list of them} -> an assistant turn with "tool_calls", {"from": "observation"} ->
+a "tool" turn (named after the call when there is one), and its "tools" (a JSON string of bare or typed specs) -> typed.
 
 Text files are read as UTF-8 with an optional BOM (`utf-8-sig`). A value that looks like a path (a data
 suffix, ./ ../ / ~, or a first component that is a local directory) is never tried as a Hub id.
@@ -48,6 +51,8 @@ SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
     "bot": "assistant", "model": "assistant", "system": "system",
 }
+# LLaMA-Factory's sharegpt tool turns (its default function_tag and observation_tag)
+SHAREGPT_FUNCTION_CALL, SHAREGPT_OBSERVATION = "function_call", "observation"
 HUB_DATASET_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 MAX_LISTED = 20
 
@@ -512,6 +517,96 @@ def _check_tools(value: Any) -> list[dict[str, Any]] | str | None:
     return value or None
 
 
+def _sharegpt_messages(conv: list[Any]) -> list[dict[str, Any]] | str:
+    """A sharegpt conversation as messages-layout turns (LLaMA-Factory's function_call and observation turns as
+    tool calls and tool results), or the reason it cannot be: a turn is message i of the result, one to one."""
+    messages: list[dict[str, Any]] = []
+    called: list[str] | None = None  # the names the last function_call turn called, while its results follow
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            return f"turn {i} is not an object"
+        who = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        tag = str(who).lower() if who is not None else None
+        if tag == SHAREGPT_FUNCTION_CALL:
+            calls = _sharegpt_calls(i, value)
+            if isinstance(calls, str):
+                return calls
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            called = [c["function"]["name"] for c in calls]
+            continue
+        if tag == SHAREGPT_OBSERVATION:
+            if called is None:
+                return f"turn {i} (observation): a tool result with no function_call turn before it"
+            result = {"role": TOOL_ROLE, "content": value}
+            if len(called) == 1:
+                result["name"] = called[0]
+            messages.append(result)
+            continue
+        called = None
+        role = SHAREGPT_ROLES.get(tag) if tag is not None else None
+        if role is None:
+            return f"turn {i}: unknown speaker {who!r} (expected human/gpt/system or user/assistant, " \
+                   f"or {SHAREGPT_FUNCTION_CALL}/{SHAREGPT_OBSERVATION} for tool use)"
+        messages.append({"role": role, "content": value})
+    return messages
+
+
+def _sharegpt_calls(i: int, value: Any) -> list[dict[str, Any]] | str:
+    """A function_call turn's value (JSON text of {"name", "arguments"} or of a list of them, for parallel calls)
+    as messages-layout tool calls, or the reason it is bad."""
+    where = f"turn {i} ({SHAREGPT_FUNCTION_CALL})"
+    shape = '{"name": ..., "arguments": {...}} or a list of such calls'
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            return f"{where}: the value is not valid JSON ({_json_reason(exc)}); expected {shape}"
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    if not calls:
+        return f"{where}: the value is an empty list; expected {shape}"
+    out = []
+    for k, call in enumerate(calls):
+        at = f"{where}[{k}]" if isinstance(parsed, list) else where
+        if not isinstance(call, dict):
+            return f"{at}: expected {shape}, got {_kind(call)}"
+        fn = _function_of(call)
+        if isinstance(fn, str):
+            return f"{at}: {fn}"
+        name, args = fn.get("name"), fn.get("arguments")
+        if not isinstance(name, str) or not name.strip():
+            return f"{at}: the call has no name ('name' must be a non-empty string)"
+        if args is None:
+            return f"{at} ({name}): 'arguments' is missing (use {{}} for a call without arguments)"
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except (ValueError, RecursionError) as exc:
+                return f"{at} ({name}): 'arguments' is a string but not valid JSON ({_json_reason(exc)})"
+        if not isinstance(args, dict):
+            return f"{at} ({name}): 'arguments' must be an object, got {_kind(args)}"
+        out.append({"type": "function", "function": {"name": name, "arguments": args}})
+    return out
+
+
+def _sharegpt_tools(value: Any) -> list[dict[str, Any]] | str | None:
+    """A sharegpt row's `tools` (LLaMA-Factory writes a JSON string of a list; "" for none), each spec bare
+    {"name", "description", "parameters"} or typed, as the typed specs `_check_tools` takes, or the reason."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            return f"'tools' is a string but not valid JSON ({_json_reason(exc)})"
+    if isinstance(value, list):
+        value = [{"type": "function", "function": spec}
+                 if isinstance(spec, dict) and "function" not in spec and "type" not in spec else spec
+                 for spec in value]
+    return _check_tools(value)
+
+
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -588,17 +683,15 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         conv = row.get("conversations")
         if not isinstance(conv, list) or not conv:
             return f"missing or empty field 'conversations' (keys {sorted(row)})"
-        messages = []
-        for i, turn in enumerate(conv):
-            if not isinstance(turn, dict):
-                return f"turn {i} is not an object"
-            who = turn.get("from", turn.get("role"))
-            role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
-            if role is None:
-                return f"turn {i}: unknown speaker {who!r} (expected human/gpt/system or user/assistant)"
-            messages.append({"role": role, "content": turn.get("value", turn.get("content"))})
-        reason = _check_messages(messages)
-        return reason or Record("", messages=messages, expect=expect)
+        tools = _sharegpt_tools(row.get("tools"))
+        if isinstance(tools, str):
+            return tools
+        messages = _sharegpt_messages(conv)
+        if isinstance(messages, str):
+            return messages
+        if reason := _check_messages(messages, tools):
+            return reason
+        return Record("", messages=[_normalized(m) for m in messages], expect=expect, tools=tools)
     if layout == "alpaca":
         instruction, output = _text(row, "instruction"), _text(row, "output")
         if instruction is None or output is None:
