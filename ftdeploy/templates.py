@@ -44,7 +44,7 @@ _R1 = "\u27e6reasoning-one\u27e7"
 
 SystemPlacement = Literal["turn", "first_user", "last_user"]
 Reasoning = Literal["qwen3", "r1"]
-ToolStyle = Literal["qwen"]
+ToolStyle = Literal["qwen", "llama3"]
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,14 @@ class ChatFormat:
         tools = tools if tool_turns else None
         out: list[str] = []
         leading_system = bool(messages) and messages[0]["role"] == "system"
-        if tools:
+        llama3_tools = bool(tools) and self.tools == "llama3"
+        if llama3_tools:
+            system_prefix = "Environment: ipython\n" + system_prefix  # Llama 3.1: tools mean the ipython environment
+        if tools and self.tools == "qwen":
             out.append(_qwen_tools_block(tools, system_prefix + messages[0]["content"] if leading_system else None))
         elif not leading_system:
-            out.append(implicit_system)
+            out.append(self.system_block(system_prefix) or "" if llama3_tools else implicit_system)
+        first_turn = 1 if leading_system else 0  # Llama 3.1 lists the tools at the head of the turn after the system
         folded = leading_system and self.system != "turn"
         system_text = system_prefix + messages[0]["content"] if folded else ""
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
@@ -128,9 +132,11 @@ class ChatFormat:
         for i, m in enumerate(messages):
             last = i == len(messages) - 1
             role = m["role"]
-            if i == 0 and (folded or (tools and leading_system)):
+            if i == 0 and (folded or (tools and leading_system and self.tools == "qwen")):
                 continue
-            if role == "tool" and tool_turns:
+            if role == "tool" and tool_turns and self.tools == "llama3":
+                out.append("<|start_header_id|>ipython<|end_header_id|>\n\n" + _go_json(m["content"]) + "<|eot_id|>")
+            elif role == "tool" and tool_turns:
                 out.append(("" if previous == "tool" else "<|im_start|>user")
                            + f"\n<tool_response>\n{m['content']}\n</tool_response>")
                 if last or messages[i + 1]["role"] != "tool":
@@ -144,9 +150,13 @@ class ChatFormat:
                     content = system_text + self.system_join + content
                 elif role == "assistant":
                     content = self._assistant_content(m, after_last_user=i > last_user, last=last)
-                    if tool_turns and m.get("tool_calls"):
+                    if tool_turns and m.get("tool_calls") and self.tools == "llama3":
+                        content = "".join(_llama3_tool_call(call) for call in m["tool_calls"])  # content dropped
+                    elif tool_turns and m.get("tool_calls"):
                         calls = [_qwen_tool_call(call) for call in m["tool_calls"]]
                         content += ("\n" if m["content"] else "") + "\n".join(calls)
+                if llama3_tools and i == first_turn and tools:
+                    content = _LLAMA3_TOOLS_INTRO + "".join(_llama3_tool_json(t) + "\n\n" for t in tools) + content
                 out.append(opened + content)
                 if not last or role != "assistant":
                     out.append(self.close(role))
@@ -170,11 +180,7 @@ class ChatFormat:
 
 def _go_json(value: Any) -> str:
     """What Ollama's `json` template function writes: Go's json.Marshal (compact, map keys sorted, <>& escaped)."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
-                          ("\u2029", "\\u2029")):
-        text = text.replace(char, escaped)
-    return text
+    return _html_escape(json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True))
 
 
 def _py_list(values: list[Any]) -> str:
@@ -210,6 +216,53 @@ def _qwen_tool_call(call: dict[str, Any]) -> str:
     return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {{{arguments}}}}}\n</tool_call>'
 
 
+def _arguments_json(arguments: dict[str, Any] | None) -> str:
+    """Call arguments as modelfiles/*.tmpl's "arguments" writes them: keys in name order, json.dumps's separators."""
+    return "{" + ", ".join(f"{_go_json(k)}: {_go_json(v)}" for k, v in sorted((arguments or {}).items())) + "}"
+
+
+_LLAMA3_TOOLS_INTRO = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments that "
+    "best answers the given prompt.\n\nRespond in the format {\"name\": function name, \"parameters\": dictionary of "
+    "argument name and its value}.Do not use variables.\n\n")
+
+
+def _llama3_tool_call(call: dict[str, Any]) -> str:
+    function = call.get("function", call)
+    return '{"name": "' + function["name"] + '", "parameters": ' + _arguments_json(function.get("arguments")) + "}"
+
+
+def _llama3_tool_json(tool: Tool) -> str:
+    """A tool as Llama 3.1's template writes it (tojson(indent=4)) and modelfiles/llama3.tmpl's "tool4" does: the
+    usual key order (type, function: name, description, parameters: type, properties by name, required)."""
+    function = tool.get("function", {})
+    parameters = function.get("parameters") or {}
+    properties = {}
+    for name, prop in sorted((parameters.get("properties") or {}).items()):
+        item: dict[str, Any] = {"type": prop.get("type", "")}
+        if prop.get("description"):
+            item["description"] = prop["description"]
+        if prop.get("enum"):
+            item["enum"] = prop["enum"]
+        properties[name] = item
+    spec: dict[str, Any] = {"name": function.get("name", "")}
+    if function.get("description"):
+        spec["description"] = function["description"]
+    spec["parameters"] = {"type": parameters.get("type", ""), "properties": properties}
+    if parameters.get("required"):
+        spec["parameters"]["required"] = parameters["required"]
+    text = json.dumps({"type": tool.get("type", ""), "function": spec}, indent=4, ensure_ascii=False)
+    return _html_escape(text)
+
+
+def _html_escape(text: str) -> str:
+    """Go's json.Marshal escapes these in strings (they cannot appear outside strings in JSON)."""
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                          ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
+
+
 def _qwen_tools_block(tools: list[Tool], system: str | None) -> str:
     listed = "".join("\n" + _tool_json(tool) for tool in tools)
     return ("<|im_start|>system\n" + (system + "\n\n" if system is not None else "")
@@ -237,6 +290,7 @@ LLAMA3 = ChatFormat(
     stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>"),
     template_file="llama3.tmpl",
     bos_in_template=True,
+    tools="llama3",  # Llama 3.1's tool layout, where the template has it
 )
 GEMMA = ChatFormat(
     name="gemma",

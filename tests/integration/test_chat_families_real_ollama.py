@@ -27,10 +27,9 @@ CHATS = dict(zip(("plain", "system", "multi-turn"), PARITY_CHATS, strict=True))
 # A request that declares a tool, and a chat where the assistant called it and the tool answered: asked of every
 # family whose Modelfile serves tools (its training template writes tools as the format does).
 TOOL_CHATS = dict(zip(("tool call", "tool result"), PARITY_TOOL_CHATS, strict=True))
-# The families whose tool layout ftdeploy serves. Llama 3.1 writes each tool with tojson(indent=4), which no Go
-# template can reproduce, and Mistral's tool layout (9-character call ids) is not mapped yet: those serve their
-# chats without .Tools.
-SERVES_TOOLS = {"qwen2.5", "qwen3"}
+# The families whose tool layout ftdeploy serves. Mistral's (9-character call ids) is not mapped yet: those serve
+# their chats without .Tools.
+SERVES_TOOLS = {"qwen2.5", "qwen3", "llama3.1"}
 
 
 def _families() -> list:

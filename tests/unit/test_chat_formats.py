@@ -17,12 +17,14 @@ from ftdeploy.local_server import PINNED_OLLAMA_VERSION
 from ftdeploy.templates import FORMATS, TemplateMapping, jinja_renderer, match_chat_template, training_messages
 
 TEMPLATES = Path(__file__).parents[1] / "data" / "chat_templates"
+TOOL_TEMPLATES = Path(__file__).parents[1] / "data" / "tool_templates"  # llama3.1: its tool layout
 RENDERER_SOURCE = Path(__file__).parents[1] / "ollama_render" / "main.go"
 R1_BOS, R1_EOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
 
 # fixture -> (BOS, EOS of the model's tokenizer, the format it must map to). Sources: README.md beside them.
 FAMILIES = {
     "qwen2.5": ("", "<|im_end|>", "chatml"),
+    "llama3.1": ("<|begin_of_text|>", "<|eot_id|>", "llama3"),
     "gemma2": ("<bos>", "<eos>", "gemma"),
     "gemma3": ("<bos>", "<eos>", "gemma"),
     "mistral-v3": ("<s>", "</s>", "mistral-v3"),
@@ -35,7 +37,10 @@ FAMILIES = {
     "deepseek-r1": (R1_BOS, R1_EOS, "deepseek-r1"),
 }
 REASONING = {"qwen3", "deepseek-r1"}
-TOOLS = {"qwen3", "qwen2.5"}  # templates that write tools, and the formats that serve them
+TOOLS = {"qwen3", "qwen2.5", "llama3.1"}  # templates that write tools, and the formats that serve them
+# What each tool layout's model writes to call lookup_port (Ollama parses it into message.tool_calls).
+TOOL_REPLY = {"llama3.1": '{"name": "lookup_port", "parameters": {"service": "kafka", "proto": "udp"}}'}
+QWEN_REPLY = '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "kafka", "proto": "udp"}}\n</tool_call>'
 NO_SYSTEM_TRAINED = {"gemma2"}  # its template raises on a system message
 
 PLAIN = [{"role": "user", "content": "Hi"}]
@@ -58,7 +63,8 @@ THINK_CHATS = {"thought": THOUGHT, "thought-system": THOUGHT_SYSTEM}
 
 def _render(family):
     bos, eos, _ = FAMILIES[family]
-    return jinja_renderer((TEMPLATES / f"{family}.jinja").read_text(), bos, eos)
+    path = TEMPLATES / f"{family}.jinja"
+    return jinja_renderer((path if path.is_file() else TOOL_TEMPLATES / f"{family}.jinja").read_text(), bos, eos)
 
 
 def _mapping(family) -> TemplateMapping:
@@ -87,7 +93,11 @@ def _cases():
 def test_the_format_is_read_off_the_real_template(family):
     mapping = _mapping(family)
     assert mapping.format.name == FAMILIES[family][2]
-    assert mapping.system_prefix == "" and mapping.implicit_system == ""
+    if family == "llama3.1":  # it always writes a system block that starts with its knowledge date
+        assert mapping.system_prefix == "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+        assert mapping.implicit_system == mapping.format.system_block(mapping.system_prefix)
+    else:
+        assert mapping.system_prefix == "" and mapping.implicit_system == ""
     assert mapping.trained_system is (family not in NO_SYSTEM_TRAINED)
 
 
@@ -436,14 +446,21 @@ def test_tools_render_as_training_rendered_them(family):
     assert mapping.tools
     render = _render(family)
     loop = TOOL_LOOP if family in REASONING else [{k: v for k, v in m.items() if k != "thinking"} for m in TOOL_LOOP]
+    if family == "llama3.1":  # "This model only supports single tool-calls at once!"
+        loop = [{**m, "tool_calls": m["tool_calls"][:1]} if m.get("tool_calls") else m for m in loop[:-1]]
+    bos = FAMILIES[family][0] if mapping.format.bos_in_template else ""  # Ollama's runner adds BOS from the GGUF
+
+    def training(chat, tools):
+        return render(training_messages(chat), True, tools=tools).removeprefix(bos)
+
     for chat in (TOOL_CHAT, loop, [{"role": "system", "content": "S"}, *TOOL_CHAT]):
-        expected = render(training_messages(chat), True, tools=[LOOKUP_PORT])
-        assert mapping.render(chat, tools=[LOOKUP_PORT]) == expected, chat
-    assert '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "zephyr"}}\n</tool_call>' in mapping.render(
-        TOOL_CHAT, tools=[LOOKUP_PORT])
+        assert mapping.render(chat, tools=[LOOKUP_PORT]) == training(chat, [LOOKUP_PORT]), chat
+    call = ('{"name": "lookup_port", "parameters": {"service": "zephyr"}}' if family == "llama3.1" else
+            '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "zephyr"}}\n</tool_call>')
+    assert call in mapping.render(TOOL_CHAT, tools=[LOOKUP_PORT])
     unsorted = {"type": "function", "function": {**LOOKUP_PORT["function"], "parameters": {
         "type": "object", "properties": dict(reversed(LOOKUP_PORT["function"]["parameters"]["properties"].items()))}}}
-    assert mapping.render(TOOL_CHAT, tools=[unsorted]) != render(training_messages(TOOL_CHAT), True, tools=[unsorted])
+    assert mapping.render(TOOL_CHAT, tools=[unsorted]) != training(TOOL_CHAT, [unsorted])
 
 
 def test_formats_without_tools_ignore_them():
@@ -464,8 +481,7 @@ def test_tools_render_through_ollama_and_a_reply_parses_into_tool_calls(family, 
     for chat, result in zip(chats, ollama_render(requests), strict=True):
         assert result.get("prompt") == mapping.render(chat, tools=[LOOKUP_PORT]), chat
         assert "tools" in result["vars"], "Ollama gives the model the tools capability"
-    reply = '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "kafka", "proto": "udp"}}\n</tool_call>'
-    [parsed] = ollama_render([{**requests[0], "reply": reply}])
+    [parsed] = ollama_render([{**requests[0], "reply": TOOL_REPLY.get(family, QWEN_REPLY)}])
     assert [c["function"]["name"] for c in parsed["tool_calls"]] == ["lookup_port"]
     assert parsed["tool_calls"][0]["function"]["arguments"] == {"service": "kafka", "proto": "udp"}
 

@@ -259,3 +259,19 @@ def test_the_bundled_tool_data_with_the_demo_bases_own_template_says_what_is_mis
     with pytest.raises(DataError, match=r"tools.jsonl:1: the row carries tools, but the tokenizer's chat template "
                                         r"renders none of them"):
         prepare_data(DataConfig(train=str(DEMO / "tools.jsonl")), tok, _mapping(tok), tmp_path / "out", seed=0)
+
+
+def test_llama_3_1_tool_rows_train_the_call_object_and_the_answer():
+    """Llama 3.1's layout: the tools at the head of the first user turn, a call as {"name", "parameters"}, the result
+    in an ipython turn. The loss falls on the call and the answer, as with Qwen's layout."""
+    tok = build_tiny_tokenizer((TEMPLATES / "llama3.1.jinja").read_text(), eos="<|eot_id|>", specials=(
+        "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    mapping = _mapping(tok)
+    assert mapping.format.name == "llama3"
+    rec = load_records_from_rows([TOOL_ROW])[0]
+    tokenized = tokenize_conversation(rec.messages, tok, mapping, 2048, tools=rec.tools)
+    trained, masked = _trained_and_masked(tok, tokenized)
+    assert trained == ('{"name": "lookup_port", "parameters": {"service": "zephyr"}}<|eot_id|>'
+                       "Zephyr uses port 7341.<|eot_id|>")
+    assert "Environment: ipython" in masked and '    "type": "function",\n    "function": {' in masked
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n"7341"<|eot_id|>' in masked
