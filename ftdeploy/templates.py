@@ -44,7 +44,7 @@ _R1 = "\u27e6reasoning-one\u27e7"
 
 SystemPlacement = Literal["turn", "first_user", "last_user"]
 Reasoning = Literal["qwen3", "r1"]
-ToolStyle = Literal["qwen", "llama3"]
+ToolStyle = Literal["qwen", "llama3", "mistral"]
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,10 @@ class ChatFormat:
             role = m["role"]
             if i == 0 and (folded or (tools and leading_system and self.tools == "qwen")):
                 continue
-            if role == "tool" and tool_turns and self.tools == "llama3":
+            if role == "tool" and tool_turns and self.tools == "mistral":
+                out.append('[TOOL_RESULTS] {"content": ' + m["content"] + ', "call_id": "'
+                           + str(m.get("tool_call_id", "")) + '"}[/TOOL_RESULTS]')
+            elif role == "tool" and tool_turns and self.tools == "llama3":
                 out.append("<|start_header_id|>ipython<|end_header_id|>\n\n" + _go_json(m["content"]) + "<|eot_id|>")
             elif role == "tool" and tool_turns:
                 out.append(("" if previous == "tool" else "<|im_start|>user")
@@ -150,11 +153,15 @@ class ChatFormat:
                     content = system_text + self.system_join + content
                 elif role == "assistant":
                     content = self._assistant_content(m, after_last_user=i > last_user, last=last)
-                    if tool_turns and m.get("tool_calls") and self.tools == "llama3":
+                    if tool_turns and m.get("tool_calls") and self.tools == "mistral":
+                        opened, content = "", _mistral_tool_calls(m["tool_calls"])  # no space before the calls
+                    elif tool_turns and m.get("tool_calls") and self.tools == "llama3":
                         content = "".join(_llama3_tool_call(call) for call in m["tool_calls"])  # content dropped
                     elif tool_turns and m.get("tool_calls"):
                         calls = [_qwen_tool_call(call) for call in m["tool_calls"]]
                         content += ("\n" if m["content"] else "") + "\n".join(calls)
+                if tools and self.tools == "mistral" and i == last_user:
+                    opened = _mistral_tools_block(tools) + opened  # before the last user turn
                 if llama3_tools and i == first_turn and tools:
                     content = _LLAMA3_TOOLS_INTRO + "".join(_llama3_tool_json(t) + "\n\n" for t in tools) + content
                 out.append(opened + content)
@@ -195,6 +202,11 @@ def _tool_json(tool: Tool) -> str:
     text = '{"type": ' + _go_json(tool.get("type", "")) + ', "function": {"name": ' + _go_json(function.get("name", ""))
     if function.get("description"):
         text += ', "description": ' + _go_json(function["description"])
+    return text + ', "parameters": ' + _parameters_json(parameters) + "}}"
+
+
+def _parameters_json(parameters: dict[str, Any]) -> str:
+    """A tool's parameters as json.dumps writes them in the usual key order (type, properties by name, required)."""
     properties = []
     for name, prop in sorted((parameters.get("properties") or {}).items()):
         item = _go_json(name) + ': {"type": ' + _go_json(prop.get("type", ""))
@@ -203,11 +215,32 @@ def _tool_json(tool: Tool) -> str:
         if prop.get("enum"):
             item += ', "enum": ' + _py_list(prop["enum"])
         properties.append(item + "}")
-    text += ', "parameters": {"type": ' + _go_json(parameters.get("type", "")) + ', "properties": {'
-    text += ", ".join(properties) + "}"
+    text = '{"type": ' + _go_json(parameters.get("type", "")) + ', "properties": {' + ", ".join(properties) + "}"
     if parameters.get("required"):
         text += ', "required": ' + _py_list(parameters["required"])
-    return text + "}}}"
+    return text + "}"
+
+
+def _mistral_tools_block(tools: list[Tool]) -> str:
+    """Mistral v3's [AVAILABLE_TOOLS]: each function's name and description written raw, its parameters as JSON."""
+    listed = []
+    for tool in tools:
+        function = tool.get("function", {})
+        text = '{"type": "function", "function": {"name": "' + function.get("name", "") + '"'
+        if function.get("description"):
+            text += ', "description": "' + function["description"] + '"'
+        listed.append(text + ', "parameters": ' + _parameters_json(function.get("parameters") or {}) + "}}")
+    return "[AVAILABLE_TOOLS] [" + ", ".join(listed) + "][/AVAILABLE_TOOLS]"
+
+
+def _mistral_tool_calls(calls: list[dict[str, Any]]) -> str:
+    """Mistral's [TOOL_CALLS]: each call's function as JSON, with the call's id (nine characters in its data)."""
+    written = []
+    for call in calls:
+        function = call.get("function", call)
+        written.append('{"name": "' + function["name"] + '", "arguments": '
+                       + _arguments_json(function.get("arguments")) + ', "id": "' + str(call.get("id", "")) + '"}')
+    return "[TOOL_CALLS] [" + ", ".join(written) + "]"
 
 
 def _qwen_tool_call(call: dict[str, Any]) -> str:
@@ -312,6 +345,7 @@ MISTRAL_V3 = ChatFormat(
     bos_in_template=True,
     system="last_user",
     turn_by_turn=False,
+    tools="mistral",  # Mistral v3's layout, where the template has it
 )
 MISTRAL_V3_TEKKEN = ChatFormat(
     name="mistral-v3-tekken",
@@ -487,9 +521,9 @@ _PROBE_TOOL: Tool = {"type": "function", "function": {
                    "required": ["key"]}}}
 _TOOL_CHAT: list[Message] = [
     {"role": "user", "content": _U1},
-    {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "probe_lookup",
-                                                                      "arguments": {"key": "\u27e6arg\u27e7"}}}]},
-    {"role": "tool", "content": "\u27e6result\u27e7", "tool_name": "probe_lookup"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "probe0001", "function": {
+        "name": "probe_lookup", "arguments": {"key": "\u27e6arg\u27e7"}}}]},
+    {"role": "tool", "content": "\u27e6result\u27e7", "tool_name": "probe_lookup", "tool_call_id": "probe0001"},
     {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
 
 

@@ -280,7 +280,11 @@ def template_drops_tools(messages: list[dict[str, Any]], tools: list[dict[str, A
                "`tools`); " + fix
     if any("tool_calls" in m for m in messages):
         without_calls = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
-        if render(without_calls, False) == full:
+        try:
+            dropped = render(without_calls, False) == full
+        except Exception:  # noqa: BLE001 - the template refuses the chat without its calls (Mistral's role order)
+            dropped = False  # so it reads them
+        if dropped:
             return f"the row has tool calls, but {where} does not render them (an assistant turn's `tool_calls` " \
                    "leave no text); " + fix
     return None

@@ -217,10 +217,11 @@ PARITY_TOOL: dict[str, Any] = {"type": "function", "function": {
 PARITY_TOOL_CHATS: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "content": "When is high tide at Porthleven?"}], "tools": [PARITY_TOOL]},
     {"messages": [{"role": "user", "content": "When is high tide at Porthleven?"},
-                  {"role": "assistant", "content": "",
-                   "tool_calls": [{"function": {"name": "get_tide", "arguments": {"harbour": "Porthleven"}}}]},
+                  {"role": "assistant", "content": "",  # a nine-character id, as Mistral's templates require
+                   "tool_calls": [{"id": "tide00001",
+                                   "function": {"name": "get_tide", "arguments": {"harbour": "Porthleven"}}}]},
                   {"role": "tool", "content": "{\"harbour\": \"Porthleven\", \"high_tide\": \"14:32\"}",
-                   "tool_name": "get_tide"}],
+                   "tool_name": "get_tide", "tool_call_id": "tide00001"}],
      "tools": [PARITY_TOOL]},
 ]
 

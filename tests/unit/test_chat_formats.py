@@ -37,9 +37,11 @@ FAMILIES = {
     "deepseek-r1": (R1_BOS, R1_EOS, "deepseek-r1"),
 }
 REASONING = {"qwen3", "deepseek-r1"}
-TOOLS = {"qwen3", "qwen2.5", "llama3.1"}  # templates that write tools, and the formats that serve them
+TOOLS = {"qwen3", "qwen2.5", "llama3.1", "mistral-v3"}  # templates that write tools, and the formats that serve them
 # What each tool layout's model writes to call lookup_port (Ollama parses it into message.tool_calls).
-TOOL_REPLY = {"llama3.1": '{"name": "lookup_port", "parameters": {"service": "kafka", "proto": "udp"}}'}
+TOOL_REPLY = {"llama3.1": '{"name": "lookup_port", "parameters": {"service": "kafka", "proto": "udp"}}',
+              "mistral-v3": '[TOOL_CALLS] [{"name": "lookup_port", "arguments": {"service": "kafka", "proto": "udp"}, '
+                            '"id": "c0ffee123"}]'}
 QWEN_REPLY = '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "kafka", "proto": "udp"}}\n</tool_call>'
 NO_SYSTEM_TRAINED = {"gemma2"}  # its template raises on a system message
 
@@ -424,16 +426,18 @@ LOOKUP_PORT = {"type": "function", "function": {
 # Ollama's message fields: an answer's tool_calls, a tool result's tool_name.
 TOOL_CHAT = [{"role": "user", "content": "What port does zephyr use?"},
              {"role": "assistant", "content": "",
-              "tool_calls": [{"function": {"name": "lookup_port", "arguments": {"service": "zephyr"}}}]},
-             {"role": "tool", "content": "7341", "tool_name": "lookup_port"},
+              "tool_calls": [{"id": "c0ffee001",
+                              "function": {"name": "lookup_port", "arguments": {"service": "zephyr"}}}]},
+             {"role": "tool", "content": "7341", "tool_name": "lookup_port", "tool_call_id": "c0ffee001"},
              {"role": "assistant", "content": "Zephyr uses port 7341."},
              {"role": "user", "content": "And kafka, over udp?"}]
 TOOL_LOOP = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "Ports of a and b?"},
              {"role": "assistant", "content": "Looking both up.", "thinking": "Two lookups.",
-              "tool_calls": [{"function": {"name": "lookup_port", "arguments": {"proto": "tcp", "service": "a"}}},
-                             {"function": {"name": "lookup_port", "arguments": {"service": "b"}}}]},
-             {"role": "tool", "content": "1", "tool_name": "lookup_port"},
-             {"role": "tool", "content": "2", "tool_name": "lookup_port"}]
+              "tool_calls": [{"id": "c0ffee002", "function": {"name": "lookup_port",
+                                                              "arguments": {"proto": "tcp", "service": "a"}}},
+                             {"id": "c0ffee003", "function": {"name": "lookup_port", "arguments": {"service": "b"}}}]},
+             {"role": "tool", "content": "1", "tool_name": "lookup_port", "tool_call_id": "c0ffee002"},
+             {"role": "tool", "content": "2", "tool_name": "lookup_port", "tool_call_id": "c0ffee003"}]
 
 
 def _tool_requests(mapping, chats):
@@ -455,8 +459,10 @@ def test_tools_render_as_training_rendered_them(family):
 
     for chat in (TOOL_CHAT, loop, [{"role": "system", "content": "S"}, *TOOL_CHAT]):
         assert mapping.render(chat, tools=[LOOKUP_PORT]) == training(chat, [LOOKUP_PORT]), chat
-    call = ('{"name": "lookup_port", "parameters": {"service": "zephyr"}}' if family == "llama3.1" else
-            '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "zephyr"}}\n</tool_call>')
+    calls = {"llama3.1": '{"name": "lookup_port", "parameters": {"service": "zephyr"}}',
+             "mistral-v3": '[TOOL_CALLS] [{"name": "lookup_port", "arguments": {"service": "zephyr"}, '
+                           '"id": "c0ffee001"}]'}
+    call = calls.get(family, '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "zephyr"}}\n</tool_call>')
     assert call in mapping.render(TOOL_CHAT, tools=[LOOKUP_PORT])
     unsorted = {"type": "function", "function": {**LOOKUP_PORT["function"], "parameters": {
         "type": "object", "properties": dict(reversed(LOOKUP_PORT["function"]["parameters"]["properties"].items()))}}}

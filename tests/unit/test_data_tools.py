@@ -275,3 +275,22 @@ def test_llama_3_1_tool_rows_train_the_call_object_and_the_answer():
                        "Zephyr uses port 7341.<|eot_id|>")
     assert "Environment: ipython" in masked and '    "type": "function",\n    "function": {' in masked
     assert '<|start_header_id|>ipython<|end_header_id|>\n\n"7341"<|eot_id|>' in masked
+
+
+def test_mistral_v3_tool_rows_train_the_calls_with_their_ids_and_the_answer():
+    """Mistral v0.3: the tools before the last user turn, calls as [TOOL_CALLS] with each call's 9-character id, results
+    as [TOOL_RESULTS]. Its template enforces the user/assistant order, so a chat without its calls does not render:
+    that says the calls are read, not dropped."""
+    tok = build_tiny_tokenizer((TEMPLATES.parent / "chat_templates" / "mistral-v3.jinja").read_text(), eos="</s>",
+                               specials=("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                                         "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"))
+    mapping = _mapping(tok)
+    assert mapping.format.name == "mistral-v3"
+    chat = _turn(1, tool_calls=[{**CALL, "id": "c0ffee001"}])
+    chat[2] = {**chat[2], "tool_call_id": "c0ffee001"}
+    rec = load_records_from_rows([{"messages": chat, "tools": [LOOKUP_PORT]}])[0]
+    tokenized = tokenize_conversation(rec.messages, tok, mapping, 2048, tools=rec.tools)
+    trained, masked = _trained_and_masked(tok, tokenized)
+    assert trained == ('[TOOL_CALLS] [{"name": "lookup_port", "arguments": {"service": "zephyr"}, "id": "c0ffee001"}]'
+                       "</s> Zephyr uses port 7341.</s>")
+    assert masked.startswith("<s>[AVAILABLE_TOOLS] [") and '"call_id": "c0ffee001"}[/TOOL_RESULTS]' in masked
