@@ -355,9 +355,33 @@ class OllamaClient:
 
     def chat(self, model: str, messages: list[dict[str, Any]], options: dict[str, Any] | None = None,
              keep_alive: str | int | None = None, tools: list[dict[str, Any]] | None = None) -> ChatResponse:
+        if _carries_call_ids(messages):
+            # The official client (0.6.3) drops tool_calls[].id and tool_call_id, which Ollama's API takes and
+            # Mistral's template writes; such a chat goes as plain JSON.
+            body = {"model": model, "messages": messages, "tools": tools, "options": options, "stream": False,
+                    "keep_alive": keep_alive}
+            return self._call(f"chat with {model}", lambda: self._post_json(
+                "/api/chat", {k: v for k, v in body.items() if v is not None}), request="POST /api/chat", long=True)
         return self._call(f"chat with {model}", lambda: self._long_api.chat(
             model, messages, options=options, keep_alive=keep_alive, tools=tools), request="POST /api/chat",
             long=True)
+
+    def _post_json(self, path: str, body: dict[str, Any]) -> ChatResponse:
+        from ollama import ChatResponse, ResponseError
+
+        response = self._http.post(path, json=body, timeout=self._bounds(self.long_timeout))
+        if response.status_code >= 400:
+            try:
+                error = response.json().get("error", response.text)
+            except ValueError:
+                error = response.text
+            raise ResponseError(error, response.status_code)
+        return ChatResponse.model_validate(response.json())
+
+
+def _carries_call_ids(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("tool_call_id") or any(isinstance(c, dict) and c.get("id") for c in m.get("tool_calls") or [])
+               for m in messages)
 
 
 def _blocks(fh: BinaryIO, progress: Callable[[int], None] | None) -> Iterator[bytes]:

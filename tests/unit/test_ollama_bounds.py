@@ -180,3 +180,31 @@ def test_a_progress_line_that_is_not_json_is_an_ollama_error(scripted):
     server = scripted({"POST /api/create": _json_reply(b"<html>")})
     with pytest.raises(OllamaError, match="progress stream holds a line that is not a JSON object"):
         OllamaClient(server.host).create("m", {"m.gguf": "sha256:abc"})
+
+
+def test_a_chat_with_tool_call_ids_sends_them_with_the_long_bound(monkeypatch):
+    """The official client drops tool_calls[].id and tool_call_id; Mistral's templates write them, so such a chat
+    goes as plain JSON: the ids reach the server, under the same long bound and the same refusal messages."""
+    sent = []
+
+    def send(client, request, **kw):
+        sent.append((json.loads(request.read()), request.extensions["timeout"]))
+        if json.loads(request.read())["model"] == "gone":
+            return httpx.Response(404, json={"error": "model 'gone' not found"}, request=request)
+        return httpx.Response(200, json={"model": "m", "message": {"role": "assistant", "content": "14:32"},
+                                         "done": True, "done_reason": "stop"}, request=request)
+
+    monkeypatch.setattr(httpx.Client, "send", send)
+    client = OllamaClient("http://127.0.0.1:9", timeout=7, connect_timeout=2, long_timeout=99)
+    call = {"id": "tide00001", "function": {"name": "get_tide", "arguments": {"harbour": "Porthleven"}}}
+    chat = [{"role": "user", "content": "Tide?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "14:32", "tool_call_id": "tide00001"}]
+    reply = client.chat("m", chat, options={"temperature": 0})
+    assert reply["message"]["content"] == "14:32" and reply["done_reason"] == "stop"
+    body, bounds = sent[0]
+    assert body["messages"][1]["tool_calls"][0]["id"] == "tide00001"
+    assert body["messages"][2]["tool_call_id"] == "tide00001"
+    assert body["stream"] is False and body["options"] == {"temperature": 0} and "tools" not in body
+    assert (bounds["connect"], bounds["read"]) == (2.0, 99.0)
+    with pytest.raises(OllamaError, match="model 'gone' not found"):
+        client.chat("gone", chat)
