@@ -245,8 +245,8 @@ def _mistral_tool_calls(calls: list[dict[str, Any]]) -> str:
 
 def _qwen_tool_call(call: dict[str, Any]) -> str:
     function = call.get("function", call)
-    arguments = ", ".join(f"{_go_json(k)}: {_go_json(v)}" for k, v in sorted((function.get("arguments") or {}).items()))
-    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {{{arguments}}}}}\n</tool_call>'
+    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {_arguments_json(function.get("arguments"))}}}' \
+        "\n</tool_call>"
 
 
 def _arguments_json(arguments: dict[str, Any] | None) -> str:
@@ -460,7 +460,6 @@ class TemplateMapping:
             messages = [{"role": "system", "content": self.default_system}, *messages]
         return self.format.render(messages, add_generation_prompt, self.system_prefix, self.implicit_system, think,
                                   tools, tool_turns=self.tools)
-
 
     def tool_calls_text(self, calls: list[dict[str, Any]], content: str = "") -> str:
         """An assistant reply holding tool calls as this format writes it after the generation prompt, up to the end
