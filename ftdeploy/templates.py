@@ -44,7 +44,7 @@ _R1 = "\u27e6reasoning-one\u27e7"
 
 SystemPlacement = Literal["turn", "first_user", "last_user"]
 Reasoning = Literal["qwen3", "r1"]
-ToolStyle = Literal["qwen", "llama3", "mistral"]
+ToolStyle = Literal["qwen", "llama3", "mistral", "mistral-v7"]
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,13 @@ class ChatFormat:
         llama3_tools = bool(tools) and self.tools == "llama3"
         if llama3_tools:
             system_prefix = "Environment: ipython\n" + system_prefix  # Llama 3.1: tools mean the ipython environment
+        if tools and self.tools == "mistral-v7":
+            # Nothing between them: the template's separator is two backslash-newlines, which Jinja drops.
+            system_prefix = _MISTRAL_V7_TOOLS_PROMPT + system_prefix  # and the tools themselves are not listed
         if tools and self.tools == "qwen":
             out.append(_qwen_tools_block(tools, system_prefix + messages[0]["content"] if leading_system else None))
+        elif tools and self.tools == "mistral-v7" and not leading_system:
+            out.append(f"{self.open('system')}{_MISTRAL_V7_TOOLS_PROMPT}{self.close('system')}")
         elif not leading_system:
             out.append(self.system_block(system_prefix) or "" if llama3_tools else implicit_system)
         first_turn = 1 if leading_system else 0  # Llama 3.1 lists the tools at the head of the turn after the system
@@ -134,7 +139,7 @@ class ChatFormat:
             role = m["role"]
             if i == 0 and (folded or (tools and leading_system and self.tools == "qwen")):
                 continue
-            if role == "tool" and tool_turns and self.tools == "mistral":
+            if role == "tool" and tool_turns and self.tools in ("mistral", "mistral-v7"):
                 out.append('[TOOL_RESULTS] {"content": ' + m["content"] + ', "call_id": "'
                            + str(m.get("tool_call_id", "")) + '"}[/TOOL_RESULTS]')
             elif role == "tool" and tool_turns and self.tools == "llama3":
@@ -153,7 +158,7 @@ class ChatFormat:
                     content = system_text + self.system_join + content
                 elif role == "assistant":
                     content = self._assistant_content(m, after_last_user=i > last_user, last=last)
-                    if tool_turns and m.get("tool_calls") and self.tools == "mistral":
+                    if tool_turns and m.get("tool_calls") and self.tools in ("mistral", "mistral-v7"):
                         opened, content = "", _mistral_tool_calls(m["tool_calls"])  # no space before the calls
                     elif tool_turns and m.get("tool_calls") and self.tools == "llama3":
                         content = "".join(_llama3_tool_call(call) for call in m["tool_calls"])  # content dropped
@@ -253,6 +258,13 @@ def _arguments_json(arguments: dict[str, Any] | None) -> str:
     """Call arguments as modelfiles/*.tmpl's "arguments" writes them: keys in name order, json.dumps's separators."""
     return "{" + ", ".join(f"{_go_json(k)}: {_go_json(v)}" for k, v in sorted((arguments or {}).items())) + "}"
 
+
+_MISTRAL_V7_TOOLS_PROMPT = (
+    "You are a helpful assistant that can call tools. If you call one or more tools, format them in a single JSON "
+    "array or objects, where each object is a tool call, not as separate objects outside of an array or multiple "
+    "arrays. Use the format [{\"name\": tool call name, \"arguments\": tool call arguments}, additional tool calls] if "
+    "you call more than one tool. If you call tools, do not attempt to interpret them or otherwise provide a response "
+    "until you receive a tool call result that you can interpret for the user.")
 
 _LLAMA3_TOOLS_INTRO = (
     "Given the following functions, please respond with a JSON for a function call with its proper arguments that "
@@ -366,6 +378,7 @@ MISTRAL_V7 = ChatFormat(
     stops=("</s>", "[INST]"),
     template_file="mistral-v7.tmpl",
     bos_in_template=True,
+    tools="mistral-v7",  # Mistral Small 3's layout: a parallel-call prompt opens the system turn, no tool list
 )
 PHI3 = ChatFormat(
     name="phi3",
@@ -451,6 +464,7 @@ class TemplateMapping:
         if not self.tools:  # no .Tools left: Ollama reports no tools capability and refuses tool requests
             text = text.replace("{{- $tools := .Tools }}", "{{- $tools := false }}")
             text = text.replace("{{- $toolTurns := true }}", "{{- $toolTurns := false }}")
+        text = text.replace("[[TOOLS_PROMPT]]", _MISTRAL_V7_TOOLS_PROMPT)
         return text.replace("[[IMPLICIT_SYSTEM]]", self.implicit_system)
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True, think: bool | None = None,

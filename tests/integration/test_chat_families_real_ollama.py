@@ -27,9 +27,8 @@ CHATS = dict(zip(("plain", "system", "multi-turn"), PARITY_CHATS, strict=True))
 # A request that declares a tool, and a chat where the assistant called it and the tool answered: asked of every
 # family whose Modelfile serves tools (its training template writes tools as the format does).
 TOOL_CHATS = dict(zip(("tool call", "tool result"), PARITY_TOOL_CHATS, strict=True))
-# The families whose tool layout ftdeploy serves; Mistral's Tekken and v7 layouts are not mapped yet: those serve
-# their chats without .Tools.
-SERVES_TOOLS = {"qwen2.5", "qwen3", "llama3.1", "mistral-v3"}
+# The families whose chat template writes tools, all served with them (Mistral Nemo's Tekken template writes none).
+SERVES_TOOLS = {"qwen2.5", "qwen3", "llama3.1", "mistral-v3", "mistral-v7"}
 
 
 def _families() -> list:

@@ -37,11 +37,13 @@ FAMILIES = {
     "deepseek-r1": (R1_BOS, R1_EOS, "deepseek-r1"),
 }
 REASONING = {"qwen3", "deepseek-r1"}
-TOOLS = {"qwen3", "qwen2.5", "llama3.1", "mistral-v3"}  # templates that write tools, and the formats that serve them
+# Templates that write tools, and the formats that serve them.
+TOOLS = {"qwen3", "qwen2.5", "llama3.1", "mistral-v3", "mistral-v7"}
 # What each tool layout's model writes to call lookup_port (Ollama parses it into message.tool_calls).
 TOOL_REPLY = {"llama3.1": '{"name": "lookup_port", "parameters": {"service": "kafka", "proto": "udp"}}',
               "mistral-v3": '[TOOL_CALLS] [{"name": "lookup_port", "arguments": {"service": "kafka", "proto": "udp"}, '
                             '"id": "c0ffee123"}]'}
+TOOL_REPLY["mistral-v7"] = TOOL_REPLY["mistral-v3"]
 QWEN_REPLY = '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "kafka", "proto": "udp"}}\n</tool_call>'
 NO_SYSTEM_TRAINED = {"gemma2"}  # its template raises on a system message
 
@@ -462,11 +464,13 @@ def test_tools_render_as_training_rendered_them(family):
     calls = {"llama3.1": '{"name": "lookup_port", "parameters": {"service": "zephyr"}}',
              "mistral-v3": '[TOOL_CALLS] [{"name": "lookup_port", "arguments": {"service": "zephyr"}, '
                            '"id": "c0ffee001"}]'}
+    calls["mistral-v7"] = calls["mistral-v3"]
     call = calls.get(family, '<tool_call>\n{"name": "lookup_port", "arguments": {"service": "zephyr"}}\n</tool_call>')
     assert call in mapping.render(TOOL_CHAT, tools=[LOOKUP_PORT])
     unsorted = {"type": "function", "function": {**LOOKUP_PORT["function"], "parameters": {
         "type": "object", "properties": dict(reversed(LOOKUP_PORT["function"]["parameters"]["properties"].items()))}}}
-    assert mapping.render(TOOL_CHAT, tools=[unsorted]) != training(TOOL_CHAT, [unsorted])
+    if family != "mistral-v7":  # which lists no tool specs, so their key order cannot matter
+        assert mapping.render(TOOL_CHAT, tools=[unsorted]) != training(TOOL_CHAT, [unsorted])
 
 
 def test_formats_without_tools_ignore_them():
