@@ -434,21 +434,11 @@ def _check_tool_calls(i: int, calls: Any, tools: list[dict[str, Any]] | None) ->
         fn = _function_of(call)
         if isinstance(fn, str):
             return f"{where}[{k}]: {fn}"
-        name, args = fn.get("name"), fn.get("arguments")
-        if not isinstance(name, str) or not name.strip():
-            return f"{where}[{k}]: the function has no name (function.name must be a non-empty string)"
-        if known and name not in known:
-            return f"{where}[{k}]: calls {name!r}, which is not among the row's tools ({', '.join(known)})"
-        if args is None:
-            return f"{where}[{k}] ({name}): function.arguments is missing (use {{}} for a call without arguments)"
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except (ValueError, RecursionError) as exc:
-                return f"{where}[{k}] ({name}): function.arguments is a string but not valid JSON ({_json_reason(exc)})"
-        if not isinstance(args, dict):
-            return f"{where}[{k}] ({name}): function.arguments must be an object (or a JSON string of one), " \
-                   f"got {_kind(args)}"
+        checked = _name_and_arguments(fn, f"{where}[{k}]", "function.{}", "function", known,
+                                      " (or a JSON string of one)")
+        if isinstance(checked, str):
+            return checked
+        name = checked[0]
         if reason := _not_unicode(json.dumps(call, ensure_ascii=False)):
             return f"{where}[{k}] ({name}) {reason}"
         names.append(name)
@@ -517,6 +507,29 @@ def _check_tools(value: Any) -> list[dict[str, Any]] | str | None:
     return value or None
 
 
+def _name_and_arguments(fn: dict[str, Any], at: str, field: str, noun: str, known: list[str] | None = None,
+                        object_hint: str = "") -> tuple[str, dict[str, Any]] | str:
+    """A call's function name and its arguments as an object (parsed when given as a JSON string), or the reason
+    they are bad. `field` names a key as the layout writes it ("function.{}" or "'{}'"), `noun` what has the name;
+    `known`: the row's tool names, when it declares tools."""
+    name, args = fn.get("name"), fn.get("arguments")
+    arguments = field.format("arguments")
+    if not isinstance(name, str) or not name.strip():
+        return f"{at}: the {noun} has no name ({field.format('name')} must be a non-empty string)"
+    if known and name not in known:
+        return f"{at}: calls {name!r}, which is not among the row's tools ({', '.join(known)})"
+    if args is None:
+        return f"{at} ({name}): {arguments} is missing (use {{}} for a call without arguments)"
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except (ValueError, RecursionError) as exc:
+            return f"{at} ({name}): {arguments} is a string but not valid JSON ({_json_reason(exc)})"
+    if not isinstance(args, dict):
+        return f"{at} ({name}): {arguments} must be an object{object_hint}, got {_kind(args)}"
+    return name, args
+
+
 def _sharegpt_messages(conv: list[Any]) -> list[dict[str, Any]] | str:
     """A sharegpt conversation as messages-layout turns (LLaMA-Factory's function_call and observation turns as
     tool calls and tool results), or the reason it cannot be: a turn is message i of the result, one to one."""
@@ -574,18 +587,10 @@ def _sharegpt_calls(i: int, value: Any) -> list[dict[str, Any]] | str:
         fn = _function_of(call)
         if isinstance(fn, str):
             return f"{at}: {fn}"
-        name, args = fn.get("name"), fn.get("arguments")
-        if not isinstance(name, str) or not name.strip():
-            return f"{at}: the call has no name ('name' must be a non-empty string)"
-        if args is None:
-            return f"{at} ({name}): 'arguments' is missing (use {{}} for a call without arguments)"
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except (ValueError, RecursionError) as exc:
-                return f"{at} ({name}): 'arguments' is a string but not valid JSON ({_json_reason(exc)})"
-        if not isinstance(args, dict):
-            return f"{at} ({name}): 'arguments' must be an object, got {_kind(args)}"
+        checked = _name_and_arguments(fn, at, "'{}'", "call")
+        if isinstance(checked, str):
+            return checked
+        name, args = checked
         out.append({"type": "function", "function": {"name": name, "arguments": args}})
     return out
 
