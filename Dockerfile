@@ -41,10 +41,10 @@ RUN python3 -m venv /opt/venv \
  && mkdir -p /work/runs /home/ftdeploy/.cache \
  && chown -R ftdeploy:ftdeploy /work /home/ftdeploy
 COPY scripts/image-pip.sh /usr/local/bin/image-pip
+COPY scripts/lib-cpu.sh /usr/local/lib/ftdeploy-cpu.sh
 COPY scripts/docker-entrypoint.sh /usr/local/bin/ftdeploy-entrypoint
-# llama.cpp compiled here must run on any x86-64 CPU, not only the build machine's (no -march=native).
+# llama.cpp compiled here (image-pip) targets x86-64-v3, never the build machine's CPU (scripts/lib-cpu.sh).
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" \
     HOME=/home/ftdeploy USER=ftdeploy HF_HOME=/home/ftdeploy/.cache/huggingface \
     FTDEPLOY_CACHE=/home/ftdeploy/.cache/ftdeploy OLLAMA_HOST=http://ollama:11434 PYTHONUNBUFFERED=1
 WORKDIR /src

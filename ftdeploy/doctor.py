@@ -61,6 +61,14 @@ def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
     binary = find_ollama_binary()
     add("ollama-bin", binary is not None,
         str(binary) if binary else "no local ollama binary: scripts/install-ollama.sh builds the pinned release")
+    # What the native code was built for, and whether this CPU runs it (ftdeploy/cpu.py; scripts/lib-cpu.sh).
+    from .cpu import cpu_flags, llama_report, ollama_report
+
+    flags = cpu_flags()
+    if _version("llama_cpp_python"):
+        add("llama-cpu", *llama_report(flags))
+    if binary:
+        add("ollama-cpu", *ollama_report(binary, flags))
     client = OllamaClient(ollama_host)
     if client.is_up():
         version = client.version()

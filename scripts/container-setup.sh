@@ -120,7 +120,8 @@ ollama_image="ollama/ollama:${OLLAMA_VERSION#v}"
 if ! have_image "$ollama_image" && ! "$docker_bin" pull -q "$ollama_image" >/dev/null 2>&1; then
   registry=no
   log "no registry gives $ollama_image: building it from the pinned release on $base_image"
-  ollama_bin="$(scripts/install-ollama.sh)"
+  # The image gets the default portable build, whatever target this shell asked for.
+  ollama_bin="$(env -u FTDEPLOY_CPU_TARGET -u OLLAMA_CPU_FLAGS scripts/install-ollama.sh)"
   cid="$("$docker_bin" create "$base_image" true)"
   "$docker_bin" cp "$ollama_bin" "$cid:/bin/ollama"
   # The official image's interface: /bin/ollama serve on 0.0.0.0:11434, models under /root/.ollama.
@@ -145,6 +146,14 @@ if [ -x .venv/bin/python ] && [ "$base_image" = ftdeploy-local/debian:bookworm ]
   if [ "$pytag" = cp311 ] && compgen -G "$wheels/*.whl" >/dev/null; then
     cp -l "$wheels"/*.whl .wheelhouse/ 2>/dev/null || cp "$wheels"/*.whl .wheelhouse/
     no_index=1
+    # The images carry the portable llama.cpp build only: a wheel this host built for itself (FTDEPLOY_CPU_TARGET=
+    # native) or an unstamped one stays out, and the image build compiles llama.cpp for x86-64-v3 instead.
+    . scripts/lib-cpu.sh
+    if [ "$(cat "$wheels/llama_cpp_python.cmake-args" 2>/dev/null)" != "$(llama_cmake_args x86-64-v3)" ]; then
+      log "the cached llama-cpp-python wheel is not the x86-64-v3 build: the image build compiles it (about 11 min)"
+      rm -f .wheelhouse/llama_cpp_python-*.whl
+      no_index=""
+    fi
   fi
 fi
 

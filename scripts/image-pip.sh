@@ -5,6 +5,11 @@
 # trusted for this command only (it lives in /run/secrets, never in a layer). With --torch-index, torch
 # comes from that index first (PyTorch's CPU-only one, say); if it cannot be reached, from the default.
 set -eu
+# llama.cpp, when pip compiles it here, is built for x86-64-v3 whatever CPU the build host has (scripts/lib-cpu.sh):
+# an image runs on other machines than the one that built it.
+. /usr/local/lib/ftdeploy-cpu.sh
+CMAKE_ARGS="$(llama_cmake_args x86-64-v3)"
+export CMAKE_ARGS
 # The build runs as root with HOME pointing at the unprivileged user's home: keep pip's cache in the cache mount.
 export PIP_CACHE_DIR=/root/.cache/pip
 [ -s /run/secrets/pipcert ] && export PIP_CERT=/run/secrets/pipcert

@@ -11,27 +11,23 @@ bin="$cache/ollama"
 
 # cgo compiles Ollama's CPU backend (ggml) once, with the compiler flags it is given. Ollama's own releases ship one
 # CPU library per x86-64 level and load the best the CPU has; a `go build` gets one, and with no -march that is
-# baseline x86-64 (SSE2): the demo model then generates 5-7x slower (docs/benchmarks.md, "Verify"). So build for
-# the level this host has: x86-64-v3 (AVX2, FMA, F16C, BMI2) when its CPU flags show all of it, else the baseline.
-# OLLAMA_CPU_FLAGS overrides; set it empty for a binary that runs on any x86-64 CPU. The flags are stamped next to
-# the binary, and a binary built with other flags is rebuilt. FTDEPLOY_CPUINFO names another file to read the CPU
-# flags from (the tests use it).
+# baseline x86-64 (SSE2): the demo model then generates 5-7x slower (docs/benchmarks.md, "Verify"). So build for the
+# stated target of scripts/lib-cpu.sh: x86-64-v3 (AVX2, FMA, F16C, BMI2) where this host has it, else the baseline;
+# never -march=native unless FTDEPLOY_CPU_TARGET=native asks for it. OLLAMA_CPU_FLAGS overrides the flags; set it
+# empty for a binary that runs on any x86-64 CPU. The flags are stamped next to the binary, and a binary built with
+# other flags is rebuilt. FTDEPLOY_CPUINFO names another file to read the CPU flags from (the tests use it).
+. "$(dirname "$0")/lib-cpu.sh"
 if [ -z "${OLLAMA_CPU_FLAGS+set}" ]; then
-  OLLAMA_CPU_FLAGS=""
-  cpuinfo="${FTDEPLOY_CPUINFO:-/proc/cpuinfo}"
-  if [ "$(uname -m)" = x86_64 ] && [ -r "$cpuinfo" ]; then
-    cpu=" $(grep -m 1 '^flags' "$cpuinfo" | cut -d: -f2) "
-    v3=1
-    for f in avx avx2 fma f16c bmi1 bmi2 movbe abm xsave; do
-      case "$cpu" in *" $f "*) ;; *) v3=0 ;; esac
-    done
-    [ "$v3" = 1 ] && OLLAMA_CPU_FLAGS="-march=x86-64-v3"
-  fi
+  OLLAMA_CPU_FLAGS="$(cgo_march_flags "$(cpu_target)")"
 fi
 stamp="$cache/cpu-flags"
 
+# The symbol table stays in the binary (-w drops only DWARF): the instruction scan (tests/integration/
+# test_portable_builds.py) tells Go's runtime, whose AVX-512 code runs behind Go's own CPU checks, from the cgo code
+# by it. A cached binary without one (built before) is rebuilt.
 if [ -x "$bin" ] && "$bin" --version 2>&1 | grep -q "${OLLAMA_VERSION#v}" \
-   && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$OLLAMA_CPU_FLAGS" ]; then
+   && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$OLLAMA_CPU_FLAGS" ] \
+   && { ! readelf -h "$bin" >/dev/null 2>&1 || readelf -S "$bin" | grep -q '\.symtab'; }; then
   echo "$bin"
   exit 0
 fi
@@ -68,7 +64,7 @@ tmp="$(mktemp -d "$cache/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 # The release version is stamped by ldflags, as Ollama's own release build does (else it reports 0.0.0).
 CGO_ENABLED=1 GOBIN="$tmp" go install -trimpath \
-  -ldflags "-s -w -X github.com/ollama/ollama/version.Version=${OLLAMA_VERSION#v}" \
+  -ldflags "-w -X github.com/ollama/ollama/version.Version=${OLLAMA_VERSION#v}" \
   "github.com/ollama/ollama@${OLLAMA_VERSION}" >&2
 "$tmp/ollama" --version >&2 || true
 mv -f "$tmp/ollama" "$bin"

@@ -248,3 +248,28 @@ def test_the_gpu_image_can_build_triton_launchers_and_gets_to_unsloth(stack, gpu
             and gpu_only["said"][-1].startswith("NotImplementedError: Unsloth cannot find any")), gpu_only
     assert not any("ModuleNotFoundError" in line or "ImportError" in line
                    for line in imported["said"] + gpu_only["said"])
+
+
+def test_the_images_carry_the_portable_builds(stack, engine, tmp_path):
+    """Whatever CPU built them, the cpu image's llama.cpp and the sidecar's Ollama hold nothing beyond x86-64-v3
+    (issue 23: a host-native build died with SIGILL on another machine)."""
+    from ftdeploy.cpu import is_go_symbol, scan
+
+    image = "ftdeploy-test:cpu"
+    lib = stack.docker_out("run", "--rm", "--entrypoint", "python", image, "-c",
+                           "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parent / 'lib')").strip()
+    for source, target in ((image, lib), (engine["FTDEPLOY_OLLAMA_IMAGE"], "/bin/ollama")):
+        cid = stack.docker_out("create", source).strip()
+        try:
+            stack.docker_out("cp", f"{cid}:{target}", str(tmp_path / Path(target).name))
+        finally:
+            stack.docker_out("rm", cid)
+    libraries = sorted(p for p in (tmp_path / "lib").glob("*.so*") if p.is_file() and not p.is_symlink())
+    assert any(p.name.startswith("libggml-cpu") for p in libraries), libraries
+    for path in libraries:
+        assert scan(path) == {}, f"{path.name} in {image} holds instructions beyond x86-64-v3"
+    if engine.get("FTDEPLOY_REGISTRY_REACHABLE") == "yes":
+        return  # the official ollama/ollama image: its publisher's build, which picks a CPU library at run time
+    found = scan(tmp_path / "ollama")
+    beyond = {kind: [s for s in per if not is_go_symbol(s)] for kind, per in found.items()}
+    assert "amx" not in found and not any(beyond.values()), beyond
