@@ -89,7 +89,8 @@ def ollama_report(binary: Path, flags: set[str]) -> tuple[bool, str]:
     """(runs here, one line) for a local Ollama binary built by scripts/install-ollama.sh (its stamp beside it)."""
     stamp = binary.resolve().parent / "cpu-flags"
     if not stamp.is_file():
-        return True, "not built by install-ollama.sh: its publisher's build (official releases pick a CPU library at run time)"
+        return True, ("not built by install-ollama.sh: its publisher's build "
+                      "(official releases pick a CPU library at run time)")
     target = target_of_cgo_flags(stamp.read_text().strip())
     if target == "x86-64-v3" and flags and not set(X86_64_V3) <= flags:
         return False, (f"built for {target}; this CPU lacks {', '.join(sorted(set(X86_64_V3) - flags))}: "

@@ -126,15 +126,18 @@ def test_the_emulated_haswell_kills_an_avx512_program(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_f16(tmp_path_factory) -> Path:
-    """A Llama-shaped model with random weights, wide enough (256) for llama.cpp's K-quant blocks, as F16 GGUF."""
+    """A Llama-shaped model with random weights, wide enough (256) for llama.cpp's K-quant blocks, as an F16 GGUF."""
     import torch
+    from tiny_families import FAMILIES, build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ftdeploy.stages.export import convert
-    from conftest import build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("haswell")
-    tokenizer = build_tiny_tokenizer()
+    # Llama 3.1's special tokens over a 400-piece SentencePiece model: a vocabulary small enough that the emulated
+    # CPU spends its time in the transformer blocks, which llama.cpp quantizes with its K-quant kernels.
+    family = next(f for f in FAMILIES if f.name == "llama3.1")
+    tokenizer = build_tokenizer(family, root / "model")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
