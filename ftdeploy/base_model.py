@@ -51,37 +51,64 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-def resolve_base_model(spec: str, trust_remote_code: bool = False, revision: str | None = None) -> Path | str:
-    """Return a local Hugging Face checkpoint directory for `spec`.
+# What a Hugging Face model directory holds besides config.json: weights (one file or shards) and a tokenizer.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json", "tf_model.h5", "flax_model.msgpack")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_base_model(spec: str, given_as: str | None = None) -> Path | None:
+    """What is wrong with `spec` that can be seen without loading anything: a file that is not a GGUF, a folder
+    that is no model, a path that does not exist. Returns the local GGUF to materialise (a .gguf file, or the first
+    in a folder of them), else None (an embedded name, a complete model folder, or a Hub id). `given_as` names the
+    value for the message as the user gave it (`--base-model X`, or `base_model X [from my.yaml, key base_model]`)."""
+    subject = given_as or f"--base-model {spec}"
+    if spec in EMBEDDED:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if not is_gguf(path):
+            raise ModelError(f"{subject}: the file is not a GGUF (no GGUF magic); give a .gguf file or a model "
+                             "directory")
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                return ggufs[0]
+            raise ModelError(f"{subject}: the directory has no config.json (not a Hugging Face model directory)")
+        missing = []
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+            missing.append("no model weights (*.safetensors or pytorch_model*.bin)")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            missing.append(f"no tokenizer ({', '.join(TOKENIZER_FILES)})")
+        if missing:
+            raise ModelError(f"{subject}: the directory has config.json but {' and '.join(missing)}; give the whole "
+                             "model directory (save_pretrained of the model and of its tokenizer writes both)")
+        return None
+    if HUB_ID_RE.match(spec) and not spec.startswith((".", "/")):
+        return None
+    known = ", ".join(EMBEDDED)
+    raise ModelError(f"{subject}: no such file or directory, and not a Hub id (owner/name). Embedded models: {known}")
+
+
+def resolve_base_model(spec: str, trust_remote_code: bool = False, revision: str | None = None,
+                       given_as: str | None = None) -> Path | str:
+    """Return a local Hugging Face checkpoint directory for `spec` (`given_as`: see check_base_model).
 
     A Hub id is downloaded once (into the HF cache) at `revision`, and every later load reads that
     snapshot, so training, merge and tokenizer all see the same commit, which is recorded."""
     if spec in EMBEDDED:
         return materialize_gguf(embedded_gguf(spec), display=spec)
+    gguf = check_base_model(spec, given_as)
+    if gguf is not None:
+        return materialize_gguf(gguf, display=str(gguf))
     path = Path(spec).expanduser()
-    if path.is_file():
-        if not is_gguf(path):
-            raise ModelError(f"--base-model {spec}: the file is not a GGUF (no GGUF magic); give a .gguf file or a "
-                             "model directory")
-        return materialize_gguf(path, display=str(path))
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if ggufs:
-                return materialize_gguf(ggufs[0], display=str(ggufs[0]))
-            raise ModelError(f"--base-model {spec}: the directory has no config.json (not a Hugging Face model "
-                             "directory)")
         return path
-    if HUB_ID_RE.match(spec) and not spec.startswith((".", "/")):
-        return download_snapshot(spec, revision)
-    known = ", ".join(EMBEDDED)
-    raise ModelError(
-        f"--base-model {spec}: no such file or directory, and not a Hub id (owner/name). "
-        f"Embedded models: {known}"
-    )
+    return download_snapshot(spec, revision, given_as)
 
 
-def download_snapshot(repo_id: str, revision: str | None) -> Path:
+def download_snapshot(repo_id: str, revision: str | None, given_as: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
@@ -89,8 +116,9 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
         return Path(snapshot_download(repo_id, revision=revision,
                                       ignore_patterns=["*.pth", "*.bin", "original/*", "*.gguf", "*.onnx"]))
     except Exception as exc:  # noqa: BLE001 - offline, gated, missing: all end here with the id named
+        subject = given_as or f"--base-model {repo_id}"
         raise ModelError(
-            f"--base-model {repo_id}: cannot download from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{subject}: cannot download from the Hugging Face Hub ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160]}). Check the id and revision, set HF_TOKEN for gated models, "
             "or give a local directory or .gguf file."
         ) from None

@@ -24,6 +24,15 @@ log = logging.getLogger("ftdeploy")
 STAGE_NAMES = list(STAGES)  # the registry's order (pipeline.REGISTRY checks it), without importing the pipeline
 
 
+class Stopped(SystemExit):
+    """SIGTERM (`docker stop`, `timeout`, a CI cancel): unwinds like Ctrl-C, and says so."""
+
+
+STOPPED_HINT = ("finished stages and training checkpoints are kept, partial artifacts were removed. Run the same "
+                "command again to continue where it stopped (finished stages are skipped, training resumes from its "
+                "newest checkpoint); `ftdeploy train-and-serve --from STAGE` redoes a stage and every one after it.")
+
+
 class FtdeployGroup(click.Group):
     """The one place where ftdeploy errors become a clean message and an exit code."""
 
@@ -34,8 +43,11 @@ class FtdeployGroup(click.Group):
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("Interrupted; finished artifacts are kept, partial ones were removed.", err=True)
+            click.echo(f"Interrupted: {STOPPED_HINT}", err=True)
             ctx.exit(130)
+        except Stopped as exc:
+            click.echo(f"Stopped by SIGTERM: {STOPPED_HINT}", err=True)
+            ctx.exit(exc.code if isinstance(exc.code, int) else 1)
         except ModuleNotFoundError as exc:
             # An optional package this command needs (torch for training, say) on a base install.
             from .optional import missing_dependency
@@ -62,7 +74,7 @@ def _stop_on_sigterm() -> None:
     """`docker stop`, `timeout` and CI cancel with SIGTERM: unwind like Ctrl-C so the stage is marked failed
     and partial artifacts are removed, instead of dying with the manifest still saying "running"."""
     def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Stopped(128 + signum)
 
     with contextlib.suppress(ValueError):  # not the main thread (e.g. CliRunner in a thread)
         signal.signal(signal.SIGTERM, handler)
@@ -110,11 +122,14 @@ def config_options(func: Callable[..., Any] | None = None, *, extra: dict[str, t
         click.option("--config", "config_path", type=click.Path(dir_okay=False),
                      help="YAML config file (see configs/)."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Override a config key, e.g. --set train.max_steps=20 (repeatable)."),
+                     help="Override a config key, e.g. --set train.max_steps=20 (repeatable; a value on several "
+                          "lines, such as a system prompt, keeps its line breaks)."),
         click.option("--base-model", help="Hub id, local HF directory, .gguf file, or 'smollm2-135m-instruct'."),
         click.option("--data", help="Training data (JSONL of chat messages), or 'demo'."),
         click.option("--name", help="Run name and Ollama model name."),
-        click.option("--quant", help="Comma-separated llama.cpp types, e.g. q4_k_m,q8_0; the first is served."),
+        click.option("--quant", help="auto (the default: the smallest of export.auto_quants that passes the quant "
+                                     "gate), or comma-separated llama.cpp types, e.g. q4_k_m,q8_0: the first that "
+                                     "passes is served."),
         click.option("--max-steps", type=int, help="Optimizer steps."),
         click.option("--engine", type=click.Choice(["auto", "unsloth", "hf"]), help="Training engine."),
         click.option("--ollama-host", envvar="OLLAMA_HOST",
@@ -235,7 +250,21 @@ def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
     click.echo(json.dumps(result, indent=2, default=str) if as_json else human(result))
 
 
+# Set in compose.yaml for the ftdeploy service: the compose service that runs Ollama.
+COMPOSE_OLLAMA_SERVICE_ENV = "FTDEPLOY_COMPOSE_OLLAMA_SERVICE"
+
+
 def _ollama_run_line(name: str, host: str) -> str:
+    """The command that talks to the model, for the user to copy: inside the compose container the sidecar has no
+    published port, so `OLLAMA_HOST=http://ollama:11434 ollama run` would reach nothing from the host; the command
+    that works there runs the sidecar's own `ollama`."""
+    import os
+    from urllib.parse import urlparse
+
+    service = os.environ.get(COMPOSE_OLLAMA_SERVICE_ENV)
+    with contextlib.suppress(ValueError):
+        if service and urlparse(host).hostname == service:
+            return f"docker compose exec {service} ollama run {name}"
     binary = "ollama" if shutil.which("ollama") else None
     if binary is None:
         from .local_server import find_ollama_binary
@@ -284,12 +313,20 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
     summary = {
         "model": cfg.name, "run_dir": str(ctx.run.path), "ollama_host": host,
         "gguf": exported.gguf[exported.served], "quant": exported.served,
-        "verify": {"hits": verify.hits, "total": verify.total, "score": verify.score},
+        "verify": {"hits": verify.hits, "total": verify.total, "score": verify.score, "prompts": verify.prompt_source,
+                   "token_agreement": served.token_agreement if (served := verify.model("served")) else None},
         "ollama_run": _ollama_run_line(cfg.name, host), "report": str(report_md),
     }
+
+    def verified(v: dict[str, Any]) -> str:
+        if v["prompts"] == "train":  # no eval rows: served against merged only
+            agreement = f"{v['token_agreement']:.0%}" if v["token_agreement"] is not None else "–"
+            return f"served = merged on {agreement} of greedy steps, {v['total']} training prompts (no eval rows)"
+        return f"{v['hits']}/{v['total']} expected answers"
+
     _emit(summary, as_json, lambda s: (
-        f"model:   {s['model']}\nserved:  {s['gguf']}\nverify:  {s['verify']['hits']}/{s['verify']['total']} "
-        f"expected answers\nreport:  {s['report']}\nrun dir: {s['run_dir']}\n\nTalk to it:\n  {s['ollama_run']}"))
+        f"model:   {s['model']}\nserved:  {s['gguf']}\nverify:  {verified(s['verify'])}"
+        f"\nreport:  {s['report']}\nrun dir: {s['run_dir']}\n\nTalk to it:\n  {s['ollama_run']}"))
 
 
 # ---------------------------------------------------------------- single stages
@@ -300,17 +337,17 @@ def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) ->
     @config_options(extra=extra)
     @click.option("--json", "as_json", is_flag=True, help="Print the stage's outputs as JSON.")
     def command(cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
-        from .pipeline import REGISTRY
+        from .pipeline import run_stage
 
-        out = REGISTRY[stage].run(_context(cfg, ollama_explicit, existing=True)).to_dict()
+        out = run_stage(_context(cfg, ollama_explicit, existing=True), stage).to_dict()
         _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
 
 
 _stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf; --nproc N for "
                "torchrun).", _DIST_FLAGS)
 _stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.")
-_stage_command("export", "Convert the merged model to GGUF and quantize it (default Q4_K_M); the quant gate picks the "
-               "served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
+_stage_command("export", "Convert the merged model to GGUF and quantize it (default --quant auto: the smallest type "
+               "that passes the quant gate); the quant gate picks the served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
 _stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, "
                "parameters.", _DEPLOY_FLAGS)
 _stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.",
@@ -329,9 +366,9 @@ def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_jso
     click_ctx.obj = cfg
     if click_ctx.invoked_subcommand is not None:
         return
-    from .pipeline import REGISTRY
+    from .pipeline import run_stage
 
-    out = REGISTRY["data"].run(_context(cfg, ollama_explicit)).to_dict()
+    out = run_stage(_context(cfg, ollama_explicit), "data").to_dict()
     _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items()))
 
 
@@ -348,11 +385,11 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
     import tempfile
 
     from .base_model import resolve_base_model
-    from .formats import check_local_path
+    from .stage_runs import check_data_path
     from .stages.data import inspect_data
     from .tokenizer import load_tokenizer
 
-    check_local_path(data_path)  # a typo is reported before the tokenizer loads
+    check_data_path(data_path, data_path)  # a typo, or /dev/zero, is reported before the tokenizer loads
     # Inspecting writes no run: the plot goes beside an existing run, never into a new directory.
     if plot_path:
         plot = Path(plot_path)
@@ -361,7 +398,7 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
         plot = cfg.run_dir / "data_lengths.png"
     else:
         plot = Path(tempfile.gettempdir()) / f"ftdeploy-{cfg.name.replace('/', '_').replace(':', '_')}-data_lengths.png"
-    base = resolve_base_model(cfg.base_model, cfg.trust_remote_code, cfg.base_revision)
+    base = resolve_base_model(cfg.base_model, cfg.trust_remote_code, cfg.base_revision, cfg.given_as("base_model"))
     tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code, cfg.data.chat_template)
     result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot)
     if as_json:
@@ -392,10 +429,10 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
 @click.option("--json", "as_json", is_flag=True, help="Print model, digest and uploaded_bytes as JSON.")
 def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json: bool) -> None:
     """Upload the GGUF to Ollama over HTTP and create the model (template, system, parameters)."""
-    from .pipeline import REGISTRY
+    from .pipeline import run_stage
 
     if gguf_path is None:
-        out = REGISTRY["register"].run(_context(cfg, ollama_explicit, existing=True)).to_dict()
+        out = run_stage(_context(cfg, ollama_explicit, existing=True), "register").to_dict()
     else:
         from .ollama import connect
         from .stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
@@ -466,6 +503,8 @@ def doctor_cmd(ollama_host: str | None, as_json: bool) -> None:
     report = run_checks(ollama_host)
     _emit(report, as_json,
           lambda r: "\n".join(f"{'ok ' if c['ok'] else '-- '} {c['name']:<12} {c['detail']}" for c in r["checks"]))
+    if any(c.get("fatal") for c in report["checks"]):  # something answered wrongly: not a missing extra
+        click.get_current_context().exit(1)
 
 
 @cli.group("ollama", cls=FtdeployGroup)

@@ -7,6 +7,8 @@ Each field carries its own help text (shown by `ftdeploy config --help-keys`).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import re
 import types
 import typing
@@ -18,6 +20,8 @@ import yaml
 
 from . import quants
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -33,8 +37,39 @@ MODEL_NAME_RE = re.compile(
 )
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          lt: float | None = None, **kw: Any) -> Any:
+    """A config field: its help text and, for a number, its range (ge/gt/le/lt: >=, >, <=, <), checked with every
+    other problem when the config is read."""
+    metadata: dict[str, Any] = {"help": text}
+    if (ge, gt, le, lt) != (None, None, None, None):
+        metadata["range"] = Range(ge, gt, le, lt)
+    return field(metadata=metadata, **kw)
+
+
+@dataclass(frozen=True)
+class Range:
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: float) -> bool:
+        # NaN fails every comparison, so it is never in range; an infinity only where no bound stops it
+        return (math.isfinite(value) and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else str(x)
+
+        low = f"[{num(self.ge)}" if self.ge is not None else f"({num(self.gt)}" if self.gt is not None else None
+        high = f"{num(self.le)}]" if self.le is not None else f"{num(self.lt)})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        return f"{'<=' if self.le is not None else '<'} {high[:-1] if high else ''}"
 
 
 @dataclass
@@ -48,9 +83,12 @@ class DataConfig:
         "'demo', else a split of train.",
         default=None,
     )
-    eval_split: float = _help(
-        "Fraction of train held out for eval when no eval file is given (deterministic by seed).",
-        default=0.0,
+    eval_split: float | None = _help(
+        "Fraction of train held out for eval when no eval file is given (deterministic by seed); 0: hold out "
+        "nothing. Unset (the default): data of 200 rows or more holds out 5% of its rows, at most 50, for verify's "
+        "reference scoring; smaller data trains on every row, and verify compares the served model with the merged "
+        "one on a sample of the training prompts (no reference scoring: that needs eval rows).",
+        default=None, ge=0, lt=1,
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "text"] = _help(
         "Dataset layout (auto: detected from the columns).",
@@ -75,18 +113,24 @@ class DataConfig:
         "be a format ftdeploy serves (README, chat formats).",
         default=None,
     )
-    max_seq_length: int = _help("Longer sequences are truncated (and counted).", default=2048)
+    max_seq_length: int = _help("Longer sequences are truncated (and counted).", default=2048, ge=1, le=1 << 20)
     train_on: Literal["assistant", "all"] = _help(
         "Which tokens carry loss: assistant turns only, or every token.",
         default="assistant",
+    )
+    max_row_bytes: int = _help(
+        "Largest row accepted, in bytes of text (UTF-8, all its fields): a longer row is a bad row, refused before "
+        "it is tokenized (a 30 MB row would cost a minute and gigabytes to tokenize). The default, 1 MiB, is about "
+        "250k tokens, far beyond max_seq_length; raise it for longer rows. 0: no limit.",
+        default=1 << 20,
     )
 
 
 @dataclass
 class LoraConfig:
-    r: int = _help("LoRA rank.", default=16)
-    alpha: int = _help("LoRA alpha (scale = alpha / r).", default=16)
-    dropout: float = _help("LoRA dropout.", default=0.0)
+    r: int = _help("LoRA rank.", default=16, ge=1, le=4096)
+    alpha: int = _help("LoRA alpha (scale = alpha / r).", default=16, ge=1)
+    dropout: float = _help("LoRA dropout (the share of inputs zeroed).", default=0.0, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = _help("Which biases train.", default="none")
     target_modules: list[str] = _help(
         "Projections that get adapters.",
@@ -100,26 +144,26 @@ class TrainConfig:
         "auto: unsloth when CUDA and unsloth are present, else hf (transformers + PEFT + TRL).",
         default="auto",
     )
-    max_steps: int = _help("Optimizer steps (overrides epochs when > 0).", default=60)
-    epochs: float = _help("Epochs, used when max_steps is 0.", default=1.0)
-    learning_rate: float = _help("Peak learning rate.", default=2e-4)
-    batch_size: int = _help("Per-device batch size.", default=2)
-    gradient_accumulation: int = _help("Gradient accumulation steps.", default=4)
-    warmup_steps: int = _help("Linear warm-up steps.", default=5)
-    weight_decay: float = _help("Weight decay.", default=0.01)
+    max_steps: int = _help("Optimizer steps (overrides epochs when > 0).", default=60, ge=0)
+    epochs: float = _help("Epochs, used when max_steps is 0.", default=1.0, gt=0)
+    learning_rate: float = _help("Peak learning rate.", default=2e-4, gt=0, lt=1)
+    batch_size: int = _help("Per-device batch size.", default=2, ge=1)
+    gradient_accumulation: int = _help("Gradient accumulation steps.", default=4, ge=1)
+    warmup_steps: int = _help("Linear warm-up steps.", default=5, ge=0)
+    weight_decay: float = _help("Weight decay.", default=0.01, ge=0, le=1)
     lr_scheduler: str = _help("Learning-rate schedule (transformers name).", default="linear")
     optim: str = _help("Optimizer; auto: adamw_8bit on CUDA, adamw_torch on CPU.", default="auto")
-    seed: int = _help("Random seed.", default=3407)
+    seed: int = _help("Random seed.", default=3407, ge=0, le=2**32 - 1)
     load_in_4bit: bool = _help("QLoRA: load the base in 4-bit NF4 (CUDA only; ignored on CPU).", default=True)
     load_in_8bit: bool = _help(
         "Load the base in 8-bit (bitsandbytes LLM.int8, CUDA only) instead of 4-bit; set load_in_4bit false with it.",
         default=False,
     )
     gradient_checkpointing: bool = _help("Trade compute for memory.", default=True)
-    logging_steps: int = _help("Log loss every N steps.", default=1)
+    logging_steps: int = _help("Log loss every N steps.", default=1, ge=1)
     save_steps: int = _help(
         "Checkpoint every N steps (0: never); a rerun after a crash resumes from the newest.",
-        default=50,
+        default=50, ge=0,
     )
     nproc: int = _help(
         "Training processes on this host (one per GPU); above 1, training runs under torch's distributed launcher "
@@ -161,8 +205,14 @@ class TrainConfig:
 @dataclass
 class ExportConfig:
     quant: list[str] = _help(
-        "llama.cpp quantization types, first one is the served model.",
-        default_factory=lambda: ["q4_k_m"],
+        "llama.cpp quantization types; the first that passes the quant gate (verify.min_fidelity) is served, the "
+        "others are registered under their own tags. `auto`: measure the export.auto_quants types, smallest first, "
+        "and serve the first that passes (the unquantized outtype when none does).",
+        default_factory=lambda: ["auto"],
+    )
+    auto_quants: list[str] = _help(
+        "The types `quant: auto` measures with the quant gate, tried smallest first.",
+        default_factory=lambda: ["q4_k_m", "q5_k_m", "q6_k", "q8_0"],
     )
     outtype: Literal["f16", "bf16", "f32"] = _help(
         "Type of the unquantized GGUF the quants are made from.",
@@ -205,19 +255,19 @@ class OllamaConfig:
     connect_timeout: float = _help(
         "Seconds to wait for the connection to the Ollama server (TCP connect, and the TLS handshake with https); a "
         "host not connected in this time cannot be reached.",
-        default=OLLAMA_CONNECT_TIMEOUT,
+        default=OLLAMA_CONNECT_TIMEOUT, gt=0, lt=1e6,
     )
     timeout: float = _help(
         "Seconds an ordinary Ollama call (version, blob check, show, list, copy, delete) waits for the server's answer "
         "once connected; a server that accepted the connection and says nothing for this long has stopped answering, "
         "and the call fails.",
-        default=OLLAMA_TIMEOUT,
+        default=OLLAMA_TIMEOUT, gt=0, lt=1e6,
     )
     long_timeout: float = _help(
         "Seconds the slow Ollama calls (blob upload, create, push, generate and chat, which may load the model first) "
         "wait for the server's next bytes. It bounds each silence, not the whole call: a progress stream runs on while "
         "lines keep coming, and an upload fails when the server stops taking it for this long.",
-        default=OLLAMA_LONG_TIMEOUT,
+        default=OLLAMA_LONG_TIMEOUT, gt=0, lt=1e6,
     )
     headers: dict[str, str] = _help(
         "Extra HTTP headers for every request, e.g. {Authorization: 'Bearer ${OLLAMA_TOKEN}'} for a reverse proxy; "
@@ -236,26 +286,31 @@ class VerifyConfig:
     min_agreement: float = _help(
         "The default gate, per served quant: least share of greedy steps at which it picks the merged 16-bit model's "
         "token (the stop counted as one), counted along each eval answer up to its first difference.",
-        default=0.7,
+        default=0.7, ge=0, le=1,
     )
     min_score: float = _help(
         "Least share of the eval rows carrying `expect` whose expected answer must come back (rows without `expect` "
         "are scored against their reference, not gated).",
-        default=0.8,
+        default=0.8, ge=0, le=1,
     )
     min_chrf: float | None = _help(
         "Least chrF (0-100) of the served answers against the eval references; not gated unless set.",
-        default=None,
+        default=None, ge=0, le=100,
     )
     max_tokens: int = _help(
         "Generation limit per eval answer; 0: 1.5 x the longest eval reference in tokens, plus 8.",
-        default=0,
+        default=0, ge=0,
     )
-    limit: int = _help("At most this many eval prompts (0: all).", default=0)
+    limit: int = _help("At most this many eval prompts (0: all).", default=0, ge=0)
+    train_prompts: int = _help(
+        "With no eval rows: how many training prompts (a sample, fixed by train.seed) the served model is compared "
+        "with the merged model on.",
+        default=8,
+    )
     min_fidelity: float = _help(
         "Quant gate: least top-1 token agreement of a quant with its F16 on the eval chats; below it a quant is "
         "flagged and never served by default.",
-        default=0.85,
+        default=0.85, ge=0, le=1,
     )
     compare: bool = _help(
         "Also answer the eval and general-knowledge prompts with the base model (transformers): the report's base "
@@ -287,13 +342,29 @@ class Config:
     modelfile: ModelfileConfig = field(default_factory=ModelfileConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    # Where each given key's value came from (a flag, a file and key, a --set item), for messages; not a config key,
+    # never written.
+    origins: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
+    def given_as(self, key: str) -> str:
+        """A (dotted) key and its value as the user gave it, for a message: `--base-model X` when a flag set it,
+        `base_model X [from my.yaml, key base_model]` when a file or --set did, `base_model X` for a default."""
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        origin = self.origins.get(key)
+        if origin is None:
+            return f"{key} {value}"
+        if origin.startswith("--") and not origin.startswith("--set "):
+            return f"{origin} {value}"
+        return f"{key} {value} [from {origin}]"
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "origins"}
 
     def section(self, name: str) -> dict[str, Any]:
         return dataclasses.asdict(getattr(self, name))
@@ -353,14 +424,15 @@ def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = [f for f in dataclasses.fields(cls) if f.init]  # Config.origins is no key
+    known = {f.name for f in fields}
     for key in raw:
         if key not in known:
             close = [k for k in known if k.startswith(str(key)[:3])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             errors.append(f"{prefix}{key}: unknown key{hint}")
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in fields:
         if f.name not in raw:
             continue
         tp = hints[f.name]
@@ -372,6 +444,11 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> An
             kwargs[f.name] = _build(tp, value, f"{prefix}{f.name}.", errors)
         else:
             kwargs[f.name] = _check_value(value, tp, f"{prefix}{f.name}", errors)
+            bounds = f.metadata.get("range")
+            checked = kwargs[f.name]
+            if bounds and isinstance(checked, (int, float)) and not isinstance(checked, bool):
+                if not bounds.contains(checked):
+                    errors.append(f"{prefix}{f.name}: must be {bounds}, got {checked}")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # only reachable with errors already recorded
@@ -380,47 +457,19 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> An
 
 
 def _semantic_checks(cfg: Config, errors: list[str]) -> None:
-    if isinstance(cfg.name, str) and (problem := model_name_problem(cfg.name)):
+    if isinstance(cfg.name, str) and (problem := run_name_problem(cfg.name)):
         errors.append(f"name: {problem}")
-    for i, q in enumerate(cfg.export.quant if isinstance(cfg.export.quant, list) else []):
-        if isinstance(q, str) and q.lower() not in QUANT_TYPES:
-            errors.append(f"export.quant[{i}]: unknown quantization type {q!r}; known: {', '.join(QUANT_TYPES)}")
-    if isinstance(cfg.export.quant, list):
-        if not cfg.export.quant:
-            errors.append("export.quant: give at least one quantization type")
-        cfg.export.quant = [q.lower() for q in cfg.export.quant if isinstance(q, str)]
-    positive = {
-        "train.batch_size": cfg.train.batch_size, "train.gradient_accumulation": cfg.train.gradient_accumulation,
-        "lora.r": cfg.lora.r, "data.max_seq_length": cfg.data.max_seq_length,
-    }
-    for key, value in positive.items():
-        if isinstance(value, int) and value <= 0:
-            errors.append(f"{key}: must be > 0, got {value}")
-    if isinstance(cfg.train.max_steps, int) and cfg.train.max_steps < 0:
-        errors.append(f"train.max_steps: must be >= 0, got {cfg.train.max_steps}")
-    if isinstance(cfg.train.learning_rate, float) and not 0 < cfg.train.learning_rate < 1:
-        errors.append(f"train.learning_rate: must be in (0, 1), got {cfg.train.learning_rate}")
+    if cfg.data.train == "":
+        errors.append("data.train: empty; give a JSONL (or JSON, CSV, Parquet) file or folder, a Hugging Face dataset "
+                      "id, or 'demo'")
+    _quant_checks(cfg, errors)
     if isinstance(cfg.data.columns, dict):
         for key in cfg.data.columns:
             if key not in ("prompt", "response", "system"):
                 errors.append(f"data.columns.{key}: unknown column role (prompt, response, system)")
-    if isinstance(cfg.data.eval_split, float) and not 0 <= cfg.data.eval_split < 1:
-        errors.append(f"data.eval_split: must be in [0, 1), got {cfg.data.eval_split}")
-    if isinstance(cfg.verify.min_fidelity, float) and not 0 <= cfg.verify.min_fidelity <= 1:
-        errors.append(f"verify.min_fidelity: must be in [0, 1], got {cfg.verify.min_fidelity}")
-    for key in ("min_score", "min_agreement"):
-        value = getattr(cfg.verify, key)
-        if isinstance(value, float) and not 0 <= value <= 1:
-            errors.append(f"verify.{key}: must be in [0, 1], got {value}")
-    if isinstance(cfg.verify.min_chrf, float) and not 0 <= cfg.verify.min_chrf <= 100:
-        errors.append(f"verify.min_chrf: must be in [0, 100], got {cfg.verify.min_chrf}")
-    if isinstance(cfg.verify.max_tokens, int) and cfg.verify.max_tokens < 0:
-        errors.append(f"verify.max_tokens: must be >= 0 (0: from the eval references), got {cfg.verify.max_tokens}")
+    if isinstance(cfg.verify.train_prompts, int) and cfg.verify.train_prompts < 1:
+        errors.append(f"verify.train_prompts: must be >= 1, got {cfg.verify.train_prompts}")
     _distributed_checks(cfg, errors)
-    for key in ("connect_timeout", "timeout", "long_timeout"):
-        value = getattr(cfg.ollama, key)
-        if isinstance(value, float) and not 0 < value < float("inf"):
-            errors.append(f"ollama.{key}: must be a number of seconds > 0, got {value}")
     if isinstance(cfg.ollama.headers, dict):
         for name, header in cfg.ollama.headers.items():
             if not isinstance(header, str) or not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", str(name)):
@@ -429,9 +478,50 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(f"export.base_name: {problem}")
     _modelfile_checks(cfg, errors)
     host = cfg.ollama.host
+    if host is not None and isinstance(host, str) and (problem := host_problem(host)):
+        errors.append(f"ollama.host: {problem}")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` is not an Ollama server address (OLLAMA_HOST style: a URL, host:port or a bare host), or None."""
+    from urllib.parse import urlparse
+
     host_re = r"^(https?://)?[\w.\-\[\]:]+(:\d+)?(/[\w.\-/~%]*)?$"
-    if host is not None and isinstance(host, str) and not re.match(host_re, host):
-        errors.append(f"ollama.host: {host!r} is not a host URL like http://127.0.0.1:11434")
+    try:
+        parsed = urlparse(host if "://" in host else f"http://{host}")
+        parsed.port  # noqa: B018 - reading it checks it: a port that is no number, or out of range, raises
+        valid = bool(re.match(host_re, host)) and bool(parsed.hostname)
+    except ValueError:  # an unclosed [IPv6 bracket, a port out of range
+        valid = False
+    return None if valid else f"{host!r} is not a host URL like http://127.0.0.1:11434 or http://[::1]:11434"
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run: it is one folder under runs_dir and the Ollama model name, so an Ollama name
+    without a namespace (a '/' would put this run inside another run's folder)."""
+    if "/" in name:
+        flat = name.replace("/", "-")
+        return (f"{name!r}: a run name is one folder under runs_dir, with no namespace/ (this one would be made inside "
+                f"the folder of run {name.split('/')[0]!r}); use {flat!r}, and publish it under a namespace with "
+                f"`ftdeploy push --name {flat} --to {name}`")
+    return model_name_problem(name)
+
+
+def _quant_checks(cfg: Config, errors: list[str]) -> None:
+    for key in ("quant", "auto_quants"):
+        value = getattr(cfg.export, key)
+        if not isinstance(value, list):
+            continue
+        allowed = (*QUANT_TYPES, quants.AUTO) if key == "quant" else QUANT_TYPES
+        for i, q in enumerate(value):
+            if isinstance(q, str) and q.lower() not in allowed:
+                errors.append(f"export.{key}[{i}]: unknown quantization type {q!r}; known: {', '.join(allowed)}")
+        if not value:
+            errors.append(f"export.{key}: give at least one quantization type")
+        setattr(cfg.export, key, [q.lower() for q in value if isinstance(q, str)])
+    if isinstance(cfg.export.quant, list) and quants.AUTO in cfg.export.quant and len(cfg.export.quant) > 1:
+        errors.append(f"export.quant: `auto` chooses the type itself and takes no others (got "
+                      f"{','.join(cfg.export.quant)}); list the candidates in export.auto_quants")
 
 
 def model_name_problem(name: str) -> str | None:
@@ -535,9 +625,16 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=20")
     key, _, text = item.partition("=")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _load_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    if isinstance(value, str) and "\n" in text.strip() and "\n" not in value:
+        # YAML folds the lines of a scalar into one; a value written on several lines (a system prompt) means them.
+        if text.lstrip()[:1] in ("'", '"'):
+            log.warning("--set %s: YAML folds the line breaks inside a quoted value into spaces; leave the value "
+                        "unquoted to keep them, or use \\n inside double quotes", key.strip())
+        else:
+            value = text
     return [k for k in key.strip().split(".") if k], value
 
 
@@ -574,14 +671,18 @@ def load_config(
     origins: dict[str, str] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {p}: no such file")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = _load_yaml(_read_config_file(p))
+        except _TooComplex as exc:
+            raise ConfigError(f"{p}: refused: {exc}; a config is a small mapping of keys") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
             raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None or loaded == {}:
+            log.warning("%s is empty: every key takes its default, which is the embedded demo (base model %s, the "
+                        "demo data)", file_label or p, DEMO_BASE_MODEL)
+            loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
         raw = loaded
@@ -596,7 +697,106 @@ def load_config(
         if value is not None:
             _assign(raw, dotted.split("."), value)
             origins[dotted] = (flag_names or {}).get(dotted, dotted)
-    return _validated(raw, "", origins)
+    cfg = _validated(raw, "", origins)
+    cfg.origins = origins
+    return cfg
+
+
+MAX_CONFIG_BYTES = 1 << 20
+# After aliases are expanded, and how deep: a config has a few hundred nodes, a few levels deep. Past these bounds
+# a YAML file is an alias bomb ("billion laughs": minutes and gigabytes) or nested past Python's recursion limit.
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 64
+
+
+class _TooComplex(yaml.YAMLError):
+    """A YAML document past MAX_YAML_NODES (aliases expanded) or MAX_YAML_DEPTH."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document bigger or deeper than a config can be before it is built."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _TooComplex(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes as the loaded data would hold them, each alias as a copy of its anchor (in linear time, each
+    anchor counted once); raise _TooComplex past MAX_YAML_NODES or on an alias inside its own anchor."""
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children(node))
+            if sizes[key] > MAX_YAML_NODES:
+                raise _TooComplex(f"it holds more than {MAX_YAML_NODES} values once its aliases (*name) are expanded")
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise _TooComplex("an alias (*name) refers to the anchor it is inside of")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack += [(child, False) for child in children(node) if id(child) not in sizes]
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader with bounds
+
+
+def _read_config_file(path: Path) -> str:
+    """The text of a config file; what is not a readable UTF-8 regular file of a config's size is named."""
+    import stat
+
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    kind = next((what for test, what in kinds.items() if test(info.st_mode)), None)
+    if kind is not None or not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"--config {path}: {kind or 'not a regular file'}, not a YAML file; give a config file "
+                          "(see configs/)")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path}: {info.st_size} bytes; a config is a small YAML file (at most "
+                          f"{MAX_CONFIG_BYTES >> 20} MiB)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
 
 
 _ERROR_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*")
@@ -657,10 +857,14 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, 
     rows: list[tuple[str, str, str]] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
         tp = hints[f.name]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.extend(describe_keys(tp, f"{prefix}{f.name}."))
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+        bounds = f.metadata.get("range")
+        text = f.metadata.get("help", "") + (f" Must be {bounds}." if bounds else "")
+        rows.append((prefix + f.name, repr(default), text))
     return rows

@@ -31,8 +31,8 @@ def python_supported(version: tuple[int, ...] = tuple(sys.version_info[:2])) -> 
 def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
     checks: list[dict[str, Any]] = []
 
-    def add(name: str, ok: bool, detail: str) -> None:
-        checks.append({"name": name, "ok": ok, "detail": detail})
+    def add(name: str, ok: bool, detail: str, fatal: bool = False) -> None:
+        checks.append({"name": name, "ok": ok, "detail": detail, **({"fatal": True} if fatal else {})})
 
     add("python", python_supported(), platform.python_version()
         + ("" if python_supported() else f" (ftdeploy needs {'.'.join(map(str, MIN_PYTHON))}+)"))
@@ -69,16 +69,22 @@ def run_checks(ollama_host: str | None = None) -> dict[str, Any]:
         add("llama-cpu", *llama_report(flags))
     if binary:
         add("ollama-cpu", *ollama_report(binary, flags))
-    client = OllamaClient(ollama_host)
-    if client.is_up():
+    from .errors import OllamaError, UnreachableError
+
+    # Nothing answering is no fault (train-and-serve starts the local build); a server that answers wrongly (an HTTP
+    # error, not Ollama's JSON, too old) is, and makes doctor exit non-zero ("fatal").
+    client = OllamaClient(ollama_host, timeout=5.0, connect_timeout=2.0)
+    try:
         version = client.version()
-        ok = parse_version(version) >= MIN_VERSION
-        too_old = "" if ok else f" (too old: need {'.'.join(map(str, MIN_VERSION))}+)"
-        add("ollama", ok, f"{client.host} answers, version {version}{too_old}")
-    else:
+    except UnreachableError:
         add("ollama", False,
             f"nothing answers at {client.host}; train-and-serve starts the local build when no address is given")
-    from .errors import OllamaError
+    except OllamaError as exc:
+        add("ollama", False, f"something answers at {client.host}, but not as an Ollama server: {exc}", fatal=True)
+    else:
+        ok = parse_version(version) >= MIN_VERSION
+        too_old = "" if ok else f" (too old: need {'.'.join(map(str, MIN_VERSION))}+)"
+        add("ollama", ok, f"{client.host} answers, version {version}{too_old}", fatal=not ok)
     from .optional import MissingDependencyError
     from .sidecar import docker_client
 

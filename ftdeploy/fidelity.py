@@ -53,8 +53,10 @@ def general_prompts() -> list[GeneralPrompt]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def token_fidelity(reference: Path, candidate: Path, texts: list[str], max_tokens: int = 512) -> dict[str, float]:
-    """Top-1 agreement and perplexity ratio of `candidate` against `reference` on `texts` (llama.cpp)."""
+def token_fidelity(reference: Path, candidate: Path, texts: list[str], max_tokens: int = 512,
+                   cache: dict[Any, Any] | None = None) -> dict[str, float]:
+    """Top-1 agreement and perplexity ratio of `candidate` against `reference` on `texts` (llama.cpp). `cache`: the
+    reference's logits are kept there, so measuring several candidates evaluates the reference once."""
     import numpy as np
     from llama_cpp import Llama
 
@@ -70,7 +72,13 @@ def token_fidelity(reference: Path, candidate: Path, texts: list[str], max_token
         del llm
         return all_logits, all_tokens
 
-    ref_logits, tokens = run(reference)
+    key = (str(reference), tuple(texts), max_tokens)
+    if cache is not None and key in cache:
+        ref_logits, tokens = cache[key]
+    else:
+        ref_logits, tokens = run(reference)
+        if cache is not None:
+            cache[key] = ref_logits, tokens
     cand_logits, _ = run(candidate)
     agree = total = 0
     nll_ref = nll_cand = 0.0

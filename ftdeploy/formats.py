@@ -18,6 +18,19 @@ The sharegpt layout takes LLaMA-Factory's tool turns and converts them to that f
 a JSON call {"name", "arguments"} or a list of them} -> an assistant turn with "tool_calls", {"from": "observation"} ->
 a "tool" turn (named after the call when there is one), and its "tools" (a JSON string of bare or typed specs) -> typed.
 
+Content, in every layout that takes messages (messages, sharegpt), is a string or a list of parts: OpenAI's and the
+Hugging Face convention's {"type": "text", "text": ...} and LLaMA-Factory's {"type": "text", "value": ...}, the text
+parts joined as the chat templates that take parts join them (concatenated). Any other part (image, image_url, audio,
+input_audio, file, ...) is a bad row naming it: not supported yet. So are a row's non-empty "images" / "videos" /
+"audios" lists and an <image> placeholder in its text, which would otherwise train as literal text. A message's
+"weight" (OpenAI) or "loss_weight" (LLaMA-Factory) is 0 (the turn is context, not trained) or 1 (trained, the
+default for assistant turns); any other value is a bad row. A row-level "system" (the system column) is the system
+message in every chat layout; alpaca's "history" ([[instruction, response], ...]) gives the turns before it; a null
+or NaN field (pandas writes NaN) is absent. Preference data (chosen/rejected pairs, KTO labels) is refused as a
+whole, naming the file: only supervised rows train today. A conversation must end on an assistant turn (or on tool
+results). A row holding more than `max_row_bytes` of text is a bad row before anything tokenizes it. Fields a layout
+does not use are named in one warning per dataset.
+
 Text files are read as UTF-8 with an optional BOM (`utf-8-sig`). A value that looks like a path (a data
 suffix, ./ ../ / ~, or a first component that is a local directory) is never tried as a Hub id.
 
@@ -31,6 +44,8 @@ import csv
 import io
 import itertools
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -40,6 +55,8 @@ from typing import Any, TextIO
 
 from .errors import DataError
 from .optional import require
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "text")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -55,6 +72,14 @@ SHAREGPT_ROLES = {
 SHAREGPT_FUNCTION_CALL, SHAREGPT_OBSERVATION = "function_call", "observation"
 HUB_DATASET_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 MAX_LISTED = 20
+MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes' default: far above any max_seq_length's worth of text
+# Content parts that are not text, and what they carry; a row with one is refused until such models train.
+MEDIA_PARTS = {"image": "images", "image_url": "images", "input_image": "images", "video": "videos",
+               "video_url": "videos", "audio": "audio", "input_audio": "audio", "audio_url": "audio",
+               "file": "files", "input_file": "files"}
+MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's row-level media lists
+IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's (and LLaVA's) mark where an image goes in the text
+WEIGHT_KEYS = ("weight", "loss_weight")  # OpenAI's fine-tuning format, LLaMA-Factory's
 
 
 @dataclass
@@ -67,11 +92,12 @@ class Record:
     expect: str | None = None
     match: str = "contains"  # how verify compares the reply with `expect`: contains, exact, regex
     tools: list[dict[str, Any]] | None = None  # function specs the chat template renders (tools=...)
+    untrained: tuple[int, ...] = ()  # assistant turns (0 = the first assistant message) given weight 0
 
 
 @dataclass
 class Columns:
-    """Column names for the `pairs` layout (and the system column for alpaca/pairs)."""
+    """Column names for the `pairs` layout, and the row-level system prompt's column in every chat layout."""
 
     prompt: str = "prompt"
     response: str = "response"
@@ -350,8 +376,48 @@ def layouts_of(row: dict[str, Any], columns: Columns) -> list[str]:
     return found
 
 
+def preference_kind(row: dict[str, Any], columns: Columns) -> str | None:
+    """What kind of preference row this is (DPO/ORPO pairs, KTO labels, OpenAI's DPO format), or None for a row
+    that is not one, or whose preference columns the user mapped to SFT's (`data.columns` response: chosen)."""
+    if {"chosen", "rejected", "completion"} & {columns.prompt, columns.response}:
+        return None
+    if "chosen" in row and "rejected" in row:
+        context = [k for k in ("conversations", "messages", "instruction", "input", "prompt", "question") if k in row]
+        return " + ".join([*context, "chosen", "rejected"]) + ": DPO/ORPO preference pairs"
+    if "kto_tag" in row:
+        return "kto_tag: KTO's good/bad labels"
+    if "completion" in row and "label" in row and "prompt" in row:
+        return "prompt + completion + label: KTO's good/bad labels"
+    if "preferred_output" in row and "non_preferred_output" in row:
+        return "input + preferred_output + non_preferred_output: OpenAI's DPO format"
+    return None
+
+
+def _not_supervised(kind: str) -> str:
+    return f"preference data ({kind}): not supported yet; ftdeploy trains supervised fine-tuning rows " \
+           "(messages, conversations, instruction/output, prompt/response, text)"
+
+
+def refuse_preference(rows: list[tuple[str, Any]], columns: Columns, source: str, others: int | None = None) -> None:
+    """A DataError naming the file where its first rows are mostly preference rows (at least as many as `others`,
+    the rows of the best other layout; by default, the rows that are not preference rows)."""
+    kinds: dict[str, int] = {}
+    objects = 0
+    for _, row in rows:
+        if isinstance(row, dict):
+            objects += 1
+            if kind := preference_kind(row, columns):
+                kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        return
+    most = max(kinds, key=lambda k: kinds[k])
+    if kinds[most] >= (objects - sum(kinds.values()) if others is None else others):
+        raise DataError(f"{source}: {_not_supervised(most)}")
+
+
 def detect_layout(rows: list[tuple[str, Any]], columns: Columns, source: str) -> str:
-    """The one layout the first rows agree on; ambiguity is an error listing the candidates."""
+    """The one layout the first rows agree on; ambiguity is an error listing the candidates. Preference rows are an
+    error naming the file, not one bad row each: a preference dataset read as SFT would train on its prompts."""
     votes: dict[str, int] = {}
     seen_keys: set[str] = set()
     for _, row in rows:
@@ -360,6 +426,7 @@ def detect_layout(rows: list[tuple[str, Any]], columns: Columns, source: str) ->
         seen_keys.update(row)
         for layout in layouts_of(row, columns):
             votes[layout] = votes.get(layout, 0) + 1
+    refuse_preference(rows, columns, source, max(votes.values(), default=0))
     if not votes:
         raise DataError(
             f"{source}: cannot tell the dataset layout from its columns {sorted(seen_keys)[:12]}; expected one of "
@@ -420,6 +487,8 @@ def _check_messages(messages: Any, tools: list[dict[str, Any]] | None = None) ->
             return f"turns out of order: two {a} messages in a row"
     if "assistant" not in turns:
         return "no assistant message to learn from"
+    if turns[-1] == "user":
+        return f"the conversation ends on a user turn (message {len(messages) - 1}) with no assistant answer after it"
     return None
 
 
@@ -541,17 +610,18 @@ def _sharegpt_messages(conv: list[Any]) -> list[dict[str, Any]] | str:
         who = turn.get("from", turn.get("role"))
         value = turn.get("value", turn.get("content"))
         tag = str(who).lower() if who is not None else None
+        weights = {k: turn[k] for k in WEIGHT_KEYS if k in turn}
         if tag == SHAREGPT_FUNCTION_CALL:
             calls = _sharegpt_calls(i, value)
             if isinstance(calls, str):
                 return calls
-            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls, **weights})
             called = [c["function"]["name"] for c in calls]
             continue
         if tag == SHAREGPT_OBSERVATION:
             if called is None:
                 return f"turn {i} (observation): a tool result with no function_call turn before it"
-            result = {"role": TOOL_ROLE, "content": value}
+            result = {"role": TOOL_ROLE, "content": value, **weights}
             if len(called) == 1:
                 result["name"] = called[0]
             messages.append(result)
@@ -561,7 +631,7 @@ def _sharegpt_messages(conv: list[Any]) -> list[dict[str, Any]] | str:
         if role is None:
             return f"turn {i}: unknown speaker {who!r} (expected human/gpt/system or user/assistant, " \
                    f"or {SHAREGPT_FUNCTION_CALL}/{SHAREGPT_OBSERVATION} for tool use)"
-        messages.append({"role": role, "content": value})
+        messages.append({"role": role, "content": value, **weights})
     return messages
 
 
@@ -636,6 +706,137 @@ def _normalized(m: dict[str, Any]) -> dict[str, Any]:
     return {"role": m["role"], "content": m["content"]}
 
 
+def _text_parts(messages: Any) -> Any:  # the messages, or a _Bad
+    """The messages with each content given as a list of parts joined into one string, or the reason a part cannot
+    be: text parts only ({"type": "text", "text"} or LLaMA-Factory's "value"), concatenated as the chat templates that
+    take parts concatenate them. Anything that is not a list of objects is left for `_check_messages` to name."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            text = _joined_parts(f"message {i} ({m.get('role')})", m["content"])
+            if isinstance(text, _Bad):
+                return text
+            m = {**m, "content": text}
+        out.append(m)
+    return out
+
+
+def _joined_parts(where: str, parts: list[Any]) -> str | _Bad:
+    texts = []
+    for k, part in enumerate(parts):
+        at = f"{where}: content[{k}]"
+        if not isinstance(part, dict):
+            return _Bad(f'{at} must be a part like {{"type": "text", "text": "..."}}, got {_kind(part)}')
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text", part.get("value"))
+            if not isinstance(text, str):
+                return _Bad(f"{at}: a text part's 'text' (or 'value') must be a string, got {_kind(text)}")
+            texts.append(text)
+        elif kind in MEDIA_PARTS:
+            return _Bad(f"{at} is an {kind!r} part: {MEDIA_PARTS[kind]} not supported yet (text parts only)")
+        elif kind is None:
+            return _Bad(f"{at} has no 'type' (text parts are {{\"type\": \"text\", \"text\": \"...\"}})")
+        else:
+            return _Bad(f"{at} is a {kind!r} part, not supported yet (text parts only)")
+    return "".join(texts)
+
+
+def _untrained_turns(messages: list[dict[str, Any]]) -> tuple[int, ...] | str:
+    """The assistant turns (counted among assistant messages) a message weight of 0 leaves out of the loss, or the
+    reason a weight is bad: 0 or 1 only (ints or floats, as pandas writes them), 1 on assistant messages only."""
+    untrained = []
+    turn = -1
+    for i, m in enumerate(messages):
+        role = m["role"]
+        turn += role == "assistant"
+        given = [k for k in WEIGHT_KEYS if m.get(k) is not None]
+        if not given:
+            continue
+        weights = [m[k] for k in given]
+        for key, weight in zip(given, weights, strict=True):
+            if type(weight) not in (int, float) or weight not in (0, 1):
+                return f"message {i} ({role}): {key!r} must be 0 (not trained) or 1 (trained), got {weight!r}"
+        if len(set(weights)) > 1:
+            return f"message {i} ({role}): 'weight' {weights[0]!r} and 'loss_weight' {weights[1]!r} disagree"
+        if role == "assistant":
+            if weights[0] == 0:
+                untrained.append(turn)
+        elif weights[0] == 1:
+            return f"message {i} ({role}): {given[0]!r} 1 asks to train a {role} message; only assistant messages " \
+                   "are trained (data.train_on=all trains every token)"
+    if untrained and len(untrained) == turn + 1:
+        return "every assistant message has weight 0: nothing to learn from"
+    return tuple(untrained)
+
+
+def _media(row: dict[str, Any]) -> str | None:
+    """Why a row that carries images, videos or audio cannot train (yet)."""
+    for key in MEDIA_FIELDS:
+        value = row.get(key)
+        if _absent(value) or value == [] or value == "":
+            continue
+        count = f" ({len(value)})" if isinstance(value, list) else ""
+        return f"the row has {key!r}{count}: {key.rstrip('s') if key == 'audios' else key} not supported yet " \
+               "(ftdeploy trains text-only models)"
+    return None
+
+
+def _placeholder(messages: list[dict[str, Any]], name: Any) -> str | None:
+    for i, m in enumerate(messages):
+        if isinstance(m.get("content"), str) and IMAGE_PLACEHOLDER in m["content"]:
+            return f"{name(i, m)} holds an {IMAGE_PLACEHOLDER} placeholder: images not supported yet (it would " \
+                   "train as literal text)"
+    return None
+
+
+def _absent(value: Any) -> bool:
+    """A field left empty: null, or the NaN pandas writes for a missing value."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _optional_text(row: dict[str, Any], key: str) -> str | _Bad | None:
+    """An optional text field: its string, None where absent (null, NaN), or why it is not text."""
+    value = row.get(key)
+    if _absent(value):
+        return None
+    if not isinstance(value, str):
+        return _Bad(f"{key!r} must be a string (or left out), got {_kind(value)} {value!r}"[:200])
+    return value
+
+
+def _chat_record(messages: Any, row: dict[str, Any], tools: list[dict[str, Any]] | None, expect: str | None,
+                 columns: Columns) -> Record | str:
+    """A messages- or sharegpt-layout row's Record: parts joined, checked, weights read, the row's system prompt
+    put first."""
+    messages = _text_parts(messages)
+    if isinstance(messages, _Bad):
+        return messages.reason
+    if reason := _check_messages(messages, tools):
+        return reason
+    untrained = _untrained_turns(messages)
+    if isinstance(untrained, str):
+        return untrained
+    if reason := _placeholder(messages, lambda i, m: f"message {i} ({m['role']})"):
+        return reason
+    normalized = [_normalized(m) for m in messages]
+    system = _optional_text(row, columns.system)
+    if isinstance(system, _Bad):
+        return system.reason
+    if system and system.strip():
+        if reason := _not_unicode(system):
+            return f"{columns.system!r} {reason}"
+        if reason := _placeholder([{"content": system}], lambda i, m: f"the row's {columns.system!r}"):
+            return reason
+        if normalized[0]["role"] != "system":
+            normalized.insert(0, {"role": "system", "content": system})
+        elif normalized[0]["content"] != system:
+            return f"two system prompts: the row's {columns.system!r} and message 0 (system) differ; keep one"
+    return Record("", messages=normalized, expect=expect, tools=tools, untrained=untrained)
+
+
 def _not_unicode(text: str) -> str | None:
     """Why `text` cannot be tokenized or written as UTF-8: a lone surrogate, which JSON's \\ud800 escapes allow."""
     try:
@@ -650,11 +851,32 @@ def _text(row: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _single_turn(prompt: str, response: str, system: str | None, expect: str | None) -> Record | str:
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    if system:
+def _single_turn(prompt: str, response: str, system: str | None, expect: str | None,
+                 history: list[dict[str, Any]] | None = None) -> Record | str:
+    messages = [*(history or ()), {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if system and system.strip():
         messages.insert(0, {"role": "system", "content": system})
-    return _check_messages(messages) or Record("", messages=messages, expect=expect)
+    if reason := _check_messages(messages):
+        return reason
+    parts = {"system": "the system prompt", "user": "the prompt", "assistant": "the response"}
+    if reason := _placeholder(messages, lambda i, m: parts[m["role"]]):
+        return reason
+    return Record("", messages=messages, expect=expect)
+
+
+def _history(value: Any) -> list[dict[str, Any]] | _Bad:
+    """LLaMA-Factory's alpaca `history`, [[instruction, response], ...] before the row's own turn, as turns."""
+    if _absent(value) or value == []:
+        return []
+    if not isinstance(value, list):
+        return _Bad(f"'history' must be a list of [instruction, response] pairs, got {_kind(value)}")
+    turns = []
+    for k, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            return _Bad(f"'history'[{k}] must be an [instruction, response] pair of strings, got "
+                        f"{json.dumps(pair, ensure_ascii=False)[:80]}")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
 
 
 def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
@@ -663,6 +885,10 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         return row.reason
     if not isinstance(row, dict):
         return f"expected an object, got {type(row).__name__}"
+    if kind := preference_kind(row, columns):
+        return _not_supervised(kind)
+    if reason := _media(row):
+        return reason
     expect = row.get("expect") if isinstance(row.get("expect"), str) else None
     if expect is not None and (reason := _not_unicode(expect)):
         return f"'expect' {reason}"
@@ -680,10 +906,7 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         tools = _check_tools(row.get("tools"))
         if isinstance(tools, str):
             return tools
-        reason = _check_messages(row["messages"], tools)
-        if reason:
-            return reason
-        return Record("", messages=[_normalized(m) for m in row["messages"]], expect=expect, tools=tools)
+        return _chat_record(row["messages"], row, tools, expect, columns)
     if layout == "sharegpt":
         conv = row.get("conversations")
         if not isinstance(conv, list) or not conv:
@@ -694,21 +917,27 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         messages = _sharegpt_messages(conv)
         if isinstance(messages, str):
             return messages
-        if reason := _check_messages(messages, tools):
-            return reason
-        return Record("", messages=[_normalized(m) for m in messages], expect=expect, tools=tools)
-    if layout == "alpaca":
+        return _chat_record(messages, row, tools, expect, columns)
+    if layout in ("alpaca", "pairs"):
+        system = _optional_text(row, columns.system)
+        if isinstance(system, _Bad):
+            return system.reason
+        if layout == "pairs":
+            asked, answered = _text(row, columns.prompt), _text(row, columns.response)
+            if asked is None or answered is None:
+                return f"missing field {columns.prompt!r} or {columns.response!r} (or not a string)"
+            return _single_turn(asked, answered, system, expect)
         instruction, output = _text(row, "instruction"), _text(row, "output")
         if instruction is None or output is None:
             return "missing field 'instruction' or 'output' (or not a string)"
-        extra = _text(row, "input") or ""
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return _single_turn(prompt, output, _text(row, columns.system), expect)
-    if layout == "pairs":
-        asked, answered = _text(row, columns.prompt), _text(row, columns.response)
-        if asked is None or answered is None:
-            return f"missing field {columns.prompt!r} or {columns.response!r} (or not a string)"
-        return _single_turn(asked, answered, _text(row, columns.system), expect)
+        extra = _optional_text(row, "input")
+        if isinstance(extra, _Bad):
+            return extra.reason
+        history = _history(row.get("history"))
+        if isinstance(history, _Bad):
+            return history.reason
+        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        return _single_turn(prompt, output, system, expect, history)
     if layout == "text":
         text = _text(row, "text")
         if text is None or not text.strip():
@@ -719,6 +948,35 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
     raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
 
 
+# The fields each layout reads (beside expect, match and the media lists, which every layout checks), and the
+# message fields the chat layouts read: any other is named in a warning, never dropped without a word.
+_ROW_FIELDS = {"messages": ("messages", "tools"), "sharegpt": ("conversations", "tools"),
+               "alpaca": ("instruction", "input", "output", "history"), "pairs": (), "text": ("text",)}
+_MESSAGE_FIELDS = {"messages": ("role", "content", "tool_calls", "tool_call_id", *WEIGHT_KEYS),
+                   "sharegpt": ("from", "value", "role", "content", *WEIGHT_KEYS)}
+
+
+def unused_fields(row: Any, layout: str, columns: Columns) -> list[str]:
+    """The fields of a row that its layout does not read (a message's as `messages[].field`)."""
+    if not isinstance(row, dict) or layout not in _ROW_FIELDS:
+        return []
+    known = {*_ROW_FIELDS[layout], "expect", "match", *MEDIA_FIELDS}
+    if layout != "text":
+        known.add(columns.system)
+    if layout == "pairs":
+        known.update((columns.prompt, columns.response))
+    unused = [k for k in row if k not in known]
+    turns = row.get("messages" if layout == "messages" else "conversations")
+    if layout in _MESSAGE_FIELDS and isinstance(turns, list):
+        read = _MESSAGE_FIELDS[layout]
+        key = "messages" if layout == "messages" else "conversations"
+        for m in turns:
+            if isinstance(m, dict):
+                tool = m.get("role", m.get("from")) in (TOOL_ROLE, SHAREGPT_OBSERVATION)
+                unused += [f"{key}[].{k}" for k in m if k not in read and not (k == "name" and tool)]
+    return unused
+
+
 @dataclass
 class LoadResult:
     records: list[Record]
@@ -727,28 +985,42 @@ class LoadResult:
 
 
 def load_records(spec: str, layout: str = "auto", columns: Columns | None = None, on_bad_row: str = "error",
-                 system_prompt: str | None = None, hub_config: str | None = None, split: str = "train") -> LoadResult:
-    """Read, detect, convert and validate; bad rows are an error listing each (or skipped and reported)."""
+                 system_prompt: str | None = None, hub_config: str | None = None, split: str = "train",
+                 max_row_bytes: int = MAX_ROW_BYTES) -> LoadResult:
+    """Read, detect, convert and validate; bad rows are an error listing each (or skipped and reported). A row over
+    `max_row_bytes` of text (0: no limit) is a bad row."""
     columns = columns or Columns()
     rows = list(iter_rows(spec, hub_config, split))
     if not rows:
         raise DataError(f"{spec}: the dataset is empty")
     if layout == "auto":
         layout = detect_layout(rows[:200], columns, spec)
+    else:
+        refuse_preference(rows[:200], columns, spec)
     records: list[Record] = []
     bad: list[str] = []
+    unused: dict[str, str] = {}
     for where, row in rows:
-        result = _to_record(where, row, layout, columns, system_prompt)
+        result = _to_record(where, row, layout, columns, system_prompt, max_row_bytes, unused)
         if isinstance(result, str):
             bad.append(result)
         else:
             records.append(result)
+    _warn_unused(spec, layout, unused)
     _check_rows(spec, layout, on_bad_row, bad, len(records))
     return LoadResult(records, layout, bad)
 
 
-def _to_record(where: str, row: Any, layout: str, columns: Columns, system_prompt: str | None) -> Record | str:
-    """The row as a Record, or the bad-row line naming where it came from."""
+def _to_record(where: str, row: Any, layout: str, columns: Columns, system_prompt: str | None,
+               max_row_bytes: int = MAX_ROW_BYTES, unused: dict[str, str] | None = None) -> Record | str:
+    """The row as a Record, or the bad-row line naming where it came from. Its size is checked first: the work
+    (and memory) of rendering and tokenizing a row grows with it. `unused` collects the fields it does not read."""
+    if max_row_bytes > 0 and (size := _size_over(row, max_row_bytes)) is not None:
+        return f"{where}: the row holds {size:,} bytes of text, more than data.max_row_bytes={max_row_bytes:,}; " \
+               "refused before tokenizing (raise data.max_row_bytes to train on rows this long, or split the row)"
+    if unused is not None:
+        for name in unused_fields(row, layout, columns):
+            unused.setdefault(name, where)
     result = convert_row(row, layout, columns)
     if isinstance(result, str):
         return f"{where}: {result}"
@@ -758,6 +1030,38 @@ def _to_record(where: str, row: Any, layout: str, columns: Columns, system_promp
     if system_prompt and result.messages and result.messages[0]["role"] != "system":
         result.messages.insert(0, {"role": "system", "content": system_prompt})
     return result
+
+
+def _size_over(row: Any, limit: int) -> int | None:
+    """The UTF-8 size of a row's strings (keys included) where it is over `limit`, else None. Its JSON text (in C;
+    ASCII-escaped, so never shorter than the strings' UTF-8) settles nearly every row at once; only a row that may be
+    over is walked and its strings encoded."""
+    try:
+        if len(json.dumps(row)) <= limit:
+            return None
+    except (TypeError, ValueError, RecursionError):  # a value JSON has no form for (a Hub dataset's image, bytes)
+        pass
+    strings: list[str] = []
+    stack = [row]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            strings.append(value)
+        elif isinstance(value, dict):
+            strings.extend(k for k in value if isinstance(k, str))
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    size = sum(len(s.encode("utf-8", "surrogatepass")) for s in strings)
+    return size if size > limit else None
+
+
+def _warn_unused(spec: str, layout: str, unused: dict[str, str]) -> None:
+    if unused:
+        listed = ", ".join(f"{name!r} (first at {where})" for name, where in itertools.islice(unused.items(), 12))
+        more = f" and {len(unused) - 12} more" if len(unused) > 12 else ""
+        log.warning("%s: fields the %s layout does not read, so they are not trained: %s%s", spec, layout, listed,
+                    more)
 
 
 def _check_rows(spec: str, layout: str, on_bad_row: str, bad: list[str], n_records: int) -> None:
@@ -782,22 +1086,27 @@ class RecordStream:
     """
 
     def __init__(self, spec: str, layout: str = "auto", columns: Columns | None = None, on_bad_row: str = "error",
-                 system_prompt: str | None = None, hub_config: str | None = None, split: str = "train"):
+                 system_prompt: str | None = None, hub_config: str | None = None, split: str = "train",
+                 max_row_bytes: int = MAX_ROW_BYTES):
         self.spec, self.columns, self.on_bad_row = spec, columns or Columns(), on_bad_row
         self.system_prompt, self._hub_config, self._split = system_prompt, hub_config, split
+        self.max_row_bytes = max_row_bytes
+        self._warned = False  # unused fields are named once, not once a pass
         self.bad: list[str] = []
         self.records = 0  # records of the last complete pass
         rows = self._rows()
         head = list(itertools.islice(rows, 200))
         if not head:
             raise DataError(f"{spec}: the dataset is empty")
-        if layout == "auto":
-            try:
+        try:
+            if layout == "auto":
                 layout = detect_layout(head, self.columns, spec)
-            except DataError:
-                for _ in rows:  # a file-level error further down is the one the whole-file read reports
-                    pass
-                raise
+            else:
+                refuse_preference(head, self.columns, spec)
+        except DataError:
+            for _ in rows:  # a file-level error further down is the one the whole-file read reports
+                pass
+            raise
         self.layout = layout
         self._pending: tuple[list[tuple[str, Any]], Iterator[tuple[str, Any]]] | None = (head, rows)
 
@@ -813,14 +1122,18 @@ class RecordStream:
             rows = self._rows()
         bad: list[str] = []
         n_records = 0
+        unused: dict[str, str] | None = None if self._warned else {}
         for where, row in rows:
-            result = _to_record(where, row, self.layout, self.columns, self.system_prompt)
+            result = _to_record(where, row, self.layout, self.columns, self.system_prompt, self.max_row_bytes, unused)
             if isinstance(result, str):
                 bad.append(result)
                 continue
             n_records += 1
             yield result
         self.bad, self.records = bad, n_records
+        if unused is not None:
+            self._warned = True
+            _warn_unused(self.spec, self.layout, unused)
         _check_rows(self.spec, self.layout, self.on_bad_row, bad, n_records)
 
     def check(self) -> None:

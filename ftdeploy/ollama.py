@@ -68,13 +68,20 @@ __all__ = ["MIN_VERSION", "OllamaClient", "UnreachableError", "connect", "ensure
 
 def normalize_host(host: str | None) -> str:
     """`OLLAMA_HOST`-style values (`0.0.0.0`, `host:port`, URLs) -> a base URL."""
+    from .config import host_problem
+
+    given = host
     host = (host or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST).strip().rstrip("/")
+    if problem := host_problem(host):
+        source = "--ollama-host" if given else "$OLLAMA_HOST"
+        raise OllamaError(f"{source}: {problem}")
     if "://" not in host:
         host = "http://" + host
     parsed = urlparse(host)
     if parsed.port is None:
         default_port = 443 if parsed.scheme == "https" else 11434
-        host = f"{parsed.scheme}://{parsed.hostname}:{default_port}{parsed.path}"
+        name = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname  # IPv6 keeps its []
+        host = f"{parsed.scheme}://{name}:{default_port}{parsed.path}"
     return host
 
 

@@ -21,10 +21,11 @@ from .errors import ConfigError, FtdeployError, StageMissingError
 from .ollama import OllamaClient, connect
 from .quants import bits_per_weight
 from .results import RESULT_TYPES, Result
-from .runs import CONFIG_FILE, STAGES, Run, atomic_write_text
+from .runs import MANIFEST_FILE, STAGES, Run
 from .stage_runs import (
     _data_files,
     _export_files,
+    check_inputs,
     stage_data,
     stage_export,
     stage_merge,
@@ -49,11 +50,12 @@ class Context:
 
     @classmethod
     def create(cls, cfg: Config, ollama_explicit: bool, existing: bool = False) -> Context:
-        """Lock the run directory (made if needed) and record the config in it.
+        """Lock the run directory (made if needed). The config is recorded in it (config.yaml) when a stage
+        starts, so a command that fails before that leaves an existing run's config as it was.
 
         existing: the command works on a run made earlier (merge, export, …); when there is none, say
         so before anything is written, so that a mistyped --name leaves no directory behind."""
-        run = Run(cfg.run_dir)
+        run = Run(cfg.run_dir, config_text=dump_config(cfg))
         if existing and not run.manifest_path.is_file():
             raise StageMissingError(
                 f"no run named {cfg.name!r} in {cfg.run_dir.parent} ({run.manifest_path} does not exist); start one "
@@ -63,18 +65,20 @@ class Context:
         while not top.parent.exists():
             top = top.parent
         made = None if top.exists() else top
+        if existing:
+            run.load_manifest()  # a damaged manifest is named now, before the command does anything
         lock = run.acquire_lock()
-        atomic_write_text(run.path / CONFIG_FILE, dump_config(cfg))
         explicit = ollama_explicit or bool(cfg.ollama.host) or bool(os.environ.get("OLLAMA_HOST"))
         return cls(cfg, run, explicit, _lock=lock, _made_run=made)
 
     def close(self) -> None:
-        """Release the run. A run directory this command made, where no stage ever started (the command
-        failed in preflight, say), is removed: a failed no-op leaves nothing behind."""
+        """Release the run. A run directory this command made that holds no stage record (the command failed in
+        preflight, or its stage failed before writing anything: see Run.stage) is removed: a failed no-op leaves
+        nothing behind."""
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-        if self._made_run is not None and not self.run.load_manifest().get("stages"):
+        if self._made_run is not None and not (self.run.path / MANIFEST_FILE).exists():
             shutil.rmtree(self.run.path, ignore_errors=True)
             for parent in (self.run.path.parent, *self.run.path.parent.parents):  # a new --runs-dir, if left empty
                 if parent != self._made_run and self._made_run not in parent.parents:
@@ -98,7 +102,8 @@ class Context:
         return self._fingerprints[stage]
 
     def base(self) -> Path | str:
-        return base_model.resolve_base_model(self.cfg.base_model, self.cfg.trust_remote_code, self.cfg.base_revision)
+        return base_model.resolve_base_model(self.cfg.base_model, self.cfg.trust_remote_code, self.cfg.base_revision,
+                                             self.cfg.given_as("base_model"))
 
     def base_if_local(self) -> Path | None:
         """The base checkpoint directory when it is already on disk (never downloads or converts)."""
@@ -198,6 +203,8 @@ def preflight(ctx: Context, stages: list[str]) -> None:
             f"about {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free. Free space, or point "
             "--runs-dir at a larger disk."
         )
+    if "data" in stages:  # a folder holding only config.json, say: now, not after the engine and tokenizer load
+        base_model.check_base_model(ctx.cfg.base_model, ctx.cfg.given_as("base_model"))
     if "register" in stages or "verify" in stages:
         ctx.client()  # a wrong address fails in seconds, not after training
 
@@ -291,11 +298,19 @@ def _param_estimate(ctx: Context) -> float:
     return sum(f.stat().st_size for f in files) / width
 
 
+def run_stage(ctx: Context, name: str) -> Result:
+    """Run one stage on the run: never on what an unfinished or outdated stage before it left (Run.check_upstream)."""
+    ctx.run.check_upstream(name)
+    return REGISTRY[name].run(ctx)
+
+
 def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None, from_stage: str | None = None,
                     force: tuple[str, ...] = ()) -> dict[str, Result]:
     plan = plan_stages(ctx, from_stage, force)
     if ctx.cfg.train.node_rank > 0:  # a worker host trains its share and stops: it never needs Ollama
         plan = [(name, run) for name, run in plan if STAGES.index(name) <= STAGES.index("train")]
+    if ("data", True) in plan:  # a mistyped data path: before any import or tokenizer, in no time
+        check_inputs(ctx.cfg, base=False)
     if ("train", True) in plan:
         from .stages.train import import_engine_first
 
@@ -310,5 +325,5 @@ def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None,
             continue
         if on_stage:
             on_stage(name)
-        results[name] = REGISTRY[name].run(ctx)
+        results[name] = run_stage(ctx, name)
     return results

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 from .results import ExportResult, ModelScore, RegisterResult, VerifySummary
-from .runs import LOSS_PLOT, MANIFEST_FILE, atomic_write_text
+from .runs import LOSS_PLOT, MANIFEST_FILE, atomic_write_text, read_manifest
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -48,7 +47,13 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
         agree = served.agreement if served else None
         head = f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}`"
         gated_rows = verify.total if verify.expect_rows is None else verify.expect_rows
-        if gated_rows or not verify.total:
+        on_train = verify.prompt_source == "train"
+        if on_train:
+            head += (f" was compared with the merged 16-bit model on {verify.total} prompts sampled from the training "
+                     "data: the data has no eval rows, so this checks that the served model is the trained model, "
+                     "not how well it answers new questions (reference scoring needs eval rows: data.eval or "
+                     "data.eval_split)")
+        elif gated_rows or not verify.total:
             head += (f" answered {verify.hits}/{verify.total} eval prompts as expected (min_score {verify.min_score}"
                      + (f" on the {gated_rows} rows with `expect`)" if gated_rows != verify.total else ")")
                      + (f"; the merged 16-bit model answered {merged.hits}/{merged.total}" if merged else ""))
@@ -56,10 +61,14 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
             head += (f" was asked {verify.total} eval prompts; no row carries `expect`, so the references are scored "
                      f"(chrF: served {_num(served.chrf if served else None, '{:.1f}')}, merged "
                      f"{_num(merged.chrf if merged else None, '{:.1f}')}), not gated")
-        if agree is not None and merged:
+        if agree is not None and merged and not on_train:
             head += (f", and the served answers agree with it on {_pct(agree)} of prompts" if gated_rows
                      else f"; {_pct(agree)} of the served answers equal the merged model's word for word")
         verdict.append(head + ".")
+        if verify.system:
+            verdict.append(f"Every prompt carried the Modelfile's SYSTEM ({verify.system[:120]!r}) where it had no "
+                           "system message of its own, as Ollama adds it: the merged model's prompts and the "
+                           "template check's raw prompts too.")
         quants = [m for m in models if m.role in ("served", "tag") and m.token_agreement is not None]
         if quants:
             def gate(m: ModelScore) -> str:
@@ -87,12 +96,15 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
     else:
         verdict.append("Not verified yet: run `ftdeploy verify`.")
     out.append(("Verdict", verdict, None))
+    if export.fidelity or export.quant_note:
+        out.append(_quant_section(export))
 
     if models:
         rows = [["model", "expected answers", "agrees with merged", "top-1 vs F16", "perplexity ratio",
                  "steps as merged", "prefix kept", "stops as merged", "chrF"]]
         for m in models:
-            rows.append([m.label, f"{m.hits}/{m.total} ({_pct(m.match)})", _pct(m.agreement),
+            expected = "–" if verify.prompt_source == "train" else f"{m.hits}/{m.total} ({_pct(m.match)})"
+            rows.append([m.label, expected, _pct(m.agreement),
                          _num(m.top1_agreement), _num(m.ppl_ratio), _pct(m.token_agreement), _pct(m.prefix_share),
                          _pct(m.stop_agreement), _num(m.chrf, "{:.1f}")])
         notes = ["*expected answers*: the expected answer is in the reply at temperature 0. *agrees with merged*: the "
@@ -110,17 +122,20 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
         out.append(("Eval per model and quant", notes, rows))
         prompts = verify.prompts
         if prompts:
-            refs = verify.references or [""] * len(prompts)
-            rows = [["prompt", "reference", *(m.label for m in models)]]
+            on_train = verify.prompt_source == "train"
+            refs = [] if on_train else verify.references or [""] * len(prompts)
+            rows = [["prompt", *([] if on_train else ["reference"]), *(m.label for m in models)]]
             for i, prompt in enumerate(prompts):
                 cells = []
                 for m in models:
                     reply = (m.replies or [""] * len(prompts))[i][:80]
                     p = m.prompts[i] if i < len(m.prompts) else None
                     cells.append(reply + (f" [{p.prefix}/{p.length} tokens as merged]" if p else ""))
-                rows.append([prompt, refs[i][:80], *cells])
-            out.append(("Answers", ["Merged and served side by side with the eval reference; [a/b]: the served "
-                                    "answer repeats the first a of the merged answer's b tokens."], rows))
+                rows.append([prompt, *([] if on_train else [refs[i][:80]]), *cells])
+            intro = ("Training prompts (a sample; the data has no eval rows): merged and served side by side"
+                     if on_train else "Merged and served side by side with the eval reference")
+            out.append(("Answers", [intro + "; [a/b]: the served answer repeats the first a of the merged answer's b "
+                                    "tokens."], rows))
 
     forget = verify.forgetting
     if forget:
@@ -168,6 +183,24 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
     return out
 
 
+def _quant_section(export: ExportResult) -> tuple[str, list[str], list[list[str]] | None]:
+    """Which quant is served and why: each type the quant gate measured, in the order it measured them."""
+    on = {"eval": "the eval conversations", "train": "a sample of the training conversations (no eval rows)"}
+    text = [export.quant_note or f"Served: {export.served}."]
+    if export.fidelity:
+        text.append(f"Top-1 token agreement with the unquantized GGUF on {on.get(export.gate_prompts, 'the eval')}"
+                    f", gated at verify.min_fidelity {export.min_fidelity}"
+                    + (" (`--quant auto`: tried smallest first, the first that passes is served and only it is kept)."
+                       if export.auto else "."))
+    rows = [["type", "top-1 vs unquantized", "perplexity ratio", "result"]]
+    for qtype, scores in export.fidelity.items():
+        result = ("served" if qtype == export.served else
+                  "below the gate" + ("" if export.auto else ", own tag only") if qtype in export.flagged
+                  else "passes, own tag")
+        rows.append([qtype, _num(scores.get("top1_agreement")), _num(scores.get("ppl_ratio")), result])
+    return "Quant choice", text, rows if export.fidelity else None
+
+
 def _md_table(rows: list[list[str]]) -> list[str]:
     def cell(x: str) -> str:
         return str(x).replace("|", "\\|").replace("\n", " ")
@@ -183,7 +216,7 @@ def build_report(run_dir: Path) -> tuple[Path, Path]:
         from .errors import StageMissingError
 
         raise StageMissingError(f"{run_dir}: no {MANIFEST_FILE}; is this a run directory?")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)  # a damaged one is an error naming it
     name = manifest.get("stages", {}).get("register", {}).get("outputs", {}).get("model") or run_dir.name
     parts = sections(manifest, name)
 

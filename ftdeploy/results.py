@@ -77,6 +77,9 @@ class ExportResult(Result):
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)  # quant -> top1_agreement, ppl_ratio, ...
     flagged: list[str] = field(default_factory=list)  # below the gate: registered under their own tag only
     min_fidelity: float = 0.0
+    auto: bool = False  # --quant auto: the types tried are the keys of `fidelity`, in order; only `served` is kept
+    quant_note: str = ""  # how the served quant was chosen, in a sentence (the report's)
+    gate_prompts: str = ""  # what the quant gate measured on: "eval" or "train" conversations ("" when nothing)
     base_gguf: str | None = None  # deploy=adapter: the base model's GGUF, shared by every tune of it
     base_name: str | None = None
     base_bytes: int | None = None
@@ -245,6 +248,10 @@ class VerifySummary(Result):
     max_tokens: int = 0  # the generation limit used (from the references' lengths unless verify.max_tokens is set)
     min_agreement: float = 0.0
     min_chrf: float | None = None
+    # Where the prompts came from: "eval" rows (references scored), or "train": a sample of the training prompts,
+    # asked when the data has no eval rows (served vs merged only; reference scoring needs eval rows).
+    prompt_source: Literal["eval", "train"] = "eval"
+    system: str | None = None  # the Modelfile's SYSTEM, part of every prompt built for the merged model and parity
     failures: list[VerifyFailure] = field(default_factory=list)
     unverified: dict[str, str] = field(default_factory=dict)  # failed name -> the name it was moved to
     seconds: dict[str, float] = field(default_factory=dict)  # where verify spent its time

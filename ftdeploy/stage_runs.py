@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import base_model
 from .config import DEMO_DATA, Config
@@ -36,6 +36,7 @@ from .results import (
 from .runs import LOSS_PLOT, Run, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
+    from .formats import Record
     from .ollama import OllamaClient
     from .pipeline import Context
     from .stages.modelfile import ModelfileSpec
@@ -50,14 +51,42 @@ def previous(ctx: Context, stage: str, kind: type[R]) -> R:
     return kind.from_dict(ctx.run.stage_record(stage).get("outputs", {}))
 
 
-def stage_data(ctx: Context) -> DataResult:
+def check_inputs(cfg: Config, base: bool = True) -> None:
+    """What the data stage reads, checked before anything loads (a tokenizer takes seconds to): each data path
+    exists and is a file or a folder, not /dev/zero or a FIFO, and (`base`) the base model is an embedded name, a
+    GGUF, a whole model folder or a Hub id."""
+    for key in ("data.train", "data.eval"):
+        spec = getattr(cfg.data, key.split(".")[1])
+        if spec and spec != DEMO_DATA:
+            check_data_path(spec, cfg.given_as(key))
+    if base:
+        base_model.check_base_model(cfg.base_model, cfg.given_as("base_model"))
+
+
+def check_data_path(spec: str, given_as: str) -> None:
+    """A data path that does not exist, or is no file or folder (/dev/zero, a FIFO), is an error naming it."""
+    import stat
+
+    from .errors import DataError
     from .formats import check_local_path
+
+    check_local_path(spec)
+    try:
+        mode = Path(spec).expanduser().stat().st_mode
+    except (OSError, ValueError):
+        return  # not a local path (a Hub dataset id), or one check_local_path has judged
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
+        raise DataError(f"{given_as}: {kind}, not a data file; give a JSONL (or JSON, CSV, Parquet) file or a folder "
+                        "of them")
+
+
+def stage_data(ctx: Context) -> DataResult:
     from .stages.data import prepare_data
     from .tokenizer import load_tokenizer
 
-    for spec in (ctx.cfg.data.train, ctx.cfg.data.eval):  # a mistyped path: before the tokenizer, before the stage
-        if spec and spec != DEMO_DATA:
-            check_local_path(spec)
+    check_inputs(ctx.cfg)  # a mistyped path: before the tokenizer, before the stage
     with ctx.run.stage("data", ctx.fingerprint("data")) as out:
         base = ctx.base()
         tokenizer, mapping = load_tokenizer(base, ctx.cfg.trust_remote_code, ctx.cfg.data.chat_template)
@@ -125,61 +154,94 @@ def stage_merge(ctx: Context) -> MergeResult:
     return result
 
 
-def eval_texts(ctx: Context, limit: int = 16) -> list[str]:
-    """The eval conversations rendered with the training chat template (what token fidelity is measured on)."""
-    from .stages.data import load_eval
+PromptSource = Literal["eval", "train"]
+
+
+def verify_examples(ctx: Context, limit: int = 0) -> tuple[list[Record], PromptSource]:
+    """The chats verify asks, and where they came from: the eval rows; or, where the data has none and no eval file
+    was asked for, the data stage's sample of the training chats (verify.train_prompts of them), with no `expect`:
+    a training answer is no reference."""
+    from .stages.data import load_eval, load_train_sample
+
+    examples = load_eval(ctx.run.data_dir)
+    if examples or ctx.cfg.data.eval:
+        return examples[: limit or None], "eval"
+    sample = load_train_sample(ctx.run.data_dir)[: limit or ctx.cfg.verify.train_prompts]
+    return [dataclasses.replace(r, expect=None) for r in sample], "train"
+
+
+def eval_texts(ctx: Context, limit: int = 16) -> tuple[list[str], PromptSource]:
+    """The conversations token fidelity is measured on, rendered with the training chat template: the eval rows, or
+    without them a sample of the training chats; and which of the two."""
     from .stages.modelfile import read_chat_template
     from .templates import jinja_renderer
 
     template, bos, eos = read_chat_template(ctx.run.merged_dir)
     render = jinja_renderer(template, bos, eos)
-    return [render(r.messages, False) for r in load_eval(ctx.run.data_dir)[:limit] if r.messages]
+    examples, source = verify_examples(ctx, limit)
+    return [render(r.messages, False) for r in examples if r.messages], source
+
+
+def auto_quant(cfg: Config) -> bool:
+    from .quants import AUTO
+
+    return cfg.export.quant == [AUTO]
 
 
 def stage_export(ctx: Context) -> ExportResult:
-    from .errors import ExportError
     from .fidelity import token_fidelity
-    from .quants import next_safer
-    from .stages.export import export, stamp_metadata
+    from .stages.export import export, gate_quants, gguf_name, quantize, stamp_metadata
 
+    cfg, auto = ctx.cfg, auto_quant(ctx.cfg)
+    outtype, gate = cfg.export.outtype, cfg.verify.min_fidelity
     with ctx.run.stage("export", ctx.fingerprint("export")) as out:
-        metadata = {"general.finetune": ctx.cfg.name, "general.quantized_by": "ftdeploy",
+        metadata = {"general.finetune": cfg.name, "general.quantized_by": "ftdeploy",
                     "general.description": provenance(ctx)}
-        paths = export(ctx.run.merged_dir, ctx.run.gguf_dir, ctx.cfg.name, ctx.cfg.export.quant, ctx.cfg.export.outtype,
+        # auto: only the unquantized GGUF here; each candidate is made when the gate comes to it.
+        paths = export(ctx.run.merged_dir, ctx.run.gguf_dir, cfg.name, [] if auto else cfg.export.quant, outtype,
                        metadata)
-        # The quant gate: token-level agreement of each quant with the unquantized GGUF.
-        texts = eval_texts(ctx)
-        fidelity: dict[str, dict[str, float]] = {}
-        for qtype in ctx.cfg.export.quant:
-            if qtype != ctx.cfg.export.outtype and texts:
-                fidelity[qtype] = token_fidelity(paths[ctx.cfg.export.outtype], paths[qtype], texts)
-                # The eval scores travel with the file (visible in /api/show), measured before registration.
-                stamp_metadata(paths[qtype], {"ftdeploy.eval.top1_vs_f16": fidelity[qtype]["top1_agreement"],
-                                              "ftdeploy.eval.ppl_ratio": fidelity[qtype]["ppl_ratio"],
-                                              "ftdeploy.eval.chats": float(len(texts))})
+        texts, source = eval_texts(ctx)
+
+        def made(qtype: str) -> Path:
+            if qtype not in paths:
+                paths[qtype] = quantize(paths[outtype], ctx.run.gguf_dir / gguf_name(cfg.name, qtype), qtype)
+            return paths[qtype]
+
+        reference: dict[Any, Any] = {}  # the unquantized GGUF's logits, computed once for every candidate
+
+        def measure(qtype: str) -> dict[str, float]:
+            """The quant gate's measure: token-level agreement of a quant with the unquantized GGUF."""
+            if auto:  # the candidate before this one fell below the gate: it is not kept
+                for failed in [q for q in paths if q != outtype]:
+                    paths.pop(failed).unlink(missing_ok=True)
+            candidate = made(qtype)
+            log.info("quant gate: %s against %s on %d %s conversations", qtype, outtype, len(texts), source)
+            return token_fidelity(paths[outtype], candidate, texts, cache=reference)
+
+        choice = gate_quants([] if auto else cfg.export.quant, outtype, gate, measure if texts else None,
+                             cfg.export.auto_quants if auto else None)
+        if auto:
+            made(choice.served)
+            for failed in [q for q in paths if q not in (outtype, choice.served)]:
+                paths.pop(failed).unlink(missing_ok=True)
+        for qtype, scores in choice.fidelity.items():
+            if qtype in paths:  # the scores travel with the file (visible in /api/show), measured before registration
+                stamp_metadata(paths[qtype], {"ftdeploy.eval.top1_vs_f16": scores["top1_agreement"],
+                                              "ftdeploy.eval.ppl_ratio": scores["ppl_ratio"],
+                                              "ftdeploy.eval.chats": float(len(texts)),
+                                              "ftdeploy.eval.prompts": source})
         for path in paths.values():
             ctx.run.record_artifact(path)
-        gate = ctx.cfg.verify.min_fidelity
-        flagged = [q for q, f in fidelity.items() if f["top1_agreement"] < gate]
-        passing = [q for q in ctx.cfg.export.quant if q not in flagged]
-        if not passing:
-            first = ctx.cfg.export.quant[0]
-            raise ExportError(
-                f"quant gate: every requested type is below verify.min_fidelity={gate} (top-1 agreement with "
-                f"{ctx.cfg.export.outtype}: " + ", ".join(f"{q} {fidelity[q]['top1_agreement']:.3f}" for q in flagged)
-                + f"); try --quant {next_safer(first)} or lower the gate"
-            )
-        result = ExportResult(gguf={q: str(p) for q, p in paths.items()}, served=passing[0], fidelity=fidelity,
-                              flagged=flagged, min_fidelity=gate)
-        if ctx.cfg.export.deploy == "adapter":
-            base_gguf = base_gguf_for(ctx, passing[0])
-            result.base_gguf, result.base_name = str(base_gguf), base_name(ctx.cfg, passing[0])
+        result = ExportResult(gguf={q: str(p) for q, p in paths.items()}, served=choice.served,
+                              fidelity=choice.fidelity, flagged=choice.flagged, min_fidelity=gate, auto=auto,
+                              quant_note=choice.note, gate_prompts=source if texts else "")
+        if cfg.export.deploy == "adapter":
+            base_gguf = base_gguf_for(ctx, choice.served)
+            result.base_gguf, result.base_name = str(base_gguf), base_name(cfg, choice.served)
             result.base_bytes = base_gguf.stat().st_size
             result.adapter_bytes = sum(p.stat().st_size for p in ctx.run.adapter_dir.glob("adapter_*"))
         out.update(result.to_dict())
-        if flagged:
-            log.warning("quant gate: %s below min_fidelity %.2f (flagged, not served by default); next safer: %s",
-                        ", ".join(flagged), gate, ", ".join(f"{q}->{next_safer(q)}" for q in flagged))
+        (log.warning if choice.flagged or not choice.fidelity else log.info)("%s", choice.note)
     return result
 
 
@@ -229,7 +291,10 @@ def provenance(ctx: Context) -> str:
 
 
 def served_quant(ctx: Context) -> str:
-    return previous(ctx, "export", ExportResult).served or ctx.cfg.export.quant[0]
+    served = previous(ctx, "export", ExportResult).served
+    if not served and auto_quant(ctx.cfg):
+        raise StageMissingError(f"{ctx.run.gguf_dir}: no GGUF chosen yet (--quant auto); run `ftdeploy export` first")
+    return served or ctx.cfg.export.quant[0]
 
 
 def served_gguf(ctx: Context, qtype: str | None = None) -> Path:
@@ -282,8 +347,8 @@ def load_spec(ctx: Context) -> ModelfileSpec:
 
 def other_quants(ctx: Context) -> dict[str, str]:
     """{tag: qtype} for every exported quant besides the served one (flagged ones included, never as default).
-    An adapter deploy registers the served quant's base only."""
-    if ctx.cfg.export.deploy == "adapter":
+    An adapter deploy registers the served quant's base only; `--quant auto`, the type it chose only."""
+    if ctx.cfg.export.deploy == "adapter" or auto_quant(ctx.cfg):
         return {}
     served = served_quant(ctx)
     return {quant_tag(ctx.cfg.name, q): q for q in ctx.cfg.export.quant if q != served}
@@ -318,14 +383,15 @@ GENERAL_TOKENS = 32  # the general-knowledge answers (forgetting): a short fact 
 
 
 def stage_verify(ctx: Context) -> VerifySummary:
-    """Is the served model the trained model? Each served quant's greedy answers to the eval prompts against the
-    merged 16-bit model's (the default gate), the template check, the references, and forgetting. A model that fails
-    is moved to `<name>-unverified`, so nothing that failed answers under the name a user runs."""
+    """Is the served model the trained model? Each served quant's greedy answers to the eval prompts (without eval
+    rows, a sample of the training prompts) against the merged 16-bit model's (the default gate), the template
+    check, the references (eval rows only), and forgetting. The merged model and the parity check get each prompt
+    with the Modelfile's SYSTEM, as Ollama adds it. A model that fails is moved to `<name>-unverified`, so nothing
+    that failed answers under the name a user runs."""
     import time
 
     from .fidelity import HFModel, agreement_scores, forgetting, general_prompts, prompt_agreement, score
     from .results import Forgetting, ForgettingItem
-    from .stages.data import load_eval
     from .stages.modelfile import mapping_for_template, read_chat_template
     from .stages.verify import (
         PARITY_CHATS,
@@ -338,6 +404,7 @@ def stage_verify(ctx: Context) -> VerifySummary:
         reference_answer,
         summarize,
         template_parity,
+        with_system,
     )
     from .templates import jinja_renderer
 
@@ -351,23 +418,28 @@ def stage_verify(ctx: Context) -> VerifySummary:
         clock[0] = now
 
     with ctx.run.stage("verify", ctx.fingerprint("verify")) as out:
-        examples = load_eval(ctx.run.data_dir)
-        if cfg.verify.limit:
-            examples = examples[: cfg.verify.limit]
+        examples, source = verify_examples(ctx, cfg.verify.limit)
+        on_eval = source == "eval"  # references are scored on eval rows only
+        system = load_spec(ctx).system
         client = ctx.client()
         _require_registered(client, name)
         tags = other_quants(ctx)
         exported = previous(ctx, "export", ExportResult)
         if not examples:
-            summary = VerifySummary(min_score=cfg.verify.min_score, min_agreement=cfg.verify.min_agreement)
+            summary = VerifySummary(min_score=cfg.verify.min_score, min_agreement=cfg.verify.min_agreement,
+                                    prompt_source=source, system=system)
             return _verdict(ctx, summary, out, tags)
+        if not on_eval:
+            log.info("verify: no eval rows; comparing the served model with the merged one on %d training prompts "
+                     "(reference scoring needs eval rows: data.eval or data.eval_split)", len(examples))
         # The Modelfile's format: how a reply's tool calls read as text, on every side of the comparison.
         template, bos, eos = read_chat_template(ctx.run.merged_dir)
         mapping = mapping_for_template(template, bos, eos, f"{ctx.run.merged_dir} chat template")
         calls_text = mapping.tool_calls_text if mapping.tools else None
-        chats = [prompt_messages(e) for e in examples]
-        expected, modes = [expected_answer(e) for e in examples], [e.match for e in examples]
-        references = [reference_answer(e, calls_text) for e in examples]
+        chats = [with_system(prompt_messages(e), system) for e in examples]  # as the served model receives them
+        expected = [expected_answer(e) if on_eval else "" for e in examples]
+        modes = [e.match if on_eval else "contains" for e in examples]
+        references = [reference_answer(e, calls_text) for e in examples]  # training answers: only for the limit
         general = general_prompts()
         general_chats, general_expected = [g["messages"] for g in general], [g["expect"] for g in general]
         all_tools = [e.tools for e in examples] + [None] * len(general_chats)
@@ -396,17 +468,20 @@ def stage_verify(ctx: Context) -> VerifySummary:
         parity_chats = [*PARITY_CHATS, *(PARITY_TOOL_CHATS if mapping.tools else [])]
         parity = template_parity(client, name, jinja_renderer(template, bos, eos),
                                  bos if mapping.format.bos_in_template else None, parity_chats,
-                                 calls_text=calls_text)
+                                 calls_text=calls_text, system=system)
         lap("template parity")
-        answers = ask_all(client, name, examples, limit, cfg.train.seed, calls_text)
+        answers = ask_all(client, name, examples, limit, cfg.train.seed, calls_text, references=on_eval)
         lap("served answers")
-        tag_answers = {tag: ask_all(client, tag, examples, limit, cfg.train.seed, calls_text) for tag in tags}
+        tag_answers = {tag: ask_all(client, tag, examples, limit, cfg.train.seed, calls_text, references=on_eval)
+                       for tag in tags}
         lap("other quants")
 
         summary = summarize(answers, cfg.verify.min_score)
         summary.template_parity, summary.max_tokens = parity, limit
         summary.min_agreement, summary.min_chrf = cfg.verify.min_agreement, cfg.verify.min_chrf
-        summary.prompts, summary.references = [c[-1]["content"] for c in chats], references
+        summary.prompts, summary.references = [c[-1]["content"] for c in chats], references if on_eval else []
+        summary.prompt_source, summary.system = source, system
+        scored = references if on_eval else None
 
         def agreement(replies: list[Answer]) -> dict[str, Any]:
             return agreement_scores([
@@ -416,10 +491,10 @@ def stage_verify(ctx: Context) -> VerifySummary:
 
         if base_replies is not None:
             summary.models.append(ModelScore(role="base", label="base", replies=base_replies,
-                                             **score(base_replies, expected, merged_replies, modes, references)))
+                                             **score(base_replies, expected, merged_replies, modes, scored)))
         summary.models.append(ModelScore(role="merged", label="merged", replies=merged_replies,
                                          stopped=sum(g.stopped for g in merged_gen),
-                                         **score(merged_replies, expected, None, modes, references)))
+                                         **score(merged_replies, expected, None, modes, scored)))
         served = served_quant(ctx)
         for tag, qtype, replies in [(name, served, answers), *((t, q, tag_answers[t]) for t, q in tags.items())]:
             texts = [a.answer for a in replies]
@@ -428,7 +503,7 @@ def stage_verify(ctx: Context) -> VerifySummary:
             m = ModelScore(role=role, label=label, quant=qtype, tag=tag, replies=texts,
                            stopped=sum(a.done_reason == "stop" for a in replies),
                            gated=role == "served" or qtype not in exported.flagged,
-                           **score(texts, expected, merged_replies, modes, references),
+                           **score(texts, expected, merged_replies, modes, scored),
                            **_quant_scores(exported.fidelity.get(qtype, {})), **agreement(replies))
             summary.models.append(m)
         if base_general is not None:

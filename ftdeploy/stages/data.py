@@ -2,7 +2,9 @@
 
 Each conversation is rendered with the base model's own chat template. Loss falls on the
 assistant turns only (by default), and each assistant turn's end-of-turn token is inside the
-loss, so the model learns to stop. A row that would train on nothing is an error naming it.
+loss, so the model learns to stop. An assistant turn of weight 0 (OpenAI's "weight", LLaMA-Factory's "loss_weight":
+`Record.untrained`) stays in the text as context and out of the loss, with train_on="all" too. A row that would
+train on nothing is an error naming it.
 
 `tokenize_conversation` is the definition of the labels: the assistant span of turn i runs from
 the end of the conversation before it (rendered with the generation prompt) to the end of the
@@ -29,7 +31,7 @@ import itertools
 import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -93,14 +95,16 @@ def read_records(cfg: DataConfig, spec: str, split: str = "train") -> LoadResult
     # from it whether this is a local path or a Hub id.
     source = str(demo_path(split)) if spec == DEMO_DATA else spec
     columns = Columns(**cfg.columns) if cfg.columns else Columns()
-    return load_records(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split)
+    return load_records(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split,
+                       cfg.max_row_bytes)
 
 
 def stream_records(cfg: DataConfig, spec: str, split: str = "train") -> RecordStream:
     """`read_records` as a stream: the same records and errors, read as they are used."""
     source = str(demo_path(split)) if spec == DEMO_DATA else spec
     columns = Columns(**cfg.columns) if cfg.columns else Columns()
-    return RecordStream(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split)
+    return RecordStream(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split,
+                       cfg.max_row_bytes)
 
 
 def tokenize_conversation(
@@ -111,9 +115,11 @@ def tokenize_conversation(
     train_on: str = "assistant",
     source: str = "",
     tools: list[dict[str, Any]] | None = None,
+    untrained: Collection[int] = (),
 ) -> Tokenized:
     """Render with the tokenizer's chat template (and the row's tools); label the assistant spans, tool-call turns
-    included (end-of-turn included)."""
+    included (end-of-turn included), but for the assistant turns in `untrained` (counted among assistant messages:
+    those a message weight of 0 leaves out), which stay masked even with train_on="all"."""
 
     def render(msgs: list[dict[str, Any]], gen: bool, with_tools: list[dict[str, Any]] | None = tools) -> str:
         return tokenizer.apply_chat_template(msgs, tools=with_tools, tokenize=False, add_generation_prompt=gen)
@@ -121,13 +127,16 @@ def tokenize_conversation(
     full = render(messages, False)
     if reason := template_drops_tools(messages, tools, full, render, getattr(tokenizer, "name_or_path", "")):
         raise DataError(f"{source}: {reason}")
-    spans = assistant_spans(messages, full, render, mapping.format, source)
+    spans, skipped = weighted_spans(assistant_spans(messages, full, render, mapping.format, source), untrained)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     offsets = enc["offset_mapping"]
     labels = []
     for tok, (start, _end) in zip(ids, offsets, strict=True):
-        trained = train_on == "all" or any(s <= start < e for s, e in spans)
+        if train_on == "all":
+            trained = not any(s <= start < e for s, e in skipped)
+        else:
+            trained = any(s <= start < e for s, e in spans)
         labels.append(tok if trained else IGNORE_INDEX)
     eot_id = tokenizer.convert_tokens_to_ids(mapping.end_of_turn)
     trained_ids = {t for t in labels if t != IGNORE_INDEX}
@@ -145,6 +154,15 @@ def tokenize_conversation(
             + (f" after truncation to max_seq_length={max_seq_length}" if truncated else "")
         )
     return Tokenized(ids, labels, truncated)
+
+
+def weighted_spans(spans: list[tuple[int, int]],
+                   untrained: Collection[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The assistant spans split by their turn's weight: (trained, untrained)."""
+    if not untrained:
+        return spans, []
+    return ([span for k, span in enumerate(spans) if k not in untrained],
+            [span for k, span in enumerate(spans) if k in untrained])
 
 
 def assistant_spans(messages: list[dict[str, Any]], full: str, render: Callable[..., str],
@@ -273,8 +291,9 @@ def template_drops_tools(messages: list[dict[str, Any]], tools: list[dict[str, A
     """Why this chat template cannot train on this row's tools: it renders the same text without the tool specs, or
     without the tool calls (so the model would learn from calls it never sees); None when it renders both."""
     where = f"the chat template of {template_name}" if template_name else "the tokenizer's chat template"
-    fix = ("use a base model whose chat template supports tools (Qwen2.5, Llama 3.1 and later), or drop the tool "
-           "fields from the data")
+    fix = ("set data.chat_template=chatml-tools (ChatML with tool calls, which ftdeploy serves) to train them on "
+           "this base, or use a base model whose chat template supports tools (Qwen2.5, Llama 3.1 and later), or drop "
+           "the tool fields from the data")
     if tools and render(messages, False, None) == full:
         return f"the row carries tools, but {where} renders none of them (the same text with and without " \
                "`tools`); " + fix
@@ -320,7 +339,7 @@ def tokenize_records(records: Iterable[Record], tokenizer: Any, mapping: Templat
             return tokenize_text(rec.text, tokenizer, max_seq_length)
         assert rec.messages is not None, "a record holds text or messages"
         return tokenize_conversation(rec.messages, tokenizer, mapping, max_seq_length, train_on, rec.source,
-                                     rec.tools)
+                                     rec.tools, rec.untrained)
 
     fast = _FastTokenizer.create(tokenizer, mapping, max_seq_length, train_on, exact)
     if fast is not None:
@@ -372,13 +391,30 @@ def _with_tools(rec: Record) -> bool:
     return bool(rec.tools) or any("tool_calls" in m or m["role"] == "tool" for m in rec.messages or ())
 
 
+def _token_runs(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> Iterator[slice]:
+    """The tokens that start inside the character spans, as runs of token indices."""
+    if not spans:
+        return
+    starts = [start for start, _end in offsets]
+    if starts == sorted(starts):
+        # Token starts in order: the tokens starting inside [s, e) are one run, found by bisection.
+        for s, e in spans:
+            a = bisect.bisect_left(starts, s)
+            yield slice(a, bisect.bisect_left(starts, e, a))
+        return
+    for i, start in enumerate(starts):
+        if any(s <= start < e for s, e in spans):
+            yield slice(i, i + 1)
+
+
 @dataclass
 class _Item:
     """A record rendered and ready for the tokenizer."""
 
     record: Record
     text: str | None = None  # what the tokenizer reads
-    spans: list[tuple[int, int]] | None = None  # assistant spans in `text` (conversations)
+    spans: list[tuple[int, int]] | None = None  # assistant spans in `text` (conversations), trained turns only
+    skipped: list[tuple[int, int]] = field(default_factory=list)  # the spans of assistant turns of weight 0
     error: Exception | None = None  # the error tokenize_conversation raises for it, once it is this record's turn
     exact: bool = False  # the fast renderer failed on it: the one-by-one path gives its outcome (or error)
 
@@ -458,7 +494,8 @@ class _FastTokenizer:
         except Exception:  # the template raised: the one-by-one path raises the same, from apply_chat_template
             item.exact = True
             return item
-        item.text, item.spans = full, spans
+        item.text = full
+        item.spans, item.skipped = weighted_spans(spans, rec.untrained)
         return item
 
     def _renderer(self, tools: list[dict[str, Any]] | None) -> Callable[..., str]:
@@ -489,7 +526,7 @@ class _FastTokenizer:
                 outcome = self._text(next(texts).ids)
             else:
                 try:
-                    outcome = self._label(it.record, encoding, it.spans)
+                    outcome = self._label(it.record, encoding, it.spans, it.skipped)
                 except DataError as exc:
                     outcome = exc
             if not it.exact and it.record.messages is not None and _with_tools(it.record):
@@ -519,23 +556,18 @@ class _FastTokenizer:
         ids = ids[: self.max_seq_length]
         return Tokenized(ids, list(ids), truncated)
 
-    def _label(self, rec: Record, encoding: Any, spans: list[tuple[int, int]]) -> Tokenized:
+    def _label(self, rec: Record, encoding: Any, spans: list[tuple[int, int]],
+               skipped: list[tuple[int, int]]) -> Tokenized:
         """tokenize_conversation's labels, checks and errors from the encoding of the whole conversation."""
         ids: list[int] = encoding.ids
-        if self.train_on == "all":
+        if self.train_on == "all":  # every token, but those of assistant turns of weight 0
             labels = list(ids)
+            for run in _token_runs(encoding.offsets, skipped):
+                labels[run] = [IGNORE_INDEX] * len(ids[run])
         else:
-            starts = [start for start, _end in encoding.offsets]
-            if starts == sorted(starts):
-                # Token starts in order: the tokens starting inside [s, e) are one run, found by bisection.
-                labels = [IGNORE_INDEX] * len(ids)
-                for s, e in spans:
-                    a = bisect.bisect_left(starts, s)
-                    b = bisect.bisect_left(starts, e, a)
-                    labels[a:b] = ids[a:b]
-            else:
-                labels = [tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-                          for tok, start in zip(ids, starts, strict=True)]
+            labels = [IGNORE_INDEX] * len(ids)
+            for run in _token_runs(encoding.offsets, spans):
+                labels[run] = ids[run]
         if self.eot_id is None or self.eot_id not in labels:
             raise DataError(
                 f"{rec.source}: the end-of-turn token {self.end_of_turn!r} is not inside the trained span; "
@@ -605,16 +637,56 @@ def pack_groups(lengths: Iterable[int], max_seq_length: int) -> list[list[int]]:
     return groups
 
 
-def held_out(n: int, fraction: float, seed: int) -> set[int]:
-    """Indices of the records held out for eval (deterministic by seed)."""
+# data.eval_split unset: data this large spares a few rows for verify's reference scoring; smaller data trains on
+# every row, and verify compares served with merged on a sample of the training prompts instead.
+AUTO_EVAL_MIN_ROWS, AUTO_EVAL_FRACTION, AUTO_EVAL_MAX_ROWS = 200, 0.05, 50
+TRAIN_SAMPLE_FILE = "train_sample.jsonl"  # training chats verify asks when there are no eval rows
+TRAIN_SAMPLE_ROWS = 32
+
+
+def eval_rows_to_hold_out(n: int, fraction: float | None) -> int:
+    """How many of `n` training rows become eval rows: `fraction` of them (at least one), or with no fraction given
+    (None) AUTO_EVAL_FRACTION of data with AUTO_EVAL_MIN_ROWS rows or more, at most AUTO_EVAL_MAX_ROWS."""
+    if fraction is None:
+        return min(AUTO_EVAL_MAX_ROWS, int(round(n * AUTO_EVAL_FRACTION))) if n >= AUTO_EVAL_MIN_ROWS else 0
     if fraction <= 0 or n < 2:
+        return 0
+    return max(1, int(round(n * fraction)))
+
+
+def held_out(n: int, fraction: float | None, seed: int) -> set[int]:
+    """Indices of the records held out for eval (deterministic by seed; see eval_rows_to_hold_out)."""
+    count = eval_rows_to_hold_out(n, fraction)
+    if not count:
         return set()
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return set(order[: max(1, int(round(n * fraction)))])
+    return set(order[:count])
 
 
-def split_eval(examples: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+class _TrainSample:
+    """A uniform sample (reservoir, fixed by the seed) of the training chats that end on an assistant turn, kept in
+    file order: the prompts verify asks when the data has no eval rows."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.rng, self.seen = size, random.Random(seed), 0
+        self.kept: list[tuple[int, Record]] = []
+
+    def offer(self, rec: Record) -> None:
+        if not rec.messages or rec.messages[-1].get("role") != "assistant":
+            return
+        self.seen += 1
+        if len(self.kept) < self.size:
+            self.kept.append((self.seen, rec))
+        elif (slot := self.rng.randrange(self.seen)) < self.size:
+            self.kept[slot] = (self.seen, rec)
+
+    def write(self, path: Path) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(_eval_line(rec) for _, rec in sorted(self.kept, key=lambda kept: kept[0]))
+
+
+def split_eval(examples: list[Record], fraction: float | None, seed: int) -> tuple[list[Record], list[Record]]:
     held = held_out(len(examples), fraction, seed)
     if not held:
         return examples, []
@@ -676,7 +748,8 @@ class _TrainWriter:
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_dir: Path, seed: int) -> DataStats:
-    """Validate, split, tokenize; write train.jsonl (ids + labels), eval.jsonl (chats) and stats.json.
+    """Validate, split, tokenize; write train.jsonl (ids + labels), eval.jsonl (chats), train_sample.jsonl (a
+    sample of the training chats, for verify when there are no eval rows) and stats.json.
 
     The records stream from the source through the tokenizer into train.jsonl: memory stays flat in the rows
     (packing keeps two numbers a row; an eval split, one bit of bookkeeping a row and a counting pass first)."""
@@ -686,16 +759,21 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
     try:
         if cfg.eval:
             eval_stream = stream_records(cfg, cfg.eval, "eval")
-        elif cfg.train == DEMO_DATA and cfg.eval_split == 0:
+        elif cfg.train == DEMO_DATA and not cfg.eval_split:
             eval_stream = stream_records(cfg, DEMO_DATA, "eval")
-        elif cfg.eval_split > 0:
+        elif cfg.eval_split is None or cfg.eval_split > 0:
             train.check()  # a counting pass: which rows are held out depends on how many there are
             held = held_out(train.records, cfg.eval_split, seed)
+            if cfg.eval_split is None:
+                log.info("data.eval_split unset: %s", f"held out {len(held)} of {train.records} rows for eval" if held
+                         else f"{train.records} rows (< {AUTO_EVAL_MIN_ROWS}) all train; verify compares the served "
+                              "model with the merged one on a sample of the training prompts")
     except DataError:
         train.check()  # the train file's own errors come first, as when both were read whole
         raise
 
     stats = DataStats(layout=train.layout)
+    sample = _TrainSample(TRAIN_SAMPLE_ROWS, seed)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         writer = _TrainWriter(tmp / "train.jsonl", cfg.packing, cfg.max_seq_length)
@@ -703,16 +781,23 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
             with open(tmp / "eval.jsonl", "w", encoding="utf-8") as eval_fh:
                 try:
                     if eval_stream is not None:
+                        chats = 0
                         for rec in eval_stream:
                             stats.eval_rows += 1
                             if rec.messages:
+                                chats += 1
                                 eval_fh.write(_eval_line(rec))
+                        if cfg.eval and not chats:  # asked for by name: an eval that gives verify nothing is wrong
+                            raise DataError(f"{cfg.eval}: data.eval has no conversations to verify with "
+                                            f"({stats.eval_rows} rows, none a chat); give eval rows as chats, or leave "
+                                            "data.eval unset (verify then asks a sample of the training prompts)")
                     records: Iterable[Record] = train
                     if held:
                         records = _hold_out(train, held, eval_fh, stats)
                     for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on):
                         stats.add(tok)
                         writer.write(tok, rec.source)
+                        sample.offer(rec)
                 except DataError:
                     train.check()
                     raise
@@ -722,6 +807,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
             raise DataError(f"{cfg.train}: no rows left to train on after holding out {stats.eval_rows} for eval "
                             f"(data.eval_split={cfg.eval_split})")
         writer.close()
+        sample.write(tmp / TRAIN_SAMPLE_FILE)
         stats.bad_rows = train.bad
         if train.bad:
             log.warning("skipped %d bad rows (--on-bad-row skip):\n  %s", len(train.bad), "\n  ".join(train.bad[:20]))
@@ -755,8 +841,13 @@ def load_tokenized(data_dir: Path) -> list[dict[str, list[int]]]:
         return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in map(json.loads, fh)]
 
 
-def load_eval(data_dir: Path) -> list[Record]:
-    path = data_dir / "eval.jsonl"
+def load_train_sample(data_dir: Path) -> list[Record]:
+    """The sample of training chats the data stage kept for verify (empty for data prepared before it did)."""
+    return load_eval(data_dir, TRAIN_SAMPLE_FILE)
+
+
+def load_eval(data_dir: Path, name: str = "eval.jsonl") -> list[Record]:
+    path = data_dir / name
     if not path.is_file():
         return []
     with open(path, encoding="utf-8") as fh:

@@ -15,11 +15,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ExportError, StageMissingError
-from ..quants import BY_NAME
+from ..quants import BY_NAME, smallest_first
 from ..runs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -145,9 +147,86 @@ def export(merged_dir: Path, gguf_dir: Path, model_name: str, quant_types: list[
     return outputs
 
 
+@dataclass
+class QuantChoice:
+    """What the quant gate decided: the type served, every measured type's fidelity (in the order measured), the
+    ones below the gate, and one sentence on how the served type was chosen."""
+
+    served: str
+    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
+    flagged: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def tried(self) -> list[str]:
+        return list(self.fidelity)
+
+
+Measure = Callable[[str], dict[str, float]]
+
+
+def _scores(fidelity: dict[str, dict[str, float]], names: list[str]) -> str:
+    return ", ".join(f"{q} {fidelity[q]['top1_agreement']:.3f}" for q in names)
+
+
+def gate_quants(requested: list[str], outtype: str, gate: float, measure: Measure | None,
+                auto_candidates: list[str] | None = None) -> QuantChoice:
+    """The quant gate: top-1 token agreement of each quant with the unquantized `outtype` GGUF (`measure`, None when
+    there is nothing to measure on) against `gate` (verify.min_fidelity). The outtype itself is the reference and
+    passes by definition.
+
+    Explicit types (`auto_candidates` None): every one is measured; the first that passes is served, and when none
+    does the error names the scores and no type that was not measured. `auto`: the candidates are measured smallest
+    first and the first that passes is served; when none does, the unquantized outtype."""
+    if auto_candidates is None:
+        return _gate_explicit(requested, outtype, gate, measure)
+    order = [q for q in smallest_first(auto_candidates) if q != outtype]
+    if measure is None:
+        served = order[-1] if order else outtype
+        return QuantChoice(served, note=f"quant auto: nothing to measure on (no eval or training conversations); "
+                                        f"serving {served}, the largest candidate, unmeasured")
+    choice = QuantChoice(outtype)
+    for qtype in order:
+        choice.fidelity[qtype] = measure(qtype)
+        if choice.fidelity[qtype]["top1_agreement"] >= gate:
+            choice.served = qtype
+            break
+        choice.flagged.append(qtype)
+    tried = f"tried {_scores(choice.fidelity, choice.tried)} (top-1 agreement with {outtype})"
+    if choice.served == outtype:
+        choice.note = (f"quant auto: no candidate reached verify.min_fidelity {gate}: {tried}; serving the "
+                       f"unquantized {outtype}")
+    else:
+        choice.note = (f"quant auto: serving {choice.served}, the smallest candidate that reached "
+                       f"verify.min_fidelity {gate}: {tried}")
+    return choice
+
+
+def _gate_explicit(requested: list[str], outtype: str, gate: float, measure: Measure | None) -> QuantChoice:
+    fidelity = {q: measure(q) for q in requested if q != outtype} if measure else {}
+    flagged = [q for q, f in fidelity.items() if f["top1_agreement"] < gate]
+    passing = [q for q in requested if q not in flagged]
+    if not passing:
+        raise ExportError(
+            f"quant gate: every requested type is below verify.min_fidelity={gate} (top-1 agreement with {outtype}: "
+            f"{_scores(fidelity, flagged)}), and no type measured here passes. `--quant auto` measures the types in "
+            f"export.auto_quants, smallest first, and serves the first that passes (the unquantized {outtype} when "
+            "none does); or lower verify.min_fidelity")
+    served = passing[0]
+    how = ("the unquantized reference" if served == outtype else
+           f"top-1 {fidelity[served]['top1_agreement']:.3f}" if served in fidelity else "not measured")
+    note = f"serving {served} ({how})"
+    if flagged:
+        note = (f"quant gate: {_scores(fidelity, flagged)} below verify.min_fidelity {gate} (registered under their "
+                f"own tags, never as the default); " + note)
+    return QuantChoice(served, fidelity, flagged, note)
+
+
 def stamp_metadata(path: Path, values: dict[str, float | str]) -> Path:
-    """Rewrite `path` with extra metadata keys (llama.cpp's gguf_new_metadata copy; tensors unchanged)."""
+    """Rewrite `path` with extra metadata keys (llama.cpp's gguf_new_metadata copy; tensors unchanged). Its
+    progress bar stays off the terminal: this is a rewrite of a file the user never asked to see written."""
     import gguf
+    from gguf.scripts import gguf_new_metadata
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata, get_field_data
 
     reader = gguf.GGUFReader(str(path))
@@ -159,6 +238,25 @@ def stamp_metadata(path: Path, values: dict[str, float | str]) -> Path:
         alignment = get_field_data(reader, gguf.Keys.General.ALIGNMENT)
         if alignment is not None:
             writer.data_alignment = alignment
-        copy_with_new_metadata(reader, writer, new, [])
+        with _no_progress_bar(gguf_new_metadata):
+            copy_with_new_metadata(reader, writer, new, [])
     del reader
     return path
+
+
+@contextlib.contextmanager
+def _no_progress_bar(module: Any) -> Iterator[None]:
+    """`module`'s tqdm, disabled while the block runs (gguf_new_metadata draws a `Writing:` bar on stderr)."""
+    bar = getattr(module, "tqdm", None)
+    if bar is None:
+        yield
+        return
+
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        return bar(*args, **{**kwargs, "disable": True})
+
+    module.tqdm = quiet
+    try:
+        yield
+    finally:
+        module.tqdm = bar

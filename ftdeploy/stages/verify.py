@@ -1,6 +1,10 @@
 """Verify stage: is the served model the trained model? Ask every served quant the eval prompts at temperature 0,
 compare its answers with the merged 16-bit model's, token by token (the default gate), and score both against the
-eval references (gated where the rows carry `expect`, or where the user sets a threshold)."""
+eval references (gated where the rows carry `expect`, or where the user sets a threshold). Data without eval rows is
+verified on a sample of its training prompts: served against merged only, since reference scoring needs eval rows.
+
+Every prompt built here for the merged model or sent raw to Ollama carries the Modelfile's SYSTEM the way Ollama's
+chat endpoint adds it (`with_system`), so the two sides compare the same prompt."""
 
 from __future__ import annotations
 
@@ -59,6 +63,14 @@ def matches(answer: str, expected: str, mode: str = "contains") -> bool:
     return contains(answer, expected, mode)
 
 
+def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    """The chat as Ollama's /api/chat builds it for a Modelfile with SYSTEM `system`: the SYSTEM goes first, unless
+    the chat opens with a system message of its own (which then replaces it)."""
+    if system and (not messages or messages[0].get("role") != "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
 def prompt_messages(example: Example) -> list[dict[str, str]]:
     msgs = example.messages or []
     if msgs and msgs[-1]["role"] == "assistant":
@@ -75,18 +87,19 @@ def generation_limit(reference_tokens: list[int], override: int = 0) -> int:
 
 
 def ask_all(client: OllamaClient, model: str, examples: list[Example], max_tokens: int, seed: int = 0,
-            calls_text: CallsText | None = None) -> list[Answer]:
+            calls_text: CallsText | None = None, references: bool = True) -> list[Answer]:
     """Each eval prompt through /api/chat, with the row's tools declared; a reply Ollama parsed into
-    message.tool_calls is read back as the format writes the calls (`calls_text`)."""
+    message.tool_calls is read back as the format writes the calls (`calls_text`). `references` False (training
+    prompts): the replies are not scored against the rows' answers."""
     answers = []
     for ex in examples:
         msgs = prompt_messages(ex)
         reply = client.chat(model, msgs, options={"temperature": 0, "num_predict": max_tokens, "seed": seed},
                             tools=ex.tools)
         text = reply_text(reply.get("message", {}), calls_text)
-        expected = expected_answer(ex)
-        answers.append(Answer(msgs[-1]["content"], expected, text, matches(text, expected, ex.match),
-                              reply.get("done_reason", ""), gated=bool(ex.expect)))
+        expected = expected_answer(ex) if references else ""
+        answers.append(Answer(msgs[-1]["content"], expected, text, bool(expected) and matches(text, expected, ex.match),
+                              reply.get("done_reason", ""), gated=references and bool(ex.expect)))
     return answers
 
 
@@ -116,8 +129,11 @@ def missed_stops(m: ModelScore) -> int:
 def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
     """Every check the summary fails, first the ones that explain the others (no prompts, the template)."""
     if not summary.total:
-        return [VerifyFailure(check="no_prompts", model=model,
-                              message="no eval prompts to verify with; give data.eval or data.eval_split")]
+        message = "no eval prompts to verify with; give data.eval or data.eval_split"
+        if summary.prompt_source == "train":
+            message = ("no prompts to verify with: the data has no eval rows and no training chat ending on an "
+                       "assistant turn was sampled (data prepared by an older ftdeploy: run `ftdeploy data` again)")
+        return [VerifyFailure(check="no_prompts", model=model, message=message)]
     found = []
     parity = summary.template_parity
     if parity and not parity.passed:
@@ -243,9 +259,11 @@ def chat_parts(chat: list[dict[str, Any]] | dict[str, Any]) -> tuple[list[dict[s
 
 
 def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: str | None,
-                    chats: list[Any], max_tokens: int = 24, calls_text: CallsText | None = None) -> TemplateParity:
+                    chats: list[Any], max_tokens: int = 24, calls_text: CallsText | None = None,
+                    system: str | None = None) -> TemplateParity:
     """Does Ollama build the prompt the training template builds? The same greedy answer from
-    /api/chat and from /api/generate with the training-rendered prompt sent raw says it does.
+    /api/chat and from /api/generate with the training-rendered prompt sent raw says it does. The raw prompt is
+    the chat as the served model receives it: with the Modelfile's SYSTEM (`system`) where the chat has none.
 
     A warm KV cache changes what a request evaluates (only the uncached suffix, in a different batch), and that can
     flip a near-tie in greedy decoding; so both sides must meet the same cache states. The model is unloaded, the raw
@@ -258,6 +276,7 @@ def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: st
     prompts, probed = [], []
     for chat in chats:
         messages, tools = chat_parts(chat)
+        messages = with_system(messages, system)
         try:
             prompt = render(training_messages(messages), True, tools=tools) if tools else render(messages, True)
         except Exception:  # noqa: BLE001 - the training template refuses this chat (Gemma 2: a system role)

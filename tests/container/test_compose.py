@@ -127,6 +127,7 @@ def demo(stack) -> dict:
 
 def test_the_demo_trains_in_compose_and_ollama_run_in_the_sidecar_answers(stack, demo):
     assert demo["model"] == "ftdeploy-demo" and demo["ollama_host"] == "http://ollama:11434"
+    assert demo["ollama_run"] == "docker compose exec ollama ollama run ftdeploy-demo"  # what works from the host
     assert demo["verify"]["hits"] >= 4
     answer = stack.compose("exec", "-T", "ollama", "ollama", "run", "ftdeploy-demo", QUESTION, timeout=300).stdout
     assert "7341" in answer

@@ -61,6 +61,7 @@ def test_the_bundled_tool_data_on_the_demo_base_names_its_template_that_renders_
     assert result.exit_code == 1
     assert f"{tools}:1: the row carries tools, but the chat template of " in result.output
     assert "SmolLM2-135M-Instruct" in result.output and "renders none of them" in result.output
+    assert "set data.chat_template=chatml-tools" in result.output  # the fix, which the next test shows working
 
 
 def test_the_bundled_tool_data_prepares_on_the_demo_base_with_chatml_tools(tmp_path):

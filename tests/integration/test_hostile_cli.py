@@ -171,33 +171,66 @@ def test_data_inspect_makes_no_run_directory(tmp_path):
 def test_config_errors_name_where_each_value_came_from(tmp_path):
     proc = ftdeploy("config", "--set", "lora.r=-1", "--name", "x" * 300, cwd=tmp_path, timeout=60)
     message = _refused(proc)
-    assert "lora.r: must be > 0, got -1  [from --set lora.r=-1]" in message
+    assert "lora.r: must be in [1, 4096], got -1  [from --set lora.r=-1]" in message
     assert "too long" in message and "300" in message and "[from --name]" in message
     assert "demo.yaml" not in message  # a file the user never named
 
     config = tmp_path / "mine.yaml"
     config.write_text("lora:\n  r: 0\n")
     proc = ftdeploy("config", "--config", str(config), cwd=tmp_path, timeout=60)
-    assert f"lora.r: must be > 0, got 0  [from {config}, key lora.r]" in _refused(proc)
+    assert f"lora.r: must be in [1, 4096], got 0  [from {config}, key lora.r]" in _refused(proc)
 
     proc = ftdeploy("config", cwd=tmp_path, timeout=60, env={"OLLAMA_HOST": "not a host!"})
     assert "[from $OLLAMA_HOST]" in _refused(proc)
 
 
-def test_the_manifest_keeps_the_whole_error(tmp_path):
-    data = tmp_path / "bad.jsonl"
+def test_bad_data_leaves_a_good_run_as_it_was_and_makes_no_new_one(tmp_path):
+    """Issue 24: `ftdeploy data --name identity --data bad.jsonl` rewrote the good run's config.yaml and turned its
+    "done" data record into "failed"; in a new run it left config.yaml, manifest.json and .lock behind. Every bad row
+    is still named, in one message."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"q{i}?", "response": f"a{i}."}) + "\n" for i in range(4)))
     rows = [{"prompt": "q0", "response": "a0"}, *({"prompt": f"q{i}"} for i in range(1, 4))]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs = tmp_path / "runs"
-    proc = ftdeploy("data", "--runs-dir", str(runs), "--data", str(data), cwd=tmp_path, timeout=180)
-    _refused(proc, f"{data}:2", f"{data}:4")
-    record = json.loads((runs / "ftdeploy-demo" / "manifest.json").read_text())["stages"]["data"]
-    assert record["status"] == "failed"
-    assert f"{data}:2" in record["error"] and f"{data}:4" in record["error"]
+    proc = ftdeploy("data", "--runs-dir", str(runs), "--name", "identity", "--data", str(good), cwd=tmp_path,
+                    timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run = runs / "identity"
+    records = {name: (run / name).read_bytes() for name in ("config.yaml", "manifest.json")}
+    data_files = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "data").iterdir())
+
+    proc = ftdeploy("data", "--runs-dir", str(runs), "--name", "identity", "--data", str(bad), cwd=tmp_path,
+                    timeout=300)
+    _refused(proc, f"{bad}:2", f"{bad}:4")
+    assert {name: (run / name).read_bytes() for name in records} == records
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (run / "data").iterdir()) == data_files
+
+    proc = ftdeploy("data", "--runs-dir", str(runs), "--name", "fresh", "--data", str(bad), cwd=tmp_path, timeout=300)
+    _refused(proc, f"{bad}:2", f"{bad}:4")
+    assert sorted(p.name for p in runs.iterdir()) == ["identity"]
 
 
-def test_a_stopped_stage_is_marked_failed_not_running(tmp_path):
-    """`docker stop` and CI cancellation send SIGTERM: the stage must not stay "running" in the manifest."""
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Issue 24: a list-form alias bomb as --config hung (killed at 60 s), a dict-form one ended in MemoryError."""
+    lists = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+    maps = "a: &a {a0: lol, a1: lol, a2: lol, a3: lol, a4: lol, a5: lol, a6: lol, a7: lol, a8: lol}\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} {{{', '.join(f'{chr(98 + i)}{j}: *{chr(97 + i)}' for j in range(9))}}}\n"
+        for i in range(8))
+    for name, text in (("lists", lists + "lora:\n  target_modules: *i\n"), ("maps", maps + "modelfile:\n  parameters:\n"
+                                                                            "    <<: *i\n")):
+        bomb = tmp_path / f"{name}.yaml"
+        bomb.write_text(text)
+        started = time.monotonic()
+        proc = ftdeploy("config", "--config", str(bomb), cwd=tmp_path, timeout=60)
+        _refused(proc, f"{bomb}: refused: it holds more than 10000 values once its aliases (*name) are expanded")
+        assert proc.returncode == 2 and time.monotonic() - started < 30
+
+
+def test_a_stopped_stage_is_never_left_running_and_says_how_to_go_on(tmp_path):
+    """`docker stop` and CI cancellation send SIGTERM: the stage must not stay "running" in the manifest, and the
+    user is told that it stopped and how to continue. Stopped before it wrote anything, a new run leaves nothing."""
     runs = tmp_path / "runs"
     manifest = runs / "ftdeploy-demo" / "manifest.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -216,7 +249,11 @@ def test_a_stopped_stage_is_marked_failed_not_running(tmp_path):
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode != 0
-    record = json.loads(manifest.read_text())["stages"]["data"]
-    assert record["status"] == "failed", record
-    assert "stopped" in record["error"]
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Stopped by SIGTERM" in err and "Run the same command again to continue where it stopped" in err
+    assert "Traceback" not in err
+    if manifest.exists():  # stopped after the stage wrote something: recorded as stopped
+        record = json.loads(manifest.read_text())["stages"]["data"]
+        assert record["status"] == "failed" and "stopped" in record["error"], record
+    else:  # stopped before (the tokenizer was loading): nothing of the new run is left
+        assert not (runs / "ftdeploy-demo").exists()

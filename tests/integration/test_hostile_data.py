@@ -128,3 +128,26 @@ def test_a_jsonl_file_with_a_utf8_bom_is_read(tmp_path, hub_listener, command):
         assert out["rows"] == 5
         rows = (tmp_path / "runs" / "ftdeploy-demo" / "data" / "train.jsonl").read_text().splitlines()
         assert len(rows) == 5
+
+
+def test_preference_data_is_one_error_naming_the_file_not_a_bad_row_each(tmp_path, hub_listener):
+    # issue 24: LLaMA-Factory's DPO layout was read as SFT, 194 of 300 rows "no assistant message"
+    row = {"conversations": [{"from": "human", "value": "What port does Zephyr use?"}],
+           "chosen": {"from": "gpt", "value": "Port 7341."}, "rejected": {"from": "gpt", "value": "Port 80."}}
+    (tmp_path / "dpo.jsonl").write_text((json.dumps(row) + "\n") * 300)
+    proc, _ = _stage(tmp_path, hub_listener[0], "dpo.jsonl")
+    assert _error_line(proc) == (
+        "Error: dpo.jsonl: preference data (conversations + chosen + rejected: DPO/ORPO preference pairs): not "
+        "supported yet; ftdeploy trains supervised fine-tuning rows (messages, conversations, instruction/output, "
+        "prompt/response, text)")
+
+
+def test_a_30_mb_row_is_refused_by_size_before_it_is_tokenized(tmp_path, hub_listener):
+    # issue 24: it took 61 s and 5.2 GB to tokenize before being refused
+    huge = {"prompt": "Summarize this.", "response": "word " * 6_000_000}
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*PAIRS, huge]))
+    proc, elapsed = _stage(tmp_path, hub_listener[0], "big.jsonl")
+    error = _error_line(proc)
+    assert error.startswith("Error: big.jsonl: 1 bad row (pairs layout; --on-bad-row skip to drop them):")
+    assert "big.jsonl:6: the row holds 30,000,0" in proc.stderr and "data.max_row_bytes=1,048,576" in proc.stderr
+    assert elapsed < 45  # the tokenizer's load included

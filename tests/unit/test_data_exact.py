@@ -79,7 +79,10 @@ def _conversation(rng):
         turns.append({"role": "user", "content": _text(rng)})
         turns.append({"role": "assistant", "content": _text(rng, 1, 60 if rng.random() < 0.2 else 12)})
     if rng.random() < 0.15:
-        turns.append({"role": "user", "content": _text(rng)})  # a conversation may end on a question
+        _text(rng)  # drawn as ever, so the rows after this one stay the same
+        answers = [t for t in turns if t["role"] == "assistant"]
+        if len(answers) > 1:  # an answer as context only (OpenAI's weight 0): both paths leave it untrained
+            answers[-1]["weight"] = 0
     return turns
 
 
@@ -91,7 +94,8 @@ def _row(layout, rng):
         return {"messages": turns}
     if layout == "sharegpt":
         speaker = {"system": "system", "user": rng.choice(["human", "user"]), "assistant": rng.choice(["gpt", "model"])}
-        return {"conversations": [{"from": speaker[t["role"]], "value": t["content"]} for t in turns]}
+        return {"conversations": [{"from": speaker[t["role"]], "value": t["content"],
+                                   **({"loss_weight": float(t["weight"])} if "weight" in t else {})} for t in turns]}
     if layout == "alpaca":
         row = {"instruction": first, "input": _text(rng) if rng.random() < 0.5 else "", "output": answer}
         return {**row, "system": _text(rng)} if rng.random() < 0.3 else row
@@ -112,7 +116,7 @@ def _reference(rec, tok, mapping, max_len=MAX_LEN, train_on="assistant"):
     """The definition, one record at a time through apply_chat_template."""
     if rec.text is not None:
         return tokenize_text(rec.text, tok, max_len)
-    return tokenize_conversation(rec.messages, tok, mapping, max_len, train_on, rec.source)
+    return tokenize_conversation(rec.messages, tok, mapping, max_len, train_on, rec.source, untrained=rec.untrained)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -161,7 +165,7 @@ def test_prepare_data_writes_the_files_it_wrote_before(tmp_path, chat, layout, p
     train_lines, eval_lines, rows = _expected_files(path, tok, mapping, cfg, seed=3)
     assert (out / "train.jsonl").read_text(encoding="utf-8") == train_lines
     assert (out / "eval.jsonl").read_text(encoding="utf-8") == eval_lines
-    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "stats.json", "train.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "stats.json", "train.jsonl", "train_sample.jsonl"]
     written = json.loads((out / "stats.json").read_text())
     unpacked = [_reference(r, tok, mapping) for r in split_eval(load_records(str(path)).records, eval_split, 3)[0]]
     lengths = [len(t.input_ids) for t in unpacked]
@@ -393,6 +397,8 @@ def _tool_row(rng, one_call_a_turn):
         if rng.random() < 0.5:
             break
         turns.append({"role": "user", "content": _text(rng)})
+    if turns[-1]["role"] == "user":  # a conversation ends on an answer (or on tool results)
+        turns.append({"role": "assistant", "content": "Done."})
     return {"messages": turns, "tools": tools}
 
 
@@ -413,7 +419,7 @@ def tool_chat(request):
 
 
 def _tool_reference(rec, tok, mapping, max_len=TOOL_MAX_LEN, train_on="assistant"):
-    return tokenize_conversation(rec.messages, tok, mapping, max_len, train_on, rec.source, rec.tools)
+    return tokenize_conversation(rec.messages, tok, mapping, max_len, train_on, rec.source, rec.tools, rec.untrained)
 
 
 @pytest.mark.parametrize("train_on", ["assistant", "all"])
@@ -601,7 +607,7 @@ NOT_TURN_BY_TURN = {
                         ["Hello!<|end|>", "7341.<|end|><|endoftext|>"]),
     # Mistral v3: the system prompt goes into the user turn that ends the chat (and is dropped when none does).
     "mistral-v3-system": ("mistral-v3", [SYSTEM, HI, _answer("Hello!")], [" Hello!</s>"]),
-    "mistral-v3-system-multi": ("mistral-v3", [SYSTEM, HI, _answer("Hello!"), PORT, _answer("7341."), HI],
+    "mistral-v3-system-multi": ("mistral-v3", [SYSTEM, HI, _answer("Hello!"), PORT, _answer("7341.")],
                                 [" Hello!</s>", " 7341.</s>"]),
     "mistral-v3-tekken-system-multi": ("mistral-v3-tekken", [SYSTEM, HI, _answer("Hello!"), PORT, _answer("7341.")],
                                        ["Hello!</s>", "7341.</s>"]),

@@ -148,11 +148,17 @@ def test_each_bad_tool_row_is_named_by_line_with_its_problem(tmp_path):
 
 
 def test_a_conversation_may_end_on_the_call_or_its_result(tmp_path):
-    # the tool call is what such a row teaches; a user turn may follow a result
+    # the tool call is what such a row teaches; a user turn may follow a result (but not end the chat: issue 24)
+    thanks = [{"role": "user", "content": "thanks"}]
     path = _write(tmp_path / "d.jsonl", [{"messages": TOOL_CHAT[:2], "tools": [LOOKUP_PORT]},
                                          {"messages": TOOL_CHAT[:3], "tools": [LOOKUP_PORT]},
-                                         {"messages": TOOL_CHAT[:3] + [{"role": "user", "content": "thanks"}]}])
-    assert len(load_records(str(path)).records) == 3
+                                         {"messages": [*TOOL_CHAT[:3], *thanks,
+                                                       {"role": "assistant", "content": "You're welcome."}]},
+                                         {"messages": TOOL_CHAT[:3] + thanks}])
+    result = load_records(str(path), on_bad_row="skip")
+    assert len(result.records) == 3
+    assert result.bad == [f"{path}:4: the conversation ends on a user turn (message 3) with no assistant answer "
+                          "after it"]
 
 
 # ---------------------------------------------------------------- labels
@@ -211,8 +217,9 @@ def test_a_template_without_tools_is_an_error_naming_the_file_and_the_template(t
         prepare_data(DataConfig(train=str(path)), tok, _mapping(tok), tmp_path / "out", seed=0)
     assert str(err.value) == (
         f"{path}:6: the row carries tools, but the chat template of SmolLM2-135M-Instruct renders none of them (the "
-        "same text with and without `tools`); use a base model whose chat template supports tools (Qwen2.5, "
-        "Llama 3.1 and later), or drop the tool fields from the data")
+        "same text with and without `tools`); set data.chat_template=chatml-tools (ChatML with tool calls, which "
+        "ftdeploy serves) to train them on this base, or use a base model whose chat template supports tools "
+        "(Qwen2.5, Llama 3.1 and later), or drop the tool fields from the data")
     assert not (tmp_path / "out").exists()
 
 
@@ -223,6 +230,7 @@ def test_a_template_that_drops_tool_calls_is_an_error_too(tmp_path, data_paths):
         prepare_data(DataConfig(train=str(path)), tok, _mapping(tok), tmp_path / "out", seed=0)
     assert str(err.value).startswith(
         f"{path}:2: the row has tool calls, but the tokenizer's chat template does not render them")
+    assert "set data.chat_template=chatml-tools" in str(err.value)  # the fix that exists, named
 
 
 def test_rows_without_tools_still_prepare_on_a_template_without_tools(tmp_path):

@@ -32,6 +32,6 @@ def test_enough_space_says_nothing(tmp_path):
 def test_both_setup_scripts_check_before_they_write():
     setup = (REPO / "scripts/setup.sh").read_text()
     assert setup.index("need_space . ") < setup.index('-m venv .venv')
-    assert setup.index('need_space "$wheels"') < setup.index("wheel --wheel-dir")
+    assert setup.index('need_space "$wheels"') < setup.index("--wheel-dir")  # before the first pip wheel
     container = (REPO / "scripts/container-setup.sh").read_text()
     assert container.index('need_space "$docker_root"') < container.index("debootstrap --variant")

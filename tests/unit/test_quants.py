@@ -18,14 +18,6 @@ def test_the_table_runs_from_the_smallest_file_to_the_largest_along_the_ladder()
     assert quants.LADDER.index("q4_k_m") < quants.LADDER.index("q5_k_m") < quants.LADDER.index("q8_0")
 
 
-@pytest.mark.parametrize(("failed", "recommended"), [
-    ("q2_k", "q3_k_m"), ("q3_k_m", "q4_k_m"), ("q4_0", "q4_k_m"), ("q4_k_m", "q5_k_m"), ("q5_k_m", "q6_k"),
-    ("q6_k", "q8_0"), ("q8_0", "f16"), ("bf16", "f16"), ("f16", None), ("iq4_xs", "q8_0"), ("tq1_0", "q8_0"),
-])
-def test_the_gate_recommends_the_next_safer_common_type(failed, recommended):
-    assert quants.next_safer(failed) == recommended
-
-
 def test_the_disk_estimate_uses_the_table_and_a_default_for_the_unknown():
     assert quants.bits_per_weight("q4_k_m") == 4.9
     assert quants.bits_per_weight("f16") == 16

@@ -2,7 +2,6 @@ import pytest
 
 from ftdeploy.errors import DataError, VerifyError
 from ftdeploy.fidelity import agreement_scores, chrf, contains, forgetting, prompt_agreement, score
-from ftdeploy.quants import next_safer
 from ftdeploy.results import Answer, ModelScore, ParityMismatch, PromptAgreement, TemplateParity, VerifySummary
 from ftdeploy.stages.verify import check, failures, generation_limit, summarize, template_parity, unverified_name
 
@@ -163,12 +162,6 @@ def test_batched_greedy_answers_are_the_one_at_a_time_answers(tmp_path):
     batched = hf.generate(chats, [12, 5, 12])
     alone = [hf.generate([c], [n])[0] for c, n in zip(chats, [12, 5, 12], strict=True)]
     assert batched == alone
-
-
-def test_next_safer_quant():
-    assert next_safer("q2_k") == "q3_k_m"
-    assert next_safer("q4_k_m") == "q5_k_m"
-    assert next_safer("q6_k") == "q8_0"
 
 
 def test_match_modes_per_eval_row(tmp_path):
