@@ -114,18 +114,22 @@ _AVX512 = re.compile(
 _AVX512_VNNI_NO_VEX = re.compile(r"^(?!.*\{vex\}).*\bvpdp(?:bus|wss)ds?\b")
 _AVX_VNNI = re.compile(r"\{vex\}\s*vpdp(?:bus|wss)ds?\b")
 _SYMBOL = re.compile(r"^[0-9a-f]+ <(.+)>:$")
-_GCC_CLONE = re.compile(r"\.(?:cold|part|constprop|isra|lto_priv|localalias|clone)(?:\.\d+)*$")
 
 
-def is_go_symbol(name: str) -> bool:
-    """Go's functions are named package.Function (runtime.memmove, internal/bytealg.IndexByte.abi0, type:.eq...);
-    C and C++ ones have no dot, once gcc's clone suffixes (.cold, .part.0, .constprop.0) are taken off."""
-    while True:
-        stripped = _GCC_CLONE.sub("", name)
-        if stripped == name:
-            break
-        name = stripped
-    return "." in name or name.startswith(("go:", "type:", "gclocals"))
+def go_text(path: Path) -> tuple[int, int] | None:
+    """The address range of a Go binary's own code ([runtime.text, runtime.etext), from its symbol table), or None.
+    Go's runtime carries AVX-512 code (memmove, the GC's expandAVX512_* scanners) that runs only behind Go's own
+    CPU-feature checks; the C and C++ a cgo build links in (ggml) lies outside this range."""
+    nm = shutil.which("nm")
+    if nm is None:
+        raise RuntimeError("nm (binutils) is needed to find a Go binary's own code: scripts/setup.sh installs it")
+    out = subprocess.run([nm, str(path)], capture_output=True, text=True).stdout
+    marks = {name: int(addr, 16) for addr, _, name in (line.split(maxsplit=2) for line in out.splitlines()
+                                                         if line.count(" ") == 2)
+             if name in ("runtime.text", "runtime.etext")}
+    if len(marks) != 2:
+        return None
+    return marks["runtime.text"], marks["runtime.etext"]
 
 
 def classify(instruction: str) -> str | None:
@@ -138,9 +142,9 @@ def classify(instruction: str) -> str | None:
     return None
 
 
-def scan(path: Path, skip_go: bool = False) -> dict[str, Counter[str]]:
+def scan(path: Path, skip: tuple[int, int] | None = None) -> dict[str, Counter[str]]:
     """Instructions beyond x86-64-v3 in a native file, counted by kind, per function (where the file has symbols).
-    skip_go: leave out Go's own functions, whose AVX-512 code runs only behind Go's CPU-feature checks."""
+    skip: an address range to leave out (a Go binary's own code, `go_text`)."""
     objdump = shutil.which("objdump")
     if objdump is None:
         raise RuntimeError("objdump (binutils) is needed for the instruction scan: scripts/setup.sh installs it")
@@ -161,7 +165,7 @@ def scan(path: Path, skip_go: bool = False) -> dict[str, Counter[str]]:
             if mnemonic[:1] not in ("v", "k", "t", "{") and "tilecfg" not in mnemonic:
                 continue
             kind = classify(line)
-            if kind and not (skip_go and is_go_symbol(symbol)):
+            if kind and not (skip and skip[0] <= int(fields[0].strip().rstrip(":"), 16) < skip[1]):
                 found.setdefault(kind, Counter())[symbol] += 1
     if proc.returncode != 0:
         raise RuntimeError(f"objdump failed on {path} (exit {proc.returncode})")
