@@ -350,8 +350,8 @@ _stage_command("export", "Convert the merged model to GGUF and quantize it (defa
                "that passes the quant gate); the quant gate picks the served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
 _stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, "
                "parameters.", _DEPLOY_FLAGS)
-_stage_command("verify", "Ask the served model the eval prompts at temperature 0; exit 3 below verify.min_score.",
-               _DEPLOY_FLAGS)
+_stage_command("verify", "Ask the served model the eval prompts (without eval rows, a sample of the training prompts) "
+               "at temperature 0 and compare with the merged model; exit 3 when a check fails.", _DEPLOY_FLAGS)
 
 
 @cli.group("data", cls=FtdeployGroup, invoke_without_command=True)
@@ -385,8 +385,8 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
     import tempfile
 
     from .base_model import resolve_base_model
+    from .data import inspect_data
     from .stage_runs import check_data_path
-    from .stages.data import inspect_data
     from .tokenizer import load_tokenizer
 
     check_data_path(data_path, data_path)  # a typo, or /dev/zero, is reported before the tokenizer loads

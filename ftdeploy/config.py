@@ -305,7 +305,7 @@ class VerifyConfig:
     train_prompts: int = _help(
         "With no eval rows: how many training prompts (a sample, fixed by train.seed) the served model is compared "
         "with the merged model on.",
-        default=8,
+        default=8, ge=1,
     )
     min_fidelity: float = _help(
         "Quant gate: least top-1 token agreement of a quant with its F16 on the eval chats; below it a quant is "
@@ -365,9 +365,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "origins"}
-
-    def section(self, name: str) -> dict[str, Any]:
-        return dataclasses.asdict(getattr(self, name))
 
 
 # ---------------------------------------------------------------- building and checking
@@ -467,8 +464,6 @@ def _semantic_checks(cfg: Config, errors: list[str]) -> None:
         for key in cfg.data.columns:
             if key not in ("prompt", "response", "system"):
                 errors.append(f"data.columns.{key}: unknown column role (prompt, response, system)")
-    if isinstance(cfg.verify.train_prompts, int) and cfg.verify.train_prompts < 1:
-        errors.append(f"verify.train_prompts: must be >= 1, got {cfg.verify.train_prompts}")
     _distributed_checks(cfg, errors)
     if isinstance(cfg.ollama.headers, dict):
         for name, header in cfg.ollama.headers.items():

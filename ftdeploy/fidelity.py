@@ -162,12 +162,6 @@ class HFModel:
         return answers
 
 
-def hf_answers(model_dir: Path | str, chats: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
-    """Greedy replies of a Hugging Face checkpoint (the merged 16-bit model, or the base)."""
-    hf = HFModel(model_dir)
-    return [g.text for g in hf.generate(chats, [max_new_tokens] * len(chats))]
-
-
 STOP = -1  # the stop, as one more token of an answer that ended on one
 
 

@@ -36,7 +36,7 @@ from .results import (
 from .runs import LOSS_PLOT, Run, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
-    from .formats import Record
+    from .data import Record
     from .ollama import OllamaClient
     from .pipeline import Context
     from .stages.modelfile import ModelfileSpec
@@ -67,8 +67,8 @@ def check_data_path(spec: str, given_as: str) -> None:
     """A data path that does not exist, or is no file or folder (/dev/zero, a FIFO), is an error naming it."""
     import stat
 
+    from .data import check_local_path
     from .errors import DataError
-    from .formats import check_local_path
 
     check_local_path(spec)
     try:
@@ -83,7 +83,7 @@ def check_data_path(spec: str, given_as: str) -> None:
 
 
 def stage_data(ctx: Context) -> DataResult:
-    from .stages.data import prepare_data
+    from .data import prepare_data
     from .tokenizer import load_tokenizer
 
     check_inputs(ctx.cfg)  # a mistyped path: before the tokenizer, before the stage
@@ -161,7 +161,7 @@ def verify_examples(ctx: Context, limit: int = 0) -> tuple[list[Record], PromptS
     """The chats verify asks, and where they came from: the eval rows; or, where the data has none and no eval file
     was asked for, the data stage's sample of the training chats (verify.train_prompts of them), with no `expect`:
     a training answer is no reference."""
-    from .stages.data import load_eval, load_train_sample
+    from .data import load_eval, load_train_sample
 
     examples = load_eval(ctx.run.data_dir)
     if examples or ctx.cfg.data.eval:
@@ -587,7 +587,7 @@ def _quant_scores(fidelity: dict[str, float]) -> dict[str, Any]:
 
 def _file_digest(spec: str | None, split: str) -> str | None:
     """sha256 of a data file (or of every file in a directory); a Hub id stands for itself."""
-    from .stages.data import resolve_data_path
+    from .data import resolve_data_path
 
     if not spec:
         return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -686,34 +687,7 @@ def match_chat_template(render: RenderFn, bos_token: str | None = None, source: 
 
 def jinja_renderer(chat_template: str, bos_token: str = "", eos_token: str = "") -> RenderFn:
     """Render a Hugging Face chat template without transformers (for `modelfile` without torch)."""
-    import datetime
-    import json
-
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.parser import Parser
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """{% generation %}…{% endgeneration %} (transformers marks the assistant's tokens with it): the body, as is."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Parser) -> list[nodes.Node]:
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    # The same environment transformers renders chat templates in.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", Generation])
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(f"chat template raised: {message}")
-
-    env.globals["raise_exception"] = raise_exception
-    template = env.from_string(chat_template)
+    template = compile_chat_template(chat_template)
 
     def render(messages: list[Message], add_generation_prompt: bool, tools: list[Tool] | None = None) -> str:
         # tools=None is passed as transformers passes it: a template may test `tools is defined`
@@ -721,3 +695,79 @@ def jinja_renderer(chat_template: str, bos_token: str = "", eos_token: str = "")
                                bos_token=bos_token, eos_token=eos_token)
 
     return render
+
+
+@functools.lru_cache(maxsize=64)
+def compile_chat_template(chat_template: str) -> Any:
+    """A chat template compiled in the one environment every rendering of a chat template here uses (`jinja_renderer`
+    and the data stage's fast path): the one transformers' apply_chat_template renders in, so the same text for the
+    same variables."""
+    return _chat_template_environment().from_string(chat_template)
+
+
+@functools.cache
+def _chat_template_environment() -> Any:
+    """transformers' chat-template environment (transformers.utils.chat_template_utils): sandboxed, trim_blocks and
+    lstrip_blocks, loop controls, `{% generation %}` blocks rendered as they are, its tojson (no HTML escaping),
+    strftime_now, raise_exception, and its `dict` and `namespace` that refuse underscore attributes."""
+    import datetime
+
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.parser import Parser
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """{% generation %}…{% endgeneration %} (transformers marks the assistant's tokens with it): the body, as is,
+        in a block of its own as transformers renders it."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Parser) -> nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Callable[[], str]) -> str:
+            return caller()
+
+    class TemplateDict:
+        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:  # Namespace's own signature trick: `namespace(self=...)`
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(f"chat template raised: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    return env

@@ -133,7 +133,7 @@ def main() -> None:
 
     from ftdeploy.base_model import resolve_base_model
     from ftdeploy.config import DataConfig
-    from ftdeploy.stages.data import prepare_data
+    from ftdeploy.data import prepare_data
     from ftdeploy.tokenizer import load_tokenizer
 
     tokenizer, mapping = load_tokenizer(resolve_base_model("smollm2-135m-instruct"))

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,23 @@ CHATML_TEMPLATE = (
     "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+@dataclass
+class Dataset:
+    records: list  # of ftdeploy.data.Record
+    layout: str
+    bad: list[str]
+
+
+def read_dataset(spec, *args, **kw) -> Dataset:
+    """A dataset read as the data stage reads it (one pass of a RecordStream, same arguments), kept whole for a test
+    to look at; its errors raised as the pass raises them."""
+    from ftdeploy.data import RecordStream
+
+    stream = RecordStream(str(spec), *args, **kw)
+    records = list(stream)
+    return Dataset(records, stream.layout, stream.bad)
 
 
 def build_tiny_tokenizer(chat_template: str = CHATML_TEMPLATE, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
@@ -224,11 +242,11 @@ def scripted():
 def data_paths(request, monkeypatch):
     """The data stage's two paths: rows inside the guard's first rows (checked against the one-row definition)
     and the fast path proper (no guard, batches of 3)."""
-    from ftdeploy.stages import data
+    from ftdeploy.data import fast
 
     if request.param == "every-row-fast":
-        monkeypatch.setattr(data, "GUARD_ROWS", 0)
-        monkeypatch.setattr(data, "BATCH_ROWS", 3)
+        monkeypatch.setattr(fast, "GUARD_ROWS", 0)
+        monkeypatch.setattr(fast, "BATCH_ROWS", 3)
     return request.param
 
 

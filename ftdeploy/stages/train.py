@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..data import IGNORE_INDEX, load_tokenized
 from ..errors import ConfigError, DataError
 from ..runs import atomic_path
 from ..strategy import strategy_args, world_size
-from .data import IGNORE_INDEX, load_tokenized
 
 log = logging.getLogger(__name__)
 

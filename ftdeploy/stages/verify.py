@@ -12,10 +12,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ..data import Record as Example
 from ..errors import VerifyError
-from ..formats import Record as Example
 from ..ollama import OllamaClient
-from ..results import Answer, ModelScore, ParityMismatch, TemplateParity, VerifyFailure, VerifySummary
+from ..results import (
+    Answer,
+    ModelScore,
+    ParityMismatch,
+    PromptAgreement,
+    TemplateParity,
+    VerifyFailure,
+    VerifySummary,
+)
 
 # The generation limit: the longest eval reference in tokens, times this, plus MARGIN_TOKENS. Room for an answer
 # a little longer than its reference, and still a few seconds on a CPU when every answer runs on.
@@ -121,9 +129,16 @@ def _short(text: str, n: int = 70) -> str:
     return repr(text if len(text) <= n else text[: n - 1] + "…")
 
 
+def followed_to_the_stop(p: PromptAgreement) -> bool:
+    """The merged model stopped, and this answer repeated every token of its answer up to that stop: the one place
+    where whether the served model stops says something about its stop tokens. An answer that went its own way
+    earlier (a quant's near-tie) ends where its own text ends."""
+    return p.merged_stopped and p.prefix >= p.length - 1
+
+
 def missed_stops(m: ModelScore) -> int:
-    """Prompts where the merged model stopped and this one ran on to the limit."""
-    return sum(p.merged_stopped and not p.served_stopped for p in m.prompts)
+    """Prompts where this model repeated the merged model's answer to its stop, and then ran on instead."""
+    return sum(followed_to_the_stop(p) and not p.served_stopped for p in m.prompts)
 
 
 def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
@@ -148,15 +163,15 @@ def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
     for m in summary.models:
         if m.role not in ("served", "tag") or not m.gated or not m.tag:
             continue
-        stopped_merged = sum(p.merged_stopped for p in m.prompts)
+        followed = sum(followed_to_the_stop(p) for p in m.prompts)
         missed = missed_stops(m)
-        if missed and 2 * missed > stopped_merged:
-            i = next(i for i, p in enumerate(m.prompts) if p.merged_stopped and not p.served_stopped)
+        if missed and 2 * missed > followed:
+            i = next(i for i, p in enumerate(m.prompts) if followed_to_the_stop(p) and not p.served_stopped)
             found.append(VerifyFailure(
                 check="stops", model=m.tag, quant=m.quant,
-                message=f"{missed}/{stopped_merged} answers ran to the length limit ({summary.max_tokens} tokens) "
-                        "where the merged model stopped; suspect the TEMPLATE or the PARAMETER stop tokens (the "
-                        "end-of-turn token is not ending answers)",
+                message=f"{missed}/{followed} answers ran to the length limit ({summary.max_tokens} tokens) "
+                        "where the merged model stopped, after repeating its answer up to that stop; suspect the "
+                        "TEMPLATE or the PARAMETER stop tokens (the end-of-turn token is not ending answers)",
                 example=_example(summary, m, merged, i)))
         if m.token_agreement is not None and m.token_agreement < summary.min_agreement:
             i = min(range(len(m.prompts)), key=lambda k: m.prompts[k].ratio)

@@ -105,7 +105,7 @@ def _pack(run_dir: Path, out: Path, engine: str) -> list[Path]:
 
 @pytest.mark.parametrize("engine", ["unsloth", "hf"])
 def test_qlora_trains_merges_and_exports_on_cuda(engine, base_dir, tmp_path):
-    from ftdeploy.stages.data import load_tokenized
+    from ftdeploy.data import load_tokenized
 
     name = f"gpu-{engine}"
     common = ["--runs-dir", str(tmp_path), "--name", name, "--base-model", str(base_dir),

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, read_dataset
 
-from ftdeploy.formats import load_records
-from ftdeploy.stages.data import demo_path
+from ftdeploy.data import demo_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
 
@@ -66,7 +65,7 @@ def test_the_served_model_answers_the_trained_facts(demo_run, ollama_server):
     assert result["verify"]["hits"] >= 4, result
     # Ask again ourselves, outside ftdeploy's verify, with the official `ollama` client (conftest's RealOllama.chat):
     # at least 4 of the 5 facts come back.
-    facts = load_records(str(demo_path("eval"))).records
+    facts = read_dataset(str(demo_path("eval"))).records
     hits = sum(f.expect.lower() in ollama_server.chat("ftdeploy-e2e", f.messages[0]["content"]).lower() for f in facts)
     assert hits >= 4
 
@@ -191,7 +190,7 @@ def test_the_adapter_deploy_answers_the_trained_facts_and_uploads_megabytes(ddp_
     assert reg["uploaded_bytes"] == reg["adapter_bytes"] < reg["full_model_bytes"] / 3
     shown = ollama_server.client.show("ftdeploy-e2e-ddp")
     assert "ADAPTER" in shown["modelfile"]
-    facts = load_records(str(demo_path("eval"))).records
+    facts = read_dataset(str(demo_path("eval"))).records
     def knows(model, fact):
         return fact.expect.lower() in ollama_server.chat(model, fact.messages[0]["content"]).lower()
 

@@ -191,7 +191,7 @@ def _records(run):
 @pytest.fixture
 def no_tokenizer(monkeypatch, tmp_path):
     """The data stage without a base model or tokenizer: `prepare` (set by the test) stands in for prepare_data."""
-    import ftdeploy.stages.data as data_stage
+    import ftdeploy.data as data_stage
     import ftdeploy.tokenizer as tokenizer
     from ftdeploy import pipeline
 

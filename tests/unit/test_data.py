@@ -1,11 +1,11 @@
 import json
 
 import pytest
+from conftest import read_dataset
 
 from ftdeploy.config import DataConfig
+from ftdeploy.data import IGNORE_INDEX, load_tokenized, prepare_data, tokenize_conversation
 from ftdeploy.errors import DataError
-from ftdeploy.formats import load_records
-from ftdeploy.stages.data import IGNORE_INDEX, load_tokenized, prepare_data, tokenize_conversation
 from ftdeploy.stages.train import PadCollator
 from ftdeploy.templates import match_chat_template
 from ftdeploy.tokenizer import ensure_pad_token
@@ -13,7 +13,7 @@ from ftdeploy.tokenizer import ensure_pad_token
 
 def read_chat(path, system_prompt=None):
     """A chat file in any layout, bad rows an error: how eval files are read."""
-    return load_records(str(path), system_prompt=system_prompt).records
+    return read_dataset(str(path), system_prompt=system_prompt).records
 
 
 def _mapping(tok):
@@ -122,11 +122,18 @@ def test_prepare_data_writes_everything_or_nothing(tmp_path, tiny_tokenizer):
     assert not out2.exists() and not any(p.name.startswith(".data") for p in out2.parent.glob("*"))
 
 
-def test_packing_fills_sequences_up_to_max_length_and_keeps_every_label():
-    from ftdeploy.stages.data import pack
-
-    rows = [{"input_ids": [i] * n, "labels": [i] * n, "source": str(i)} for i, n in enumerate([5, 3, 4, 2, 6], 1)]
-    packed = pack(rows, max_seq_length=8)
-    assert all(len(p["input_ids"]) <= 8 for p in packed)
-    assert sorted(t for p in packed for t in p["labels"]) == sorted(t for r in rows for t in r["labels"])
-    assert len(packed) < len(rows)
+def test_packing_fills_sequences_up_to_max_length_and_keeps_every_label(tmp_path, tiny_tokenizer):
+    mapping = _mapping(tiny_tokenizer)
+    rows = [{"messages": [CHAT[0], {"role": "assistant", "content": "port " * n}]} for n in (5, 30, 12, 3, 20, 8)]
+    path = _write(tmp_path / "d.jsonl", rows)
+    prepare_data(DataConfig(train=str(path), eval_split=0), tiny_tokenizer, mapping, tmp_path / "rows", seed=0)
+    unpacked = [json.loads(line) for line in (tmp_path / "rows" / "train.jsonl").read_text().splitlines()]
+    limit = 2 * max(len(r["input_ids"]) for r in unpacked)
+    cfg = DataConfig(train=str(path), eval_split=0, packing=True, max_seq_length=limit)
+    prepare_data(cfg, tiny_tokenizer, mapping, tmp_path / "packed", seed=0)
+    packed = [json.loads(line) for line in (tmp_path / "packed" / "train.jsonl").read_text().splitlines()]
+    assert all(len(p["input_ids"]) <= limit and p["source"] == "packed" for p in packed)
+    for key in ("input_ids", "labels"):
+        assert sorted(t for p in packed for t in p[key]) == sorted(t for r in unpacked for t in r[key])
+    assert len(packed) < len(unpacked)
+    assert json.loads((tmp_path / "packed" / "stats.json").read_text())["packed_sequences"] == len(packed)

@@ -12,21 +12,23 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import CHATML_TEMPLATE, build_tiny_tokenizer
+from conftest import CHATML_TEMPLATE, build_tiny_tokenizer, read_dataset
 
 from ftdeploy.config import DataConfig
-from ftdeploy.errors import DataError
-from ftdeploy.formats import load_records
-from ftdeploy.stages import data
-from ftdeploy.stages.data import (
+from ftdeploy.data import (
     IGNORE_INDEX,
-    pack,
+    Tokenized,
+    fast,
+    labels,
+    load_eval,
     prepare_data,
-    split_eval,
+    stream_records,
     tokenize_conversation,
     tokenize_records,
     tokenize_text,
 )
+from ftdeploy.data.writer import held_out, pack_groups
+from ftdeploy.errors import DataError
 from ftdeploy.templates import match_chat_template
 
 LLAMA32_TEMPLATE = (
@@ -61,8 +63,8 @@ def chat(request):
 @pytest.fixture
 def every_row_fast(monkeypatch):
     """No guard rows and small batches: every row takes the fast path, across many batch boundaries."""
-    monkeypatch.setattr(data, "GUARD_ROWS", 0)
-    monkeypatch.setattr(data, "BATCH_ROWS", 7)
+    monkeypatch.setattr(fast, "GUARD_ROWS", 0)
+    monkeypatch.setattr(fast, "BATCH_ROWS", 7)
 
 
 def _text(rng, lo=1, hi=12):
@@ -122,7 +124,7 @@ def _reference(rec, tok, mapping, max_len=MAX_LEN, train_on="assistant"):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fast_labels_are_tokenize_conversations_bit_for_bit(tmp_path, chat, layout, every_row_fast):
     tok, mapping = chat
-    records = load_records(str(_dataset(tmp_path, layout))).records
+    records = read_dataset(str(_dataset(tmp_path, layout))).records
     expected = [_reference(rec, tok, mapping) for rec in records]
     got = [t for _, t in tokenize_records(records, tok, mapping, MAX_LEN)]
     assert got == expected
@@ -133,19 +135,31 @@ def test_fast_labels_are_tokenize_conversations_bit_for_bit(tmp_path, chat, layo
 
 def test_train_on_all_is_the_same_too(tmp_path, chat, every_row_fast):
     tok, mapping = chat
-    records = load_records(str(_dataset(tmp_path, "messages"))).records
+    records = read_dataset(str(_dataset(tmp_path, "messages"))).records
     expected = [_reference(rec, tok, mapping, train_on="all") for rec in records]
     assert [t for _, t in tokenize_records(records, tok, mapping, MAX_LEN, "all")] == expected
 
 
+def _split(records, fraction, seed):
+    """(train, eval): the records held_out picks go to eval, in file order."""
+    held = held_out(len(records), fraction, seed)
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def _packed(rows, max_seq_length):
+    """Whole rows joined into the sequences pack_groups assigns them to, labels kept per row."""
+    return [{"input_ids": [t for i in group for t in rows[i]["input_ids"]],
+             "labels": [t for i in group for t in rows[i]["labels"]], "source": "packed"}
+            for group in pack_groups([len(r["input_ids"]) for r in rows], max_seq_length)]
+
+
 def _expected_files(path, tok, mapping, cfg, seed=0):
-    """train.jsonl and eval.jsonl as the data stage wrote them before it streamed (whole lists, one row at a time)."""
-    loaded = load_records(str(path))
-    train, held = split_eval(loaded.records, cfg.eval_split, seed)
+    """train.jsonl and eval.jsonl built from whole lists, one row at a time through the definition."""
+    train, held = _split(read_dataset(str(path)).records, cfg.eval_split, seed)
     rows = [{"input_ids": t.input_ids, "labels": t.labels, "source": r.source}
             for r in train for t in [_reference(r, tok, mapping, cfg.max_seq_length)]]
     if cfg.packing:
-        rows = pack(rows, cfg.max_seq_length)
+        rows = _packed(rows, cfg.max_seq_length)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     evals = "".join(json.dumps({"messages": e.messages, "expect": e.expect, "match": e.match, "source": e.source},
                                ensure_ascii=False) + "\n" for e in held if e.messages)
@@ -167,7 +181,7 @@ def test_prepare_data_writes_the_files_it_wrote_before(tmp_path, chat, layout, p
     assert (out / "eval.jsonl").read_text(encoding="utf-8") == eval_lines
     assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "stats.json", "train.jsonl", "train_sample.jsonl"]
     written = json.loads((out / "stats.json").read_text())
-    unpacked = [_reference(r, tok, mapping) for r in split_eval(load_records(str(path)).records, eval_split, 3)[0]]
+    unpacked = [_reference(r, tok, mapping) for r in _split(read_dataset(str(path)).records, eval_split, 3)[0]]
     lengths = [len(t.input_ids) for t in unpacked]
     assert written == {
         "rows": len(unpacked), "eval_rows": 120 - len(unpacked), "truncated": sum(t.truncated for t in unpacked),
@@ -199,7 +213,7 @@ def _error(fn):
 
 def _same_error_as_reference(tmp_path, tok, mapping, rows, max_len=2048):
     path = _file(tmp_path, rows)
-    records = load_records(str(path)).records
+    records = read_dataset(str(path)).records
     bad_index = next(i for i, r in enumerate(records) if _outcome_error(r, tok, mapping, max_len))
     expected = _outcome_error(records[bad_index], tok, mapping, max_len)
     got = _error(lambda: prepare_data(DataConfig(train=str(path), max_seq_length=max_len), tok, mapping,
@@ -280,10 +294,10 @@ def test_skipped_bad_rows_are_counted_and_the_rest_prepared(tmp_path, chat, data
 
 def test_a_fast_path_that_differs_sends_every_row_the_exact_way(tmp_path, chat, monkeypatch, caplog):
     tok, mapping = chat
-    render = data._FastTokenizer.render
-    monkeypatch.setattr(data._FastTokenizer, "render", lambda self, m, g, tools=None: render(self, m, g, tools) + " ")
-    records = load_records(str(_dataset(tmp_path, "messages", n=100))).records
-    with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
+    render = fast._FastTokenizer.render
+    monkeypatch.setattr(fast._FastTokenizer, "render", lambda self, m, g, tools=None: render(self, m, g, tools) + " ")
+    records = read_dataset(str(_dataset(tmp_path, "messages", n=100))).records
+    with caplog.at_level(logging.WARNING, logger="ftdeploy.data.fast"):
         got = [t for _, t in tokenize_records(records, tok, mapping, MAX_LEN)]
     assert got == [_reference(rec, tok, mapping) for rec in records]
     assert "differs from apply_chat_template" in caplog.text
@@ -291,10 +305,11 @@ def test_a_fast_path_that_differs_sends_every_row_the_exact_way(tmp_path, chat, 
 
 def test_the_guard_passes_on_the_bundled_formats(tmp_path, chat, caplog):
     tok, mapping = chat
-    fast = data._FastTokenizer.create(tok, mapping, MAX_LEN, "assistant", lambda rec: _reference(rec, tok, mapping))
-    assert fast is not None
-    records = load_records(str(_dataset(tmp_path, "messages", n=100))).records
-    with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
+    fast_path = fast._FastTokenizer.create(tok, mapping, MAX_LEN, "assistant",
+                                           lambda rec: _reference(rec, tok, mapping))
+    assert fast_path is not None
+    records = read_dataset(str(_dataset(tmp_path, "messages", n=100))).records
+    with caplog.at_level(logging.WARNING, logger="ftdeploy.data.fast"):
         assert len(list(tokenize_records(records, tok, mapping, MAX_LEN))) == 100
     assert "differs" not in caplog.text
 
@@ -306,8 +321,8 @@ def test_an_eval_file_and_the_demo_data_are_written_as_before(tmp_path, chat, ev
     for cfg in (DataConfig(train=str(train), eval=str(evals), max_seq_length=MAX_LEN), DataConfig()):
         out = tmp_path / "out"
         prepare_data(cfg, tok, mapping, out, seed=0)
-        train_records = data.read_records(cfg, cfg.train, "train").records
-        eval_records = data.read_records(cfg, cfg.eval or cfg.train, "eval").records
+        train_records = list(stream_records(cfg, cfg.train, "train"))
+        eval_records = list(stream_records(cfg, cfg.eval or cfg.train, "eval"))
         expected = "".join(json.dumps({"input_ids": t.input_ids, "labels": t.labels, "source": r.source},
                                       ensure_ascii=False) + "\n"
                            for r in train_records for t in [_reference(r, tok, mapping, cfg.max_seq_length)])
@@ -426,10 +441,10 @@ def _tool_reference(rec, tok, mapping, max_len=TOOL_MAX_LEN, train_on="assistant
 def test_fast_labels_on_tool_rows_are_tokenize_conversations_bit_for_bit(tmp_path, tool_chat, train_on,
                                                                         every_row_fast, monkeypatch):
     fmt, tok, mapping = tool_chat
-    records = load_records(str(_tool_dataset(tmp_path, fmt))).records
+    records = read_dataset(str(_tool_dataset(tmp_path, fmt))).records
     expected = [_tool_reference(rec, tok, mapping, train_on=train_on) for rec in records]
     slow = []
-    monkeypatch.setattr(data, "tokenize_conversation", lambda *a, **k: slow.append(a) or tokenize_conversation(*a, **k))
+    monkeypatch.setattr(fast, "tokenize_conversation", lambda *a, **k: slow.append(a) or tokenize_conversation(*a, **k))
     assert [t for _, t in tokenize_records(records, tok, mapping, TOOL_MAX_LEN, train_on)] == expected
     assert not slow  # every row, tools or not, took the fast path
     assert any(t.truncated for t in expected) and any(not t.truncated for t in expected)
@@ -453,12 +468,12 @@ def test_prepare_data_on_tool_rows_writes_the_definitions_labels(tmp_path, tool_
     path = _tool_dataset(tmp_path, fmt, n=80)
     cfg = DataConfig(train=str(path), eval_split=0.1, max_seq_length=TOOL_MAX_LEN)
     prepare_data(cfg, tok, mapping, tmp_path / "out", seed=1)
-    train, held = split_eval(load_records(str(path)).records, 0.1, 1)
+    train, held = _split(read_dataset(str(path)).records, 0.1, 1)
     expected = "".join(json.dumps({"input_ids": t.input_ids, "labels": t.labels, "source": r.source},
                                   ensure_ascii=False) + "\n"
                        for r in train for t in [_tool_reference(r, tok, mapping)])
     assert (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8") == expected
-    evals = data.load_eval(tmp_path / "out")
+    evals = load_eval(tmp_path / "out")
     assert [(e.messages, e.tools) for e in evals] == [(r.messages, r.tools) for r in held]
 
 
@@ -467,15 +482,15 @@ def test_a_fast_path_that_differs_on_tool_rows_sends_them_the_exact_way(tmp_path
     tok = build_tiny_tokenizer(**TOOL_FORMATS["qwen2.5"])
     mapping = match_chat_template(
         lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), tok.bos_token)
-    monkeypatch.setattr(data, "GUARD_ROWS", 4)
-    monkeypatch.setattr(data, "BATCH_ROWS", 5)
-    render = data._FastTokenizer.render
-    monkeypatch.setattr(data._FastTokenizer, "render",
+    monkeypatch.setattr(fast, "GUARD_ROWS", 4)
+    monkeypatch.setattr(fast, "BATCH_ROWS", 5)
+    render = fast._FastTokenizer.render
+    monkeypatch.setattr(fast._FastTokenizer, "render",
                         lambda self, m, g, tools=None: render(self, m, g, tools) + (" " if tools else ""))
-    plain = load_records(str(_dataset(tmp_path, "messages", n=30))).records
-    tools = [r for r in load_records(str(_tool_dataset(tmp_path, "qwen2.5", n=60))).records if r.tools]
+    plain = read_dataset(str(_dataset(tmp_path, "messages", n=30))).records
+    tools = [r for r in read_dataset(str(_tool_dataset(tmp_path, "qwen2.5", n=60))).records if r.tools]
     records = plain + tools
-    with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
+    with caplog.at_level(logging.WARNING, logger="ftdeploy.data.fast"):
         got = [t for _, t in tokenize_records(records, tok, mapping, TOOL_MAX_LEN)]
     assert got == [_tool_reference(rec, tok, mapping) for rec in records]
     assert caplog.text.count("differs from apply_chat_template on this row with tools") == 1
@@ -484,8 +499,8 @@ def test_a_fast_path_that_differs_on_tool_rows_sends_them_the_exact_way(tmp_path
 
 def test_the_tool_guard_passes_on_the_tool_templates(tmp_path, tool_chat, caplog):
     fmt, tok, mapping = tool_chat
-    records = load_records(str(_tool_dataset(tmp_path, fmt, n=100))).records
-    with caplog.at_level(logging.WARNING, logger="ftdeploy.stages.data"):
+    records = read_dataset(str(_tool_dataset(tmp_path, fmt, n=100))).records
+    with caplog.at_level(logging.WARNING, logger="ftdeploy.data.fast"):
         assert len(list(tokenize_records(records, tok, mapping, TOOL_MAX_LEN))) == 100
     assert "differs" not in caplog.text
 
@@ -555,12 +570,12 @@ def _family_conversation(rng, family):
 
 def test_every_format_fast_labels_are_tokenize_conversations_bit_for_bit(tmp_path, family, every_row_fast):
     tok, mapping = family_tokenizer(family)
-    assert data._FastTokenizer.create(tok, mapping, FAMILY_MAX_LEN, "assistant", lambda rec: None) is not None
+    assert fast._FastTokenizer.create(tok, mapping, FAMILY_MAX_LEN, "assistant", lambda rec: None) is not None
     rng = random.Random(family)
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"messages": _family_conversation(rng, family)}, ensure_ascii=False) + "\n"
                             for _ in range(80)), encoding="utf-8")
-    records = load_records(str(path)).records
+    records = read_dataset(str(path)).records
     expected = [_reference(rec, tok, mapping, FAMILY_MAX_LEN) for rec in records]
     assert [t for _, t in tokenize_records(records, tok, mapping, FAMILY_MAX_LEN)] == expected
     assert all(IGNORE_INDEX in t.labels and set(t.labels) != {IGNORE_INDEX} for t in expected)
@@ -622,7 +637,7 @@ def test_chats_not_rendered_turn_by_turn_train_the_answers_and_their_end_of_turn
     prepare_data(DataConfig(train=str(path), max_seq_length=FAMILY_MAX_LEN), tok, mapping, tmp_path / "out", seed=0)
     rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 3
-    trained = data.Tokenized(rows[0]["input_ids"], rows[0]["labels"])
+    trained = Tokenized(rows[0]["input_ids"], rows[0]["labels"])
     assert _trained_runs(tok, trained) == answers
     assert tok.decode(trained.input_ids) == tok.apply_chat_template(messages, tokenize=False)
 
@@ -647,7 +662,7 @@ def test_qwen3_tool_chats_fast_and_exact_agree_and_train_the_calls(tmp_path, eve
     tok, mapping = family_tokenizer("qwen3")
     rng = random.Random("qwen3-tools")
     path = _file(tmp_path, [_tool_chat(rng) for _ in range(40)])
-    records = load_records(str(path)).records
+    records = read_dataset(str(path)).records
     expected = [tokenize_conversation(r.messages, tok, mapping, FAMILY_MAX_LEN, source=r.source, tools=r.tools)
                 for r in records]
     assert [t for _, t in tokenize_records(records, tok, mapping, FAMILY_MAX_LEN)] == expected
@@ -667,8 +682,8 @@ def test_replacing_a_turn_finds_the_turn_by_turn_spans_wherever_both_apply(name)
     for _ in range(120):
         messages = _family_conversation(rng, name)
         full = render(messages, False)
-        if (spans := data._turn_by_turn_spans(messages, full, render)) is not None:
-            assert data._replaced_turn_spans(messages, full, render, mapping.format) == spans, messages
+        if (spans := labels._turn_by_turn_spans(messages, full, render)) is not None:
+            assert labels._replaced_turn_spans(messages, full, render, mapping.format) == spans, messages
             compared += 1
     assert compared >= 30
 

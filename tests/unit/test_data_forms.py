@@ -6,11 +6,11 @@ import logging
 import time
 
 import pytest
+from conftest import read_dataset
 
 from ftdeploy.config import DataConfig
+from ftdeploy.data import IGNORE_INDEX, Columns, RecordStream, prepare_data, tokenize_conversation, tokenize_records
 from ftdeploy.errors import DataError
-from ftdeploy.formats import Columns, RecordStream, load_records
-from ftdeploy.stages.data import IGNORE_INDEX, prepare_data, tokenize_conversation, tokenize_records
 from ftdeploy.templates import match_chat_template
 
 Q1, A1 = "What port does Zephyr use?", "Zephyr uses port 7341."
@@ -25,14 +25,14 @@ def _write(path, rows):
 
 
 def _records(tmp_path, rows, **kwargs):
-    return load_records(str(_write(tmp_path / "d.jsonl", rows)), **kwargs).records
+    return read_dataset(str(_write(tmp_path / "d.jsonl", rows)), **kwargs).records
 
 
 def _bad(tmp_path, rows, **kwargs):
     """The bad-row lines of a file whose last row is the bad one (the rows before it are good)."""
     path = _write(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError) as err:
-        load_records(str(path), **kwargs)
+        read_dataset(str(path), **kwargs)
     line = f"{path}:{len(rows)}: "
     found = [r.strip() for r in str(err.value).splitlines() if r.strip().startswith(line)]
     assert found, str(err.value)
@@ -194,7 +194,7 @@ PREFERENCE = [
 @pytest.mark.parametrize("row,kind", PREFERENCE)
 def test_preference_data_is_one_error_naming_the_file(tmp_path, row, kind):
     path = _write(tmp_path / "prefs.jsonl", [row] * 194)
-    for read in (lambda: load_records(str(path)), lambda: RecordStream(str(path))):
+    for read in (lambda: read_dataset(str(path)), lambda: RecordStream(str(path))):
         with pytest.raises(DataError) as err:
             read()
         message = str(err.value)
@@ -205,12 +205,12 @@ def test_preference_data_is_one_error_naming_the_file(tmp_path, row, kind):
 def test_preference_data_is_refused_with_an_explicit_format_too(tmp_path):
     path = _write(tmp_path / "prefs.jsonl", [PREFERENCE[0][0]] * 5)
     with pytest.raises(DataError, match=rf"^{path}: preference data \(conversations \+ chosen \+ rejected"):
-        load_records(str(path), "sharegpt", on_bad_row="skip")
+        read_dataset(str(path), "sharegpt", on_bad_row="skip")
 
 
 def test_the_chosen_answers_can_be_trained_as_pairs_when_the_columns_say_so(tmp_path):
     path = _write(tmp_path / "prefs.jsonl", [PREFERENCE[1][0]] * 3)
-    result = load_records(str(path), "pairs", Columns(response="chosen"))
+    result = read_dataset(str(path), "pairs", Columns(response="chosen"))
     assert result.records[0].messages[-1] == {"role": "assistant", "content": A1}
 
 
@@ -271,7 +271,7 @@ def test_fields_no_layout_reads_are_named_in_one_warning_per_dataset(tmp_path, c
     rows = [{"messages": [{**CHAT[0], "name": "ann"}, {**CHAT[1], "reasoning_content": "think"}], "id": i,
              "expect": "7341"} for i in range(3)]
     path = _write(tmp_path / "d.jsonl", rows)
-    caplog.set_level(logging.WARNING, logger="ftdeploy.formats")
+    caplog.set_level(logging.WARNING, logger="ftdeploy.data.formats")
     stream = RecordStream(str(path))
     stream.check()
     stream.check()  # a second pass names nothing again

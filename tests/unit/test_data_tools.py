@@ -7,17 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CHATML_TEMPLATE, build_tiny_tokenizer
+from conftest import CHATML_TEMPLATE, build_tiny_tokenizer, read_dataset
 
 from ftdeploy.config import DataConfig
+from ftdeploy.data import (
+    IGNORE_INDEX,
+    demo_path,
+    inspect_data,
+    load_eval,
+    prepare_data,
+    tokenize_conversation,
+    tokenize_records,
+)
 from ftdeploy.errors import DataError
-from ftdeploy.formats import load_records
-from ftdeploy.stages import data
-from ftdeploy.stages.data import IGNORE_INDEX, inspect_data, prepare_data, tokenize_conversation, tokenize_records
 from ftdeploy.templates import match_chat_template
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "data" / "tool_templates"
-DEMO = Path(data.__file__).resolve().parent.parent / "demo"
+DEMO = demo_path("train").parent
 
 LOOKUP_PORT = {"type": "function", "function": {
     "name": "lookup_port", "description": "The TCP port a service listens on.",
@@ -66,7 +72,7 @@ def test_a_tool_row_converts_to_what_chat_templates_take(tmp_path):
     as_string = _turn(1, tool_calls=[{"type": "function", "id": "call_1",
                                       "function": {"name": "lookup_port", "arguments": '{"service": "zephyr"}'}}])
     path = _write(tmp_path / "d.jsonl", [TOOL_ROW, _with(as_string), PLAIN_ROW])
-    records = load_records(str(path)).records
+    records = read_dataset(str(path)).records
     assert records[0].tools == [LOOKUP_PORT]
     assert records[0].messages == [
         TOOL_CHAT[0], {"role": "assistant", "content": "", "tool_calls": [CALL]},
@@ -80,11 +86,11 @@ def test_tools_as_a_json_string_and_from_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     path = _write(tmp_path / "d.jsonl", [{**TOOL_ROW, "tools": json.dumps([LOOKUP_PORT])}])
-    assert load_records(str(path)).records[0].tools == [LOOKUP_PORT]
+    assert read_dataset(str(path)).records[0].tools == [LOOKUP_PORT]
     # parquet unifies the message structs: missing keys come back as None, as the OpenAI API writes them
     pq.write_table(pa.Table.from_pylist([TOOL_ROW, {**PLAIN_ROW, "tools": None}]), tmp_path / "d.parquet")
-    records = load_records(str(tmp_path / "d.parquet")).records
-    assert records[0].messages == load_records(str(path)).records[0].messages
+    records = read_dataset(str(tmp_path / "d.parquet")).records
+    assert records[0].messages == read_dataset(str(path)).records[0].messages
     assert records[1].messages == PLAIN_ROW["messages"] and records[1].tools is None
 
 
@@ -140,8 +146,8 @@ def test_each_bad_tool_row_is_named_by_line_with_its_problem(tmp_path):
     rows = [TOOL_ROW] + [row for row, _ in BAD_TOOL_ROWS]
     path = _write(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=f"{len(BAD_TOOL_ROWS)} bad rows \\(messages layout"):
-        load_records(str(path))
-    bad = load_records(str(path), on_bad_row="skip").bad  # every one of them, not the first 20
+        read_dataset(str(path))
+    bad = read_dataset(str(path), on_bad_row="skip").bad  # every one of them, not the first 20
     assert len(bad) == len(BAD_TOOL_ROWS)
     for lineno, ((_, reason), line) in enumerate(zip(BAD_TOOL_ROWS, bad, strict=True), 2):
         assert line.startswith(f"{path}:{lineno}: ") and reason in line, (lineno, reason, line)
@@ -155,7 +161,7 @@ def test_a_conversation_may_end_on_the_call_or_its_result(tmp_path):
                                          {"messages": [*TOOL_CHAT[:3], *thanks,
                                                        {"role": "assistant", "content": "You're welcome."}]},
                                          {"messages": TOOL_CHAT[:3] + thanks}])
-    result = load_records(str(path), on_bad_row="skip")
+    result = read_dataset(str(path), on_bad_row="skip")
     assert len(result.records) == 3
     assert result.bad == [f"{path}:4: the conversation ends on a user turn (message 3) with no assistant answer "
                           "after it"]
@@ -202,7 +208,7 @@ def load_records_from_rows(rows, tmp=None):
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        return load_records(str(_write(Path(folder) / "d.jsonl", rows))).records
+        return read_dataset(str(_write(Path(folder) / "d.jsonl", rows))).records
 
 
 # ---------------------------------------------------------------- a template without tools
@@ -248,9 +254,9 @@ def test_the_bundled_tool_data_prepares_with_a_tool_template_and_inspect_counts_
     cfg = DataConfig(train=str(DEMO / "tools.jsonl"), eval=str(DEMO / "tools_eval.jsonl"))
     stats = prepare_data(cfg, tok, mapping, tmp_path / "out", seed=0)
     assert 30 <= stats.rows <= 60 and stats.eval_rows >= 5
-    evals = data.load_eval(tmp_path / "out")
+    evals = load_eval(tmp_path / "out")
     assert all(e.tools for e in evals) and any(e.messages[-1].get("tool_calls") for e in evals)
-    records = load_records(str(DEMO / "tools.jsonl")).records
+    records = read_dataset(str(DEMO / "tools.jsonl")).records
     with_calls = [r for r in records if any("tool_calls" in m for m in r.messages)]
     assert len(with_calls) >= 30 and len(records) - len(with_calls) >= 3
     services = {json.dumps(m["tool_calls"][0]["function"]["arguments"]) for r in with_calls for m in r.messages

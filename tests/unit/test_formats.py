@@ -4,9 +4,10 @@ import csv
 import json
 
 import pytest
+from conftest import read_dataset
 
+from ftdeploy.data import Columns
 from ftdeploy.errors import DataError
-from ftdeploy.formats import Columns, load_records
 
 CHAT = [{"role": "user", "content": "What port does Zephyr use?"}, {"role": "assistant", "content": "Port 7341."}]
 ROWS = {
@@ -54,7 +55,7 @@ def test_each_layout_from_each_source_is_detected_and_converted(tmp_path, layout
         spec, expected_rows = tmp_path / "d", 2
     else:
         spec, expected_rows = _write(tmp_path / f"data{suffix}", [row, row]), 2
-    result = load_records(str(spec))
+    result = read_dataset(str(spec))
     assert result.layout == layout
     assert len(result.records) == expected_rows
     rec = result.records[0]
@@ -68,32 +69,32 @@ def test_each_layout_from_each_source_is_detected_and_converted(tmp_path, layout
 
 def test_alpaca_input_is_appended_to_the_instruction(tmp_path):
     path = _write(tmp_path / "a.jsonl", [{"instruction": "Translate.", "input": "bonjour", "output": "hello"}])
-    assert load_records(str(path)).records[0].messages[0]["content"] == "Translate.\n\nbonjour"
+    assert read_dataset(str(path)).records[0].messages[0]["content"] == "Translate.\n\nbonjour"
 
 
 def test_pairs_with_a_column_mapping(tmp_path):
     path = _write(tmp_path / "q.csv", [{"question": "Q?", "answer": "A.", "sys": "Be brief."}])
-    result = load_records(str(path), "pairs", Columns(prompt="question", response="answer", system="sys"))
+    result = read_dataset(str(path), "pairs", Columns(prompt="question", response="answer", system="sys"))
     assert [m["role"] for m in result.records[0].messages] == ["system", "user", "assistant"]
 
 
 def test_sharegpt_aliases_and_system(tmp_path):
     row = {"conversations": [{"from": "system", "value": "S"}, {"from": "user", "value": "u"},
                              {"from": "chatgpt", "value": "a"}]}
-    rec = load_records(str(_write(tmp_path / "s.jsonl", [row]))).records[0]
+    rec = read_dataset(str(_write(tmp_path / "s.jsonl", [row]))).records[0]
     assert [m["role"] for m in rec.messages] == ["system", "user", "assistant"]
 
 
 def test_ambiguous_rows_are_an_error_that_lists_both(tmp_path):
     path = _write(tmp_path / "amb.jsonl", [{"messages": CHAT, "text": "also text"}])
     with pytest.raises(DataError, match="ambiguous layout: rows match both messages and text"):
-        load_records(str(path))
-    assert load_records(str(path), "text").layout == "text"  # --format settles it
+        read_dataset(str(path))
+    assert read_dataset(str(path), "text").layout == "text"  # --format settles it
 
 
 def test_unknown_columns_are_an_error_naming_them(tmp_path):
     with pytest.raises(DataError, match=r"cannot tell the dataset layout from its columns \['a', 'b'\]"):
-        load_records(str(_write(tmp_path / "x.jsonl", [{"a": 1, "b": 2}])))
+        read_dataset(str(_write(tmp_path / "x.jsonl", [{"a": 1, "b": 2}])))
 
 
 BAD_SHAREGPT = [
@@ -112,7 +113,7 @@ def test_every_bad_row_is_named_by_line_with_its_reason(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good) + "\n" + "".join(json.dumps(r) + "\n" for r, _ in BAD_SHAREGPT) + "{broken\n")
     with pytest.raises(DataError) as err:
-        load_records(str(path))
+        read_dataset(str(path))
     msg = str(err.value)
     assert f"{len(BAD_SHAREGPT) + 1} bad rows" in msg
     for i, (_, reason) in enumerate(BAD_SHAREGPT, start=2):
@@ -123,7 +124,7 @@ def test_every_bad_row_is_named_by_line_with_its_reason(tmp_path):
 
 def test_skip_drops_bad_rows_and_reports_them(tmp_path):
     path = _write(tmp_path / "m.jsonl", [ROWS["pairs"], {"prompt": "only a prompt"}, ROWS["pairs"]])
-    result = load_records(str(path), on_bad_row="skip")
+    result = read_dataset(str(path), on_bad_row="skip")
     assert len(result.records) == 2
     assert result.bad == [f"{path}:2: missing field 'prompt' or 'response' (or not a string)"]
 
@@ -131,22 +132,22 @@ def test_skip_drops_bad_rows_and_reports_them(tmp_path):
 def test_bad_csv_and_parquet_rows_are_named_too(tmp_path):
     path = _write(tmp_path / "p.csv", [ROWS["pairs"], {"prompt": "p", "response": ""}])
     with pytest.raises(DataError, match=rf"{path}:3: .*content must be a non-empty string"):
-        load_records(str(path))
+        read_dataset(str(path))
     pq = _write(tmp_path / "p.parquet", [ROWS["alpaca"], {"instruction": "i", "input": "", "output": None}])
     with pytest.raises(DataError, match=rf"{pq}:row 2: missing field 'instruction' or 'output'"):
-        load_records(str(pq))
+        read_dataset(str(pq))
 
 
 def test_empty_and_missing_sources(tmp_path):
     with pytest.raises(DataError, match="the dataset is empty"):
-        load_records(str(_write(tmp_path / "e.jsonl", [])))
+        read_dataset(str(_write(tmp_path / "e.jsonl", [])))
     with pytest.raises(DataError, match=rf"nope.jsonl: no such file or directory \(looked for {tmp_path}/nope.jsonl\)"):
-        load_records(str(tmp_path / "nope.jsonl"))
+        read_dataset(str(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match="no such file or directory, and not a Hugging Face dataset id"):
-        load_records("nope")
+        read_dataset("nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="the directory holds no"):
-        load_records(str(tmp_path / "empty"))
+        read_dataset(str(tmp_path / "empty"))
 
 
 def test_a_hub_dataset_id_goes_to_datasets_load_dataset(monkeypatch):
@@ -154,4 +155,4 @@ def test_a_hub_dataset_id_goes_to_datasets_load_dataset(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"ServiceNow-AI/R1-Distill-SFT \(config v0, split train\): cannot load"):
-        load_records("ServiceNow-AI/R1-Distill-SFT", hub_config="v0", split="train")
+        read_dataset("ServiceNow-AI/R1-Distill-SFT", hub_config="v0", split="train")

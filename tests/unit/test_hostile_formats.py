@@ -6,10 +6,11 @@ import json
 import os
 
 import pytest
+from conftest import read_dataset
 
-from ftdeploy import formats
+from ftdeploy.data import sources
+from ftdeploy.data.sources import looks_like_path
 from ftdeploy.errors import DataError
-from ftdeploy.formats import load_records, looks_like_path
 
 PAIR = {"prompt": "What port does Zephyr use?", "response": "Port 7341."}
 JSONL = (json.dumps(PAIR) + "\n") * 2
@@ -17,7 +18,7 @@ JSONL = (json.dumps(PAIR) + "\n") * 2
 
 def _error(spec) -> str:
     with pytest.raises(DataError) as info:
-        load_records(str(spec))
+        read_dataset(str(spec))
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -31,7 +32,7 @@ def _error(spec) -> str:
 def test_a_utf8_bom_is_dropped_in_every_text_format(tmp_path, name, body):
     path = tmp_path / name
     path.write_bytes(codecs.BOM_UTF8 + body.encode())
-    result = load_records(str(path))
+    result = read_dataset(str(path))
     assert (result.layout, len(result.records), result.bad) == ("pairs", 2, [])
 
 
@@ -39,7 +40,7 @@ def test_plain_utf8_is_read_as_it_was(tmp_path):
     path = tmp_path / "u.jsonl"
     path.write_text(json.dumps({"prompt": "Grüße \ufeff inside", "response": "ok"}, ensure_ascii=False) + "\n",
                     encoding="utf-8")
-    assert load_records(str(path)).records[0].messages[0]["content"] == "Grüße \ufeff inside"
+    assert read_dataset(str(path)).records[0].messages[0]["content"] == "Grüße \ufeff inside"
 
 
 def test_a_corrupt_parquet_file_names_the_file_and_pyarrow_reason(tmp_path):
@@ -83,7 +84,7 @@ def test_json_lines_in_a_json_file_get_the_jsonl_hint(tmp_path):
 def test_hostile_json_values_are_bad_rows_not_crashes(tmp_path):
     path = tmp_path / "h.jsonl"
     path.write_text(json.dumps(PAIR) + "\n" + "[" * 100_000 + "\n" + '{"n": ' + "9" * 5000 + "}\n")
-    result = load_records(str(path), on_bad_row="skip")
+    result = read_dataset(str(path), on_bad_row="skip")
     assert len(result.records) == 1
     assert result.bad[0] == f"{path}:2: not usable JSON (nested too deeply)"
     assert result.bad[1].startswith(f"{path}:3: not usable JSON (Exceeds the limit (4300 digits)")
@@ -114,10 +115,10 @@ def test_a_file_that_cannot_be_read(tmp_path, monkeypatch):
     path = tmp_path / "locked.jsonl"
     path.write_text(JSONL)
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    def denied(file, *args, **kw):
+        raise PermissionError(13, "Permission denied", str(file))
 
-    monkeypatch.setattr(type(path), "read_bytes", denied)  # chmod 0 stops no one when tests run as root
+    monkeypatch.setattr(sources, "open", denied, raising=False)  # chmod 0 stops no one when tests run as root
     assert _error(path) == f"{path}: cannot read the file (Permission denied)"
 
 
@@ -125,7 +126,7 @@ def test_a_missing_path_never_reaches_the_hub(tmp_path, monkeypatch):
     def no_hub(*args):
         raise AssertionError("went to the Hub")
 
-    monkeypatch.setattr(formats, "_iter_hub", no_hub)
+    monkeypatch.setattr(sources, "_iter_hub", no_hub)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     for spec in ("d/nonexist.jsonl", "./org/name", "../org/name", "data/train", "org/name.parquet", "org/name.txt"):
@@ -147,19 +148,19 @@ def test_looks_like_path(spec, is_path):
 def test_a_directory_takes_data_files_whatever_the_case_of_their_suffix(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "A.JSONL").write_text(JSONL)
-    assert len(load_records(str(tmp_path / "d")).records) == 2
+    assert len(read_dataset(str(tmp_path / "d")).records) == 2
 
 
 def test_a_lone_surrogate_escape_is_a_bad_row_not_a_tokenizer_crash(tmp_path):
     pairs = tmp_path / "s.jsonl"
     pairs.write_text(json.dumps(PAIR) + "\n" + '{"prompt": "hi \\ud800 there", "response": "A."}\n'
                      + '{"prompt": "q", "response": "a", "expect": "\\ud83d"}\n')
-    result = load_records(str(pairs), on_bad_row="skip")
+    result = read_dataset(str(pairs), on_bad_row="skip")
     assert len(result.records) == 1
     assert result.bad == [
         f"{pairs}:2: message 0 (user): content is not valid Unicode (a lone surrogate \\ud800 at character 4)",
         f"{pairs}:3: 'expect' is not valid Unicode (a lone surrogate \\ud83d at character 1)"]
     text = tmp_path / "t.jsonl"
     text.write_text('{"text": "fine"}\n{"text": "x \\udfff"}\n')
-    assert load_records(str(text), on_bad_row="skip").bad == [
+    assert read_dataset(str(text), on_bad_row="skip").bad == [
         f"{text}:2: 'text' is not valid Unicode (a lone surrogate \\udfff at character 3)"]

@@ -1,6 +1,6 @@
-"""RecordStream reads a dataset as it is iterated (memory flat in the rows) and gives what load_records gives: the
-same records, the same bad rows, the same one error for a broken file, whichever error a whole-file read hits
-first."""
+"""RecordStream reads a dataset as it is iterated (memory flat in the rows): every pass gives the same records, every
+file type the records its JSONL twin gives, bad rows listed, and one error for a broken file, the one that names what
+is wrong with the file first."""
 
 import codecs
 import csv
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ftdeploy.data import Columns, RecordStream
 from ftdeploy.errors import DataError
-from ftdeploy.formats import Columns, RecordStream, load_records
 
 CHAT = [{"role": "user", "content": "What port does Zephyr use?"}, {"role": "assistant", "content": "Port 7341."}]
 ROWS = {
@@ -44,16 +44,9 @@ def _write(path: Path, rows) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), path)
+        keys = sorted({k for r in rows for k in r})  # from_pylist takes its columns from the first row alone
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), path)
     return path
-
-
-def _whole(spec, **kw):
-    try:
-        loaded = load_records(str(spec), **kw)
-    except DataError as exc:
-        return "error", str(exc)
-    return loaded.layout, [asdict(r) for r in loaded.records], loaded.bad
 
 
 def _streamed(spec, passes=2, **kw):
@@ -67,10 +60,8 @@ def _streamed(spec, passes=2, **kw):
     return stream.layout, seen[0], stream.bad
 
 
-def _same(spec, **kw):
-    whole = _whole(spec, **kw)
-    assert _streamed(spec, **kw) == whole
-    return whole
+def _without_source(records):
+    return [{k: v for k, v in r.items() if k != "source"} for r in records]
 
 
 @pytest.mark.parametrize("layout,suffix", [
@@ -78,56 +69,94 @@ def _same(spec, **kw):
     if not (suffix == ".csv" and layout in ("messages", "sharegpt"))  # lists of turns do not fit a CSV cell
 ])
 def test_every_layout_from_every_file_type(tmp_path, layout, suffix):
-    result = _same(_write(tmp_path / f"d{suffix}", ROWS[layout]))
+    result = _streamed(_write(tmp_path / f"d{suffix}", ROWS[layout]))
+    jsonl = _streamed(_write(tmp_path / "twin.jsonl", ROWS[layout]))
     assert result[0] == layout and result[1]
+    assert _without_source(result[1]) == _without_source(jsonl[1])
 
 
 def test_options_are_applied_the_same(tmp_path):
     path = _write(tmp_path / "q.jsonl", [{"question": "Q?", "answer": "A."}, {"question": "only"}])
-    _same(path, layout="pairs", columns=Columns(prompt="question", response="answer"), on_bad_row="skip",
-          system_prompt="Be terse.")
+    layout, records, bad = _streamed(path, layout="pairs", columns=Columns(prompt="question", response="answer"),
+                                     on_bad_row="skip", system_prompt="Be terse.")
+    assert layout == "pairs" and bad == [f"{path}:2: missing field 'question' or 'answer' (or not a string)"]
+    assert records[0]["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Q?"},
+                                      {"role": "assistant", "content": "A."}]
 
 
 def test_bad_rows_are_listed_the_same(tmp_path):
     rows = [{"messages": CHAT}] + ["{not json"] * 25 + [{"messages": [{"role": "user", "content": "a"}]}]
     path = _write(tmp_path / "b.jsonl", rows)
-    kind, message = _same(path)
+    kind, message = _streamed(path)
     assert kind == "error" and "26 bad rows" in message and "... and 6 more" in message
-    layout, records, bad = _same(path, on_bad_row="skip")
+    layout, records, bad = _streamed(path, on_bad_row="skip")
     assert len(records) == 1 and len(bad) == 26
 
 
-@pytest.mark.parametrize("name,body", [
-    ("empty.jsonl", b""),
-    ("blank.jsonl", b"\n\n"),
-    ("nothing-usable.jsonl", b'{"messages": []}\n'),
-    ("bom.jsonl", codecs.BOM_UTF8 + b'{"prompt": "q", "response": "a"}\r\n{"prompt": "q2", "response": "b"}\r'),
-    ("bom.csv", codecs.BOM_UTF8 + b"prompt,response\r\nq,a\r\n\"multi\r\nline\",b\r\n"),
-    ("latin1.jsonl", b'{"prompt": "q", "response": "a"}\n{"prompt": "caf\xe9", "response": "x"}\n'),
-    ("latin1-bom.jsonl", codecs.BOM_UTF8 + b'{"prompt": "caf\xe9", "response": "x"}\n'),
-    ("cut-short.jsonl", b'{"prompt": "q", "response": "a"}\n{"prompt": "\xe2\x82'),
-    ("gzip.jsonl", gzip.compress(b'{"prompt": "q", "response": "a"}\n')),
-    ("nul.jsonl", b'{"prompt": "a\x00"}\n'),
-    ("utf16.csv", codecs.BOM_UTF16_LE + "prompt,response\n".encode("utf-16-le")),
-    ("zip.csv", b"PK\x03\x04rest"),
-    ("huge-field.csv", b"prompt,response\nq,a\nq," + b"x" * 200_000 + b"\n"),
-    ("hostile.jsonl", b'{"prompt": "q", "response": "a"}\n' + b"[" * 100_000 + b'\n{"n": ' + b"9" * 5000 + b"}\n"),
-    ("not.parquet", b"not parquet at all\n"),
-    ("unknown-columns.jsonl", b'{"a": 1, "b": 2}\n'),
-    ("ambiguous.jsonl", json.dumps({"messages": CHAT, "text": "t"}).encode() + b"\n"),
+EMPTY = "{path}: the dataset is empty"
+NOT_UTF8 = "{path}:%s: not UTF-8 text (byte 0x%s at column %s); save the file as UTF-8 (it may be Latin-1 or " \
+    "Windows-1252)"
+
+
+def _same_both_ways(expected):
+    return expected, expected
+
+
+@pytest.mark.parametrize("name,body,with_error,with_skip", [
+    ("empty.jsonl", b"", *_same_both_ways(EMPTY)),
+    ("blank.jsonl", b"\n\n", *_same_both_ways(EMPTY)),
+    ("nothing-usable.jsonl", b'{"messages": []}\n',
+     "{path}: 1 bad row (messages layout; --on-bad-row skip to drop them):\n  {path}:1: 'messages' must be a "
+     "non-empty list", "{path}: no usable rows (1 bad rows skipped)"),
+    ("bom.jsonl", codecs.BOM_UTF8 + b'{"prompt": "q", "response": "a"}\r\n{"prompt": "q2", "response": "b"}\r',
+     *_same_both_ways((2, 0))),
+    ("bom.csv", codecs.BOM_UTF8 + b"prompt,response\r\nq,a\r\n\"multi\r\nline\",b\r\n", *_same_both_ways((2, 0))),
+    ("latin1.jsonl", b'{"prompt": "q", "response": "a"}\n{"prompt": "caf\xe9", "response": "x"}\n',
+     *_same_both_ways(NOT_UTF8 % (2, "e9", 16))),
+    ("latin1-bom.jsonl", codecs.BOM_UTF8 + b'{"prompt": "caf\xe9", "response": "x"}\n',
+     *_same_both_ways(NOT_UTF8 % (1, "e9", 19))),
+    ("cut-short.jsonl", b'{"prompt": "q", "response": "a"}\n{"prompt": "\xe2\x82',
+     *_same_both_ways(NOT_UTF8 % (2, "e2", 13))),
+    ("gzip.jsonl", gzip.compress(b'{"prompt": "q", "response": "a"}\n'),
+     *_same_both_ways("{path}: not a JSONL text file: it is gzip-compressed; decompress it first")),
+    ("nul.jsonl", b'{"prompt": "a\x00"}\n',
+     *_same_both_ways("{path}: not a JSONL text file (it holds NUL bytes, so it is binary or in a wide encoding)")),
+    ("utf16.csv", codecs.BOM_UTF16_LE + "prompt,response\n".encode("utf-16-le"),
+     *_same_both_ways("{path}: the file is UTF-16 text; save it as UTF-8 (in PowerShell, Out-File -Encoding utf8) "
+                      "and try again")),
+    ("zip.csv", b"PK\x03\x04rest",
+     *_same_both_ways("{path}: not a CSV text file: it is a zip archive; extract it first")),
+    ("huge-field.csv", b"prompt,response\nq,a\nq," + b"x" * 200_000 + b"\n",
+     *_same_both_ways("{path}:3: not readable as CSV (field larger than field limit (131072))")),
+    ("hostile.jsonl", b'{"prompt": "q", "response": "a"}\n' + b"[" * 100_000 + b'\n{"n": ' + b"9" * 5000 + b"}\n",
+     "{path}: 2 bad rows (pairs layout; --on-bad-row skip to drop them):\n  {path}:2: not usable JSON (nested too "
+     "deeply)\n  {path}:3: not usable JSON (Exceeds the limit", (1, 2)),
+    ("not.parquet", b"not parquet at all\n", *_same_both_ways("{path}: not a readable parquet file (")),
+    ("unknown-columns.jsonl", b'{"a": 1, "b": 2}\n',
+     *_same_both_ways("{path}: cannot tell the dataset layout from its columns ['a', 'b']; expected one of messages, "
+                      "conversations (sharegpt), instruction/output (alpaca), prompt/response (pairs), text; or "
+                      "pass --format with data.columns for other names")),
+    ("ambiguous.jsonl", json.dumps({"messages": CHAT, "text": "t"}).encode() + b"\n",
+     *_same_both_ways("{path}: ambiguous layout: rows match both messages and text; choose one with --format")),
 ])
-def test_broken_files_give_the_same_error_or_rows(tmp_path, name, body):
+def test_broken_files_give_one_error_naming_them_or_their_rows(tmp_path, name, body, with_error, with_skip):
+    """Each outcome as (records, bad rows), or the error's message (its start, where the rest is another library's
+    words)."""
     path = tmp_path / name
     path.write_bytes(body)
-    _same(path)
-    _same(path, on_bad_row="skip")
+    for on_bad_row, expected in (("error", with_error), ("skip", with_skip)):
+        result = _streamed(path, on_bad_row=on_bad_row)
+        if isinstance(expected, tuple):
+            assert (len(result[1]), len(result[2])) == expected, on_bad_row
+        else:
+            assert result[0] == "error" and result[1].startswith(expected.replace("{path}", str(path))), on_bad_row
 
 
 def test_a_bad_byte_far_down_still_wins_over_the_layout_error(tmp_path):
-    """The whole-file read fails on the encoding before it looks at the columns; so does the stream."""
+    """The encoding is checked before the columns are looked at."""
     path = tmp_path / "late.jsonl"
     path.write_bytes(b'{"a": 1}\n' * 500 + b'{"prompt": "caf\xe9"}\n')
-    kind, message = _same(path)
+    kind, message = _streamed(path)
     assert message == (f"{path}:501: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8 (it may be "
                        "Latin-1 or Windows-1252)")
 
@@ -135,7 +164,7 @@ def test_a_bad_byte_far_down_still_wins_over_the_layout_error(tmp_path):
 def test_a_broken_csv_line_far_down_still_wins_over_the_layout_error(tmp_path):
     path = tmp_path / "late.csv"
     path.write_text("a,b\n" + "1,2\n" * 500 + "q," + "x" * 200_000 + "\n")
-    kind, message = _same(path)
+    kind, message = _streamed(path)
     assert message == f"{path}:502: not readable as CSV (field larger than field limit (131072))"
 
 
@@ -144,7 +173,7 @@ def test_a_directory_of_files(tmp_path):
     _write(tmp_path / "d" / "a.jsonl", ROWS["pairs"])
     _write(tmp_path / "d" / "b.csv", ROWS["pairs"])
     _write(tmp_path / "d" / "c.parquet", ROWS["pairs"])
-    assert len(_same(tmp_path / "d")[1]) == 6
+    assert len(_streamed(tmp_path / "d")[1]) == 6
 
 
 def test_a_stream_never_reads_a_file_whole(tmp_path, monkeypatch):

@@ -6,9 +6,9 @@ import dataclasses
 import json
 
 import pytest
+from conftest import read_dataset
 
 from ftdeploy.errors import DataError
-from ftdeploy.formats import load_records
 
 SPEC = {"name": "lookup_port", "description": "The TCP port a service listens on.",
         "parameters": {"type": "object", "properties": {"service": {"type": "string"}}, "required": ["service"]}}
@@ -51,13 +51,13 @@ def _write(path, rows):
 
 
 def _records(path, rows):
-    return [dataclasses.replace(r, source="") for r in load_records(str(_write(path, rows))).records]
+    return [dataclasses.replace(r, source="") for r in read_dataset(str(_write(path, rows))).records]
 
 
 def _same_as_messages(tmp_path, sharegpt_rows, messages_rows):
-    got = load_records(str(_write(tmp_path / "sharegpt.jsonl", sharegpt_rows)))
+    got = read_dataset(str(_write(tmp_path / "sharegpt.jsonl", sharegpt_rows)))
     assert got.layout == "sharegpt"
-    want = load_records(str(_write(tmp_path / "messages.jsonl", messages_rows)))
+    want = read_dataset(str(_write(tmp_path / "messages.jsonl", messages_rows)))
     assert want.layout == "messages"
     assert [dataclasses.replace(r, source="") for r in got.records] == \
            [dataclasses.replace(r, source="") for r in want.records]
@@ -180,7 +180,7 @@ BAD = [
 def test_every_bad_tool_row_is_named_by_file_line_with_its_reason(tmp_path):
     path = _write(tmp_path / "bad.jsonl", [SHAREGPT_ROW, *(row for row, _ in BAD)])
     with pytest.raises(DataError) as err:
-        load_records(str(path))
+        read_dataset(str(path))
     msg = str(err.value)
     assert f"{len(BAD)} bad rows (sharegpt layout" in msg
     lines = msg.splitlines()

@@ -167,7 +167,7 @@ def test_batched_greedy_answers_are_the_one_at_a_time_answers(tmp_path):
 def test_match_modes_per_eval_row(tmp_path):
     import json
 
-    from ftdeploy.formats import load_records
+    from conftest import read_dataset
 
     assert contains("Port 7341.", "port 7341", "exact") and not contains("It is port 7341.", "port 7341", "exact")
     assert contains("The port is 7341", r"\b73\d\d\b", "regex") and not contains("port 1234", r"\b73\d\d\b", "regex")
@@ -177,7 +177,7 @@ def test_match_modes_per_eval_row(tmp_path):
             {"messages": messages, "match": "fuzzy"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as err:
-        load_records(str(path))
+        read_dataset(str(path))
     assert f"{path}:1: 'expect' is not a valid regex" in str(err.value)
     assert f"{path}:2: 'match' must be contains, exact or regex" in str(err.value)
 
@@ -212,7 +212,7 @@ def test_a_served_reply_parsed_into_tool_calls_reads_as_the_model_wrote_it():
 
 
 def test_verify_asks_with_the_rows_tools_and_scores_the_parsed_call(tmp_path):
-    from ftdeploy.formats import Record
+    from ftdeploy.data import Record
     from ftdeploy.stages.verify import ask_all, reference_answer
 
     tool = {"type": "function", "function": {"name": "lookup_port", "parameters": {"type": "object"}}}

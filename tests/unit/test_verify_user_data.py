@@ -7,17 +7,11 @@ from types import SimpleNamespace
 import pytest
 
 from ftdeploy.config import DataConfig, load_config
+from ftdeploy.data import Record, load_eval, load_train_sample, prepare_data
+from ftdeploy.data.writer import AUTO_EVAL_MAX_ROWS, TRAIN_SAMPLE_FILE
 from ftdeploy.errors import DataError
-from ftdeploy.formats import Record
 from ftdeploy.report import sections
 from ftdeploy.results import ModelScore, TemplateParity, VerifySummary
-from ftdeploy.stages.data import (
-    AUTO_EVAL_MAX_ROWS,
-    TRAIN_SAMPLE_FILE,
-    load_eval,
-    load_train_sample,
-    prepare_data,
-)
 from ftdeploy.stages.verify import PARITY_CHATS, ask_all, failures, summarize, template_parity
 from ftdeploy.templates import match_chat_template
 
@@ -197,3 +191,32 @@ def test_the_report_says_which_prompts_were_verified_and_with_which_system():
     text, answers = parts["Answers"]
     assert text[0].startswith("Training prompts") and answers[0][:2] == ["prompt", "merged"]
     assert answers[1][0] == "What is the code of locker 0?"
+
+
+def _served(prompts):
+    from ftdeploy.fidelity import agreement_scores
+    from ftdeploy.results import PromptAgreement
+
+    items = [PromptAgreement(prefix=a, length=n, ratio=a / n, merged_stopped=m, served_stopped=s)
+             for a, n, m, s in prompts]
+    summary = summarize([], 0.8)
+    summary.total, summary.max_tokens, summary.min_agreement, summary.prompt_source = len(items), 35, 0.7, "train"
+    summary.prompts = ["q"] * len(items)
+    summary.models = [ModelScore(role="merged", label="merged", replies=["m"] * len(items)),
+                      ModelScore(role="served", label="q4_k_m", quant="q4_k_m", tag="m", replies=["s"] * len(items),
+                                 gated=True, **agreement_scores(items))]
+    return summary
+
+
+def test_answers_that_went_their_own_way_before_the_stop_say_nothing_about_the_stop_tokens():
+    """What the own-data e2e met (a barely trained 135M model at q4_k_m): 5 of 7 answers diverged at a near-tie
+    and their own, longer text ran to the limit. The template and stops were right (parity passed)."""
+    seen = [(11, 31, True, True), (11, 24, True, False), (0, 35, False, False), (6, 28, True, False),
+            (1, 4, True, False), (0, 10, True, False), (5, 8, True, False), (8, 11, True, True)]
+    assert [f.check for f in failures(_served(seen), "m")] == []
+    # A served model that repeats the merged answers to their stop and runs on: the stop tokens are broken.
+    broken = [(n - 1, n, True, False) for _, n, _, _ in seen[:5]] + seen[5:]
+    found = failures(_served(broken), "m")
+    assert [f.check for f in found] == ["stops"]
+    assert found[0].message.startswith("5/5 answers ran to the length limit (35 tokens) where the merged model "
+                                       "stopped, after repeating its answer up to that stop")

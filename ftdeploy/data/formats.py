@@ -1,7 +1,5 @@
-"""Dataset sources and layouts -> conversations (or raw text), every bad row named by where it came from.
-
-Sources: .jsonl, .json, .csv, .parquet files, a directory of them, or a Hugging Face dataset id
-(`datasets.load_dataset(id, config, split=...)`). Layouts, detected from the columns or chosen:
+"""Dataset layouts -> conversations (or raw text), every bad row named by where it came from (sources.py reads the
+rows). Layouts, detected from the columns or chosen:
 
   messages  {"messages": [{"role", "content"}, ...]}            (OpenAI style; optional "tools", see below)
   sharegpt  {"conversations": [{"from", "value"}, ...]}         (human/gpt/system and aliases)
@@ -13,7 +11,7 @@ Tool calls (messages layout), as Hugging Face chat templates and TRL take them: 
 function specs ({"type": "function", "function": {"name", "description", "parameters"}}, or that list as a JSON
 string), assistant turns with "tool_calls" ([{"type": "function", "function": {"name", "arguments"}}], content
 optional) and "tool" turns holding each call's result ("content", optional "name" / "tool_call_id"). Arguments given
-as a JSON string are parsed to the object the templates expect. Rows without tool fields convert as they always did.
+as a JSON string are parsed to the object the templates expect.
 The sharegpt layout takes LLaMA-Factory's tool turns and converts them to that form: {"from": "function_call", "value":
 a JSON call {"name", "arguments"} or a list of them} -> an assistant turn with "tool_calls", {"from": "observation"} ->
 a "tool" turn (named after the call when there is one), and its "tools" (a JSON string of bare or typed specs) -> typed.
@@ -31,37 +29,27 @@ whole, naming the file: only supervised rows train today. A conversation must en
 results). A row holding more than `max_row_bytes` of text is a bad row before anything tokenizes it. Fields a layout
 does not use are named in one warning per dataset.
 
-Text files are read as UTF-8 with an optional BOM (`utf-8-sig`). A value that looks like a path (a data
-suffix, ./ ../ / ~, or a first component that is a local directory) is never tried as a Hub id.
-
-Pure: no torch. `datasets` is imported only for Hub ids, pyarrow only for parquet.
+Pure: no torch.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
 import itertools
 import json
 import logging
 import math
-import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePath
-from typing import Any, TextIO
+from typing import Any
 
-from .errors import DataError
-from .optional import require
+from ..config import DEMO_DATA, DataConfig
+from ..errors import DataError
+from .sources import BadRow, demo_path, iter_rows, json_reason
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "text")
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-# Suffixes that mark a value as a file path (never a Hub id), read or not: a missing one is "no such file".
-PATH_SUFFIXES = (*FILE_SUFFIXES, ".txt", ".arrow", ".tsv", ".gz", ".zip", ".xlsx")
 ROLES = ("system", "user", "assistant")
 TOOL_ROLE = "tool"  # a tool call's result, in the messages layout
 SHAREGPT_ROLES = {
@@ -70,7 +58,6 @@ SHAREGPT_ROLES = {
 }
 # LLaMA-Factory's sharegpt tool turns (its default function_tag and observation_tag)
 SHAREGPT_FUNCTION_CALL, SHAREGPT_OBSERVATION = "function_call", "observation"
-HUB_DATASET_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 MAX_LISTED = 20
 MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes' default: far above any max_seq_length's worth of text
 # Content parts that are not text, and what they carry; a row with one is refused until such models train.
@@ -94,6 +81,10 @@ class Record:
     tools: list[dict[str, Any]] | None = None  # function specs the chat template renders (tools=...)
     untrained: tuple[int, ...] = ()  # assistant turns (0 = the first assistant message) given weight 0
 
+    def uses_tools(self) -> bool:
+        """Whether the conversation uses tools: tool specs, tool calls or tool results."""
+        return bool(self.tools) or any("tool_calls" in m or m["role"] == "tool" for m in self.messages or ())
+
 
 @dataclass
 class Columns:
@@ -102,262 +93,6 @@ class Columns:
     prompt: str = "prompt"
     response: str = "response"
     system: str = "system"
-
-
-# ---------------------------------------------------------------- reading rows
-
-
-def iter_rows(spec: str, hub_config: str | None = None, split: str = "train",
-              stream: bool = False) -> Iterator[tuple[str, Any]]:
-    """Yield (where, row) for every row of a file, a directory of files, or a Hub dataset.
-
-    With `stream`, JSONL, CSV and parquet files are read as they are iterated (memory flat in the rows; the
-    same rows and the same errors); a .json file is one document and is read whole either way."""
-    if not spec.strip():
-        raise DataError("the data path is empty; give a file, a directory or a Hugging Face dataset id (owner/name)")
-    try:
-        path = Path(spec).expanduser()
-    except RuntimeError:  # ~user for a user this machine does not have
-        path = Path(spec)
-    try:
-        is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
-    except OSError as exc:  # a name too long, for one
-        raise DataError(f"{spec}: cannot look up this path ({exc.strerror or exc})") from None
-    if is_dir:
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
-        if not files:
-            raise DataError(f"{path}: the directory holds no {', '.join(FILE_SUFFIXES)} files")
-        for f in files:
-            yield from _iter_file(f, stream)
-        return
-    if is_file:
-        yield from _iter_file(path, stream)
-        return
-    if exists:
-        raise DataError(f"{spec}: not a regular file or directory (a pipe or device cannot be read as a dataset)")
-    if looks_like_path(spec):
-        # Decided before any Hub lookup: a mistyped local path must not turn into network retries.
-        raise _no_such_path(spec, path)
-    if HUB_DATASET_RE.match(spec):
-        yield from _iter_hub(spec, hub_config, split)
-        return
-    raise DataError(f"{spec}: no such file or directory, and not a Hugging Face dataset id (owner/name)")
-
-
-def _no_such_path(spec: str, path: Path) -> DataError:
-    absolute = Path(os.path.abspath(path))
-    missing_dir = "" if absolute.parent.is_dir() else f"; the directory {absolute.parent} does not exist either"
-    return DataError(f"{spec}: no such file or directory (looked for {absolute}{missing_dir})")
-
-
-def check_local_path(spec: str) -> None:
-    """The "no such file" error at once, for a value meant as a local path that is not there: callers run
-    this before loading a tokenizer or making a run, so a typo costs no time and leaves nothing."""
-    if not spec.strip() or not looks_like_path(spec):
-        return
-    try:
-        path = Path(spec).expanduser()
-        missing = not path.exists()
-    except (RuntimeError, OSError):
-        return  # iter_rows says what is wrong with it
-    if missing:
-        raise _no_such_path(spec, path)
-
-
-def looks_like_path(spec: str) -> bool:
-    """Whether `spec` is meant as a local path rather than a Hub id: a data-file suffix, an explicit
-    ./ ../ / ~ start, or a first component that is a local directory (`data/train` when data/ exists)."""
-    if spec in (".", "..") or spec.startswith(("./", "../", "/", "~", ".\\", "..\\")):
-        return True
-    if PurePath(spec).suffix.lower() in PATH_SUFFIXES:
-        return True
-    first = spec.replace("\\", "/").split("/", 1)[0]
-    try:
-        return "/" in spec.replace("\\", "/") and Path(first).is_dir()
-    except OSError:
-        return False
-
-
-def _iter_file(path: Path, stream: bool = False) -> Iterator[tuple[str, Any]]:
-    """The one place a data file is opened: every way it can be unreadable ends as a DataError naming it."""
-    suffix = path.suffix.lower()
-    reader = (stream and _STREAM_READERS.get(suffix)) or _READERS.get(suffix)
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use {', '.join(FILE_SUFFIXES)}")
-    try:
-        yield from reader(path)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    yield from _jsonl_rows(path, io.StringIO(_read_text(path, "JSONL"), newline=None))
-
-
-def _stream_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path, "JSONL", newline=None) as lines:
-        yield from _jsonl_rows(path, lines)
-
-
-def _jsonl_rows(path: Path, lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield f"{path}:{lineno}", _Bad(f"not JSON ({exc.msg} at column {exc.colno})")
-        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, brackets nested past the stack
-            yield f"{path}:{lineno}", _Bad(f"not usable JSON ({_json_reason(exc)})")
-
-
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        data = json.loads(_read_text(path, "JSON"))
-    except json.JSONDecodeError as exc:
-        hint = "; for one JSON object per line, name the file .jsonl" if exc.msg == "Extra data" else ""
-        raise DataError(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
-    except (ValueError, RecursionError) as exc:
-        raise DataError(f"{path}: not usable JSON ({_json_reason(exc)})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
-    for i, row in enumerate(data):
-        yield f"{path}[{i}]", row
-
-
-def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    yield from _csv_rows(path, io.StringIO(_read_text(path, "CSV"), newline=""))
-
-
-def _stream_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open_text(path, "CSV", newline="") as text:
-        yield from _csv_rows(path, text)
-
-
-def _csv_rows(path: Path, text: Iterable[str]) -> Iterator[tuple[str, Any]]:
-    reader = csv.DictReader(text)
-    try:
-        for row in reader:
-            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
-    except csv.Error as exc:
-        # DictReader's own line_num stops at the last good row; its reader's counts the failing line too.
-        raise DataError(f"{path}:{reader.reader.line_num}: not readable as CSV ({exc})") from None
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    pa = require("pyarrow", f"{path}: reading parquet")
-    pq = require("pyarrow.parquet", f"{path}: reading parquet")
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except (pa.ArrowException, ValueError, OSError) as exc:
-        raise _not_parquet(path, exc) from None
-    for i, row in enumerate(rows):
-        yield f"{path}:row {i + 1}", row
-
-
-def _stream_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    pa = require("pyarrow", f"{path}: reading parquet")
-    pq = require("pyarrow.parquet", f"{path}: reading parquet")
-    i = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                i += 1
-                yield f"{path}:row {i}", row
-    except (pa.ArrowException, ValueError, OSError) as exc:
-        raise _not_parquet(path, exc) from None
-
-
-def _not_parquet(path: Path, exc: BaseException) -> DataError:
-    first_line = str(exc).splitlines()[0] if str(exc) else ""
-    reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", first_line)
-    return DataError(f"{path}: not a readable parquet file ({reason or type(exc).__name__})")
-
-
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-_STREAM_READERS = {".jsonl": _stream_jsonl, ".csv": _stream_csv, ".parquet": _stream_parquet}
-# Binary formats that turn up under a text suffix, named so the error can say what the file is.
-_MAGIC = ((b"\x1f\x8b", "gzip-compressed; decompress it first"), (b"PK\x03\x04", "a zip archive; extract it first"),
-          (b"PAR1", "a parquet file; name it .parquet"), (b"ARROW1", "an Arrow file; convert it to .parquet or .jsonl"))
-_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
-              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
-
-
-def _read_text(path: Path, kind: str) -> str:
-    """The file as UTF-8 text, a leading BOM dropped (Windows editors write one: the `utf-8-sig` reading);
-    a binary, UTF-16 or non-UTF-8 file is an error saying which, with the line of the first bad byte."""
-    raw = path.read_bytes()
-    _check_head(path, kind, raw[:_HEAD_BYTES])
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        start = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)
-        line = raw.count(b"\n", 0, start) + 1
-        column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
-        raise _not_utf8(path, line, column, raw[start]) from None
-
-
-_HEAD_BYTES = 65536
-
-
-def _check_head(path: Path, kind: str, head: bytes) -> None:
-    for magic, what in _MAGIC:
-        if head.startswith(magic):
-            raise DataError(f"{path}: not a {kind} text file: it is {what}")
-    for bom, encoding in _WIDE_BOMS:
-        if head.startswith(bom):
-            raise DataError(f"{path}: the file is {encoding} text; save it as UTF-8 (in PowerShell, "
-                            "Out-File -Encoding utf8) and try again")
-    if b"\x00" in head:
-        raise DataError(f"{path}: not a {kind} text file (it holds NUL bytes, so it is binary or in a wide encoding)")
-
-
-def _not_utf8(path: Path, line: int, column: int, byte: int) -> DataError:
-    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at column {column}); save the file "
-                     "as UTF-8 (it may be Latin-1 or Windows-1252)")
-
-
-def _open_text(path: Path, kind: str, newline: str | None) -> TextIO:
-    """The file as a UTF-8 text stream (a leading BOM dropped), after the checks `_read_text` makes, with the same
-    errors: the whole file is checked first, one line at a time, so a bad byte far down is still reported before any
-    row is read, as when the file is read whole. UTF-8 never puts a newline byte inside a character, so decoding
-    line by line finds the same first bad byte."""
-    with open(path, "rb") as fh:
-        _check_head(path, kind, fh.read(_HEAD_BYTES))
-        fh.seek(0)
-        for lineno, line in enumerate(fh, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _not_utf8(path, lineno, exc.start + 1, line[exc.start]) from None
-    return open(path, encoding="utf-8-sig", newline=newline)
-
-
-def _json_reason(exc: BaseException) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return str(exc).split(";")[0]
-
-
-def _iter_hub(dataset_id: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
-    load_dataset = require("datasets", f"{dataset_id}: loading a Hub dataset").load_dataset
-    try:
-        ds = load_dataset(dataset_id, config, split=split)
-    except Exception as exc:  # noqa: BLE001 - network, auth, missing config: all end here
-        first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise DataError(f"{dataset_id} (config {config}, split {split}): cannot load: {first_line}") from None
-    for i, row in enumerate(ds):
-        yield f"{dataset_id}:{split}:{i}", row
-
-
-@dataclass
-class _Bad:
-    reason: str
-
-
-# ---------------------------------------------------------------- layouts
 
 
 def layouts_of(row: dict[str, Any], columns: Columns) -> list[str]:
@@ -549,7 +284,7 @@ def _check_tools(value: Any) -> list[dict[str, Any]] | str | None:
         try:
             value = json.loads(value)
         except (ValueError, RecursionError) as exc:
-            return f"'tools' is a string but not valid JSON ({_json_reason(exc)})"
+            return f"'tools' is a string but not valid JSON ({json_reason(exc)})"
     if not isinstance(value, list):
         return f"'tools' must be a list of function specs, got {_kind(value)}"
     names: list[str] = []
@@ -593,7 +328,7 @@ def _name_and_arguments(fn: dict[str, Any], at: str, field: str, noun: str, know
         try:
             args = json.loads(args)
         except (ValueError, RecursionError) as exc:
-            return f"{at} ({name}): {arguments} is a string but not valid JSON ({_json_reason(exc)})"
+            return f"{at} ({name}): {arguments} is a string but not valid JSON ({json_reason(exc)})"
     if not isinstance(args, dict):
         return f"{at} ({name}): {arguments} must be an object{object_hint}, got {_kind(args)}"
     return name, args
@@ -645,7 +380,7 @@ def _sharegpt_calls(i: int, value: Any) -> list[dict[str, Any]] | str:
         try:
             parsed = json.loads(value)
         except (ValueError, RecursionError) as exc:
-            return f"{where}: the value is not valid JSON ({_json_reason(exc)}); expected {shape}"
+            return f"{where}: the value is not valid JSON ({json_reason(exc)}); expected {shape}"
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not calls:
         return f"{where}: the value is an empty list; expected {shape}"
@@ -674,7 +409,7 @@ def _sharegpt_tools(value: Any) -> list[dict[str, Any]] | str | None:
         try:
             value = json.loads(value)
         except (ValueError, RecursionError) as exc:
-            return f"'tools' is a string but not valid JSON ({_json_reason(exc)})"
+            return f"'tools' is a string but not valid JSON ({json_reason(exc)})"
     if isinstance(value, list):
         value = [{"type": "function", "function": spec}
                  if isinstance(spec, dict) and "function" not in spec and "type" not in spec else spec
@@ -706,7 +441,7 @@ def _normalized(m: dict[str, Any]) -> dict[str, Any]:
     return {"role": m["role"], "content": m["content"]}
 
 
-def _text_parts(messages: Any) -> Any:  # the messages, or a _Bad
+def _text_parts(messages: Any) -> Any:  # the messages, or a BadRow
     """The messages with each content given as a list of parts joined into one string, or the reason a part cannot
     be: text parts only ({"type": "text", "text"} or LLaMA-Factory's "value"), concatenated as the chat templates that
     take parts concatenate them. Anything that is not a list of objects is left for `_check_messages` to name."""
@@ -716,31 +451,31 @@ def _text_parts(messages: Any) -> Any:  # the messages, or a _Bad
     for i, m in enumerate(messages):
         if isinstance(m, dict) and isinstance(m.get("content"), list):
             text = _joined_parts(f"message {i} ({m.get('role')})", m["content"])
-            if isinstance(text, _Bad):
+            if isinstance(text, BadRow):
                 return text
             m = {**m, "content": text}
         out.append(m)
     return out
 
 
-def _joined_parts(where: str, parts: list[Any]) -> str | _Bad:
+def _joined_parts(where: str, parts: list[Any]) -> str | BadRow:
     texts = []
     for k, part in enumerate(parts):
         at = f"{where}: content[{k}]"
         if not isinstance(part, dict):
-            return _Bad(f'{at} must be a part like {{"type": "text", "text": "..."}}, got {_kind(part)}')
+            return BadRow(f'{at} must be a part like {{"type": "text", "text": "..."}}, got {_kind(part)}')
         kind = part.get("type")
         if kind == "text":
             text = part.get("text", part.get("value"))
             if not isinstance(text, str):
-                return _Bad(f"{at}: a text part's 'text' (or 'value') must be a string, got {_kind(text)}")
+                return BadRow(f"{at}: a text part's 'text' (or 'value') must be a string, got {_kind(text)}")
             texts.append(text)
         elif kind in MEDIA_PARTS:
-            return _Bad(f"{at} is an {kind!r} part: {MEDIA_PARTS[kind]} not supported yet (text parts only)")
+            return BadRow(f"{at} is an {kind!r} part: {MEDIA_PARTS[kind]} not supported yet (text parts only)")
         elif kind is None:
-            return _Bad(f"{at} has no 'type' (text parts are {{\"type\": \"text\", \"text\": \"...\"}})")
+            return BadRow(f"{at} has no 'type' (text parts are {{\"type\": \"text\", \"text\": \"...\"}})")
         else:
-            return _Bad(f"{at} is a {kind!r} part, not supported yet (text parts only)")
+            return BadRow(f"{at} is a {kind!r} part, not supported yet (text parts only)")
     return "".join(texts)
 
 
@@ -797,13 +532,13 @@ def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _optional_text(row: dict[str, Any], key: str) -> str | _Bad | None:
+def _optional_text(row: dict[str, Any], key: str) -> str | BadRow | None:
     """An optional text field: its string, None where absent (null, NaN), or why it is not text."""
     value = row.get(key)
     if _absent(value):
         return None
     if not isinstance(value, str):
-        return _Bad(f"{key!r} must be a string (or left out), got {_kind(value)} {value!r}"[:200])
+        return BadRow(f"{key!r} must be a string (or left out), got {_kind(value)} {value!r}"[:200])
     return value
 
 
@@ -812,7 +547,7 @@ def _chat_record(messages: Any, row: dict[str, Any], tools: list[dict[str, Any]]
     """A messages- or sharegpt-layout row's Record: parts joined, checked, weights read, the row's system prompt
     put first."""
     messages = _text_parts(messages)
-    if isinstance(messages, _Bad):
+    if isinstance(messages, BadRow):
         return messages.reason
     if reason := _check_messages(messages, tools):
         return reason
@@ -823,7 +558,7 @@ def _chat_record(messages: Any, row: dict[str, Any], tools: list[dict[str, Any]]
         return reason
     normalized = [_normalized(m) for m in messages]
     system = _optional_text(row, columns.system)
-    if isinstance(system, _Bad):
+    if isinstance(system, BadRow):
         return system.reason
     if system and system.strip():
         if reason := _not_unicode(system):
@@ -864,16 +599,16 @@ def _single_turn(prompt: str, response: str, system: str | None, expect: str | N
     return Record("", messages=messages, expect=expect)
 
 
-def _history(value: Any) -> list[dict[str, Any]] | _Bad:
+def _history(value: Any) -> list[dict[str, Any]] | BadRow:
     """LLaMA-Factory's alpaca `history`, [[instruction, response], ...] before the row's own turn, as turns."""
     if _absent(value) or value == []:
         return []
     if not isinstance(value, list):
-        return _Bad(f"'history' must be a list of [instruction, response] pairs, got {_kind(value)}")
+        return BadRow(f"'history' must be a list of [instruction, response] pairs, got {_kind(value)}")
     turns = []
     for k, pair in enumerate(value):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            return _Bad(f"'history'[{k}] must be an [instruction, response] pair of strings, got "
+            return BadRow(f"'history'[{k}] must be an [instruction, response] pair of strings, got "
                         f"{json.dumps(pair, ensure_ascii=False)[:80]}")
         turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return turns
@@ -881,7 +616,7 @@ def _history(value: Any) -> list[dict[str, Any]] | _Bad:
 
 def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
     """A Record, or the reason the row is bad."""
-    if isinstance(row, _Bad):
+    if isinstance(row, BadRow):
         return row.reason
     if not isinstance(row, dict):
         return f"expected an object, got {type(row).__name__}"
@@ -920,7 +655,7 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         return _chat_record(messages, row, tools, expect, columns)
     if layout in ("alpaca", "pairs"):
         system = _optional_text(row, columns.system)
-        if isinstance(system, _Bad):
+        if isinstance(system, BadRow):
             return system.reason
         if layout == "pairs":
             asked, answered = _text(row, columns.prompt), _text(row, columns.response)
@@ -931,10 +666,10 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         if instruction is None or output is None:
             return "missing field 'instruction' or 'output' (or not a string)"
         extra = _optional_text(row, "input")
-        if isinstance(extra, _Bad):
+        if isinstance(extra, BadRow):
             return extra.reason
         history = _history(row.get("history"))
-        if isinstance(history, _Bad):
+        if isinstance(history, BadRow):
             return history.reason
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         return _single_turn(prompt, output, system, expect, history)
@@ -975,40 +710,6 @@ def unused_fields(row: Any, layout: str, columns: Columns) -> list[str]:
                 tool = m.get("role", m.get("from")) in (TOOL_ROLE, SHAREGPT_OBSERVATION)
                 unused += [f"{key}[].{k}" for k in m if k not in read and not (k == "name" and tool)]
     return unused
-
-
-@dataclass
-class LoadResult:
-    records: list[Record]
-    layout: str
-    bad: list[str]
-
-
-def load_records(spec: str, layout: str = "auto", columns: Columns | None = None, on_bad_row: str = "error",
-                 system_prompt: str | None = None, hub_config: str | None = None, split: str = "train",
-                 max_row_bytes: int = MAX_ROW_BYTES) -> LoadResult:
-    """Read, detect, convert and validate; bad rows are an error listing each (or skipped and reported). A row over
-    `max_row_bytes` of text (0: no limit) is a bad row."""
-    columns = columns or Columns()
-    rows = list(iter_rows(spec, hub_config, split))
-    if not rows:
-        raise DataError(f"{spec}: the dataset is empty")
-    if layout == "auto":
-        layout = detect_layout(rows[:200], columns, spec)
-    else:
-        refuse_preference(rows[:200], columns, spec)
-    records: list[Record] = []
-    bad: list[str] = []
-    unused: dict[str, str] = {}
-    for where, row in rows:
-        result = _to_record(where, row, layout, columns, system_prompt, max_row_bytes, unused)
-        if isinstance(result, str):
-            bad.append(result)
-        else:
-            records.append(result)
-    _warn_unused(spec, layout, unused)
-    _check_rows(spec, layout, on_bad_row, bad, len(records))
-    return LoadResult(records, layout, bad)
 
 
 def _to_record(where: str, row: Any, layout: str, columns: Columns, system_prompt: str | None,
@@ -1075,14 +776,14 @@ def _check_rows(spec: str, layout: str, on_bad_row: str, bad: list[str], n_recor
 
 
 class RecordStream:
-    """`load_records` for datasets of any size: the records are read as they are iterated, so memory stays flat in
-    the rows, and each iteration is a fresh pass over the source.
+    """A dataset's records, read, detected, converted and validated as they are iterated, so memory stays flat in the
+    rows; each iteration is a fresh pass over the source.
 
-    What differs from `load_records` is only when an error is raised, never which: the layout is detected from the
-    first rows at construction (a file-level error anywhere in the source still wins over a layout error, as when
-    the source is read whole), and the end of each pass raises the bad-row or no-usable-rows error `load_records`
-    would have raised. `bad` lists the bad rows of the last complete pass. A caller that fails part-way through a
-    pass for a reason of its own calls `check()` first, so that an error of the source itself is the one reported.
+    The layout is detected from the first rows at construction (a file-level error anywhere in the source wins over
+    a layout error), and the end of each pass raises the bad-row error listing each bad row (with on_bad_row
+    "error"; "skip" drops them) or the no-usable-rows error. A row over `max_row_bytes` of text (0: no limit) is a
+    bad row. `bad` lists the bad rows of the last complete pass. A caller that fails part-way through a pass for a
+    reason of its own calls `check()` first, so that an error of the source itself is the one reported.
     """
 
     def __init__(self, spec: str, layout: str = "auto", columns: Columns | None = None, on_bad_row: str = "error",
@@ -1104,14 +805,14 @@ class RecordStream:
             else:
                 refuse_preference(head, self.columns, spec)
         except DataError:
-            for _ in rows:  # a file-level error further down is the one the whole-file read reports
+            for _ in rows:  # a file-level error further down is the one reported
                 pass
             raise
         self.layout = layout
         self._pending: tuple[list[tuple[str, Any]], Iterator[tuple[str, Any]]] | None = (head, rows)
 
     def _rows(self) -> Iterator[tuple[str, Any]]:
-        return iter_rows(self.spec, self._hub_config, self._split, stream=True)
+        return iter_rows(self.spec, self._hub_config, self._split)
 
     def __iter__(self) -> Iterator[Record]:
         if self._pending is not None:  # the first pass reuses the rows read to detect the layout
@@ -1140,3 +841,14 @@ class RecordStream:
         """One pass that only reads and validates: raises what the end of a pass raises."""
         for _ in self:
             pass
+
+
+def stream_records(cfg: DataConfig, spec: str, split: str = "train") -> RecordStream:
+    """`spec` (a path, a Hub id, or the demo data's `split`) with the data config's layout, columns, system prompt
+    and bad-row policy."""
+    # The spec as typed (not normalised through Path, which drops a leading ./): iter_rows decides from it whether
+    # this is a local path or a Hub id.
+    source = str(demo_path(split)) if spec == DEMO_DATA else spec
+    columns = Columns(**cfg.columns) if cfg.columns else Columns()
+    return RecordStream(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split,
+                        cfg.max_row_bytes)
