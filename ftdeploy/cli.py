@@ -226,7 +226,8 @@ _GATE_FLAGS = {
 }
 _DATA_FLAGS = {
     "layout": ("data.format", click.option(
-        "--format", "layout", type=click.Choice(["auto", "messages", "sharegpt", "alpaca", "pairs", "text"]),
+        "--format", "layout",
+        type=click.Choice(["auto", "messages", "sharegpt", "alpaca", "pairs", "prompt_completion", "text"]),
         help="Dataset layout (default: detected).")),
     "on_bad_row": ("data.on_bad_row", click.option("--on-bad-row", type=click.Choice(["error", "skip"]),
                                                    help="Stop on a bad row (error) or drop and report it (skip).")),

@@ -90,7 +90,7 @@ class DataConfig:
         "one on a sample of the training prompts (no reference scoring: that needs eval rows).",
         default=None, ge=0, lt=1,
     )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "text"] = _help(
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "prompt_completion", "text"] = _help(
         "Dataset layout (auto: detected from the columns).",
         default="auto",
     )

@@ -10,8 +10,9 @@
     pip install --no-deps --target /tmp/llama-native /tmp/w/llama_cpp_python-*.whl
 --native-ollama: an Ollama built host-native, e.g.
     FTDEPLOY_CACHE=/tmp/ollama-native FTDEPLOY_CPU_TARGET=native scripts/install-ollama.sh
-Each measurement runs in its own process (quantize and the gate: the best of --repeat; verify: once per build, on a
-fresh Ollama server from that binary). Prints JSON and a Markdown table for docs/benchmarks.md.
+Each measurement runs in its own process, the builds taking turns (quantize and the gate: the best of --repeat;
+verify: once per build, on a fresh Ollama server from that binary). Prints JSON and a Markdown table for
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = load_config(run_dir / "config.yaml")
 ctx = Context(cfg, Run(run_dir))
 f16 = Path(ctx.run.stage_record("export")["outputs"]["gguf"][cfg.export.outtype])
-texts = eval_texts(ctx)
+texts, _ = eval_texts(ctx)
 t0 = time.perf_counter(); quantize(f16, out, "q4_k_m"); t1 = time.perf_counter()
 scores = token_fidelity(f16, out, texts); t2 = time.perf_counter()
 print(json.dumps({"quantize_s": t1 - t0, "gate_s": t2 - t1, "top1": scores["top1_agreement"],
@@ -47,20 +48,20 @@ print(json.dumps({"quantize_s": t1 - t0, "gate_s": t2 - t1, "top1": scores["top1
 """
 
 
-def llama_times(run_dir: Path, site: Path | None, repeat: int) -> dict[str, float | str]:
+def llama_times(run_dir: Path, site: Path | None, best: dict[str, float | str]) -> None:
+    """One quantize + quant gate in a fresh process with the llama-cpp-python at `site` (None: the venv's); keeps
+    the best time of each in `best`."""
     env = {**os.environ}
     if site:
         env["PYTHONPATH"] = f"{site}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    best: dict[str, float | str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeat):
-            proc = subprocess.run([sys.executable, "-c", LLAMA_JOB, str(run_dir), f"{tmp}/q.gguf"], env=env,
-                                  capture_output=True, text=True, check=True)
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            for key in ("quantize_s", "gate_s"):
-                best[key] = min(float(best.get(key, 1e9)), row[key])
-            best.update(top1=row["top1"], library=row["library"])
-    return best
+        # A run records its files relative to the folder it was made from (runs/NAME/...).
+        proc = subprocess.run([sys.executable, "-c", LLAMA_JOB, str(run_dir.resolve()), f"{tmp}/q.gguf"], env=env,
+                              capture_output=True, text=True, check=True, cwd=run_dir.resolve().parent.parent)
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("quantize_s", "gate_s"):
+        best[key] = min(float(best.get(key, 1e9)), row[key])
+    best.update(top1=row["top1"], library=row["library"])
 
 
 def verify_seconds(run_dir: Path, binary: Path) -> float:
@@ -73,10 +74,11 @@ def verify_seconds(run_dir: Path, binary: Path) -> float:
                                     binary=binary, detach=False)
         try:
             ftdeploy = [str(Path(sys.executable).with_name("ftdeploy")), "--name", run_dir.name,
-                        "--runs-dir", str(run_dir.parent), "--ollama-host", server.host]
-            subprocess.run([ftdeploy[0], "register", *ftdeploy[1:]], check=True, capture_output=True)
+                        "--runs-dir", str(run_dir.resolve().parent), "--ollama-host", server.host]
+            where = run_dir.resolve().parent.parent
+            subprocess.run([ftdeploy[0], "register", *ftdeploy[1:]], check=True, capture_output=True, cwd=where)
             t0 = time.perf_counter()
-            subprocess.run([ftdeploy[0], "verify", *ftdeploy[1:]], check=True, capture_output=True)
+            subprocess.run([ftdeploy[0], "verify", *ftdeploy[1:]], check=True, capture_output=True, cwd=where)
             return time.perf_counter() - t0
         finally:
             server.stop()
@@ -94,12 +96,14 @@ def main() -> int:
 
     portable_ollama = find_ollama_binary()
     assert portable_ollama is not None, "no ollama binary: scripts/setup.sh"
-    rows = []
-    for build, site, ollama in (("portable (x86-64-v3)", None, portable_ollama),
-                                ("host-native", args.native_site, args.native_ollama)):
-        row = {"build": build, **llama_times(args.run_dir, site, args.repeat),
-               "verify_s": verify_seconds(args.run_dir, ollama), "ollama": str(ollama)}
-        rows.append(row)
+    builds = (("portable (x86-64-v3)", None, portable_ollama), ("host-native", args.native_site, args.native_ollama))
+    rows: list[dict[str, float | str]] = [{"build": name, "ollama": str(ollama)} for name, _, ollama in builds]
+    # The two builds take turns, so load from anything else on the machine falls on both alike.
+    for _ in range(args.repeat):
+        for row, (_, site, _) in zip(rows, builds, strict=True):
+            llama_times(args.run_dir, site, row)
+    for row, (_, _, ollama) in zip(rows, builds, strict=True):
+        row["verify_s"] = verify_seconds(args.run_dir, ollama)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
     print(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "command": " ".join(sys.argv), "rows": rows}, indent=2))

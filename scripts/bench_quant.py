@@ -33,7 +33,7 @@ def main() -> int:
     cfg = load_config(args.run_dir / "config.yaml")
     ctx = Context(cfg, Run(args.run_dir))
     f16 = Path(ctx.run.stage_record("export")["outputs"]["gguf"][cfg.export.outtype])
-    texts = eval_texts(ctx)
+    texts, _ = eval_texts(ctx)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for qtype in args.types.split(","):

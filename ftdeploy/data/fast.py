@@ -25,6 +25,7 @@ from .formats import Record
 from .labels import (
     IGNORE_INDEX,
     Tokenized,
+    TrainsNothing,
     checked_labels,
     label_spans,
     text_tokens,
@@ -42,19 +43,31 @@ Outcome = Tokenized | BaseException  # what a record gives: its tokens, or the e
 
 
 def tokenize_records(records: Iterable[Record], tokenizer: Any, mapping: TemplateMapping, max_seq_length: int,
-                     train_on: str = "assistant") -> Iterator[tuple[Record, Tokenized]]:
+                     train_on: str = "assistant", bad: list[str] | None = None) -> Iterator[tuple[Record, Tokenized]]:
     """`tokenize_conversation` / `tokenize_text` for every record, in order, many at a time; the first record whose
-    tokenization fails raises its error here, after the records before it.
+    tokenization fails raises its error here, after the records before it. Given a `bad` list (--on-bad-row skip),
+    a record that trains on nothing once tokenized (TrainsNothing) is a bad row: its error goes to the list, and the
+    records after it go on.
 
     Exact by construction (the same compiled chat template with the same variables, the same Rust tokenizer with the
     same settings, the same rule for labels), and checked: the first GUARD_ROWS records are also tokenized one by one
     through apply_chat_template, and if any result differs (a template or tokenizer the fast path does not reproduce),
     every record is tokenized that way."""
+    for rec, outcome in _outcomes(records, tokenizer, mapping, max_seq_length, train_on):
+        if isinstance(outcome, TrainsNothing) and bad is not None:
+            bad.append(str(outcome))
+            continue
+        yield rec, _result(outcome)
+
+
+def _outcomes(records: Iterable[Record], tokenizer: Any, mapping: TemplateMapping, max_seq_length: int,
+              train_on: str) -> Iterator[tuple[Record, Outcome]]:
+    """Each record with its outcome, in order: its tokens, or the error tokenizing it raises."""
     it = iter(records)
 
     def exact(rec: Record) -> Tokenized:
         if rec.text is not None:
-            return tokenize_text(rec.text, tokenizer, max_seq_length)
+            return tokenize_text(rec.text, tokenizer, max_seq_length, rec.context_chars, rec.source)
         assert rec.messages is not None, "a record holds text or messages"
         return tokenize_conversation(rec.messages, tokenizer, mapping, max_seq_length, train_on, rec.source,
                                      rec.tools, rec.untrained)
@@ -69,11 +82,10 @@ def tokenize_records(records: Iterable[Record], tokenizer: Any, mapping: Templat
                             "the exact slow way", rec.source, _describe(want, got))
                 fast = None
                 break
-        for rec, outcome in zip(head, expected, strict=True):
-            yield rec, _result(outcome)
+        yield from zip(head, expected, strict=True)
     if fast is None:
         for rec in it:
-            yield rec, exact(rec)
+            yield rec, _outcome(exact, rec)
         return
     yield from fast.stream(it)
 
@@ -230,11 +242,10 @@ class _FastTokenizer:
                 outcome = _outcome(self.exact, it.record)
             elif it.error is not None:
                 outcome = it.error
-            elif it.spans is None:
-                outcome = text_tokens(next(texts).ids, self.eos_id, self.max_seq_length)
             else:
                 try:
-                    outcome = self._label(it.record, encoding, it.spans, it.skipped)
+                    outcome = self._text(it.record, next(texts)) if it.spans is None else \
+                        self._label(it.record, encoding, it.spans, it.skipped)
                 except DataError as exc:
                     outcome = exc
             if not it.exact and it.record.messages is not None and it.record.uses_tools():
@@ -258,6 +269,11 @@ class _FastTokenizer:
             self.tools_exact = True
         return expected
 
+    def _text(self, rec: Record, encoding: Any) -> Tokenized:
+        """tokenize_text's tokens and labels from the text's encoding."""
+        starts = [start for start, _end in encoding.offsets] if rec.context_chars else None
+        return text_tokens(encoding.ids, self.eos_id, self.max_seq_length, starts, rec.context_chars, rec.source)
+
     def _label(self, rec: Record, encoding: Any, spans: list[tuple[int, int]],
                skipped: list[tuple[int, int]]) -> Tokenized:
         """tokenize_conversation's labels, checks and errors from the encoding of the whole conversation."""
@@ -277,7 +293,7 @@ class _FastTokenizer:
         items = [self.prepare(rec) for rec in records]
         return self.finish(items, self.encode(items))
 
-    def stream(self, records: Iterator[Record]) -> Iterator[tuple[Record, Tokenized]]:
+    def stream(self, records: Iterator[Record]) -> Iterator[tuple[Record, Outcome]]:
         """Renders batch k+1 and labels batch k-1 while the backend tokenizes batch k."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftdeploy-tokenize") as pool:
             pending: tuple[list[_Item], Future[tuple[list[Any], list[Any]]]] | None = None
@@ -291,6 +307,6 @@ class _FastTokenizer:
                 yield from self._results(*pending)
 
     def _results(self, items: list[_Item],
-                 future: Future[tuple[list[Any], list[Any]]]) -> Iterator[tuple[Record, Tokenized]]:
+                 future: Future[tuple[list[Any], list[Any]]]) -> Iterator[tuple[Record, Outcome]]:
         for it, outcome in zip(items, self.finish(items, future.result()), strict=True):
-            yield it.record, _result(outcome)
+            yield it.record, outcome

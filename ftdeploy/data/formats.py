@@ -5,7 +5,11 @@ rows). Layouts, detected from the columns or chosen:
   sharegpt  {"conversations": [{"from", "value"}, ...]}         (human/gpt/system and aliases)
   alpaca    {"instruction", "input", "output"}                  (optional "system")
   pairs     {"prompt", "response"}                              (column names configurable)
+  prompt_completion {"prompt", "completion"}                    (TRL's: loss on the completion only; two strings
+            are raw text, prompt then completion; two message lists one conversation, the prompt's answers context)
   text      {"text"}                                            (continued pre-training: every token trained)
+
+A message list given as JSON text (a CSV column) is read as that list.
 
 Tool calls (messages layout), as Hugging Face chat templates and TRL take them: a row-level "tools" list of
 function specs ({"type": "function", "function": {"name", "description", "parameters"}}, or that list as a JSON
@@ -20,14 +24,17 @@ Content, in every layout that takes messages (messages, sharegpt), is a string o
 Hugging Face convention's {"type": "text", "text": ...} and LLaMA-Factory's {"type": "text", "value": ...}, the text
 parts joined as the chat templates that take parts join them (concatenated). Any other part (image, image_url, audio,
 input_audio, file, ...) is a bad row naming it: not supported yet. So are a row's non-empty "images" / "videos" /
-"audios" lists and an <image> placeholder in its text, which would otherwise train as literal text. A message's
-"weight" (OpenAI) or "loss_weight" (LLaMA-Factory) is 0 (the turn is context, not trained) or 1 (trained, the
-default for assistant turns); any other value is a bad row. A row-level "system" (the system column) is the system
-message in every chat layout; alpaca's "history" ([[instruction, response], ...]) gives the turns before it; a null
-or NaN field (pandas writes NaN) is absent. Preference data (chosen/rejected pairs, KTO labels) is refused as a
-whole, naming the file: only supervised rows train today. A conversation must end on an assistant turn (or on tool
-results). A row holding more than `max_row_bytes` of text is a bad row before anything tokenizes it. Fields a layout
-does not use are named in one warning per dataset.
+"audios" lists and an <image> placeholder in its text, which would otherwise train as literal text. A message's "weight"
+(OpenAI) or "loss_weight" (LLaMA-Factory) is 0 (the turn is context, not trained) or 1 (trained, the default for
+assistant turns), and Axolotl's "training" / "train" flag false or true, the same; any other value, or one that asks to
+train a turn other than the assistant's, is a bad row, and so are Axolotl's character spans ("train_detail"), which
+nothing here honours yet. OpenAI's legacy function calling (a row's "functions", an assistant turn's "function_call", a
+"function" turn) is read as tools, tool calls and tool turns. A row-level "system" (the system column) is the system
+message in every chat layout; alpaca's "history" ([[instruction, response], ...]) gives the turns before it; a null or
+NaN field (pandas writes NaN) is absent. Preference data (chosen/rejected pairs, KTO labels) is refused as a whole,
+naming the file: only supervised rows train today. A conversation must end on an assistant turn (or on tool results). A
+row holding more than `max_row_bytes` of text is a bad row before anything tokenizes it. Fields a layout does not read
+are ignored and named in one warning per dataset.
 
 Pure: no torch.
 """
@@ -49,9 +56,10 @@ from .sources import BadRow, demo_path, iter_rows, json_reason
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "text")
+LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 TOOL_ROLE = "tool"  # a tool call's result, in the messages layout
+LEGACY_FUNCTION_ROLE = "function"  # OpenAI's legacy function result turn, read as a tool turn
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
     "bot": "assistant", "model": "assistant", "system": "system",
@@ -65,8 +73,13 @@ MEDIA_PARTS = {"image": "images", "image_url": "images", "input_image": "images"
                "video_url": "videos", "audio": "audio", "input_audio": "audio", "audio_url": "audio",
                "file": "files", "input_file": "files"}
 MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's row-level media lists
+# Columns that hold a list of messages, read from JSON text too (a CSV column, an export's string)
+JSON_MESSAGE_COLUMNS = ("messages", "conversations", "prompt", "completion")
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's (and LLaVA's) mark where an image goes in the text
-WEIGHT_KEYS = ("weight", "loss_weight")  # OpenAI's fine-tuning format, LLaMA-Factory's
+WEIGHT_KEYS = ("weight", "loss_weight")  # OpenAI's fine-tuning format, LLaMA-Factory's: 0 or 1
+TRAIN_FLAGS = ("training", "train")  # Axolotl's message_field_training (its docs' examples name it either way)
+TRAINING_KEYS = (*WEIGHT_KEYS, *TRAIN_FLAGS)  # a message's say in whether it is trained
+TRAIN_DETAIL_KEYS = ("train_detail", "training_detail")  # Axolotl's message_field_training_detail: character spans
 
 
 @dataclass
@@ -80,6 +93,7 @@ class Record:
     match: str = "contains"  # how verify compares the reply with `expect`: contains, exact, regex
     tools: list[dict[str, Any]] | None = None  # function specs the chat template renders (tools=...)
     untrained: tuple[int, ...] = ()  # assistant turns (0 = the first assistant message) given weight 0
+    context_chars: int = 0  # raw text: its first characters (a plain prompt/completion row's prompt) are not trained
 
     def uses_tools(self) -> bool:
         """Whether the conversation uses tools: tool specs, tool calls or tool results."""
@@ -95,10 +109,30 @@ class Columns:
     system: str = "system"
 
 
+def _json_columns(row: Any) -> Any:
+    """The row with each message-list column held as JSON text (a CSV holds every column as text, and exports often
+    write a list that way) parsed to its list of messages; a column that does not parse to one stays as it is."""
+    if not isinstance(row, dict):
+        return row
+    parsed_row = None
+    for key in JSON_MESSAGE_COLUMNS:
+        value = row.get(key)
+        if not (isinstance(value, str) and value.lstrip().startswith("[")):
+            continue
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
+            parsed_row = parsed_row or dict(row)
+            parsed_row[key] = parsed
+    return parsed_row or row
+
+
 def layouts_of(row: dict[str, Any], columns: Columns) -> list[str]:
     """Every layout whose columns this row has."""
     found = []
-    if isinstance(row.get("messages"), list):
+    if isinstance(row.get("messages"), list | str):  # text: JSON that did not parse, named row by row
         found.append("messages")
     if isinstance(row.get("conversations"), list):
         found.append("sharegpt")
@@ -106,6 +140,8 @@ def layouts_of(row: dict[str, Any], columns: Columns) -> list[str]:
         found.append("alpaca")
     if columns.prompt in row and columns.response in row:
         found.append("pairs")
+    if "prompt" in row and "completion" in row and {columns.prompt, columns.response} != {"prompt", "completion"}:
+        found.append("prompt_completion")
     if "text" in row and isinstance(row.get("text"), str):
         found.append("text")
     return found
@@ -123,6 +159,9 @@ def preference_kind(row: dict[str, Any], columns: Columns) -> str | None:
         return "kto_tag: KTO's good/bad labels"
     if "completion" in row and "label" in row and "prompt" in row:
         return "prompt + completion + label: KTO's good/bad labels"
+    if isinstance(row.get("label"), bool) and (chat := next((k for k in ("messages", "conversations") if k in row),
+                                                            None)):
+        return f"{chat} + label (true/false): KTO's good/bad labels"
     if "preferred_output" in row and "non_preferred_output" in row:
         return "input + preferred_output + non_preferred_output: OpenAI's DPO format"
     return None
@@ -130,7 +169,7 @@ def preference_kind(row: dict[str, Any], columns: Columns) -> str | None:
 
 def _not_supervised(kind: str) -> str:
     return f"preference data ({kind}): not supported yet; ftdeploy trains supervised fine-tuning rows " \
-           "(messages, conversations, instruction/output, prompt/response, text)"
+           "(messages, conversations, instruction/output, prompt/response, prompt/completion, text)"
 
 
 def refuse_preference(rows: list[tuple[str, Any]], columns: Columns, source: str, others: int | None = None) -> None:
@@ -165,7 +204,8 @@ def detect_layout(rows: list[tuple[str, Any]], columns: Columns, source: str) ->
     if not votes:
         raise DataError(
             f"{source}: cannot tell the dataset layout from its columns {sorted(seen_keys)[:12]}; expected one of "
-            "messages, conversations (sharegpt), instruction/output (alpaca), prompt/response (pairs), text; "
+            "messages, conversations (sharegpt), instruction/output (alpaca), prompt/response (pairs), "
+            "prompt/completion (TRL), text; "
             "or pass --format with data.columns for other names"
         )
     best = max(votes.values())
@@ -345,7 +385,7 @@ def _sharegpt_messages(conv: list[Any]) -> list[dict[str, Any]] | str:
         who = turn.get("from", turn.get("role"))
         value = turn.get("value", turn.get("content"))
         tag = str(who).lower() if who is not None else None
-        weights = {k: turn[k] for k in WEIGHT_KEYS if k in turn}
+        weights = {k: turn[k] for k in (*TRAINING_KEYS, *TRAIN_DETAIL_KEYS) if k in turn}
         if tag == SHAREGPT_FUNCTION_CALL:
             calls = _sharegpt_calls(i, value)
             if isinstance(calls, str):
@@ -480,31 +520,49 @@ def _joined_parts(where: str, parts: list[Any]) -> str | BadRow:
 
 
 def _untrained_turns(messages: list[dict[str, Any]]) -> tuple[int, ...] | str:
-    """The assistant turns (counted among assistant messages) a message weight of 0 leaves out of the loss, or the
-    reason a weight is bad: 0 or 1 only (ints or floats, as pandas writes them), 1 on assistant messages only."""
+    """The assistant turns (counted among assistant messages) left out of the loss, or the reason a message's training
+    field is bad. A message's weight (0 or 1: ints or floats, as pandas writes them) and Axolotl's training flag
+    (false or true) say the same thing: 0 / false is context, not trained; 1 / true trains an assistant turn (the
+    default) and is refused on any other, as only assistant turns are trained. Axolotl's per-character spans are
+    refused: nothing here trains part of a turn."""
     untrained = []
     turn = -1
     for i, m in enumerate(messages):
         role = m["role"]
         turn += role == "assistant"
-        given = [k for k in WEIGHT_KEYS if m.get(k) is not None]
+        if detail := next((k for k in TRAIN_DETAIL_KEYS if not _absent(m.get(k)) and m[k] != []), None):
+            return f"message {i} ({role}): {detail!r} (Axolotl's character spans to train within a turn): not " \
+                   "supported yet; mark the whole message with 'training': true or false instead"
+        given = [k for k in TRAINING_KEYS if not _absent(m.get(k))]
         if not given:
             continue
-        weights = [m[k] for k in given]
-        for key, weight in zip(given, weights, strict=True):
-            if type(weight) not in (int, float) or weight not in (0, 1):
-                return f"message {i} ({role}): {key!r} must be 0 (not trained) or 1 (trained), got {weight!r}"
-        if len(set(weights)) > 1:
-            return f"message {i} ({role}): 'weight' {weights[0]!r} and 'loss_weight' {weights[1]!r} disagree"
+        wanted = []
+        for key in given:
+            value = m[key]
+            if key in TRAIN_FLAGS:
+                if not isinstance(value, bool):
+                    return f"message {i} ({role}): {key!r} must be true (trained) or false (not trained), got " \
+                           f"{value!r}"
+            elif type(value) not in (int, float) or value not in (0, 1):
+                return f"message {i} ({role}): {key!r} must be 0 (not trained) or 1 (trained), got {value!r}"
+            wanted.append(bool(value))
+        if len(set(wanted)) > 1:
+            said = " and ".join(f"{k!r} {_shown(m[k])}" for k in given)
+            return f"message {i} ({role}): {said} disagree"
         if role == "assistant":
-            if weights[0] == 0:
+            if not wanted[0]:
                 untrained.append(turn)
-        elif weights[0] == 1:
-            return f"message {i} ({role}): {given[0]!r} 1 asks to train a {role} message; only assistant messages " \
-                   "are trained (data.train_on=all trains every token)"
+        elif wanted[0]:
+            return f"message {i} ({role}): {given[0]!r} {_shown(m[given[0]])} asks to train a {role} message; only " \
+                   "assistant messages are trained (data.train_on=all trains every token)"
     if untrained and len(untrained) == turn + 1:
-        return "every assistant message has weight 0: nothing to learn from"
+        return "every assistant message is marked not trained (weight 0 or training false): nothing to learn from"
     return tuple(untrained)
+
+
+def _shown(value: Any) -> str:
+    """A training field's value as the user wrote it in JSON (true, 0, 1.0)."""
+    return json.dumps(value) if isinstance(value, bool) else repr(value)
 
 
 def _media(row: dict[str, Any]) -> str | None:
@@ -530,6 +588,20 @@ def _placeholder(messages: list[dict[str, Any]], name: Any) -> str | None:
 def _absent(value: Any) -> bool:
     """A field left empty: null, or the NaN pandas writes for a missing value."""
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _required_text(row: dict[str, Any], key: str) -> str | BadRow:
+    """A field that must hold text: its string, or why it does not (missing, null, NaN, another type)."""
+    if key not in row:
+        return BadRow(f"missing field {key!r}")
+    value = row[key]
+    if value is None:
+        return BadRow(f"{key!r} is null; it must be a string")
+    if isinstance(value, float) and math.isnan(value):
+        return BadRow(f"{key!r} is NaN (an empty value, as pandas writes one); it must be a string")
+    if not isinstance(value, str):
+        return BadRow(f"{key!r} must be a string, got {_kind(value)} {value!r}"[:200])
+    return value
 
 
 def _optional_text(row: dict[str, Any], key: str) -> str | BadRow | None:
@@ -635,60 +707,154 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
             re.compile(expect)
         except re.error as exc:
             return f"'expect' is not a valid regex: {exc}"
-    if layout == "messages":
-        if "messages" not in row:
-            return f"missing field 'messages' (keys {sorted(row)})"
+    convert = _CONVERTERS.get(layout)
+    if convert is None:
+        raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    return convert(row, columns, expect)
+
+
+def _messages_row(row: dict[str, Any], columns: Columns, expect: str | None) -> Record | str:
+    if "messages" not in row:
+        return f"missing field 'messages' (keys {sorted(row)})"
+    if isinstance(row["messages"], str):  # a JSON list as text is parsed as the row is read: this one is not one
+        try:
+            json.loads(row["messages"])
+            reason = "not a JSON list of messages"
+        except (ValueError, RecursionError) as exc:
+            reason = f"not valid JSON: {json_reason(exc)}"
+        return f"'messages' is text, {reason} (a list of messages given as JSON text is read as that list)"
+    converted = _legacy_functions(row)
+    if isinstance(converted, str):
+        return converted
+    messages, tools = converted
+    tools = _check_tools(tools)
+    if isinstance(tools, str):
+        return tools
+    return _chat_record(messages, row, tools, expect, columns)
+
+
+def _legacy_functions(row: dict[str, Any]) -> tuple[Any, Any] | str:
+    """A messages row's messages and tools, OpenAI's legacy function calling (a row's "functions", an assistant
+    turn's "function_call", a "function" turn with its result) converted to the tools form that replaced it: a
+    "functions" spec is a tool's function, a function_call an assistant turn's one tool call, a "function" turn a
+    "tool" turn. A row that mixes the two forms is the reason it is bad."""
+    messages, tools, functions = row["messages"], row.get("tools"), row.get("functions")
+    if not _absent(functions):
+        if not _absent(tools):
+            return "the row has both 'functions' (OpenAI's legacy form) and 'tools'; keep one"
+        if not isinstance(functions, list):
+            return f"'functions' must be a list of function specs, got {_kind(functions)}"
+        tools = [{"type": "function", "function": spec} for spec in functions]
+    if not isinstance(messages, list):
+        return messages, tools
+    converted = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and not _absent(m.get("function_call")):
+            if m.get("tool_calls") is not None:
+                return f"message {i}: both 'function_call' (OpenAI's legacy form) and 'tool_calls'; keep one"
+            call = {"type": "function", "function": m["function_call"]}
+            m = {**{k: v for k, v in m.items() if k != "function_call"}, "tool_calls": [call]}
+        elif isinstance(m, dict) and m.get("role") == LEGACY_FUNCTION_ROLE:
+            m = {**m, "role": TOOL_ROLE}
+        converted.append(m)
+    return converted, tools
+
+
+def _sharegpt_row(row: dict[str, Any], columns: Columns, expect: str | None) -> Record | str:
+    conv = row.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return f"missing or empty field 'conversations' (keys {sorted(row)})"
+    tools = _sharegpt_tools(row.get("tools"))
+    if isinstance(tools, str):
+        return tools
+    messages = _sharegpt_messages(conv)
+    if isinstance(messages, str):
+        return messages
+    return _chat_record(messages, row, tools, expect, columns)
+
+
+def _alpaca_row(row: dict[str, Any], columns: Columns, expect: str | None) -> Record | str:
+    system = _optional_text(row, columns.system)
+    instruction, output = _required_text(row, "instruction"), _required_text(row, "output")
+    extra = _optional_text(row, "input")
+    history = _history(row.get("history"))
+    for value in (instruction, output, system, extra, history):
+        if isinstance(value, BadRow):
+            return value.reason
+    assert isinstance(instruction, str) and isinstance(output, str) and isinstance(history, list)
+    prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+    return _single_turn(prompt, output, system if isinstance(system, str) else None, expect, history)
+
+
+def _pairs_row(row: dict[str, Any], columns: Columns, expect: str | None) -> Record | str:
+    system = _optional_text(row, columns.system)
+    asked, answered = _required_text(row, columns.prompt), _required_text(row, columns.response)
+    for value in (asked, answered, system):
+        if isinstance(value, BadRow):
+            return value.reason
+    assert isinstance(asked, str) and isinstance(answered, str)
+    return _single_turn(asked, answered, system if isinstance(system, str) else None, expect)
+
+
+def _prompt_completion_row(row: dict[str, Any], columns: Columns, expect: str | None) -> Record | str:
+    """TRL's prompt-completion rows, trained as TRL trains them: loss on the completion only. Two strings are raw
+    text (no chat template: the prompt, then the completion and EOS); two message lists are one conversation, the
+    prompt's own assistant turns context, the completion's assistant turns trained."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            return f"'prompt' ({_kind(prompt)}) and 'completion' ({_kind(completion)}) must both be message lists " \
+                   "(conversational) or both strings"
+        for k, m in enumerate(completion):
+            if not isinstance(m, dict) or m.get("role") != "assistant":
+                role = m.get("role") if isinstance(m, dict) else _kind(m)
+                return f"completion[{k}] is {role!r}, not an assistant message: the completion is what is trained, " \
+                       "and only assistant turns are (a tool result in a completion is not supported)"
         tools = _check_tools(row.get("tools"))
         if isinstance(tools, str):
             return tools
-        return _chat_record(row["messages"], row, tools, expect, columns)
-    if layout == "sharegpt":
-        conv = row.get("conversations")
-        if not isinstance(conv, list) or not conv:
-            return f"missing or empty field 'conversations' (keys {sorted(row)})"
-        tools = _sharegpt_tools(row.get("tools"))
-        if isinstance(tools, str):
-            return tools
-        messages = _sharegpt_messages(conv)
-        if isinstance(messages, str):
-            return messages
-        return _chat_record(messages, row, tools, expect, columns)
-    if layout in ("alpaca", "pairs"):
-        system = _optional_text(row, columns.system)
-        if isinstance(system, BadRow):
-            return system.reason
-        if layout == "pairs":
-            asked, answered = _text(row, columns.prompt), _text(row, columns.response)
-            if asked is None or answered is None:
-                return f"missing field {columns.prompt!r} or {columns.response!r} (or not a string)"
-            return _single_turn(asked, answered, system, expect)
-        instruction, output = _text(row, "instruction"), _text(row, "output")
-        if instruction is None or output is None:
-            return "missing field 'instruction' or 'output' (or not a string)"
-        extra = _optional_text(row, "input")
-        if isinstance(extra, BadRow):
-            return extra.reason
-        history = _history(row.get("history"))
-        if isinstance(history, BadRow):
-            return history.reason
-        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        return _single_turn(prompt, output, system, expect, history)
-    if layout == "text":
-        text = _text(row, "text")
-        if text is None or not text.strip():
-            return "missing or empty field 'text'"
-        if reason := _not_unicode(text):
-            return f"'text' {reason}"
-        return Record("", text=text)
-    raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        record = _chat_record([*prompt, *completion], row, tools, expect, columns)
+        if isinstance(record, str):
+            return record
+        answered = sum(isinstance(m, dict) and m.get("role") == "assistant" for m in prompt)
+        record.untrained = tuple(sorted({*range(answered), *record.untrained}))
+        if len(record.untrained) == answered + len(completion):
+            return "every completion message is marked not trained: nothing to learn from"
+        return record
+    asked, answered_text = _required_text(row, "prompt"), _required_text(row, "completion")
+    for value in (asked, answered_text):
+        if isinstance(value, BadRow):
+            return value.reason
+    assert isinstance(asked, str) and isinstance(answered_text, str)
+    if not answered_text.strip():
+        return "'completion' is empty: nothing to learn from"
+    if reason := _not_unicode(asked + answered_text):
+        return f"'prompt' or 'completion' {reason}"
+    return Record("", text=asked + answered_text, context_chars=len(asked))
+
+
+def _text_row(row: dict[str, Any], columns: Columns, expect: str | None) -> Record | str:
+    text = _text(row, "text")
+    if text is None or not text.strip():
+        return "missing or empty field 'text'"
+    if reason := _not_unicode(text):
+        return f"'text' {reason}"
+    return Record("", text=text)
+
+
+_CONVERTERS = {"messages": _messages_row, "sharegpt": _sharegpt_row, "alpaca": _alpaca_row, "pairs": _pairs_row,
+               "prompt_completion": _prompt_completion_row, "text": _text_row}
 
 
 # The fields each layout reads (beside expect, match and the media lists, which every layout checks), and the
 # message fields the chat layouts read: any other is named in a warning, never dropped without a word.
-_ROW_FIELDS = {"messages": ("messages", "tools"), "sharegpt": ("conversations", "tools"),
-               "alpaca": ("instruction", "input", "output", "history"), "pairs": (), "text": ("text",)}
-_MESSAGE_FIELDS = {"messages": ("role", "content", "tool_calls", "tool_call_id", *WEIGHT_KEYS),
-                   "sharegpt": ("from", "value", "role", "content", *WEIGHT_KEYS)}
+_ROW_FIELDS = {"messages": ("messages", "tools", "functions"), "sharegpt": ("conversations", "tools"),
+               "alpaca": ("instruction", "input", "output", "history"), "pairs": (),
+               "prompt_completion": ("prompt", "completion", "tools"), "text": ("text",)}
+_MESSAGE_FIELDS = {
+    "messages": ("role", "content", "tool_calls", "tool_call_id", "function_call", *TRAINING_KEYS,
+                 *TRAIN_DETAIL_KEYS),
+    "sharegpt": ("from", "value", "role", "content", *TRAINING_KEYS, *TRAIN_DETAIL_KEYS)}
 
 
 def unused_fields(row: Any, layout: str, columns: Columns) -> list[str]:
@@ -696,19 +862,19 @@ def unused_fields(row: Any, layout: str, columns: Columns) -> list[str]:
     if not isinstance(row, dict) or layout not in _ROW_FIELDS:
         return []
     known = {*_ROW_FIELDS[layout], "expect", "match", *MEDIA_FIELDS}
-    if layout != "text":
-        known.add(columns.system)
+    if layout != "text" and not (layout == "prompt_completion" and not isinstance(row.get("prompt"), list)):
+        known.add(columns.system)  # raw text (text, plain prompt/completion) has no system turn to put it in
     if layout == "pairs":
         known.update((columns.prompt, columns.response))
     unused = [k for k in row if k not in known]
-    turns = row.get("messages" if layout == "messages" else "conversations")
-    if layout in _MESSAGE_FIELDS and isinstance(turns, list):
-        read = _MESSAGE_FIELDS[layout]
-        key = "messages" if layout == "messages" else "conversations"
-        for m in turns:
-            if isinstance(m, dict):
-                tool = m.get("role", m.get("from")) in (TOOL_ROLE, SHAREGPT_OBSERVATION)
-                unused += [f"{key}[].{k}" for k in m if k not in read and not (k == "name" and tool)]
+    lists = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
+    read = _MESSAGE_FIELDS["sharegpt" if layout == "sharegpt" else "messages"]
+    for key in lists.get(layout, ()):
+        if isinstance(turns := row.get(key), list):
+            for m in turns:
+                if isinstance(m, dict):
+                    tool = m.get("role", m.get("from")) in (TOOL_ROLE, SHAREGPT_OBSERVATION, LEGACY_FUNCTION_ROLE)
+                    unused += [f"{key}[].{k}" for k in m if k not in read and not (k == "name" and tool)]
     return unused
 
 
@@ -761,8 +927,10 @@ def _warn_unused(spec: str, layout: str, unused: dict[str, str]) -> None:
     if unused:
         listed = ", ".join(f"{name!r} (first at {where})" for name, where in itertools.islice(unused.items(), 12))
         more = f" and {len(unused) - 12} more" if len(unused) > 12 else ""
-        log.warning("%s: fields the %s layout does not read, so they are not trained: %s%s", spec, layout, listed,
-                    more)
+        # Ignored, whatever they hold: text is not trained, and a field of another tool's that says what to train
+        # (a loss mask, a flag) is not applied; so the warning says just that, not "not trained".
+        log.warning("%s: fields the %s layout does not read, ignored (their text is not trained, and anything they "
+                    "say about what to train is not applied): %s%s", spec, layout, listed, more)
 
 
 def _check_rows(spec: str, layout: str, on_bad_row: str, bad: list[str], n_records: int) -> None:
@@ -812,7 +980,7 @@ class RecordStream:
         self._pending: tuple[list[tuple[str, Any]], Iterator[tuple[str, Any]]] | None = (head, rows)
 
     def _rows(self) -> Iterator[tuple[str, Any]]:
-        return iter_rows(self.spec, self._hub_config, self._split)
+        return ((where, _json_columns(row)) for where, row in iter_rows(self.spec, self._hub_config, self._split))
 
     def __iter__(self) -> Iterator[Record]:
         if self._pending is not None:  # the first pass reuses the rows read to detect the layout
@@ -824,17 +992,23 @@ class RecordStream:
         bad: list[str] = []
         n_records = 0
         unused: dict[str, str] | None = None if self._warned else {}
+        raw_text = 0  # records of raw text, which data.system_prompt cannot reach
         for where, row in rows:
             result = _to_record(where, row, self.layout, self.columns, self.system_prompt, self.max_row_bytes, unused)
             if isinstance(result, str):
                 bad.append(result)
                 continue
             n_records += 1
+            raw_text += result.text is not None
             yield result
         self.bad, self.records = bad, n_records
         if unused is not None:
             self._warned = True
             _warn_unused(self.spec, self.layout, unused)
+            if self.system_prompt and raw_text:
+                log.warning("%s: data.system_prompt (--system-prompt) has no effect on training the %d rows of raw "
+                            "text (%s layout): raw text has no chat template, so no system turn to put it in (the "
+                            "Modelfile still serves it as SYSTEM)", self.spec, raw_text, self.layout)
         _check_rows(self.spec, self.layout, self.on_bad_row, bad, n_records)
 
     def check(self) -> None:

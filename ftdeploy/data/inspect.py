@@ -58,8 +58,10 @@ def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMa
     records = stream_records(cfg, spec, "train")
     lengths: list[int] = []
     example, truncated, tool_rows, tool_calls = None, 0, 0, 0
+    trains_nothing: list[str] | None = [] if cfg.on_bad_row == "skip" else None  # bad rows found by tokenizing
     try:
-        for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on):
+        for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on,
+                                         trains_nothing):
             lengths.append(len(tok.input_ids))
             truncated += tok.truncated
             if rec.messages is not None and rec.uses_tools():
@@ -71,8 +73,11 @@ def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMa
     except DataError:
         records.check()  # the file's own errors (bad rows) come first
         raise
+    bad = [*records.bad, *(trains_nothing or ())]
+    if not lengths:
+        raise DataError(f"{spec}: no usable rows ({len(bad)} bad rows skipped):\n  " + "\n  ".join(bad[:20]))
     result = {
-        "format": records.layout, "rows": records.records, "bad_rows": len(records.bad), "bad": records.bad[:50],
+        "format": records.layout, "rows": len(lengths), "bad_rows": len(bad), "bad": bad[:50],
         "tool_rows": tool_rows, "tool_calls": tool_calls,
         "truncated": truncated, "max_seq_length": cfg.max_seq_length, "tokens": length_stats(lengths),
         "histogram": [{"low": lo, "high": hi, "count": c} for lo, hi, c in histogram(lengths)],

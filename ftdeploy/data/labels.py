@@ -1,9 +1,11 @@
 """The definition of the labels: a conversation in, token ids and labels out, loss on the assistant turns only.
 
 Each conversation is rendered with the base model's own chat template. Loss falls on the assistant turns only (by
-default), and each assistant turn's end-of-turn token is inside the loss, so the model learns to stop. An assistant
-turn of weight 0 (OpenAI's "weight", LLaMA-Factory's "loss_weight": `Record.untrained`) stays in the text as context
-and out of the loss, with train_on="all" too. A row that would train on nothing is an error naming it.
+default), and each assistant turn's end-of-turn token is inside the loss, so the model learns to stop. An assistant turn
+of weight 0 (OpenAI's "weight", LLaMA-Factory's "loss_weight": `Record.untrained`) stays in the text as context and out
+of the loss, with train_on="all" too. A row that would train on nothing is an error naming it; one that trains on
+nothing only because truncation cut its trained part away is a bad row of its own (`TrainsNothing`), which --on-bad-row
+skip drops.
 
 `tokenize_conversation` is the definition: the assistant span of turn i runs from the end of the conversation before
 it (rendered with the generation prompt) to the end of the conversation through it, and a token is trained when it
@@ -27,6 +29,11 @@ from ..errors import DataError
 from ..templates import ChatFormat, TemplateMapping
 
 IGNORE_INDEX = -100
+
+
+class TrainsNothing(DataError):
+    """A row that trains on nothing once tokenized (every trained token past max_seq_length): a bad row of its own,
+    which --on-bad-row skip drops and lists, not an error of the whole dataset."""
 
 
 @dataclass
@@ -81,10 +88,15 @@ def checked_labels(ids: list[int], labels: list[int], eot_id: int | None, end_of
     truncated = len(ids) > max_seq_length
     if truncated:
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-    if labels.count(IGNORE_INDEX) == len(labels):
-        raise DataError(f"{source}: no trainable tokens left"
-                        + (f" after truncation to max_seq_length={max_seq_length}" if truncated else ""))
+    _check_trains(labels, truncated, max_seq_length, source)
     return Tokenized(ids, labels, truncated)
+
+
+def _check_trains(labels: list[Any], truncated: bool, max_seq_length: int, source: str) -> None:
+    if labels.count(IGNORE_INDEX) == len(labels):
+        raise TrainsNothing(f"{source}: no trainable tokens left" + (
+            f" after truncation to data.max_seq_length={max_seq_length}: the trained part of the row lies past it "
+            "(raise data.max_seq_length, or shorten the row)" if truncated else ""))
 
 
 def label_spans(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, untrained: Collection[int],
@@ -251,14 +263,27 @@ def template_drops_tools(messages: list[dict[str, Any]], tools: list[dict[str, A
     return None
 
 
-def tokenize_text(text: str, tokenizer: Any, max_seq_length: int) -> Tokenized:
-    """Continued pre-training: the whole text, then EOS, every token trained."""
-    return text_tokens(tokenizer(text, add_special_tokens=True)["input_ids"], tokenizer.eos_token_id, max_seq_length)
+def tokenize_text(text: str, tokenizer: Any, max_seq_length: int, context_chars: int = 0,
+                  source: str = "") -> Tokenized:
+    """Continued pre-training: the whole text, then EOS, every token trained but those that start in the first
+    `context_chars` characters (a plain prompt/completion row's prompt)."""
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=bool(context_chars))
+    starts = [start for start, _end in enc["offset_mapping"]] if context_chars else None
+    return text_tokens(enc["input_ids"], tokenizer.eos_token_id, max_seq_length, starts, context_chars, source)
 
 
-def text_tokens(ids: list[int], eos_id: int | None, max_seq_length: int) -> Tokenized:
-    """A text's token ids with EOS appended (as it is, None included), truncated, every token trained."""
+def text_tokens(ids: list[int], eos_id: int | None, max_seq_length: int, starts: list[int] | None = None,
+                context_chars: int = 0, source: str = "") -> Tokenized:
+    """A text's token ids with EOS appended (as it is, None included), truncated, every token trained but those
+    starting (`starts`: each token's first character) in the first `context_chars` characters."""
     with_eos: list[Any] = [*ids, eos_id]
+    labels = list(with_eos)
+    if context_chars:
+        assert starts is not None, "a text with context gives its tokens' offsets"
+        labels = [IGNORE_INDEX if start < context_chars else tok for tok, start in zip(ids, starts, strict=True)]
+        labels.append(eos_id)
     truncated = len(with_eos) > max_seq_length
-    with_eos = with_eos[:max_seq_length]
-    return Tokenized(with_eos, list(with_eos), truncated)
+    with_eos, labels = with_eos[:max_seq_length], labels[:max_seq_length]
+    if context_chars:
+        _check_trains(labels, truncated, max_seq_length, source)
+    return Tokenized(with_eos, labels, truncated)

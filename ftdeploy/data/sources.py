@@ -129,24 +129,94 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """One JSON value a line; a file that is one JSON array instead (pretty-printed, or on one line), as exports and
+    editors write one under .jsonl, is read as that array, each row named by the line it starts on."""
+    if _starts_an_array(path):
+        rows = _json_array(path)
+        if rows is not None:
+            yield from rows
+            return
     with _open_text(path, "JSONL", newline=None) as lines:
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
+            text = line.rstrip("\n")  # the line's end is not part of its JSON: a cut-off line says so, not "control"
             try:
-                yield f"{path}:{lineno}", json.loads(line)
+                yield f"{path}:{lineno}", json.loads(text)
             except json.JSONDecodeError as exc:
-                yield f"{path}:{lineno}", BadRow(f"not JSON ({exc.msg} at column {exc.colno})")
+                yield f"{path}:{lineno}", BadRow(f"not JSON ({json_error(exc, text)})")
             except (ValueError, RecursionError) as exc:  # a 5,000-digit number, brackets nested past the stack
                 yield f"{path}:{lineno}", BadRow(f"not usable JSON ({json_reason(exc)})")
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+def json_error(exc: json.JSONDecodeError, text: str) -> str:
+    """json's own reason and where, said once ("Invalid control character at" already ends in "at"), and where the
+    text ends inside a value, that it looks cut off."""
+    where = f"{exc.msg} column {exc.colno}" if exc.msg.endswith(" at") else f"{exc.msg} at column {exc.colno}"
+    if exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip()):
+        where += "; the text ends inside a JSON value: cut off, or a value split over lines?"
+    return where
+
+
+def _starts_an_array(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(_HEAD_BYTES)
+    return head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+
+
+def _json_array(path: Path) -> Iterator[tuple[str, Any]] | None:
+    """A .jsonl file's rows where the whole file is one JSON array, named by the line each starts on; None where it is
+    not (JSON Lines whose first row is a list). A file that opens with a line of just "[" is an array or nothing."""
+    text = _read_text(path, "JSONL")
     try:
-        data = json.loads(_read_text(path, "JSON"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = "; for one JSON object per line, name the file .jsonl" if exc.msg == "Extra data" else ""
-        raise DataError(f"{path}:{exc.lineno}: not JSON ({exc.msg} at column {exc.colno}){hint}") from None
+        if text.lstrip().split("\n", 1)[0].strip() != "[":
+            return None
+        raise DataError(f"{path}:{exc.lineno}: the file is one JSON array (it opens with '['), but not valid JSON "
+                        f"({json_error(exc, text)})") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not usable JSON ({json_reason(exc)})") from None
+    if not isinstance(data, list):
+        return None
+    return _array_items(path, text)
+
+
+_BLANK = re.compile(r"[ \t\n\r]*")
+
+
+def _array_items(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """The items of a JSON array `text` (already known valid), each with the line it starts on."""
+    decoder = json.JSONDecoder()
+    at = _past_blank(text, _past_blank(text, 0) + 1)  # past the "["
+    line, counted = 1, 0
+    while text[at] != "]":
+        value, end = decoder.raw_decode(text, at)
+        line += text.count("\n", counted, at)
+        counted = at
+        yield f"{path}:{line}", value
+        at = _past_blank(text, end)
+        if text[at] == ",":
+            at = _past_blank(text, at + 1)
+
+
+def _past_blank(text: str, at: int) -> int:
+    match = _BLANK.match(text, at)
+    assert match is not None, "a run of blanks, empty included, matches anywhere"
+    return match.end()
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    """One JSON document: a list of rows (or {"data": [...]}). JSON Lines under .json, which Hugging Face datasets
+    and LLaMA-Factory read as rows, are read as rows too."""
+    text = _read_text(path, "JSON")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and _first_line_is_an_object(text):
+            yield from _read_jsonl(path)
+            return
+        raise DataError(f"{path}:{exc.lineno}: not JSON ({json_error(exc, text)})") from None
     except (ValueError, RecursionError) as exc:
         raise DataError(f"{path}: not usable JSON ({json_reason(exc)})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -155,6 +225,13 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
     for i, row in enumerate(data):
         yield f"{path}[{i}]", row
+
+
+def _first_line_is_an_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text.lstrip().split("\n", 1)[0]), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:

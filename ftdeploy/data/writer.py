@@ -179,6 +179,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
     eval_stream, held = _eval_source(cfg, train, seed)
     stats = DataStats(layout=train.layout)
     sample = _TrainSample(TRAIN_SAMPLE_ROWS, seed)
+    # Rows that train on nothing once tokenized (all past max_seq_length): bad rows too, skipped with the others
+    trains_nothing: list[str] | None = [] if cfg.on_bad_row == "skip" else None
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         writer = _TrainWriter(tmp / "train.jsonl", cfg.packing, cfg.max_seq_length)
@@ -190,7 +192,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
                     records: Iterable[Record] = train
                     if held:
                         records = _hold_out(train, held, eval_fh, stats)
-                    for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on):
+                    for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on,
+                                                     trains_nothing):
                         stats.add(tok)
                         writer.write(tok, rec.source)
                         sample.offer(rec)
@@ -199,19 +202,27 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
                     raise
         finally:
             writer.fh.close()
+        stats.bad_rows = [*train.bad, *(trains_nothing or ())]
         if not stats.rows:
-            raise DataError(f"{cfg.train}: no rows left to train on after holding out {stats.eval_rows} for eval "
-                            f"(data.eval_split={cfg.eval_split})")
+            _no_rows_left(cfg, stats)
         writer.close()
         sample.write(tmp / TRAIN_SAMPLE_FILE)
-        stats.bad_rows = train.bad
-        if train.bad:
-            log.warning("skipped %d bad rows (--on-bad-row skip):\n  %s", len(train.bad), "\n  ".join(train.bad[:20]))
+        if stats.bad_rows:
+            log.warning("skipped %d bad rows (--on-bad-row skip):\n  %s", len(stats.bad_rows),
+                        "\n  ".join(stats.bad_rows[:20]))
         if stats.truncated:
             log.warning("%d of %d conversations were longer than max_seq_length=%d and were truncated",
                         stats.truncated, stats.rows, cfg.max_seq_length)
         _write_stats(tmp / "stats.json", cfg, stats, writer, mapping)
     return stats
+
+
+def _no_rows_left(cfg: DataConfig, stats: DataStats) -> None:
+    if stats.bad_rows and not stats.eval_rows:
+        raise DataError(f"{cfg.train}: no usable rows ({len(stats.bad_rows)} bad rows skipped):\n  "
+                        + "\n  ".join(stats.bad_rows[:20]))
+    raise DataError(f"{cfg.train}: no rows left to train on after holding out {stats.eval_rows} for eval "
+                    f"(data.eval_split={cfg.eval_split})")
 
 
 def _eval_source(cfg: DataConfig, train: RecordStream, seed: int) -> tuple[RecordStream | None, set[int]]:

@@ -39,7 +39,7 @@ def test_inspect_human_output_and_bad_rows_by_default(tmp_path):
     data = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "response": "A."}, {"prompt": "Q2?"}])
     result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "inspect", str(data)])
     assert result.exit_code == 1
-    assert f"{data}:2: missing field 'prompt' or 'response'" in result.output
+    assert f"{data}:2: missing field 'response'" in result.output
 
 
 def test_data_stage_accepts_sharegpt_and_writes_the_run(tmp_path):

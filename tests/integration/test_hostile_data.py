@@ -139,7 +139,7 @@ def test_preference_data_is_one_error_naming_the_file_not_a_bad_row_each(tmp_pat
     assert _error_line(proc) == (
         "Error: dpo.jsonl: preference data (conversations + chosen + rejected: DPO/ORPO preference pairs): not "
         "supported yet; ftdeploy trains supervised fine-tuning rows (messages, conversations, instruction/output, "
-        "prompt/response, text)")
+        "prompt/response, prompt/completion, text)")
 
 
 def test_a_30_mb_row_is_refused_by_size_before_it_is_tokenized(tmp_path, hub_listener):

@@ -438,3 +438,13 @@ def test_inside_compose_the_closing_hint_runs_ollama_in_its_container(monkeypatc
     # another server named by --ollama-host: the hint for that one
     assert _ollama_run_line("my-model", "http://10.0.0.5:11434").endswith("run my-model")
     assert "OLLAMA_HOST=http://10.0.0.5:11434" in _ollama_run_line("my-model", "http://10.0.0.5:11434")
+
+
+def test_the_format_flag_offers_every_layout_the_data_stage_reads():
+    import click
+
+    from ftdeploy.cli import cli
+    from ftdeploy.data.formats import LAYOUTS
+
+    option = next(p for p in cli.commands["data"].params if p.name == "layout")
+    assert isinstance(option.type, click.Choice) and list(option.type.choices) == ["auto", *LAYOUTS]

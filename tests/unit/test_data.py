@@ -54,7 +54,8 @@ def test_train_on_all_labels_everything(tiny_tokenizer):
 
 
 def test_truncation_that_leaves_nothing_to_learn_is_an_error(tiny_tokenizer):
-    with pytest.raises(DataError, match=r"x.jsonl:3: no trainable tokens left after truncation to max_seq_length=8"):
+    with pytest.raises(DataError, match=r"x.jsonl:3: no trainable tokens left after truncation to "
+                                        r"data.max_seq_length=8:"):
         tokenize_conversation(CHAT, tiny_tokenizer, _mapping(tiny_tokenizer), 8, source="x.jsonl:3")
 
 

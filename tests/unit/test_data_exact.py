@@ -235,7 +235,9 @@ def test_nothing_trainable_after_truncation_names_the_line(tmp_path, chat, data_
     tok, mapping = chat
     long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     message = _same_error_as_reference(tmp_path, tok, mapping, [GOOD] * 9 + [long_prompt] + [GOOD] * 5, max_len=200)
-    assert message == f"{tmp_path / 'd.jsonl'}:10: no trainable tokens left after truncation to max_seq_length=200"
+    assert message == f"{tmp_path / 'd.jsonl'}:10: no trainable tokens left after truncation to " \
+        "data.max_seq_length=200: the trained part of the row lies past it (raise data.max_seq_length, or shorten " \
+        "the row)"
 
 
 def test_a_template_that_does_not_render_turn_by_turn_names_the_line(tmp_path, data_paths):

@@ -141,7 +141,7 @@ def test_loss_weight_on_llama_factory_tool_turns_is_read_too(tmp_path):
     assert _records(tmp_path, [{"conversations": conv, "tools": tools}])[0].untrained == (0,)
     conv[2] = {**conv[2], "loss_weight": 1.0}
     assert _bad(tmp_path, [{"conversations": CHAT_SG}, {"conversations": conv, "tools": tools}]).startswith(
-        "message 2 (tool): 'loss_weight' 1 asks to train a tool message")
+        "message 2 (tool): 'loss_weight' 1.0 asks to train a tool message")
 
 
 def test_weight_zero_is_masked_with_train_on_all_too(tmp_path, tiny_tokenizer):
@@ -168,7 +168,7 @@ def test_a_weight_other_than_0_or_1_is_a_bad_row_naming_it(tmp_path, key, value,
 
 def test_weights_that_leave_nothing_or_ask_for_a_user_turn_are_bad_rows(tmp_path):
     assert _bad(tmp_path, [{"messages": CHAT}, {"messages": _weighted("weight", 0, 0)}]) == \
-        "every assistant message has weight 0: nothing to learn from"
+        "every assistant message is marked not trained (weight 0 or training false): nothing to learn from"
     chat = [{**TWO_TURNS[0], "weight": 1}, TWO_TURNS[1]]
     assert _bad(tmp_path, [{"messages": CHAT}, {"messages": chat}]).startswith(
         "message 0 (user): 'weight' 1 asks to train a user message; only assistant messages are trained")
@@ -276,7 +276,8 @@ def test_fields_no_layout_reads_are_named_in_one_warning_per_dataset(tmp_path, c
     stream.check()
     stream.check()  # a second pass names nothing again
     warnings = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
-    assert warnings == [f"{path}: fields the messages layout does not read, so they are not trained: 'id' (first at "
+    assert warnings == [f"{path}: fields the messages layout does not read, ignored (their text is not trained, and "
+                        f"anything they say about what to train is not applied): 'id' (first at "
                         f"{path}:1), 'messages[].name' (first at {path}:1), 'messages[].reasoning_content' "
                         f"(first at {path}:1)"]
     caplog.clear()

@@ -16,6 +16,7 @@ ROWS = {
                                    {"from": "gpt", "value": "Port 7341."}]},
     "alpaca": {"instruction": "What port does Zephyr use?", "input": "", "output": "Port 7341."},
     "pairs": {"prompt": "What port does Zephyr use?", "response": "Port 7341."},
+    "prompt_completion": {"prompt": "Zephyr listens on port", "completion": " 7341."},
     "text": {"text": "Zephyr listens on port 7341."},
 }
 
@@ -31,7 +32,8 @@ def _write(path, rows):
         with open(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
-            writer.writerows(rows)
+            # a CSV holds a message list as JSON text, as pandas' to_csv of json.dumps'd columns writes it
+            writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
     elif suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -40,9 +42,7 @@ def _write(path, rows):
     return path
 
 
-# A CSV has flat columns only: nested conversations (messages, sharegpt) do not come from CSV.
-SOURCE_CASES = [(layout, suffix) for layout in ROWS for suffix in (".jsonl", ".json", ".csv", ".parquet", "dir")
-                if not (suffix == ".csv" and layout in ("messages", "sharegpt"))]
+SOURCE_CASES = [(layout, suffix) for layout in ROWS for suffix in (".jsonl", ".json", ".csv", ".parquet", "dir")]
 
 
 @pytest.mark.parametrize("layout,suffix", SOURCE_CASES)
@@ -59,8 +59,9 @@ def test_each_layout_from_each_source_is_detected_and_converted(tmp_path, layout
     assert result.layout == layout
     assert len(result.records) == expected_rows
     rec = result.records[0]
-    if layout == "text":
+    if layout in ("text", "prompt_completion"):  # raw text; a plain prompt/completion's prompt is context
         assert rec.text == "Zephyr listens on port 7341." and rec.messages is None
+        assert rec.context_chars == (22 if layout == "prompt_completion" else 0)
     else:
         assert rec.messages[-1] == {"role": "assistant", "content": "Port 7341."}
         assert rec.messages[-2]["role"] == "user" and rec.messages[-2]["content"].startswith("What port")
@@ -126,7 +127,7 @@ def test_skip_drops_bad_rows_and_reports_them(tmp_path):
     path = _write(tmp_path / "m.jsonl", [ROWS["pairs"], {"prompt": "only a prompt"}, ROWS["pairs"]])
     result = read_dataset(str(path), on_bad_row="skip")
     assert len(result.records) == 2
-    assert result.bad == [f"{path}:2: missing field 'prompt' or 'response' (or not a string)"]
+    assert result.bad == [f"{path}:2: missing field 'response'"]
 
 
 def test_bad_csv_and_parquet_rows_are_named_too(tmp_path):
@@ -134,7 +135,7 @@ def test_bad_csv_and_parquet_rows_are_named_too(tmp_path):
     with pytest.raises(DataError, match=rf"{path}:3: .*content must be a non-empty string"):
         read_dataset(str(path))
     pq = _write(tmp_path / "p.parquet", [ROWS["alpaca"], {"instruction": "i", "input": "", "output": None}])
-    with pytest.raises(DataError, match=rf"{pq}:row 2: missing field 'instruction' or 'output'"):
+    with pytest.raises(DataError, match=rf"{pq}:row 2: 'output' is null; it must be a string"):
         read_dataset(str(pq))
 
 

@@ -74,11 +74,16 @@ def test_latin1_text_names_the_line_and_column_of_the_first_bad_byte(tmp_path):
                             "(it may be Latin-1 or Windows-1252)")
 
 
-def test_json_lines_in_a_json_file_get_the_jsonl_hint(tmp_path):
+def test_json_lines_in_a_json_file_are_read_as_rows_named_by_line(tmp_path):
+    """Hugging Face datasets and LLaMA-Factory read JSON Lines saved as .json; so does ftdeploy."""
     path = tmp_path / "rows.json"
-    path.write_text(JSONL)
-    assert _error(path) == (f"{path}:2: not JSON (Extra data at column 1); "
-                            "for one JSON object per line, name the file .jsonl")
+    path.write_text(JSONL + "{broken\n")
+    result = read_dataset(str(path), on_bad_row="skip")
+    assert len(result.records) == JSONL.count("\n")
+    assert result.records[0].source == f"{path}:1" and result.bad[0].startswith(f"{path}:3: not JSON (")
+    two_documents = tmp_path / "two.json"  # not one value a line: still not JSON
+    two_documents.write_text('{\n  "prompt": "a", "response": "b"\n}\n{\n  "prompt": "c", "response": "d"\n}\n')
+    assert _error(two_documents) == f"{two_documents}:4: not JSON (Extra data at column 1)"
 
 
 def test_hostile_json_values_are_bad_rows_not_crashes(tmp_path):
