@@ -21,7 +21,8 @@ def watch(cls: type, prefix: str) -> None:
     """Record every read of a leaf key of `cls` (and of its sections) while a stage is running."""
     hints = typing.get_type_hints(cls)
     sections = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
-    leaves = {f.name for f in dataclasses.fields(cls)} - sections
+    # Only keys: a field the config builds itself (Config.origins, init=False) is bookkeeping, not a setting.
+    leaves = {f.name for f in dataclasses.fields(cls) if f.init} - sections
     original = cls.__getattribute__
 
     def getattribute(self, name):
