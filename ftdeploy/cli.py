@@ -314,7 +314,9 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
     summary = {
         "model": cfg.name, "run_dir": str(ctx.run.path), "ollama_host": host,
         "gguf": exported.gguf[exported.served], "quant": exported.served,
-        "verify": {"hits": verify.hits, "total": verify.total, "score": verify.score, "prompts": verify.prompt_source,
+        # Training prompts are compared with the merged model only: no expected answers, so no hits or score.
+        "verify": {"hits": verify.hits if verify.prompt_source != "train" else None, "total": verify.total,
+                   "score": verify.score if verify.prompt_source != "train" else None, "prompts": verify.prompt_source,
                    "token_agreement": served.token_agreement if (served := verify.model("served")) else None},
         "ollama_run": _ollama_run_line(cfg.name, host), "report": str(report_md),
     }

@@ -122,7 +122,7 @@ class DataConfig:
         "Largest row accepted, in bytes of text (UTF-8, all its fields): a longer row is a bad row, refused before "
         "it is tokenized (a 30 MB row would cost a minute and gigabytes to tokenize). The default, 1 MiB, is about "
         "250k tokens, far beyond max_seq_length; raise it for longer rows. 0: no limit.",
-        default=1 << 20,
+        default=1 << 20, ge=0,
     )
 
 
@@ -304,8 +304,8 @@ class VerifyConfig:
     limit: int = _help("At most this many eval prompts (0: all).", default=0, ge=0)
     train_prompts: int = _help(
         "With no eval rows: how many training prompts (a sample, fixed by train.seed) the served model is compared "
-        "with the merged model on.",
-        default=8, ge=1,
+        "with the merged model on; the data stage keeps a sample of 32 for it.",
+        default=8, ge=1, le=32,
     )
     min_fidelity: float = _help(
         "Quant gate: least top-1 token agreement of a quant with its F16 on the eval chats; below it a quant is "

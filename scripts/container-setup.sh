@@ -120,8 +120,14 @@ ollama_image="ollama/ollama:${OLLAMA_VERSION#v}"
 if ! have_image "$ollama_image" && ! "$docker_bin" pull -q "$ollama_image" >/dev/null 2>&1; then
   registry=no
   log "no registry gives $ollama_image: building it from the pinned release on $base_image"
-  # The image gets the default portable build, whatever target this shell asked for.
-  ollama_bin="$(env -u FTDEPLOY_CPU_TARGET -u OLLAMA_CPU_FLAGS scripts/install-ollama.sh)"
+  # The image gets the default portable build, whatever target this shell asked for: the host's cached binary where
+  # it is that build, else one built in a cache of its own (so the host's .venv/bin/ollama is left as it is).
+  . scripts/lib-cpu.sh
+  portable_flags="$(cgo_march_flags "$(FTDEPLOY_CPU_TARGET='' cpu_target)")"
+  image_cache="$cache"
+  [ "$(cat "$cache/ollama/$OLLAMA_VERSION/cpu-flags" 2>/dev/null)" = "$portable_flags" ] || image_cache="$cache/image"
+  ollama_bin="$(env -u FTDEPLOY_CPU_TARGET -u OLLAMA_CPU_FLAGS FTDEPLOY_CACHE="$image_cache" \
+    OLLAMA_VERSION="$OLLAMA_VERSION" scripts/install-ollama.sh)"
   cid="$("$docker_bin" create "$base_image" true)"
   "$docker_bin" cp "$ollama_bin" "$cid:/bin/ollama"
   # The official image's interface: /bin/ollama serve on 0.0.0.0:11434, models under /root/.ollama.

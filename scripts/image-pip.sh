@@ -28,6 +28,10 @@ if [ "${1:-}" = "--torch-index" ]; then
   fi
 fi
 pip install "$@"
+# What the image's llama.cpp was built with, where `ftdeploy doctor` reads it (as scripts/setup.sh stamps .venv).
+if [ -d "$VIRTUAL_ENV" ] && python3 -c 'import importlib.util, sys; sys.exit(not importlib.util.find_spec("llama_cpp"))'; then
+  printf '%s\n' "$CMAKE_ARGS" > "$VIRTUAL_ENV/llama_cpp_python.cmake-args"
+fi
 # setuptools leaves build/ and *.egg-info in /src; a later layer's build would reuse build/lib and ship
 # the empty package of the dependency layers (COPY keeps the sources' older mtimes).
 rm -rf build ./*.egg-info

@@ -18,7 +18,8 @@ bin="$cache/ollama"
 # other flags is rebuilt. FTDEPLOY_CPUINFO names another file to read the CPU flags from (the tests use it).
 . "$(dirname "$0")/lib-cpu.sh"
 if [ -z "${OLLAMA_CPU_FLAGS+set}" ]; then
-  OLLAMA_CPU_FLAGS="$(cgo_march_flags "$(cpu_target)")"
+  target="$(cpu_target)"  # on a line of its own: a bad FTDEPLOY_CPU_TARGET stops the script here
+  OLLAMA_CPU_FLAGS="$(cgo_march_flags "$target")"
 fi
 stamp="$cache/cpu-flags"
 

@@ -41,14 +41,21 @@ cpu_target() {
   fi
 }
 
+# Every ggml x86 switch named, so a newer ggml's changed defaults cannot add an instruction set silently.
+_GGML_V3="SSE42 AVX AVX2 FMA F16C BMI2"
+_GGML_BEYOND="AVX_VNNI AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 AMX_TILE AMX_INT8 AMX_BF16"
+
 llama_cmake_args() {
+  local on="" off="$_GGML_BEYOND" args="-DGGML_NATIVE=OFF" f
   [ "$(uname -m)" = x86_64 ] || { echo ""; return; }
   case "$1" in
-    native) echo "-DGGML_NATIVE=ON" ;;
-    # Every ggml x86 switch named, so a newer ggml's changed defaults cannot add an instruction set silently.
-    x86-64-v3) echo "-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
-    x86-64) echo "-DGGML_NATIVE=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF -DGGML_BMI2=OFF -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
+    native) echo "-DGGML_NATIVE=ON"; return ;;
+    x86-64-v3) on="$_GGML_V3" ;;
+    x86-64) off="$_GGML_V3 $_GGML_BEYOND" ;;
   esac
+  for f in $on; do args="$args -DGGML_$f=ON"; done
+  for f in $off; do args="$args -DGGML_$f=OFF"; done
+  echo "$args"
 }
 
 cgo_march_flags() {

@@ -123,7 +123,9 @@ def _json_columns(row: Any) -> Any:
             parsed = json.loads(value)
         except (ValueError, RecursionError):
             continue
-        if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
+        # Only a list of messages: a prompt that is JSON text of something else (function-calling data) stays text.
+        if isinstance(parsed, list) and parsed and all(isinstance(m, dict) and {"role", "from"} & m.keys()
+                                                       for m in parsed):
             parsed_row = parsed_row or dict(row)
             parsed_row[key] = parsed
     return parsed_row or row

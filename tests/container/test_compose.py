@@ -254,7 +254,7 @@ def test_the_gpu_image_can_build_triton_launchers_and_gets_to_unsloth(stack, gpu
 def test_the_images_carry_the_portable_builds(stack, engine, tmp_path):
     """Whatever CPU built them, the cpu image's llama.cpp and the sidecar's Ollama hold nothing beyond x86-64-v3
     (issue 23: a host-native build died with SIGILL on another machine)."""
-    from ftdeploy.cpu import go_text, scan
+    from native_scan import go_text, scan
 
     image = "ftdeploy-test:cpu"
     lib = stack.docker_out("run", "--rm", "--entrypoint", "python", image, "-c",

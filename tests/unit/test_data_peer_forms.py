@@ -302,3 +302,10 @@ def test_a_required_field_that_is_nan_null_or_a_number_is_named_with_its_value(t
     good = {"instruction": Q1, "output": A1}
     assert _bad(tmp_path, [good, f'{{"instruction": "Q", "output": {value}}}']) == reason
     assert _bad(tmp_path, [good, {"instruction": "Q"}]) == "missing field 'output'"
+
+
+def test_a_prompt_that_is_json_text_of_something_else_stays_text(tmp_path):
+    """Function-calling data often writes JSON in its prompts: only a list of messages (role/from) is parsed."""
+    prompt = json.dumps([{"name": "lookup_port", "arguments": {"service": "zephyr"}}])
+    records = _records(tmp_path, [{"prompt": prompt, "completion": A1}])
+    assert records[0].messages is None and records[0].text == prompt + A1

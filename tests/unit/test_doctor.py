@@ -7,11 +7,14 @@ def test_python_versions_are_compared_as_numbers():
     assert not python_supported((3, 9)) and not python_supported((3, 10)) and not python_supported((2, 7))
 
 
-def test_doctor_names_what_llama_cpp_was_built_for_and_what_this_cpu_lacks(monkeypatch):
+def test_doctor_names_what_llama_cpp_was_built_for_and_what_this_cpu_lacks(monkeypatch, tmp_path):
     from ftdeploy import cpu
 
-    ok, line = cpu.llama_report(cpu.cpu_flags())  # the installed build, on this CPU
-    assert ok and "built for x86-64-v3" in line and "AVX512" not in line, line
+    monkeypatch.setattr(cpu.sys, "prefix", str(tmp_path))
+    (tmp_path / cpu.STAMP).write_text("-DGGML_NATIVE=OFF -DGGML_AVX2=ON\n")
+    monkeypatch.setattr(cpu, "llama_features", lambda: {"SSE3", "AVX", "AVX2", "FMA", "F16C", "LLAMAFILE"})
+    ok, line = cpu.llama_report({"pni", "avx", "avx2", "fma", "f16c"})
+    assert ok and line == "built for x86-64-v3 (AVX AVX2 F16C FMA SSE3): this CPU runs it", line
     monkeypatch.setattr(cpu, "llama_features", lambda: {"AVX", "AVX2", "FMA", "AVX512", "AMX_INT8"})
     ok, line = cpu.llama_report({"avx", "avx2", "fma", "avx512f"})
     assert not ok and "lacks AMX_INT8" in line and "scripts/setup.sh" in line

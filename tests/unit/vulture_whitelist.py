@@ -5,7 +5,7 @@ a name vulture matches anywhere, for what is no module attribute). Add a name on
 calls is removed, not listed.
 """
 # ruff: noqa: B018
-from ftdeploy import cpu, local_server, quants, results
+from ftdeploy import local_server, quants, results
 from ftdeploy.ollama import OllamaClient
 
 _ = None
@@ -33,8 +33,6 @@ results.TrainResult.resumed_from
 
 # Library API that only tests and their harness call today (a decision for their owners: use them, or move them to
 # tests/ with their callers).
-cpu.go_text  # the instruction scan of the portable-build tests
-cpu.scan
 local_server.free_port  # a free loopback port, for the multinode and registry tests
 OllamaClient.list_models  # the integration tests' view of a server's models
 quants.LADDER  # the ladder of common quant types, smallest to largest (test_quants.py)
