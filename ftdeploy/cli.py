@@ -317,6 +317,7 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
         # Training prompts are compared with the merged model only: no expected answers, so no hits or score.
         "verify": {"hits": verify.hits if verify.prompt_source != "train" else None, "total": verify.total,
                    "score": verify.score if verify.prompt_source != "train" else None, "prompts": verify.prompt_source,
+                   "raw": verify.raw,
                    "token_agreement": served.token_agreement if (served := verify.model("served")) else None},
         "ollama_run": _ollama_run_line(cfg.name, host), "report": str(report_md),
     }
@@ -324,6 +325,9 @@ def train_and_serve_cmd(cfg: Any, ollama_explicit: bool, from_stage: str | None,
     def verified(v: dict[str, Any]) -> str:
         if v["prompts"] == "train":  # no eval rows: served against merged only
             agreement = f"{v['token_agreement']:.0%}" if v["token_agreement"] is not None else "–"
+            if v["raw"]:  # raw-text data: prefixes continued through /api/generate raw
+                return (f"verified raw continuations on {v['total']} training texts: served = merged on {agreement} "
+                        "of greedy steps (no chats, no eval rows; template parity does not apply)")
             return f"served = merged on {agreement} of greedy steps, {v['total']} training prompts (no eval rows)"
         return f"{v['hits']}/{v['total']} expected answers"
 

@@ -130,8 +130,6 @@ class HFModel:
         """Greedy answers to every chat in one left-padded batch, each cut at its own token limit (greedy decoding
         is causal, so an answer cut at its limit is the answer generated with that limit). `tools`: each chat's
         declared tools, rendered by the chat template as in training."""
-        import torch
-
         from .templates import training_messages
 
         if not chats:
@@ -141,13 +139,25 @@ class HFModel:
         texts = [tok.apply_chat_template(training_messages(chat), tools=t, add_generation_prompt=True, tokenize=False)
                  if t else tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
                  for chat, t in zip(chats, tools, strict=True)]
+        return self._greedy(texts, limits, special_tokens=False)  # the chat template writes BOS itself
+
+    def continue_texts(self, prefixes: list[str], limits: list[int]) -> list[Generation]:
+        """Greedy continuations of raw text, no chat template: each prefix tokenized as training tokenized raw text
+        (the tokenizer's BOS first), as Ollama's /api/generate with raw=True receives it."""
+        return self._greedy(prefixes, limits, special_tokens=True) if prefixes else []
+
+    def _greedy(self, texts: list[str], limits: list[int], special_tokens: bool) -> list[Generation]:
+        """Greedy answers to the texts in one left-padded batch, each cut at its own limit."""
+        import torch
+
+        tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.stop_ids)
         side, pad = tok.padding_side, tok.pad_token
         tok.padding_side = "left"
         if pad is None:
             tok.pad_token = tok.convert_ids_to_tokens(pad_id)
         try:
-            batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special_tokens).to(self.device)
         finally:
             tok.padding_side, tok.pad_token = side, pad
         with torch.no_grad():

@@ -30,6 +30,20 @@ def _num(x: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(x) if isinstance(x, (int, float)) else "–"
 
 
+def _on_training_data(verify: VerifySummary) -> str:
+    """The verdict on data without eval rows: what was compared, on what."""
+    if verify.raw:
+        return (f" was verified on raw continuations of {verify.total} training texts: it and the merged 16-bit "
+                "model continued the same prefixes of texts sampled from the training data (raw text: no chats, no "
+                "eval rows), sent through /api/generate raw at temperature 0. This checks that the served model is "
+                "the trained model, not how well it answers new questions. Template parity does not apply to raw "
+                "prompts (they bypass the Modelfile TEMPLATE and SYSTEM) and was not checked")
+    return (f" was compared with the merged 16-bit model on {verify.total} prompts sampled from the training "
+            "data: the data has no eval rows, so this checks that the served model is the trained model, "
+            "not how well it answers new questions (reference scoring needs eval rows: data.eval or "
+            "data.eval_split)")
+
+
 def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[str], list[list[str]] | None]]:
     """(title, paragraphs, table rows with a header first) for each section of the report."""
     stages = manifest.get("stages", {})
@@ -49,10 +63,7 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
         gated_rows = verify.total if verify.expect_rows is None else verify.expect_rows
         on_train = verify.prompt_source == "train"
         if on_train:
-            head += (f" was compared with the merged 16-bit model on {verify.total} prompts sampled from the training "
-                     "data: the data has no eval rows, so this checks that the served model is the trained model, "
-                     "not how well it answers new questions (reference scoring needs eval rows: data.eval or "
-                     "data.eval_split)")
+            head += _on_training_data(verify)
         elif gated_rows or not verify.total:
             head += (f" answered {verify.hits}/{verify.total} eval prompts as expected (min_score {verify.min_score}"
                      + (f" on the {gated_rows} rows with `expect`)" if gated_rows != verify.total else ")")

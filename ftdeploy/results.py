@@ -251,6 +251,9 @@ class VerifySummary(Result):
     # Where the prompts came from: "eval" rows (references scored), or "train": a sample of the training prompts,
     # asked when the data has no eval rows (served vs merged only; reference scoring needs eval rows).
     prompt_source: Literal["eval", "train"] = "eval"
+    # Raw-text data (the `text` layout, plain-string prompt/completion rows) has no chats: the prompts are prefixes of
+    # sampled training texts, continued through /api/generate raw (no TEMPLATE, no SYSTEM, no template parity).
+    raw: bool = False
     system: str | None = None  # the Modelfile's SYSTEM, part of every prompt built for the merged model and parity
     failures: list[VerifyFailure] = field(default_factory=list)
     unverified: dict[str, str] = field(default_factory=dict)  # failed name -> the name it was moved to

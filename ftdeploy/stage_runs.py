@@ -20,7 +20,6 @@ from . import base_model
 from .config import DEMO_DATA, Config
 from .errors import StageMissingError
 from .results import (
-    Answer,
     DataResult,
     ExportResult,
     MergeResult,
@@ -168,6 +167,17 @@ def verify_examples(ctx: Context, limit: int = 0) -> tuple[list[Record], PromptS
         return examples[: limit or None], "eval"
     sample = load_train_sample(ctx.run.data_dir)[: limit or ctx.cfg.verify.train_prompts]
     return [dataclasses.replace(r, expect=None) for r in sample], "train"
+
+
+def raw_text_data(ctx: Context, examples: list[Record], source: PromptSource) -> bool:
+    """Verify continues raw text: no eval rows, and the training sample holds raw texts (the `text` layout,
+    plain-string prompt/completion rows), or holds nothing from data of such a layout."""
+    if source != "train" or any(r.messages for r in examples):
+        return False
+    stats = ctx.run.data_dir / "stats.json"
+    if examples or not stats.is_file():
+        return bool(examples)
+    return json.loads(stats.read_text()).get("layout") in ("text", "prompt_completion")
 
 
 def eval_texts(ctx: Context, limit: int = 16) -> tuple[list[str], PromptSource]:
@@ -390,7 +400,7 @@ def stage_verify(ctx: Context) -> VerifySummary:
     that failed answers under the name a user runs."""
     import time
 
-    from .fidelity import HFModel, agreement_scores, forgetting, general_prompts, prompt_agreement, score
+    from .fidelity import HFModel, forgetting, general_prompts, score
     from .results import Forgetting, ForgettingItem
     from .stages.modelfile import mapping_for_template, read_chat_template
     from .stages.verify import (
@@ -402,8 +412,10 @@ def stage_verify(ctx: Context) -> VerifySummary:
         generation_limit,
         prompt_messages,
         reference_answer,
+        served_agreement,
         summarize,
         template_parity,
+        verify_raw,
         with_system,
     )
     from .templates import jinja_renderer
@@ -425,6 +437,9 @@ def stage_verify(ctx: Context) -> VerifySummary:
         _require_registered(client, name)
         tags = other_quants(ctx)
         exported = previous(ctx, "export", ExportResult)
+        if raw_text_data(ctx, examples, source):  # no chats: raw continuations of training texts
+            return _verdict(ctx, verify_raw(client, name, tags, served_quant(ctx), ctx.run.merged_dir, examples,
+                                            cfg.verify, cfg.train.seed, exported), out, tags)
         if not examples:
             summary = VerifySummary(min_score=cfg.verify.min_score, min_agreement=cfg.verify.min_agreement,
                                     prompt_source=source, system=system)
@@ -482,13 +497,6 @@ def stage_verify(ctx: Context) -> VerifySummary:
         summary.prompts, summary.references = [c[-1]["content"] for c in chats], references if on_eval else []
         summary.prompt_source, summary.system = source, system
         scored = references if on_eval else None
-
-        def agreement(replies: list[Answer]) -> dict[str, Any]:
-            return agreement_scores([
-                prompt_agreement(merged_model.tokens(a.answer.strip()), a.done_reason == "stop",
-                                 merged_model.tokens(g.text), g.stopped)
-                for a, g in zip(replies, merged_gen, strict=True)])
-
         if base_replies is not None:
             summary.models.append(ModelScore(role="base", label="base", replies=base_replies,
                                              **score(base_replies, expected, merged_replies, modes, scored)))
@@ -504,7 +512,8 @@ def stage_verify(ctx: Context) -> VerifySummary:
                            stopped=sum(a.done_reason == "stop" for a in replies),
                            gated=role == "served" or qtype not in exported.flagged,
                            **score(texts, expected, merged_replies, modes, scored),
-                           **_quant_scores(exported.fidelity.get(qtype, {})), **agreement(replies))
+                           **_quant_scores(exported.fidelity.get(qtype, {})),
+                           **served_agreement(merged_model.tokens, replies, merged_gen))
             summary.models.append(m)
         if base_general is not None:
             items = [ForgettingItem(prompt=c[-1]["content"], expect=e, base=b, tuned=t)

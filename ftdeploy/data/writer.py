@@ -2,7 +2,7 @@
 
   train.jsonl         input_ids + labels a row (packed into sequences of at most max_seq_length with data.packing)
   eval.jsonl          the eval chats (data.eval, the demo's eval split, or rows held out of the training data)
-  train_sample.jsonl  a sample of the training chats: the prompts verify asks when there are no eval rows
+  train_sample.jsonl  a sample of the training chats or raw texts: what verify asks when there are no eval rows
   stats.json          row and token counts, the layout, bad rows, packed sequences, the chat format
 
 Memory stays flat in the rows: packing keeps two numbers a row, an eval split one bit of bookkeeping a row and a
@@ -100,15 +100,17 @@ def held_out(n: int, fraction: float | None, seed: int) -> set[int]:
 
 
 class _TrainSample:
-    """A uniform sample (reservoir, fixed by the seed) of the training chats that end on an assistant turn, kept in
-    file order: the prompts verify asks when the data has no eval rows."""
+    """A uniform sample (reservoir, fixed by the seed) of the training chats that end on an assistant turn, or of
+    the raw texts (the `text` layout, plain-string prompt/completion rows), kept in file order: the prompts verify
+    asks when the data has no eval rows (of a raw text, a prefix it continues)."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.rng, self.seen = size, random.Random(seed), 0
         self.kept: list[tuple[int, Record]] = []
 
     def offer(self, rec: Record) -> None:
-        if not rec.messages or rec.messages[-1].get("role") != "assistant":
+        raw = bool(rec.text) and not rec.messages
+        if not raw and (not rec.messages or rec.messages[-1].get("role") != "assistant"):
             return
         self.seen += 1
         if len(self.kept) < self.size:
@@ -122,6 +124,9 @@ class _TrainSample:
 
 
 def _eval_line(rec: Record) -> str:
+    if rec.text is not None and not rec.messages:  # raw text (training sample only): where its prompt ends
+        return json.dumps({"text": rec.text, "context_chars": rec.context_chars, "source": rec.source},
+                          ensure_ascii=False) + "\n"
     row: dict[str, Any] = {"messages": rec.messages, "expect": rec.expect, "match": rec.match, "source": rec.source}
     if rec.tools:
         row["tools"] = rec.tools
@@ -290,7 +295,8 @@ def load_tokenized(data_dir: Path) -> list[dict[str, list[int]]]:
 
 
 def load_train_sample(data_dir: Path) -> list[Record]:
-    """The sample of training chats the data stage kept for verify (empty for data prepared before it did)."""
+    """The sample of training chats (or raw texts) the data stage kept for verify (empty for data prepared before
+    it did)."""
     return load_eval(data_dir, TRAIN_SAMPLE_FILE)
 
 
@@ -299,6 +305,7 @@ def load_eval(data_dir: Path, name: str = "eval.jsonl") -> list[Record]:
     if not path.is_file():
         return []
     with open(path, encoding="utf-8") as fh:
-        return [Record(r.get("source", ""), messages=r["messages"], expect=r.get("expect"),
+        return [Record(r.get("source", ""), messages=r.get("messages"), text=r.get("text"),
+                       context_chars=r.get("context_chars", 0), expect=r.get("expect"),
                        match=r.get("match", "contains"), tools=r.get("tools"))
                 for r in map(json.loads, fh)]

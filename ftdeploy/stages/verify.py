@@ -1,7 +1,8 @@
 """Verify stage: is the served model the trained model? Ask every served quant the eval prompts at temperature 0,
 compare its answers with the merged 16-bit model's, token by token (the default gate), and score both against the
 eval references (gated where the rows carry `expect`, or where the user sets a threshold). Data without eval rows is
-verified on a sample of its training prompts: served against merged only, since reference scoring needs eval rows.
+verified on a sample of its training prompts: served against merged only, since reference scoring needs eval rows;
+raw-text data (no chats) on raw continuations of prefixes of its training texts (`verify_raw`).
 
 Every prompt built here for the merged model or sent raw to Ollama carries the Modelfile's SYSTEM the way Ollama's
 chat endpoint adds it (`with_system`), so the two sides compare the same prompt."""
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..data import Record as Example
 from ..errors import VerifyError
 from ..ollama import OllamaClient
 from ..results import (
     Answer,
+    ExportResult,
+    ModelRole,
     ModelScore,
     ParityMismatch,
     PromptAgreement,
@@ -24,6 +28,10 @@ from ..results import (
     VerifyFailure,
     VerifySummary,
 )
+
+if TYPE_CHECKING:
+    from ..config import VerifyConfig
+    from ..fidelity import Generation
 
 # The generation limit: the longest eval reference in tokens, times this, plus MARGIN_TOKENS. Room for an answer
 # a little longer than its reference, and still a few seconds on a CPU when every answer runs on.
@@ -145,7 +153,11 @@ def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
     """Every check the summary fails, first the ones that explain the others (no prompts, the template)."""
     if not summary.total:
         message = "no eval prompts to verify with; give data.eval or data.eval_split"
-        if summary.prompt_source == "train":
+        if summary.raw:
+            message = ("no prompts to verify with: the data is raw text (no chats) with no eval rows, and the data "
+                       "stage's sample of it holds no text with a usable prefix to continue (data prepared before "
+                       "verify sampled raw text holds none: run `ftdeploy data` again)")
+        elif summary.prompt_source == "train":
             message = ("no prompts to verify with: the data has no eval rows and no training chat ending on an "
                        "assistant turn was sampled (data prepared by an older ftdeploy: run `ftdeploy data` again)")
         return [VerifyFailure(check="no_prompts", model=model, message=message)]
@@ -196,6 +208,90 @@ def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
             message=f"chrF {served.chrf:.1f} against the eval references < verify.min_chrf {summary.min_chrf:.1f}",
             example=f"{_short(summary.answers[0].prompt, 50)} -> {_short(summary.answers[0].answer, 60)}"))
     return found
+
+
+def served_agreement(tokens: Callable[[str], list[int]], replies: list[Answer],
+                     merged: list[Generation]) -> dict[str, Any]:
+    """ModelScore fields: how far each served reply follows the merged model's greedy answer, in the merged
+    model's tokens (fidelity.agreement_scores)."""
+    from ..fidelity import agreement_scores, prompt_agreement
+
+    return agreement_scores([prompt_agreement(tokens(a.answer.strip()), a.done_reason == "stop", tokens(g.text),
+                                              g.stopped) for a, g in zip(replies, merged, strict=True)])
+
+
+# Raw-text data with no eval rows: verify continues a prefix of each sampled training text (a plain prompt/completion
+# row's prompt; of a text row its first half of tokens, at most RAW_PREFIX_TOKENS), served against merged.
+RAW_PREFIX_TOKENS = 64
+RAW_LIMIT_TOKENS = 64  # the continuation limit, unless verify.max_tokens sets one: long texts would run long on a CPU
+
+
+def raw_prefixes(examples: list[Example], tokens: Callable[[str], list[int]],
+                 decode: Callable[[list[int]], str]) -> tuple[list[str], list[int]]:
+    """The prefixes verify continues, and the length in tokens of the text after each (for the generation limit).
+    A text too short to split, or a prompt of whitespace, gives none."""
+    prefixes, rest = [], []
+    for ex in examples:
+        text = ex.text or ""
+        if ex.context_chars:  # a plain prompt/completion row: its prompt, as trained
+            prefix, after = text[: ex.context_chars], len(tokens(text[ex.context_chars:]))
+        else:
+            ids = tokens(text)
+            cut = min(len(ids) // 2, RAW_PREFIX_TOKENS)
+            prefix, after = decode(ids[:cut]) if cut else "", len(ids) - cut
+        if prefix.strip():
+            prefixes.append(prefix)
+            rest.append(after)
+    return prefixes, rest
+
+
+def ask_raw(client: OllamaClient, model: str, prefixes: list[str], max_tokens: int, seed: int = 0) -> list[Answer]:
+    """Each prefix through /api/generate with raw=True (no TEMPLATE, no SYSTEM) at temperature 0; not scored."""
+    answers = []
+    for prefix in prefixes:
+        reply = client.generate(model, prefix, raw=True,
+                                options={"temperature": 0, "num_predict": max_tokens, "seed": seed})
+        answers.append(Answer(prefix, "", reply.get("response") or "", False, reply.get("done_reason") or ""))
+    return answers
+
+
+def verify_raw(client: OllamaClient, name: str, tags: dict[str, str], served: str, merged_dir: Path,
+               examples: list[Example], cfg: VerifyConfig, seed: int, exported: ExportResult) -> VerifySummary:
+    """Raw-text data with no eval rows: each served quant's greedy continuations of prefixes of the sampled training
+    texts against the merged 16-bit model's, gated by verify.min_agreement as the chat prompts are. Template parity
+    does not apply (raw prompts bypass the TEMPLATE) and is not checked; nor is forgetting (chat prompts)."""
+    from ..fidelity import HFModel, score
+
+    summary = VerifySummary(min_score=cfg.min_score, min_agreement=cfg.min_agreement, prompt_source="train", raw=True)
+    merged = HFModel(merged_dir) if examples else None
+    prefixes, rest = raw_prefixes(examples, merged.tokens, merged.tokenizer.decode) if merged else ([], [])
+    if merged is None or not prefixes:
+        return summary
+    limit = cfg.max_tokens or min(generation_limit(rest), RAW_LIMIT_TOKENS)
+    merged_gen = merged.continue_texts(prefixes, [limit] * len(prefixes))
+    merged.model = None  # the tokenizer stays: the agreement is counted in its tokens
+    merged_replies, nothing = [g.text for g in merged_gen], [""] * len(prefixes)
+    answers = ask_raw(client, name, prefixes, limit, seed)
+    summary = summarize(answers, cfg.min_score)
+    summary.raw, summary.prompt_source, summary.prompts, summary.max_tokens = True, "train", prefixes, limit
+    summary.min_agreement, summary.min_chrf = cfg.min_agreement, cfg.min_chrf
+    summary.models.append(ModelScore(role="merged", label="merged", replies=merged_replies,
+                                     stopped=sum(g.stopped for g in merged_gen), **score(merged_replies, nothing)))
+    for tag, qtype in [(name, served), *tags.items()]:
+        replies = answers if tag == name else ask_raw(client, tag, prefixes, limit, seed)
+        role: ModelRole = "served" if tag == name else "tag"
+        texts, fidelity = [a.answer for a in replies], exported.fidelity.get(qtype, {})
+        m = ModelScore(role=role, label=f"{qtype} (served as {name})" if role == "served" else f"{qtype} ({tag})",
+                       quant=qtype, tag=tag, replies=texts, stopped=sum(a.done_reason == "stop" for a in replies),
+                       gated=role == "served" or qtype not in exported.flagged,
+                       **score(texts, nothing, merged_replies),
+                       top1_agreement=fidelity.get("top1_agreement"), ppl_ratio=fidelity.get("ppl_ratio"),
+                       **served_agreement(merged.tokens, replies, merged_gen))
+        if m.gated:
+            m.passed = m.token_agreement is not None and m.token_agreement >= cfg.min_agreement
+        summary.models.append(m)
+    summary.failures = failures(summary, name)
+    return summary
 
 
 def _example(summary: VerifySummary, m: ModelScore, merged: ModelScore | None, i: int) -> str:

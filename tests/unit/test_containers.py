@@ -163,3 +163,14 @@ def test_ollama_up_without_an_engine_says_so_and_starts_nothing(monkeypatch):
     result = CliRunner().invoke(cli, ["ollama", "up"])
     assert result.exit_code == 1
     assert "no Docker engine is reachable" in result.output and "install-ollama.sh" in result.output
+
+
+def test_every_file_the_dockerfile_copies_passes_the_dockerignore():
+    """The build context is `*` minus the .dockerignore's exceptions: a COPY of a file left out fails the build
+    ("not found"), which only the container test would otherwise see (scripts/lib-cpu.sh did, issue 23)."""
+    allowed = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    copied = [line.split()[1] for line in _dockerfile().splitlines() if line.startswith("COPY ")]
+    assert copied
+    for source in copied:
+        assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is not in the build context"

@@ -44,8 +44,8 @@ MAX_FUNCTION_LINES = 80
 # Over the budget today, each allowed at most the lines it has now (by qualified name, so a move to another module
 # keeps its entry). Shrink these: split one under the budget and delete its entry; never raise a number.
 OVER_BUDGET = {
-    "sections": 151,  # report.py
-    "stage_verify": 135,  # stage_runs.py
+    "sections": 148,  # report.py
+    "stage_verify": 134,  # stage_runs.py
     "ChatFormat.render": 83,  # templates.py
 }
 
