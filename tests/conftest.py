@@ -50,6 +50,38 @@ def read_dataset(spec, *args, **kw) -> Dataset:
     return Dataset(records, stream.layout, stream.bad)
 
 
+def write_rows(path: Path, rows) -> Path:
+    """A JSONL file of these rows (a str row is written as it is: a broken line)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def rows_read(tmp_path: Path, rows, **kw):
+    """The records the data stage reads from a JSONL file of these rows."""
+    return read_dataset(str(write_rows(tmp_path / "d.jsonl", rows)), **kw).records
+
+
+def bad_row_reason(tmp_path: Path, rows, **kw) -> str:
+    """Why the last row is bad (the rows before it good): the text after `file:line: ` in the error."""
+    from ftdeploy.errors import DataError
+
+    path = write_rows(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        read_dataset(str(path), **kw)
+    line = f"{path}:{len(rows)}: "
+    found = [r.strip() for r in str(err.value).splitlines() if r.strip().startswith(line)]
+    assert found, str(err.value)
+    return found[0][len(line):]
+
+
+def chat_mapping(tok):
+    """The chat format a tokenizer's chat template matches."""
+    from ftdeploy.templates import match_chat_template
+
+    return match_chat_template(lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g),
+                               tok.bos_token)
+
+
 def build_tiny_tokenizer(chat_template: str = CHATML_TEMPLATE, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
                          eos: str = "<|im_end|>", pad: str | None = None):
     """A real fast BPE tokenizer trained in milliseconds, with ChatML special tokens and a chat template."""

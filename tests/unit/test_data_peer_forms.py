@@ -6,43 +6,21 @@ import json
 import logging
 
 import pytest
+from conftest import bad_row_reason as _bad
+from conftest import chat_mapping as _mapping
 from conftest import read_dataset
+from conftest import rows_read as _records
+from conftest import write_rows as _write
 
 from ftdeploy.config import DataConfig
 from ftdeploy.data import IGNORE_INDEX, RecordStream, prepare_data, tokenize_conversation, tokenize_records
 from ftdeploy.data.labels import tokenize_text
 from ftdeploy.errors import DataError
-from ftdeploy.templates import match_chat_template
 
 Q1, A1 = "What port does Zephyr use?", "Zephyr uses port 7341."
 Q2, A2 = "And Boreas?", "Boreas uses port 9103."
 CHAT = [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1}]
 TWO_TURNS = [*CHAT, {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}]
-
-
-def _write(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def _records(tmp_path, rows, **kwargs):
-    return read_dataset(str(_write(tmp_path / "d.jsonl", rows)), **kwargs).records
-
-
-def _bad(tmp_path, rows, **kwargs):
-    """The reason the last row (the rows before it good) is bad."""
-    path = _write(tmp_path / "d.jsonl", rows)
-    with pytest.raises(DataError) as err:
-        read_dataset(str(path), **kwargs)
-    line = f"{path}:{len(rows)}: "
-    found = [r.strip() for r in str(err.value).splitlines() if r.strip().startswith(line)]
-    assert found, str(err.value)
-    return found[0][len(line):]
-
-
-def _mapping(tok):
-    return match_chat_template(lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g),
-                               tok.bos_token)
 
 
 def _prepared(tmp_path, tok, rows, **cfg):
