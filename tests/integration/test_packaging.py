@@ -46,7 +46,10 @@ def test_register_works_with_only_the_base_dependencies(base_venv, ollama_server
 def test_a_command_that_needs_the_training_stack_says_which_extra_to_install(base_venv, tmp_path):
     base = tmp_path / "base"  # a local checkpoint directory: reading its tokenizer needs transformers
     base.mkdir()
+    # Shaped like a checkpoint (config, weights, tokenizer), so the folder check passes and loading is what fails.
     (base / "config.json").write_text('{"model_type": "llama"}')
+    (base / "model.safetensors").write_bytes(b"")
+    (base / "tokenizer.json").write_text("{}")
     proc = subprocess.run([str(base_venv / "bin" / "ftdeploy"), "data", "--runs-dir", str(tmp_path / "runs"),
                            "--base-model", str(base)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
