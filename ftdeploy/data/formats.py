@@ -318,15 +318,22 @@ def _check_tool_result(i: int, m: dict[str, Any], call_at: int, names: list[str]
     return None
 
 
+def _json_text(value: str, what: str) -> Any:  # the parsed value, or a BadRow
+    """A field given as JSON text (CSV and parquet hold lists and objects that way), parsed; or why it is not JSON."""
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as exc:
+        return BadRow(f"{what} is a string but not valid JSON ({json_reason(exc)})")
+
+
 def _check_tools(value: Any) -> list[dict[str, Any]] | str | None:
     """A row's `tools`: the function specs (None for none), or the reason they are bad."""
     if value is None:
         return None
     if isinstance(value, str):  # CSV and parquet datasets often hold the list as JSON text
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError) as exc:
-            return f"'tools' is a string but not valid JSON ({json_reason(exc)})"
+        value = _json_text(value, "'tools'")
+        if isinstance(value, BadRow):
+            return value.reason
     if not isinstance(value, list):
         return f"'tools' must be a list of function specs, got {_kind(value)}"
     names: list[str] = []
@@ -367,10 +374,9 @@ def _name_and_arguments(fn: dict[str, Any], at: str, field: str, noun: str, know
     if args is None:
         return f"{at} ({name}): {arguments} is missing (use {{}} for a call without arguments)"
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except (ValueError, RecursionError) as exc:
-            return f"{at} ({name}): {arguments} is a string but not valid JSON ({json_reason(exc)})"
+        args = _json_text(args, f"{at} ({name}): {arguments}")
+        if isinstance(args, BadRow):
+            return args.reason
     if not isinstance(args, dict):
         return f"{at} ({name}): {arguments} must be an object{object_hint}, got {_kind(args)}"
     return name, args
@@ -448,10 +454,9 @@ def _sharegpt_tools(value: Any) -> list[dict[str, Any]] | str | None:
     if isinstance(value, str):
         if not value.strip():
             return None
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError) as exc:
-            return f"'tools' is a string but not valid JSON ({json_reason(exc)})"
+        value = _json_text(value, "'tools'")
+        if isinstance(value, BadRow):
+            return value.reason
     if isinstance(value, list):
         value = [{"type": "function", "function": spec}
                  if isinstance(spec, dict) and "function" not in spec and "type" not in spec else spec
