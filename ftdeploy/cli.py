@@ -16,7 +16,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import DEFAULT_OLLAMA_HOST, load_config
+from .config import load_config
+from .defaults import DEFAULT_OLLAMA_HOST
 from .errors import FtdeployError
 from .runs import STAGES
 
@@ -393,7 +394,7 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
 
     from .base_model import resolve_base_model
     from .data import inspect_data
-    from .stage_runs import check_data_path
+    from .pipeline.preflight import check_data_path
     from .tokenizer import load_tokenizer
 
     check_data_path(data_path, data_path)  # a typo, or /dev/zero, is reported before the tokenizer loads
@@ -409,23 +410,21 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
     tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code, cfg.data.chat_template)
     result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    t = result["tokens"]
-    lines = [f"layout:   {result['format']}  (chat format {result['chat_format']})",
-             f"rows:     {result['rows']}  bad rows: {result['bad_rows']}  truncated: {result['truncated']} "
-             f"(max_seq_length {result['max_seq_length']})"
-             + (f"  with tools: {result['tool_rows']} ({result['tool_calls']} tool calls)" if result["tool_rows"]
-                else ""),
-             f"tokens:   min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
-             f"max {t['max']}",
+    t = result.tokens
+    lines = [f"layout:   {result.format}  (chat format {result.chat_format})",
+             f"rows:     {result.rows}  bad rows: {result.bad_rows}  truncated: {result.truncated} "
+             f"(max_seq_length {result.max_seq_length})"
+             + (f"  with tools: {result.tool_rows} ({result.tool_calls} tool calls)" if result.tool_rows else ""),
+             f"tokens:   min {t.min}  mean {t.mean}  p50 {t.p50}  p90 {t.p90}  p99 {t.p99}  max {t.max}",
              "histogram:"]
-    peak = max(h["count"] for h in result["histogram"]) or 1
-    for h in result["histogram"]:
-        bar = "#" * max(1 if h["count"] else 0, round(40 * h["count"] / peak))
-        lines.append(f"  {h['low']:>6}-{h['high']:<6} {bar:<40} {h['count']}")
-    lines += [f"plot:     {result['plot']}", f"example ({result['example']['source']}), trained spans in [[ ]]:",
-              result["example"]["rendered"]]
+    peak = max(h.count for h in result.histogram) or 1
+    for h in result.histogram:
+        bar = "#" * max(1 if h.count else 0, round(40 * h.count / peak))
+        lines.append(f"  {h.low:>6}-{h.high:<6} {bar:<40} {h.count}")
+    lines += [f"plot:     {result.plot}", f"example ({result.example.source}), trained spans in [[ ]]:",
+              result.example.rendered]
     click.echo("\n".join(lines))
 
 
@@ -441,16 +440,16 @@ def register_cmd(cfg: Any, ollama_explicit: bool, gguf_path: str | None, as_json
     if gguf_path is None:
         out = run_stage(_context(cfg, ollama_explicit, existing=True), "register").to_dict()
     else:
+        from .chat_template import mapping_for_template, read_gguf_chat_template
         from .ollama import connect
-        from .stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
+        from .stages.modelfile import build_spec
         from .stages.register import check_gguf, check_gguf_header, register
 
         path = Path(gguf_path)
         check_gguf_header(path)
         client = connect(cfg.ollama, ollama_explicit)
         check_gguf(path)
-        template, bos, eos = read_gguf_chat_template(path)
-        mapping = mapping_for_template(template, bos, eos, f"{path} chat template")
+        mapping = mapping_for_template(read_gguf_chat_template(path), f"{path} chat template")
         spec = build_spec(mapping, path, cfg.modelfile, cfg.data.system_prompt, {})
         out = register(client, cfg.name, spec).as_dict()
     _emit(out, as_json, lambda o: f"registered {o['model']} ({o['digest'][:19]}…, uploaded {o['uploaded_bytes']} "

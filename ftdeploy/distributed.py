@@ -25,6 +25,7 @@ from typing import Any
 
 from .config import Config, config_from_dict
 from .errors import FtdeployError
+from .results import TrainMetrics
 from .runs import atomic_path
 from .stages.train import fit, import_engine_first, select_engine
 from .strategy import check_strategy, rank, world_size
@@ -32,7 +33,7 @@ from .strategy import check_strategy, rank, world_size
 log = logging.getLogger(__name__)
 
 def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, tokenizer: Any,
-          checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
+          checkpoint_dir: Path | None = None, resume: bool = True) -> TrainMetrics:
     """Train an adapter into `adapter_dir` (atomically); return metrics (engine, steps, losses, tokens/s).
 
     With `checkpoint_dir`, a checkpoint is saved every `train.save_steps` steps and, when `resume`,
@@ -64,8 +65,9 @@ def launch_command(cfg: Config, spec_path: Path) -> list[str]:
 
 
 def launch(cfg: Config, base: Path | str, data_dir: Path, out_dir: Path, checkpoint_dir: Path | None,
-           resume: bool, work_dir: Path) -> dict[str, Any]:
-    """Run training on `world_size(cfg)` processes; return rank 0's metrics (on node 0)."""
+           resume: bool, work_dir: Path) -> TrainMetrics:
+    """Run training on `world_size(cfg)` processes; return rank 0's metrics (on node 0; on another, only the
+    world size)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     spec_path = work_dir / "launch.json"
     metrics_path = work_dir / "metrics.json"
@@ -90,10 +92,10 @@ def launch(cfg: Config, base: Path | str, data_dir: Path, out_dir: Path, checkpo
         raise FtdeployError(f"distributed training failed: {' '.join(cmd[:3])} exited with code {proc.returncode} "
                             "(each worker's error is above, prefixed with its rank)")
     if cfg.train.node_rank != 0:
-        return {"world_size": world_size(cfg), "node_rank": cfg.train.node_rank}
+        return TrainMetrics(world_size=world_size(cfg))
     if not metrics_path.is_file():
         raise FtdeployError(f"distributed training ended without rank 0's metrics ({metrics_path})")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = TrainMetrics.from_dict(json.loads(metrics_path.read_text()))
     metrics_path.unlink()
     return metrics
 
@@ -108,14 +110,14 @@ def worker_main(spec_path: str) -> int:
     logging.basicConfig(level=logging.WARNING if rank() else logging.INFO,
                         format=f"[rank {rank()}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     quiet_libraries()
-    import_engine_first(cfg)  # before the tokenizer brings in transformers
+    import_engine_first(cfg)  # the engine-first rule (stages/train.py): before the tokenizer imports transformers
     tokenizer, _ = load_tokenizer(spec["base"], cfg.trust_remote_code, cfg.data.chat_template)
     checkpoint_dir = Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None
     metrics = fit(spec["base"], Path(spec["data_dir"]), Path(spec["out_dir"]), cfg, tokenizer, checkpoint_dir,
                   spec["resume"])
     if rank() == 0:
         tmp = Path(spec["metrics"] + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.write_text(json.dumps(metrics.to_dict(), indent=2))
         os.replace(tmp, spec["metrics"])
     return 0
 

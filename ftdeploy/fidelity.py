@@ -18,17 +18,17 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypedDict
 
+from .assets import asset
 from .results import PromptAgreement
 
 log = logging.getLogger(__name__)
 
 
 class GeneralPrompt(TypedDict):
-    """One row of the bundled general-knowledge set (demo/general.jsonl)."""
+    """One row of the bundled general-knowledge set (assets/demo/general.jsonl)."""
 
     messages: list[dict[str, str]]
     expect: str
@@ -49,8 +49,8 @@ def contains(reply: str, expected: str, mode: str = "contains") -> bool:
 
 
 def general_prompts() -> list[GeneralPrompt]:
-    path = Path(str(resources.files("ftdeploy.demo").joinpath("general.jsonl")))
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = asset("demo", "general.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def token_fidelity(reference: Path, candidate: Path, texts: list[str], max_tokens: int = 512,

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
-from .config import DEFAULT_OLLAMA_HOST, OLLAMA_CONNECT_TIMEOUT, OLLAMA_LONG_TIMEOUT, OLLAMA_TIMEOUT
+from .defaults import DEFAULT_OLLAMA_HOST, OLLAMA_CONNECT_TIMEOUT, OLLAMA_LONG_TIMEOUT, OLLAMA_TIMEOUT
 from .errors import (
     ModelNotFoundError,
     OllamaAuthError,

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from .results import ExportResult, ModelScore, RegisterResult, VerifySummary
+from .results import ExportResult, Forgetting, ModelScore, RegisterResult, TrainMetrics, VerifySummary
 from .runs import LOSS_PLOT, MANIFEST_FILE, atomic_write_text, read_manifest
 
 REPORT_MD = "report.md"
@@ -44,140 +44,164 @@ def _on_training_data(verify: VerifySummary) -> str:
             "data.eval_split)")
 
 
-def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[str], list[list[str]] | None]]:
+Section = tuple[str, list[str], list[list[str]] | None]  # (title, paragraphs, table rows with a header first)
+
+
+def sections(manifest: dict[str, Any], run_name: str) -> list[Section]:
     """(title, paragraphs, table rows with a header first) for each section of the report."""
     stages = manifest.get("stages", {})
-    verified = bool(manifest.get("metrics", {}).get("verify"))
-    verify = VerifySummary.from_dict(manifest.get("metrics", {}).get("verify"))
-    train = manifest.get("metrics", {}).get("train", {})
+    metrics = manifest.get("metrics", {})
+    verify = VerifySummary.from_dict(metrics.get("verify"))
     export = ExportResult.from_dict(stages.get("export", {}).get("outputs"))
-    out: list[tuple[str, list[str], list[list[str]] | None]] = []
-
-    models = verify.models
-    served, merged = verify.model("served"), verify.model("merged")
-    verdict = []
-    if verified:
-        ok = verify.passed and (verify.template_parity is None or verify.template_parity.passed)
-        agree = served.agreement if served else None
-        head = f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}`"
-        gated_rows = verify.total if verify.expect_rows is None else verify.expect_rows
-        on_train = verify.prompt_source == "train"
-        if on_train:
-            head += _on_training_data(verify)
-        elif gated_rows or not verify.total:
-            head += (f" answered {verify.hits}/{verify.total} eval prompts as expected (min_score {verify.min_score}"
-                     + (f" on the {gated_rows} rows with `expect`)" if gated_rows != verify.total else ")")
-                     + (f"; the merged 16-bit model answered {merged.hits}/{merged.total}" if merged else ""))
-        else:
-            head += (f" was asked {verify.total} eval prompts; no row carries `expect`, so the references are scored "
-                     f"(chrF: served {_num(served.chrf if served else None, '{:.1f}')}, merged "
-                     f"{_num(merged.chrf if merged else None, '{:.1f}')}), not gated")
-        if agree is not None and merged and not on_train:
-            head += (f", and the served answers agree with it on {_pct(agree)} of prompts" if gated_rows
-                     else f"; {_pct(agree)} of the served answers equal the merged model's word for word")
-        verdict.append(head + ".")
-        if verify.system:
-            verdict.append(f"Every prompt carried the Modelfile's SYSTEM ({verify.system[:120]!r}) where it had no "
-                           "system message of its own, as Ollama adds it: the merged model's prompts and the "
-                           "template check's raw prompts too.")
-        quants = [m for m in models if m.role in ("served", "tag") and m.token_agreement is not None]
-        if quants:
-            def gate(m: ModelScore) -> str:
-                return "PASS" if m.passed else "FAIL" if m.passed is False else "not gated: flagged by the quant gate"
-
-            verdict.append(
-                f"Served vs merged (the default gate, verify.min_agreement {_pct(verify.min_agreement)} of greedy "
-                "steps picking the merged model's token, up to each answer's first difference): "
-                + "; ".join(f"`{m.tag}` ({m.quant}) {_pct(m.token_agreement)} {gate(m)}, repeating "
-                            f"{_pct(m.prefix_share)} of the merged answers from their start, stops agreeing on "
-                            f"{_pct(m.stop_agreement)}" for m in quants)
-                + f". Answers were cut at {verify.max_tokens} tokens.")
-        parity = verify.template_parity
-        if parity:
-            verdict.append(f"Template parity: {parity.checked - len(parity.mismatches)}/{parity.checked} probe chats "
-                           "answer the same through `/api/chat` as with the training-rendered prompt sent raw.")
-        verdict.append(f"Stops: {verify.stopped}/{verify.total} answers ended on a stop token"
-                       + (f" (the merged model: {merged.stopped}/{merged.total})." if merged else "."))
-        for f in verify.failures:
-            verdict.append(f"Failed {f.check}: `{f.model}`" + (f" ({f.quant})" if f.quant else "") + f": {f.message}"
-                           + (f" E.g. {f.example}" if f.example else ""))
-        if verify.unverified:
-            verdict.append("Moved so that no failed model answers under its own name: "
-                           + ", ".join(f"`{a}` -> `{b}`" for a, b in verify.unverified.items()) + ".")
-    else:
-        verdict.append("Not verified yet: run `ftdeploy verify`.")
-    out.append(("Verdict", verdict, None))
+    register = RegisterResult.from_dict(stages.get("register", {}).get("outputs"))
+    verdict = (_verdict_paragraphs(verify, run_name) if metrics.get("verify")
+               else ["Not verified yet: run `ftdeploy verify`."])
+    out: list[Section] = [("Verdict", verdict, None)]
     if export.fidelity or export.quant_note:
         out.append(_quant_section(export))
-
-    if models:
-        rows = [["model", "expected answers", "agrees with merged", "top-1 vs F16", "perplexity ratio",
-                 "steps as merged", "prefix kept", "stops as merged", "chrF"]]
-        for m in models:
-            expected = "–" if verify.prompt_source == "train" else f"{m.hits}/{m.total} ({_pct(m.match)})"
-            rows.append([m.label, expected, _pct(m.agreement),
-                         _num(m.top1_agreement), _num(m.ppl_ratio), _pct(m.token_agreement), _pct(m.prefix_share),
-                         _pct(m.stop_agreement), _num(m.chrf, "{:.1f}")])
-        notes = ["*expected answers*: the expected answer is in the reply at temperature 0. *agrees with merged*: the "
-                 "reply equals the merged 16-bit model's (case and spacing aside). *top-1 vs F16*: share of positions "
-                 "where the quant and the F16 GGUF pick the same next token on the eval chats (llama.cpp). *perplexity "
-                 "ratio*: quant / F16. *steps as merged* (the gate): share of greedy steps where the served model "
-                 "picked the merged model's token (the stop counted as one), up to each answer's first difference. "
-                 "*prefix kept*: mean share of the merged answer that the served one repeats from its start. "
-                 "*stops as merged*: share of "
-                 "prompts where both stopped, or both ran to the limit. *chrF*: sacrebleu's chrF (0-100) against the "
-                 "eval references."]
-        if export.flagged:
-            notes.append(f"Quant gate (min_fidelity {export.min_fidelity}): flagged {', '.join(export.flagged)}; "
-                         f"never served by default. Served: {export.served}.")
-        out.append(("Eval per model and quant", notes, rows))
-        prompts = verify.prompts
-        if prompts:
-            on_train = verify.prompt_source == "train"
-            refs = [] if on_train else verify.references or [""] * len(prompts)
-            rows = [["prompt", *([] if on_train else ["reference"]), *(m.label for m in models)]]
-            for i, prompt in enumerate(prompts):
-                cells = []
-                for m in models:
-                    reply = (m.replies or [""] * len(prompts))[i][:80]
-                    p = m.prompts[i] if i < len(m.prompts) else None
-                    cells.append(reply + (f" [{p.prefix}/{p.length} tokens as merged]" if p else ""))
-                rows.append([prompt, *([] if on_train else [refs[i][:80]]), *cells])
-            intro = ("Training prompts (a sample; the data has no eval rows): merged and served side by side"
-                     if on_train else "Merged and served side by side with the eval reference")
-            out.append(("Answers", [intro + "; [a/b]: the served answer repeats the first a of the merged answer's b "
-                                    "tokens."], rows))
-
-    forget = verify.forgetting
-    if forget:
-        text = [f"Of {forget.prompts} general-knowledge prompts, the base answered {forget.base_correct} correctly and "
-                f"the tuned model {forget.tuned_correct}; the tune broke {forget.broken} and changed {forget.changed} "
-                "answers."]
-        rows = [["prompt", "expected", "base", "tuned"]]
-        rows += [[i.prompt, i.expect, i.base[:70], i.tuned[:70]] for i in forget.items]
-        out.append(("Forgetting", text, rows))
-
-    if train:
-        text = [f"Engine `{train.get('engine')}` on {train.get('device')}, {train.get('steps')} steps, final loss "
-                f"{_num(train.get('final_loss'), '{:.4f}')}, {train.get('seconds')} s"
-                + (f" (resumed from {train['resumed_from']})" if train.get("resumed_from") else "") + "."]
-        out.append(("Training", text + ([f"![loss]({LOSS_PLOT})"]), None))
-
-    register = RegisterResult.from_dict(stages.get("register", {}).get("outputs"))
+    if verify.models:
+        out.append(_eval_section(verify, export))
+        if verify.prompts:
+            out.append(_answers_section(verify))
+    if verify.forgetting:
+        out.append(_forgetting_section(verify.forgetting))
+    if metrics.get("train"):
+        out.append(_training_section(TrainMetrics.from_dict(metrics["train"])))
     if register.deploy == "adapter":
-        full, adapter = register.full_model_bytes or 0, register.adapter_bytes or 0
-        rows = [["what", "size", "uploaded this run"],
-                [f"full model ({export.served}), not uploaded", _size(full), "-"],
-                [f"base `{register.base_model}` (once per base)", _size(export.base_bytes or 0),
-                 _size(register.base_uploaded_bytes or 0)],
-                ["LoRA adapter (this tune)", _size(adapter), _size(register.uploaded_bytes)]]
-        text = [f"Deployed as a LoRA adapter on `{register.base_model}` (Ollama ADAPTER): a new tune of this base "
-                f"uploads {_size(adapter)} instead of {_size(full)}"
-                + (f" ({full / adapter:.1f}x less)." if adapter else ".")]
-        out.append(("Deploy", text, rows))
+        out.append(_deploy_section(register, export))
+    return out + _record_sections(manifest)
 
+
+def _verdict_paragraphs(verify: VerifySummary, run_name: str) -> list[str]:
+    """The Verdict section's paragraphs for a run verify has recorded."""
+    served, merged = verify.model("served"), verify.model("merged")
+    ok = verify.passed and (verify.template_parity is None or verify.template_parity.passed)
+    agree = served.agreement if served else None
+    head = f"**{'PASS' if ok else 'FAIL'}**: the served model `{run_name}`"
+    gated_rows = verify.total if verify.expect_rows is None else verify.expect_rows
+    on_train = verify.prompt_source == "train"
+    if on_train:
+        head += _on_training_data(verify)
+    elif gated_rows or not verify.total:
+        head += (f" answered {verify.hits}/{verify.total} eval prompts as expected (min_score {verify.min_score}"
+                 + (f" on the {gated_rows} rows with `expect`)" if gated_rows != verify.total else ")")
+                 + (f"; the merged 16-bit model answered {merged.hits}/{merged.total}" if merged else ""))
+    else:
+        head += (f" was asked {verify.total} eval prompts; no row carries `expect`, so the references are scored "
+                 f"(chrF: served {_num(served.chrf if served else None, '{:.1f}')}, merged "
+                 f"{_num(merged.chrf if merged else None, '{:.1f}')}), not gated")
+    if agree is not None and merged and not on_train:
+        head += (f", and the served answers agree with it on {_pct(agree)} of prompts" if gated_rows
+                 else f"; {_pct(agree)} of the served answers equal the merged model's word for word")
+    verdict = [head + "."]
+    if verify.system:
+        verdict.append(f"Every prompt carried the Modelfile's SYSTEM ({verify.system[:120]!r}) where it had no "
+                       "system message of its own, as Ollama adds it: the merged model's prompts and the "
+                       "template check's raw prompts too.")
+    quants = [m for m in verify.models if m.role in ("served", "tag") and m.token_agreement is not None]
+    if quants:
+        def gate(m: ModelScore) -> str:
+            return "PASS" if m.passed else "FAIL" if m.passed is False else "not gated: flagged by the quant gate"
+
+        verdict.append(
+            f"Served vs merged (the default gate, verify.min_agreement {_pct(verify.min_agreement)} of greedy "
+            "steps picking the merged model's token, up to each answer's first difference): "
+            + "; ".join(f"`{m.tag}` ({m.quant}) {_pct(m.token_agreement)} {gate(m)}, repeating "
+                        f"{_pct(m.prefix_share)} of the merged answers from their start, stops agreeing on "
+                        f"{_pct(m.stop_agreement)}" for m in quants)
+            + f". Answers were cut at {verify.max_tokens} tokens.")
+    parity = verify.template_parity
+    if parity:
+        verdict.append(f"Template parity: {parity.checked - len(parity.mismatches)}/{parity.checked} probe chats "
+                       "answer the same through `/api/chat` as with the training-rendered prompt sent raw.")
+    verdict.append(f"Stops: {verify.stopped}/{verify.total} answers ended on a stop token"
+                   + (f" (the merged model: {merged.stopped}/{merged.total})." if merged else "."))
+    for f in verify.failures:
+        verdict.append(f"Failed {f.check}: `{f.model}`" + (f" ({f.quant})" if f.quant else "") + f": {f.message}"
+                       + (f" E.g. {f.example}" if f.example else ""))
+    if verify.unverified:
+        verdict.append("Moved so that no failed model answers under its own name: "
+                       + ", ".join(f"`{a}` -> `{b}`" for a, b in verify.unverified.items()) + ".")
+    return verdict
+
+
+def _eval_section(verify: VerifySummary, export: ExportResult) -> Section:
+    """Each model's and quant's scores on the prompts, one row each."""
+    rows = [["model", "expected answers", "agrees with merged", "top-1 vs F16", "perplexity ratio",
+             "steps as merged", "prefix kept", "stops as merged", "chrF"]]
+    for m in verify.models:
+        expected = "–" if verify.prompt_source == "train" else f"{m.hits}/{m.total} ({_pct(m.match)})"
+        rows.append([m.label, expected, _pct(m.agreement),
+                     _num(m.top1_agreement), _num(m.ppl_ratio), _pct(m.token_agreement), _pct(m.prefix_share),
+                     _pct(m.stop_agreement), _num(m.chrf, "{:.1f}")])
+    notes = ["*expected answers*: the expected answer is in the reply at temperature 0. *agrees with merged*: the "
+             "reply equals the merged 16-bit model's (case and spacing aside). *top-1 vs F16*: share of positions "
+             "where the quant and the F16 GGUF pick the same next token on the eval chats (llama.cpp). *perplexity "
+             "ratio*: quant / F16. *steps as merged* (the gate): share of greedy steps where the served model "
+             "picked the merged model's token (the stop counted as one), up to each answer's first difference. "
+             "*prefix kept*: mean share of the merged answer that the served one repeats from its start. "
+             "*stops as merged*: share of "
+             "prompts where both stopped, or both ran to the limit. *chrF*: sacrebleu's chrF (0-100) against the "
+             "eval references."]
+    if export.flagged:
+        notes.append(f"Quant gate (min_fidelity {export.min_fidelity}): flagged {', '.join(export.flagged)}; "
+                     f"never served by default. Served: {export.served}.")
+    return "Eval per model and quant", notes, rows
+
+
+def _answers_section(verify: VerifySummary) -> Section:
+    """Each prompt's answers, model by model, beside the eval reference."""
+    prompts, models = verify.prompts, verify.models
+    on_train = verify.prompt_source == "train"
+    refs = [] if on_train else verify.references or [""] * len(prompts)
+    rows = [["prompt", *([] if on_train else ["reference"]), *(m.label for m in models)]]
+    for i, prompt in enumerate(prompts):
+        cells = []
+        for m in models:
+            reply = (m.replies or [""] * len(prompts))[i][:80]
+            p = m.prompts[i] if i < len(m.prompts) else None
+            cells.append(reply + (f" [{p.prefix}/{p.length} tokens as merged]" if p else ""))
+        rows.append([prompt, *([] if on_train else [refs[i][:80]]), *cells])
+    intro = ("Training prompts (a sample; the data has no eval rows): merged and served side by side"
+             if on_train else "Merged and served side by side with the eval reference")
+    return "Answers", [intro + "; [a/b]: the served answer repeats the first a of the merged answer's b tokens."], rows
+
+
+def _forgetting_section(forget: Forgetting) -> Section:
+    text = [f"Of {forget.prompts} general-knowledge prompts, the base answered {forget.base_correct} correctly and "
+            f"the tuned model {forget.tuned_correct}; the tune broke {forget.broken} and changed {forget.changed} "
+            "answers."]
+    rows = [["prompt", "expected", "base", "tuned"]]
+    rows += [[i.prompt, i.expect, i.base[:70], i.tuned[:70]] for i in forget.items]
+    return "Forgetting", text, rows
+
+
+def _training_section(train: TrainMetrics) -> Section:
+    text = [f"Engine `{train.engine}` on {train.device}, {train.steps} steps, final loss "
+            f"{_num(train.final_loss, '{:.4f}')}, {train.seconds} s"
+            + (f" (resumed from {train.resumed_from})" if train.resumed_from else "") + "."]
+    return "Training", text + ([f"![loss]({LOSS_PLOT})"]), None
+
+
+def _deploy_section(register: RegisterResult, export: ExportResult) -> Section:
+    """An adapter deploy: what it uploaded against what a full model would have."""
+    full, adapter = register.full_model_bytes or 0, register.adapter_bytes or 0
+    rows = [["what", "size", "uploaded this run"],
+            [f"full model ({export.served}), not uploaded", _size(full), "-"],
+            [f"base `{register.base_model}` (once per base)", _size(export.base_bytes or 0),
+             _size(register.base_uploaded_bytes or 0)],
+            ["LoRA adapter (this tune)", _size(adapter), _size(register.uploaded_bytes)]]
+    text = [f"Deployed as a LoRA adapter on `{register.base_model}` (Ollama ADAPTER): a new tune of this base "
+            f"uploads {_size(adapter)} instead of {_size(full)}"
+            + (f" ({full / adapter:.1f}x less)." if adapter else ".")]
+    return "Deploy", text, rows
+
+
+def _record_sections(manifest: dict[str, Any]) -> list[Section]:
+    """Time per stage, the weights among the artifacts, and the versions and provenance: the run's own records."""
+    out: list[Section] = []
     rows = [["stage", "status", "seconds"]]
-    rows += [[name, s.get("status", ""), str(s.get("seconds", ""))] for name, s in stages.items()]
+    rows += [[name, s.get("status", ""), str(s.get("seconds", ""))] for name, s in manifest.get("stages", {}).items()]
     out.append(("Time per stage", [], rows))
 
     rows = [["artifact", "size", "sha256"]]
@@ -194,7 +218,7 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[tuple[str, list[st
     return out
 
 
-def _quant_section(export: ExportResult) -> tuple[str, list[str], list[list[str]] | None]:
+def _quant_section(export: ExportResult) -> Section:
     """Which quant is served and why: each type the quant gate measured, in the order it measured them."""
     on = {"eval": "the eval conversations", "train": "a sample of the training conversations (no eval rows)"}
     text = [export.quant_note or f"Served: {export.served}."]

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .assets import asset
 from .config import Config
 from .errors import ConfigError
 
@@ -54,9 +55,7 @@ def deepspeed_config_path(cfg: Config) -> str:
         if not path.is_file():
             raise ConfigError(f"train.deepspeed_config: {path}: no such file")
         return str(path)
-    from importlib import resources
-
-    return str(resources.files("ftdeploy.strategies").joinpath(BUNDLED_ZERO3))
+    return str(asset("strategies", BUNDLED_ZERO3))
 
 
 def strategy_args(cfg: Config, on_cuda: bool) -> dict[str, Any]:

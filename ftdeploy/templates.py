@@ -15,7 +15,8 @@ formats (Qwen3, DeepSeek-R1) and Qwen's tool layout (ChatML, Qwen3) are probed t
 earlier reasoning must be dropped, and a probe tool, call and result written, as the mirror does.
 
 Pure: no torch, no transformers. The caller passes a `render(messages, add_generation_prompt)`
-function (e.g. a tokenizer's `apply_chat_template(..., tokenize=False)`).
+function (e.g. a tokenizer's `apply_chat_template(..., tokenize=False)`); chat_template.py reads a model's
+template from its files and matches it here.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Literal
 
+from .assets import asset
 from .errors import TemplateError
 
 # role, content; an assistant message may carry "thinking" and "tool_calls", a tool message "tool_name" (Ollama's
@@ -114,81 +115,183 @@ class ChatFormat:
         where the format has one (Qwen3's enable_thinking=False). `tool_turns`: the format's tool rendering
         is on (the training template writes tools as the format does); `tools` are the request's."""
         del add_generation_prompt
-        tool_turns = tool_turns and self.tools is not None
-        tools = tools if tool_turns else None
-        out: list[str] = []
-        leading_system = bool(messages) and messages[0]["role"] == "system"
-        llama3_tools = bool(tools) and self.tools == "llama3"
-        if llama3_tools:
-            system_prefix = "Environment: ipython\n" + system_prefix  # Llama 3.1: tools mean the ipython environment
-        if tools and self.tools == "mistral-v7":
-            # Nothing between them: the template's separator is two backslash-newlines, which Jinja drops.
-            system_prefix = _MISTRAL_V7_TOOLS_PROMPT + system_prefix  # and the tools themselves are not listed
-        if tools and self.tools == "qwen":
-            out.append(_qwen_tools_block(tools, system_prefix + messages[0]["content"] if leading_system else None))
-        elif tools and self.tools == "mistral-v7" and not leading_system:
-            out.append(f"{self.open('system')}{_MISTRAL_V7_TOOLS_PROMPT}{self.close('system')}")
-        elif not leading_system:
-            out.append(self.system_block(system_prefix) or "" if llama3_tools else implicit_system)
-        first_turn = 1 if leading_system else 0  # Llama 3.1 lists the tools at the head of the turn after the system
-        folded = leading_system and self.system != "turn"
-        system_text = system_prefix + messages[0]["content"] if folded else ""
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-        previous = ""
+        layout = _TOOL_LAYOUTS[self.tools] if tool_turns and self.tools else _NO_TOOLS
+        chat = _Chat(self, messages, layout, tools if layout is not _NO_TOOLS else None, system_prefix)
+        out = [chat.head(implicit_system)]
         for i, m in enumerate(messages):
-            last = i == len(messages) - 1
-            role = m["role"]
-            if i == 0 and (folded or (tools and leading_system and self.tools == "qwen")):
+            if i == 0 and chat.skips_first:
                 continue
-            if role == "tool" and tool_turns and self.tools in ("mistral", "mistral-v7"):
-                out.append('[TOOL_RESULTS] {"content": ' + m["content"] + ', "call_id": "'
-                           + str(m.get("tool_call_id", "")) + '"}[/TOOL_RESULTS]')
-            elif role == "tool" and tool_turns and self.tools == "llama3":
-                out.append("<|start_header_id|>ipython<|end_header_id|>\n\n" + _go_json(m["content"]) + "<|eot_id|>")
-            elif role == "tool" and tool_turns:
-                out.append(("" if previous == "tool" else "<|im_start|>user")
-                           + f"\n<tool_response>\n{m['content']}\n</tool_response>")
-                if last or messages[i + 1]["role"] != "tool":
-                    out.append("<|im_end|>\n")
-            elif (opened := self.open(role)) is not None:
-                content = m["content"]
-                if role == "system":
-                    content = system_prefix + content
-                elif role == "user" and folded and (
-                        (self.system == "first_user" and i == 1) or (self.system == "last_user" and last)):
-                    content = system_text + self.system_join + content
-                elif role == "assistant":
-                    content = self._assistant_content(m, after_last_user=i > last_user, last=last)
-                    if tool_turns and m.get("tool_calls") and self.tools in ("mistral", "mistral-v7"):
-                        opened, content = "", _mistral_tool_calls(m["tool_calls"])  # no space before the calls
-                    elif tool_turns and m.get("tool_calls") and self.tools == "llama3":
-                        content = "".join(_llama3_tool_call(call) for call in m["tool_calls"])  # content dropped
-                    elif tool_turns and m.get("tool_calls"):
-                        calls = [_qwen_tool_call(call) for call in m["tool_calls"]]
-                        content += ("\n" if m["content"] else "") + "\n".join(calls)
-                if tools and self.tools == "mistral" and i == last_user:
-                    opened = _mistral_tools_block(tools) + opened  # before the last user turn
-                if llama3_tools and i == first_turn and tools:
-                    content = _LLAMA3_TOOLS_INTRO + "".join(_llama3_tool_json(t) + "\n\n" for t in tools) + content
-                out.append(opened + content)
-                if not last or role != "assistant":
-                    out.append(self.close(role))
-            if last and role != "assistant":
+            out.append(chat.turn(i))
+            if i == len(messages) - 1 and m["role"] != "assistant":
                 out.append(self.generation_prompt)
                 if think is False and self.reasoning == "qwen3":
                     out.append("<think>\n\n</think>\n\n")
-            previous = role
         return "".join(out)
 
-    def _assistant_content(self, m: Message, after_last_user: bool, last: bool) -> str:
+
+class _Chat:
+    """One rendering of a chat in a format (ChatFormat.render): where the system prompt goes, and each turn as the
+    format writes it, with the format's tool layout (the base layout, writing no tools, where that is off)."""
+
+    def __init__(self, fmt: ChatFormat, messages: list[Message], layout: _ToolLayout, tools: list[Tool] | None,
+                 system_prefix: str):
+        self.fmt, self.messages, self.layout = fmt, messages, layout
+        self.tools = tools or []  # the request's tools; none given and an empty list are the same
+        self.leading_system = bool(messages) and messages[0]["role"] == "system"
+        self.system_prefix = layout.system_prefix(system_prefix) if self.tools else system_prefix
+        self.folded = self.leading_system and fmt.system != "turn"  # into a user turn
+        self.first_turn = 1 if self.leading_system else 0  # the first after the system's
+        self.last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        # the leading system message is not a turn of its own: folded, or written with the tools (Qwen)
+        self.skips_first = self.folded or (self.leading_system and bool(self.tools) and layout.system_in_head)
+
+    def head(self, implicit_system: str) -> str:
+        """What comes before the first turn: the tools' head where the request lists tools and the layout has
+        one, else the implicit system block where the chat has no system prompt."""
+        head = self.layout.head(self) if self.tools else None
+        if head is not None:
+            return head
+        return "" if self.leading_system else implicit_system
+
+    def turn(self, i: int) -> str:
+        """Message `i`: open, content and close (an assistant's last message is left open)."""
+        fmt, m = self.fmt, self.messages[i]
+        role, last = m["role"], i == len(self.messages) - 1
+        if role == "tool" and (result := self.layout.tool_result(self, i)) is not None:
+            return result
+        opened = fmt.open(role)
+        if opened is None:
+            return ""
+        content = m["content"]
+        if role == "system":
+            content = self.system_prefix + content
+        elif role == "user" and self.folded and (
+                (fmt.system == "first_user" and i == 1) or (fmt.system == "last_user" and last)):
+            content = self.system_prefix + self.messages[0]["content"] + fmt.system_join + content
+        elif role == "assistant":
+            content = self.assistant_content(m, after_last_user=i > self.last_user, last=last)
+            if m.get("tool_calls"):
+                opened, content = self.layout.tool_calls(m, opened, content)
+        if self.tools:
+            opened, content = self.layout.before_turn(self, i, opened, content)
+        return opened + content + ("" if last and role == "assistant" else fmt.close(role))
+
+    def assistant_content(self, m: Message, after_last_user: bool, last: bool) -> str:
         thinking = m.get("thinking", "")
-        if self.reasoning == "qwen3" and after_last_user and (last or thinking):
+        if self.fmt.reasoning == "qwen3" and after_last_user and (last or thinking):
             # Qwen3 writes the reasoning of turns after the last user message (tool loops, a continued turn).
             return f"<think>\n{thinking}\n</think>\n\n" + m["content"]
-        if self.reasoning == "r1" and thinking:
+        if self.fmt.reasoning == "r1" and thinking:
             # R1 distills keep what followed </think> in an earlier turn: the blank line the model wrote there.
             return "\n\n" + m["content"]
         return m["content"]
+
+
+class _ToolLayout:
+    """How a format writes tools: the request's tools, an answer's calls, a tool's result. This base writes none (a
+    format without a tool layout, or with its tool rendering off: tool messages are turns like any other); each
+    ToolStyle's layout (_TOOL_LAYOUTS) overrides what it writes its own way."""
+
+    system_in_head = False  # the head holds the leading system message (written there with the tools)
+
+    def system_prefix(self, prefix: str) -> str:
+        """The system prefix when the request lists tools."""
+        return prefix
+
+    def head(self, chat: _Chat) -> str | None:
+        """What opens the prompt when the request lists tools; None: what opens it without tools."""
+        return None
+
+    def tool_result(self, chat: _Chat, i: int) -> str | None:
+        """Tool message `i`; None: a turn like any other."""
+        return None
+
+    def tool_calls(self, m: Message, opened: str, content: str) -> tuple[str, str]:
+        """An assistant turn's open and content, with its tool calls."""
+        return opened, content
+
+    def before_turn(self, chat: _Chat, i: int, opened: str, content: str) -> tuple[str, str]:
+        """Turn `i`'s open and content when the request lists tools (where a layout lists them in a turn)."""
+        return opened, content
+
+
+class _QwenTools(_ToolLayout):
+    """Qwen2.5's layout (ChatML, Qwen3): tools in the system turn, calls as <tool_call> blocks after the content,
+    results as <tool_response> blocks, consecutive ones in one user turn."""
+
+    system_in_head = True
+
+    def head(self, chat: _Chat) -> str:
+        system = chat.system_prefix + chat.messages[0]["content"] if chat.leading_system else None
+        return _qwen_tools_block(chat.fmt, chat.tools, system)
+
+    def tool_result(self, chat: _Chat, i: int) -> str:
+        fmt, messages = chat.fmt, chat.messages  # consecutive results: one user turn
+        opened = "\n" if i > 0 and messages[i - 1]["role"] == "tool" else fmt.open("user") or ""
+        closed = "" if i + 1 < len(messages) and messages[i + 1]["role"] == "tool" else fmt.close("user")
+        return opened + f"<tool_response>\n{messages[i]['content']}\n</tool_response>" + closed
+
+    def tool_calls(self, m: Message, opened: str, content: str) -> tuple[str, str]:
+        calls = [_qwen_tool_call(call) for call in m["tool_calls"]]
+        return opened, content + ("\n" if m["content"] else "") + "\n".join(calls)
+
+
+class _Llama3Tools(_ToolLayout):
+    """Llama 3.1's layout: tools mean the ipython environment (a system turn says so) and are listed at the head of
+    the turn after the system's; calls as JSON in place of the content; results in ipython turns."""
+
+    def system_prefix(self, prefix: str) -> str:
+        return "Environment: ipython\n" + prefix
+
+    def head(self, chat: _Chat) -> str | None:
+        return None if chat.leading_system else chat.fmt.system_block(chat.system_prefix) or ""
+
+    def tool_result(self, chat: _Chat, i: int) -> str:
+        return (chat.fmt.open("ipython") or "") + _go_json(chat.messages[i]["content"]) + chat.fmt.close("ipython")
+
+    def tool_calls(self, m: Message, opened: str, content: str) -> tuple[str, str]:
+        return opened, "".join(_llama3_tool_call(call) for call in m["tool_calls"])  # the content is dropped
+
+    def before_turn(self, chat: _Chat, i: int, opened: str, content: str) -> tuple[str, str]:
+        if i != chat.first_turn:
+            return opened, content
+        return opened, _LLAMA3_TOOLS_INTRO + "".join(_llama3_tool_json(t) + "\n\n" for t in chat.tools) + content
+
+
+class _MistralCalls(_ToolLayout):
+    """Mistral's calls ([TOOL_CALLS] in place of the turn) and results ([TOOL_RESULTS]), v3's and v7's alike."""
+
+    def tool_result(self, chat: _Chat, i: int) -> str:
+        m = chat.messages[i]
+        return ('[TOOL_RESULTS] {"content": ' + m["content"] + ', "call_id": "' + str(m.get("tool_call_id", ""))
+                + '"}[/TOOL_RESULTS]')
+
+    def tool_calls(self, m: Message, opened: str, content: str) -> tuple[str, str]:
+        return "", _mistral_tool_calls(m["tool_calls"])  # no space before the calls
+
+
+class _MistralTools(_MistralCalls):
+    """Mistral v3: [AVAILABLE_TOOLS] before the last user turn."""
+
+    def before_turn(self, chat: _Chat, i: int, opened: str, content: str) -> tuple[str, str]:
+        return (_mistral_tools_block(chat.tools) + opened if i == chat.last_user else opened), content
+
+
+class _MistralV7Tools(_MistralCalls):
+    """Mistral Small 3: a parallel-call prompt opens the system turn (one of its own where the chat has none); the
+    tools themselves are not listed."""
+
+    def system_prefix(self, prefix: str) -> str:
+        # Nothing between them: the template's separator is two backslash-newlines, which Jinja drops.
+        return _MISTRAL_V7_TOOLS_PROMPT + prefix
+
+    def head(self, chat: _Chat) -> str | None:
+        return None if chat.leading_system else chat.fmt.system_block(_MISTRAL_V7_TOOLS_PROMPT)  # the prompt alone
+
+
+_NO_TOOLS = _ToolLayout()
+_TOOL_LAYOUTS: dict[ToolStyle, _ToolLayout] = {
+    "qwen": _QwenTools(), "llama3": _Llama3Tools(), "mistral": _MistralTools(), "mistral-v7": _MistralV7Tools()}
 
 
 def _go_json(value: Any) -> str:
@@ -309,14 +412,14 @@ def _html_escape(text: str) -> str:
     return text
 
 
-def _qwen_tools_block(tools: list[Tool], system: str | None) -> str:
+def _qwen_tools_block(fmt: ChatFormat, tools: list[Tool], system: str | None) -> str:
     listed = "".join("\n" + _tool_json(tool) for tool in tools)
-    return ("<|im_start|>system\n" + (system + "\n\n" if system is not None else "")
+    return ((fmt.open("system") or "") + (system + "\n\n" if system is not None else "")
             + "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
             "You are provided with function signatures within <tools></tools> XML tags:\n<tools>" + listed
             + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
             "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-            "<args-json-object>}\n</tool_call><|im_end|>\n")
+            "<args-json-object>}\n</tool_call>" + fmt.close("system"))
 
 
 CHATML = ChatFormat(
@@ -450,7 +553,7 @@ class TemplateMapping:
         return self.format.stops[0]
 
     def ollama_template(self) -> str:
-        text = resources.files("ftdeploy.modelfiles").joinpath(self.format.template_file).read_text()
+        text = asset("modelfiles", self.format.template_file).read_text()
         for literal in (self.system_prefix, self.implicit_system):
             if "{{" in literal or "}}" in literal:
                 raise TemplateError(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .assets import asset
 from .errors import ConfigError, ModelError, TemplateError
 from .templates import TemplateMapping, match_chat_template
 
@@ -15,9 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def builtin_chat_templates() -> list[str]:
-    """The names `data.chat_template` takes besides a file: ftdeploy/chat_templates/<name>.jinja."""
-    folder = resources.files("ftdeploy.chat_templates")
-    return sorted(f.name.removesuffix(".jinja") for f in folder.iterdir() if f.name.endswith(".jinja"))
+    """The names `data.chat_template` takes besides a file: ftdeploy/assets/chat_templates/<name>.jinja."""
+    return sorted(f.stem for f in asset("chat_templates").glob("*.jinja"))
 
 
 def read_chat_template_file(spec: str) -> str:
@@ -25,7 +24,7 @@ def read_chat_template_file(spec: str) -> str:
     ConfigError naming the option and the file otherwise."""
     file = Path(spec).expanduser()
     if not file.exists() and spec in builtin_chat_templates():
-        return resources.files("ftdeploy.chat_templates").joinpath(f"{spec}.jinja").read_text(encoding="utf-8")
+        return asset("chat_templates", f"{spec}.jinja").read_text(encoding="utf-8")
     try:
         text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

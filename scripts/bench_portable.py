@@ -34,7 +34,7 @@ from ftdeploy.config import load_config
 from ftdeploy.fidelity import token_fidelity
 from ftdeploy.pipeline import Context
 from ftdeploy.runs import Run
-from ftdeploy.stage_runs import eval_texts
+from ftdeploy.pipeline.artifacts import eval_texts
 from ftdeploy.stages.export import quantize
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = load_config(run_dir / "config.yaml")

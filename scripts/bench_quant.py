@@ -26,8 +26,8 @@ def main() -> int:
     from ftdeploy.config import load_config
     from ftdeploy.fidelity import token_fidelity
     from ftdeploy.pipeline import Context
+    from ftdeploy.pipeline.artifacts import eval_texts
     from ftdeploy.runs import Run
-    from ftdeploy.stage_runs import eval_texts
     from ftdeploy.stages.export import quantize
 
     cfg = load_config(args.run_dir / "config.yaml")

@@ -32,7 +32,7 @@ nothing here honours yet. OpenAI's legacy function calling (a row's "functions",
 "function" turn) is read as tools, tool calls and tool turns. A row-level "system" (the system column) is the system
 message in every chat layout; alpaca's "history" ([[instruction, response], ...]) gives the turns before it; a null or
 NaN field (pandas writes NaN) is absent. Preference data (chosen/rejected pairs, KTO labels) is refused as a whole,
-naming the file: only supervised rows train today. A conversation must end on an assistant turn (or on tool results). A
+naming the file: only supervised rows train. A conversation must end on an assistant turn (or on tool results). A
 row holding more than `max_row_bytes` of text is a bad row before anything tokenizes it. Fields a layout does not read
 are ignored and named in one warning per dataset.
 
@@ -50,7 +50,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DEMO_DATA, DataConfig
+from ..config import DataConfig
+from ..defaults import DEMO_DATA
 from ..errors import DataError
 from .sources import BadRow, demo_path, iter_rows, json_reason
 

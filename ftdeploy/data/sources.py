@@ -19,11 +19,11 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path, PurePath
 from typing import Any, TextIO
 
-from ..config import DEMO_DATA
+from ..assets import asset
+from ..defaults import DEMO_DATA
 from ..errors import DataError
 from ..optional import require
 
@@ -41,7 +41,7 @@ class BadRow:
 
 
 def demo_path(split: str) -> Path:
-    return Path(str(resources.files("ftdeploy.demo").joinpath(f"{split}.jsonl")))
+    return asset("demo", f"{split}.jsonl")
 
 
 def resolve_data_path(spec: str, split: str = "train") -> Path:

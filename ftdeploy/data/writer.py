@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..config import DEMO_DATA, DataConfig
+from ..config import DataConfig
+from ..defaults import DEMO_DATA
 from ..errors import DataError
 from ..runs import atomic_path
 from ..templates import TemplateMapping

@@ -1,7 +1,7 @@
 """Modelfile stage: FROM, TEMPLATE (derived from the training chat template), stops, SYSTEM, parameters.
 
-Works without torch: the chat template is read from the merged model's tokenizer files (or
-from a GGUF's metadata) and rendered with jinja2.
+Works without torch: the TEMPLATE and stops come from the format of the training chat template, read from the
+merged model's tokenizer files (or from a GGUF's metadata) and rendered with jinja2 (ftdeploy/chat_template.py).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelfileConfig
-from ..errors import StageMissingError, TemplateError
+from ..errors import TemplateError
 from ..modelfile_syntax import ModelfileSyntaxError, parameter_name, parse, quote
 from ..runs import atomic_write_text
-from ..templates import TemplateMapping, jinja_renderer, match_chat_template
+from ..templates import TemplateMapping
 
 log = logging.getLogger(__name__)
 
@@ -93,109 +93,6 @@ _PLAIN_VALUE = re.compile(r"-?[0-9][0-9.eE+-]*|true|false")  # numbers and boole
 
 def _param_value(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _token_text(value: Any) -> str:
-    if isinstance(value, dict):
-        return value.get("content", "")
-    return value or ""
-
-
-def read_chat_template(model_dir: Path) -> tuple[str, str, str]:
-    """(chat_template, bos_token, eos_token) from a Hugging Face directory's tokenizer files."""
-    cfg_path = model_dir / "tokenizer_config.json"
-    if not cfg_path.is_file():
-        raise StageMissingError(f"{model_dir}: no tokenizer_config.json (is this a merged model directory?)")
-    tok_cfg = json.loads(cfg_path.read_text())
-    template = tok_cfg.get("chat_template")
-    jinja_file = model_dir / "chat_template.jinja"
-    if not template and jinja_file.is_file():
-        template = jinja_file.read_text()
-    if isinstance(template, list):  # named templates: take "default"
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if not template:
-        raise TemplateError(f"{model_dir}: the tokenizer has no chat template")
-    special = {}
-    special_path = model_dir / "special_tokens_map.json"
-    if special_path.is_file():
-        special = json.loads(special_path.read_text())
-    bos = _token_text(tok_cfg.get("bos_token") or special.get("bos_token"))
-    eos = _token_text(tok_cfg.get("eos_token") or special.get("eos_token"))
-    return template, bos, eos
-
-
-def read_gguf_chat_template(gguf_path: Path) -> tuple[str, str, str]:
-    """(chat_template, bos_token, eos_token) from a GGUF's metadata."""
-    meta = gguf_metadata(gguf_path, ("tokenizer.chat_template", "tokenizer.ggml.tokens",
-                                     "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"))
-    template = meta.get("tokenizer.chat_template")
-    if not template or not isinstance(template, str):
-        raise TemplateError(
-            f"{gguf_path}: the GGUF carries no tokenizer.chat_template; give --template-from a model directory")
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-
-    def token(key: str) -> str:
-        idx = meta.get(key)
-        return tokens[idx] if isinstance(idx, int) and 0 <= idx < len(tokens) else ""
-
-    return template, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-
-
-# GGUF value types: struct format of the scalars; 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def gguf_metadata(gguf_path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The named key/value pairs of a GGUF's header, read without the tensor index (gguf's GGUFReader
-    parses all of it: seconds on a busy machine, for a check that runs before every data stage)."""
-    import io
-    import struct
-
-    wanted, found = set(keys), {}
-    with open(gguf_path, "rb", buffering=1 << 20) as f:
-
-        def read(fmt: str) -> Any:
-            size = struct.calcsize("<" + fmt)
-            return struct.unpack("<" + fmt, f.read(size))[0]
-
-        def string() -> bytes:
-            return f.read(read("Q"))
-
-        def value(kind: int, keep: bool) -> Any:
-            if kind in _GGUF_SCALARS:
-                return read(_GGUF_SCALARS[kind])
-            if kind == 8:
-                text = string()
-                return text.decode("utf-8", "replace") if keep else None
-            if kind == 9:
-                item_kind, count = read("I"), read("Q")
-                if not keep and item_kind in _GGUF_SCALARS:
-                    f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item_kind]), io.SEEK_CUR)
-                    return None
-                return [value(item_kind, keep) for _ in range(count)]
-            raise TemplateError(f"{gguf_path}: unknown GGUF value type {kind}")
-
-        if f.read(4) != b"GGUF":
-            raise TemplateError(f"{gguf_path}: not a GGUF file")
-        version = read("I")
-        if version < 2:
-            raise TemplateError(f"{gguf_path}: GGUF version {version} is too old to read")
-        try:
-            read("Q")  # tensors
-            for _ in range(read("Q")):
-                key = string().decode("utf-8", "replace")
-                found_value = value(read("I"), key in wanted)
-                if key in wanted:
-                    found[key] = found_value
-                    if len(found) == len(wanted):
-                        break
-        except struct.error:
-            raise TemplateError(f"{gguf_path}: the GGUF header ends early (a truncated file?)") from None
-    return found
-
-
-def mapping_for_template(template: str, bos: str, eos: str, source: str) -> TemplateMapping:
-    return match_chat_template(jinja_renderer(template, bos, eos), bos or None, source=source, eos_token=eos or None)
 
 
 def sampling_defaults(model_dir: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 from ..config import Config
 from ..data import IGNORE_INDEX, load_tokenized
 from ..errors import ConfigError, DataError
+from ..results import LossPoint, TrainMetrics
 from ..runs import atomic_path
 from ..strategy import strategy_args, world_size
 
@@ -54,10 +55,16 @@ def select_engine(requested: str, has_cuda: bool | None = None, has_unsloth: boo
 def import_engine_first(cfg: Config) -> str:
     """Select the engine and, when it is Unsloth, import it now; return the engine.
 
-    Unsloth patches transformers, PEFT and TRL as it is imported, and code imported before it keeps
-    the unpatched paths (it warns, and trains at about the hf engine's speed). Resolving the base model
-    and loading the tokenizer import transformers, so every entry point that will train in its
-    process calls this before either."""
+    The engine-first rule: a process that will train imports Unsloth before anything imports transformers, PEFT
+    or TRL. Unsloth patches them as it is imported, and code imported before it keeps the unpatched paths (it
+    warns, and trains at about the hf engine's speed). Resolving the base model and loading the tokenizer import
+    transformers, so each entry point of a training process calls this before either:
+      the pipeline, when train is among the stages it runs: train_and_serve before its first stage (the data
+        stage loads the tokenizer), and the train stage's checks (`ftdeploy train` starts there);
+      distributed.worker_main, in each process torchrun starts;
+      scripts/bench_train.py.
+    fit and build_trainer come after the tokenizer and only read the engine (select_engine).
+    tests/integration/test_engine_import_order.py runs each of the three commands and checks the order."""
     engine = select_engine(cfg.train.engine)
     if engine == "unsloth":
         _quiet_unsloth_import()
@@ -111,7 +118,7 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def make_progress_callback(history: list[dict[str, float]]) -> Any:
+def make_progress_callback(history: list[LossPoint]) -> Any:
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -126,8 +133,8 @@ def make_progress_callback(history: list[dict[str, float]]) -> Any:
             step, total = state.global_step, state.max_steps
             elapsed = time.monotonic() - self.start
             left = elapsed / max(step, 1) * (total - step)
-            history.append({"step": step, "loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", 0.0)),
-                            "elapsed_s": round(elapsed, 2)})
+            history.append(LossPoint(step=step, loss=float(logs["loss"]), lr=float(logs.get("learning_rate", 0.0)),
+                                     elapsed_s=round(elapsed, 2)))
             print(f"  step {step:>4}/{total}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
                   f"elapsed {_fmt_seconds(elapsed)}  left {_fmt_seconds(left)}", file=sys.stderr, flush=True)
 
@@ -284,7 +291,7 @@ def build_trainer(base: Path | str, rows: list[dict[str, list[int]]], cfg: Confi
     """The model, its LoRA and the SFTTrainer as `ftdeploy train` builds them; return (trainer, SFTConfig kwargs).
 
     scripts/bench_train.py times this same trainer, so its figures describe the product.
-    The caller has already run import_engine_first (Unsloth before transformers)."""
+    The process's entry point has imported the engine (import_engine_first)."""
     import torch
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
@@ -316,13 +323,12 @@ def save_adapter(trainer: Any, out_dir: Path) -> None:
 
 
 def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer: Any,
-        checkpoint_dir: Path | None = None, resume: bool = True) -> dict[str, Any]:
+        checkpoint_dir: Path | None = None, resume: bool = True) -> TrainMetrics:
     """The training loop of one process (the only one, or one of a launched group); every process joins the
-    save, rank 0 writes `out_dir`."""
-    engine = import_engine_first(cfg)
+    save, rank 0 writes `out_dir`. The process's entry point has imported the engine (import_engine_first)."""
+    engine = select_engine(cfg.train.engine)
     import torch
     from transformers import set_seed
-
 
     set_seed(cfg.train.seed)
     on_cuda = torch.cuda.is_available()
@@ -331,7 +337,7 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
     log.info("training with engine=%s on %s x %d: %d examples, %d steps", engine, "cuda" if on_cuda else "cpu",
              world, len(rows), cfg.train.max_steps)
 
-    history: list[dict[str, float]] = []
+    history: list[LossPoint] = []
     trainer, kwargs = build_trainer(base, rows, cfg, tokenizer, engine,
                                     str(checkpoint_dir or out_dir.parent / f".{out_dir.name}-trainer"),
                                     checkpoint_dir is not None, [make_progress_callback(history)])
@@ -349,27 +355,27 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
     trained_tokens = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows)
     steps = result.global_step
     global_batch = kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] * world
-    return {
-        "engine": engine, "device": "cuda" if on_cuda else "cpu", "steps": steps,
-        "train_loss": round(float(result.training_loss), 4),
-        "final_loss": history[-1]["loss"] if history else None,
-        "seconds": round(seconds, 1), "loss_history": history, "optim": kwargs["optim"],
-        "world_size": world, "strategy": cfg.train.strategy if world > 1 else None,
-        "per_device_batch": kwargs["per_device_train_batch_size"],
-        "gradient_accumulation": kwargs["gradient_accumulation_steps"],
-        "global_batch": global_batch, "examples_per_s": round(steps * global_batch / max(seconds, 1e-9), 2),
-        "dataset_trained_tokens": trained_tokens, "resumed_from": str(resume_from) if resume_from else None,
-    }
+    return TrainMetrics(
+        engine=engine, device="cuda" if on_cuda else "cpu", steps=steps,
+        train_loss=round(float(result.training_loss), 4),
+        final_loss=history[-1].loss if history else None,
+        seconds=round(seconds, 1), loss_history=history, optim=kwargs["optim"],
+        world_size=world, strategy=cfg.train.strategy if world > 1 else None,
+        per_device_batch=kwargs["per_device_train_batch_size"],
+        gradient_accumulation=kwargs["gradient_accumulation_steps"],
+        global_batch=global_batch, examples_per_s=round(steps * global_batch / max(seconds, 1e-9), 2),
+        dataset_trained_tokens=trained_tokens, resumed_from=str(resume_from) if resume_from else None,
+    )
 
 
-def _history_from(ckpt: Path) -> list[dict[str, float]]:
+def _history_from(ckpt: Path) -> list[LossPoint]:
     """The loss history logged before a checkpoint, so a resumed run reports the whole curve."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    return [{"step": e["step"], "loss": float(e["loss"]), "lr": float(e.get("learning_rate", 0.0)), "elapsed_s": 0.0}
+    return [LossPoint(step=e["step"], loss=float(e["loss"]), lr=float(e.get("learning_rate", 0.0)), elapsed_s=0.0)
             for e in state.get("log_history", []) if "loss" in e]
 
 
-def plot_loss(history: list[dict[str, float]], path: Path) -> Path | None:
+def plot_loss(history: list[LossPoint], path: Path) -> Path | None:
     if not history:
         return None
     import matplotlib
@@ -378,7 +384,7 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=2.5)
+    ax.plot([h.step for h in history], [h.loss for h in history], marker="o", markersize=2.5)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("loss")

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # a little longer than its reference, and still a few seconds on a CPU when every answer runs on.
 LIMIT_FACTOR = 1.5
 MARGIN_TOKENS = 8
-NO_REFERENCE_LIMIT = 96  # eval rows without an assistant answer: the old fixed limit
+NO_REFERENCE_LIMIT = 96  # eval rows without an assistant answer: a fixed limit, with no reference to size it from
 
 # How a reply's tool calls read as text (TemplateMapping.tool_calls_text): an assistant turn that calls tools is
 # compared, scored and shown as the format writes the calls, whether Ollama parsed them or a model generated them.
@@ -114,8 +114,9 @@ def ask_all(client: OllamaClient, model: str, examples: list[Example], max_token
                             tools=ex.tools)
         text = reply_text(reply.get("message", {}), calls_text)
         expected = expected_answer(ex) if references else ""
-        answers.append(Answer(msgs[-1]["content"], expected, text, bool(expected) and matches(text, expected, ex.match),
-                              reply.get("done_reason", ""), gated=references and bool(ex.expect)))
+        answers.append(Answer(prompt=msgs[-1]["content"], expected=expected, answer=text,
+                              ok=bool(expected) and matches(text, expected, ex.match),
+                              done_reason=reply.get("done_reason", ""), gated=references and bool(ex.expect)))
     return answers
 
 
@@ -251,7 +252,8 @@ def ask_raw(client: OllamaClient, model: str, prefixes: list[str], max_tokens: i
     for prefix in prefixes:
         reply = client.generate(model, prefix, raw=True,
                                 options={"temperature": 0, "num_predict": max_tokens, "seed": seed})
-        answers.append(Answer(prefix, "", reply.get("response") or "", False, reply.get("done_reason") or ""))
+        answers.append(Answer(prompt=prefix, answer=reply.get("response") or "",
+                              done_reason=reply.get("done_reason") or ""))
     return answers
 
 
@@ -408,3 +410,138 @@ def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: st
     mismatches = [ParityMismatch(chat=chat_parts(chat)[0], raw=raw, chat_answer=answer)
                   for chat, raw, answer in zip(chats, raws, via_chat, strict=True) if raw.strip() != answer.strip()]
     return TemplateParity(checked=len(chats), mismatches=mismatches, passed=not mismatches)
+
+
+GENERAL_TOKENS = 32  # the general-knowledge answers (forgetting): a short fact each, in its first sentence
+
+
+class Laps:
+    """Seconds spent per part of verify, for the manifest: `lap(what)` charges the time since the last lap."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter
+        self._last = self._clock()
+
+    def __call__(self, what: str) -> None:
+        now = self._clock()
+        self.seconds[what] = round(self.seconds.get(what, 0.0) + now - self._last, 2)
+        self._last = now
+
+
+class _Local:
+    """The merged model's (and, with verify.compare, the base's) answers to the prompts and the general prompts."""
+
+    def __init__(self, merged_dir: Path, base: Path | str | None, chats: list[list[dict[str, Any]]],
+                 references: list[str], tools: list[Any], max_tokens: int, lap: Laps) -> None:
+        from ..fidelity import HFModel, general_prompts
+
+        general = general_prompts()
+        self.general_chats, self.general_expected = [g["messages"] for g in general], [g["expect"] for g in general]
+        # The merged model once: the generation limit from its tokenizer, then the eval and general prompts in one
+        # batch. The base the same way, after the merged model is freed (two models at once would double memory).
+        merged = HFModel(merged_dir)
+        self.limit = generation_limit([len(merged.tokens(r)) for r in references if r], max_tokens)
+        limits = [self.limit] * len(chats) + [GENERAL_TOKENS] * len(self.general_chats)
+        all_tools = tools + [None] * len(self.general_chats)
+        lap("load merged")
+        merged_all = merged.generate(chats + self.general_chats, limits, all_tools)
+        self.merged_gen: list[Generation] = merged_all[: len(chats)]
+        self.tuned_general = [g.text for g in merged_all[len(chats):]]
+        self.merged_replies = [g.text for g in self.merged_gen]
+        merged.model = None  # the tokenizer stays: the agreement is counted in its tokens
+        self.tokens = merged.tokens
+        lap("merged answers")
+        self.base_replies: list[str] | None = None
+        self.base_general: list[str] | None = None
+        if base is not None:
+            base_model = HFModel(base)
+            lap("load base")
+            base_all = [g.text for g in base_model.generate(chats + self.general_chats, limits, all_tools)]
+            self.base_replies, self.base_general = base_all[: len(chats)], base_all[len(chats):]
+            del base_model
+            lap("base answers")
+
+
+def verify_chats(client: OllamaClient, name: str, tags: dict[str, str], served: str, exported: ExportResult,
+                 merged_dir: Path, base: Path | str | None, examples: list[Example], on_eval: bool,
+                 system: str | None, cfg: VerifyConfig, seed: int, lap: Laps) -> VerifySummary:
+    """Chat data: each served quant's greedy answers to the prompts against the merged 16-bit model's (the default
+    gate), template parity, the references (eval rows only: `on_eval`), and forgetting against the `base` (None:
+    verify.compare is off). The merged model and the parity check get each prompt with the Modelfile's SYSTEM, as
+    Ollama adds it."""
+    from ..chat_template import mapping_for_template, read_chat_template
+
+    # The Modelfile's format: how a reply's tool calls read as text, on every side of the comparison.
+    chat_template = read_chat_template(merged_dir)
+    mapping = mapping_for_template(chat_template, f"{merged_dir} chat template")
+    calls_text = mapping.tool_calls_text if mapping.tools else None
+    chats = [with_system(prompt_messages(e), system) for e in examples]  # as the served model receives them
+    references = [reference_answer(e, calls_text) for e in examples]  # training answers: only for the limit
+    lap("setup")
+    local = _Local(merged_dir, base, chats, references, [e.tools for e in examples], cfg.max_tokens, lap)
+
+    parity_chats = [*PARITY_CHATS, *(PARITY_TOOL_CHATS if mapping.tools else [])]
+    parity = template_parity(client, name, chat_template.renderer(),
+                             chat_template.bos if mapping.format.bos_in_template else None, parity_chats,
+                             calls_text=calls_text, system=system)
+    lap("template parity")
+    limit = local.limit
+    answers = ask_all(client, name, examples, limit, seed, calls_text, references=on_eval)
+    lap("served answers")
+    tag_answers = {tag: ask_all(client, tag, examples, limit, seed, calls_text, references=on_eval) for tag in tags}
+    lap("other quants")
+
+    summary = summarize(answers, cfg.min_score)
+    summary.template_parity, summary.max_tokens = parity, limit
+    summary.min_agreement, summary.min_chrf = cfg.min_agreement, cfg.min_chrf
+    summary.prompts, summary.references = [c[-1]["content"] for c in chats], references if on_eval else []
+    summary.prompt_source, summary.system = "eval" if on_eval else "train", system
+    _score_models(summary, local, examples, on_eval, references,
+                  [(name, served, answers), *((t, q, tag_answers[t]) for t, q in tags.items())], name, exported)
+    lap("scoring")
+    summary.seconds = lap.seconds
+    for m in summary.models:
+        if m.gated:
+            m.passed = m.token_agreement is not None and m.token_agreement >= summary.min_agreement
+    summary.failures = failures(summary, name)
+    return summary
+
+
+def _score_models(summary: VerifySummary, local: _Local, examples: list[Example], on_eval: bool,
+                  references: list[str], served: list[tuple[str, str, list[Answer]]], name: str,
+                  exported: ExportResult) -> None:
+    """The base's, the merged model's and each served quant's scores, and forgetting, into `summary`."""
+    from ..fidelity import forgetting, score
+    from ..results import Forgetting, ForgettingItem
+
+    expected = [expected_answer(e) if on_eval else "" for e in examples]
+    modes = [e.match if on_eval else "contains" for e in examples]
+    scored = references if on_eval else None
+    merged_replies = local.merged_replies
+    if local.base_replies is not None:
+        summary.models.append(ModelScore(role="base", label="base", replies=local.base_replies,
+                                         **score(local.base_replies, expected, merged_replies, modes, scored)))
+    summary.models.append(ModelScore(role="merged", label="merged", replies=merged_replies,
+                                     stopped=sum(g.stopped for g in local.merged_gen),
+                                     **score(merged_replies, expected, None, modes, scored)))
+    for tag, qtype, replies in served:
+        texts = [a.answer for a in replies]
+        role: ModelRole = "served" if tag == name else "tag"
+        label = f"{qtype} (served as {name})" if role == "served" else f"{qtype} ({tag})"
+        fidelity: dict[str, Any] = exported.fidelity.get(qtype, {})
+        summary.models.append(ModelScore(
+            role=role, label=label, quant=qtype, tag=tag, replies=texts,
+            stopped=sum(a.done_reason == "stop" for a in replies),
+            gated=role == "served" or qtype not in exported.flagged,
+            **score(texts, expected, merged_replies, modes, scored),
+            **{k: fidelity[k] for k in ("top1_agreement", "ppl_ratio") if k in fidelity},
+            **served_agreement(local.tokens, replies, local.merged_gen)))
+    if local.base_general is not None:
+        items = [ForgettingItem(prompt=c[-1]["content"], expect=e, base=b, tuned=t)
+                 for c, e, b, t in zip(local.general_chats, local.general_expected, local.base_general,
+                                       local.tuned_general, strict=True)]
+        summary.forgetting = Forgetting(**forgetting(local.base_general, local.tuned_general, local.general_expected),
+                                        items=items)

@@ -5,10 +5,10 @@ on a rerun (the verify.min_fidelity bug of issue 15)."""
 
 import atexit
 import contextlib
-import dataclasses
 import json
 import os
-import typing
+
+from pydantic import BaseModel
 
 from ftdeploy.config import Config
 from ftdeploy.runs import Run
@@ -17,12 +17,13 @@ reads: dict[str, set[str]] = {}
 current: list[str] = []
 
 
-def watch(cls: type, prefix: str) -> None:
+def watch(cls: type[BaseModel], prefix: str) -> None:
     """Record every read of a leaf key of `cls` (and of its sections) while a stage is running."""
-    hints = typing.get_type_hints(cls)
-    sections = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
-    # Only keys: a field the config builds itself (Config.origins, init=False) is bookkeeping, not a setting.
-    leaves = {f.name for f in dataclasses.fields(cls) if f.init} - sections
+    fields = cls.model_fields
+    sections = {name: f.annotation for name, f in fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    # Only keys, the model's fields: Config.origins (bookkeeping, not a setting) is no field.
+    leaves = set(fields) - set(sections)
     original = cls.__getattribute__
 
     def getattribute(self, name):
@@ -31,8 +32,8 @@ def watch(cls: type, prefix: str) -> None:
         return original(self, name)
 
     cls.__getattribute__ = getattribute
-    for name in sections:
-        watch(hints[name], f"{prefix}{name}.")
+    for name, section in sections.items():
+        watch(section, f"{prefix}{name}.")
 
 
 watch(Config, "")

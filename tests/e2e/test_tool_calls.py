@@ -13,7 +13,7 @@ from conftest import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
 
-DEMO = REPO / "ftdeploy" / "demo"
+DEMO = REPO / "ftdeploy" / "assets" / "demo"
 NAME = "ftdeploy-tools"
 
 

@@ -57,16 +57,16 @@ def _gguf_tokens(gguf_path, texts: tuple[str, ...]) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("family", _families())
 def test_ollama_renders_the_chats_the_family_was_trained_on(family: Family, ollama_server, tmp_path):
+    from ftdeploy.chat_template import mapping_for_template, read_chat_template
     from ftdeploy.config import ModelfileConfig
     from ftdeploy.stages.export import export
-    from ftdeploy.stages.modelfile import build_spec, mapping_for_template, read_chat_template, sampling_defaults
+    from ftdeploy.stages.modelfile import build_spec, sampling_defaults
     from ftdeploy.stages.register import register
     from ftdeploy.stages.verify import template_parity
-    from ftdeploy.templates import jinja_renderer
 
     merged_dir = build_model_dir(family, tmp_path / "merged")
-    template, bos, eos = read_chat_template(merged_dir)
-    mapping = mapping_for_template(template, bos, eos, f"{family.name} chat template")  # TemplateError: no format
+    chat_template = read_chat_template(merged_dir)
+    mapping = mapping_for_template(chat_template, f"{family.name} chat template")  # TemplateError: no format
     assert mapping.format.name == family.chat_format
 
     gguf_path = export(merged_dir, tmp_path / "gguf", family.name, ["q8_0"])["q8_0"]
@@ -77,8 +77,8 @@ def test_ollama_renders_the_chats_the_family_was_trained_on(family: Family, olla
     spec = build_spec(mapping, gguf_path, ModelfileConfig(), None, sampling_defaults(merged_dir))
     name = f"family-{family.name}"
     register(ollama_server.client, name, spec, show_progress=False)
-    render = jinja_renderer(template, bos, eos)
-    strip_bos = bos if mapping.format.bos_in_template else None
+    render = chat_template.renderer()
+    strip_bos = chat_template.bos if mapping.format.bos_in_template else None
     assert mapping.tools == (family.name in SERVES_TOOLS)
     probes = [*CHATS.items(), *(TOOL_CHATS.items() if mapping.tools else [])]
     chats = [chat for what, chat in probes if family.system_role or what != "system"]

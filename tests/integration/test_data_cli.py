@@ -56,7 +56,7 @@ def test_data_stage_accepts_sharegpt_and_writes_the_run(tmp_path):
 
 def test_the_bundled_tool_data_on_the_demo_base_names_its_template_that_renders_no_tools(tmp_path):
     # SmolLM2's chat template has no tools: the data stage says so rather than train on calls without specs
-    tools = Path(__file__).resolve().parents[2] / "ftdeploy" / "demo" / "tools.jsonl"
+    tools = Path(__file__).resolve().parents[2] / "ftdeploy" / "assets" / "demo" / "tools.jsonl"
     result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "inspect", str(tools)])
     assert result.exit_code == 1
     assert f"{tools}:1: the row carries tools, but the chat template of " in result.output
@@ -66,7 +66,7 @@ def test_the_bundled_tool_data_on_the_demo_base_names_its_template_that_renders_
 
 def test_the_bundled_tool_data_prepares_on_the_demo_base_with_chatml_tools(tmp_path):
     # data.chat_template=chatml-tools gives SmolLM2 a ChatML template with tools: the same rows now prepare
-    tools = Path(__file__).resolve().parents[2] / "ftdeploy" / "demo" / "tools.jsonl"
+    tools = Path(__file__).resolve().parents[2] / "ftdeploy" / "assets" / "demo" / "tools.jsonl"
     result = CliRunner().invoke(cli, ["data", "--runs-dir", str(tmp_path), "--set", "data.chat_template=chatml-tools",
                                       "inspect", str(tools), "--json"])
     assert result.exit_code == 0, result.output

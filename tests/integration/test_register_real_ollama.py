@@ -60,32 +60,29 @@ def test_a_gguf_that_is_not_one_registers_nothing(ollama_server, tmp_path):
 
 
 def test_ollama_builds_the_prompt_the_chat_template_builds(ollama_server, small_gguf):
-    from ftdeploy.stages.modelfile import read_gguf_chat_template
+    from ftdeploy.chat_template import read_gguf_chat_template
     from ftdeploy.stages.verify import PARITY_CHATS, template_parity
-    from ftdeploy.templates import jinja_renderer
 
     _register(small_gguf, "smol-parity", ollama_server.host)
-    template, bos, eos = read_gguf_chat_template(small_gguf)
-    result = template_parity(ollama_server.client, "smol-parity", jinja_renderer(template, bos, eos), None,
-                             PARITY_CHATS)
+    result = template_parity(ollama_server.client, "smol-parity", read_gguf_chat_template(small_gguf).renderer(),
+                             None, PARITY_CHATS)
     assert result.checked == len(PARITY_CHATS)
     assert result.passed, json.dumps(result.to_dict()["mismatches"], indent=1)
 
 
 def test_parity_check_catches_a_template_that_differs(ollama_server, small_gguf):
     """A TEMPLATE that adds one newline after the generation prompt changes the answers: caught."""
+    from ftdeploy.chat_template import mapping_for_template, read_gguf_chat_template
     from ftdeploy.config import ModelfileConfig
-    from ftdeploy.stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
+    from ftdeploy.stages.modelfile import build_spec
     from ftdeploy.stages.register import register
     from ftdeploy.stages.verify import PARITY_CHATS, template_parity
-    from ftdeploy.templates import jinja_renderer
 
-    template, bos, eos = read_gguf_chat_template(small_gguf)
-    spec = build_spec(mapping_for_template(template, bos, eos, "t"), small_gguf, ModelfileConfig(), None, {})
+    chat = read_gguf_chat_template(small_gguf)
+    spec = build_spec(mapping_for_template(chat, "t"), small_gguf, ModelfileConfig(), None, {})
     spec.template = spec.template + "\n\n"
     register(ollama_server.client, "smol-broken", spec, show_progress=False)
-    result = template_parity(ollama_server.client, "smol-broken", jinja_renderer(template, bos, eos), None,
-                             PARITY_CHATS)
+    result = template_parity(ollama_server.client, "smol-broken", chat.renderer(), None, PARITY_CHATS)
     assert not result.passed
 
 

@@ -81,13 +81,13 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path):
 
 
 def test_a_disk_too_small_for_merge_and_export_is_refused_before_any_work(tmp_path, monkeypatch):
-    from ftdeploy import pipeline
+    from ftdeploy.pipeline import preflight
 
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
     (base / "model.safetensors").write_bytes(b"\0" * (4 << 20))  # ~1 M parameters in fp32
-    monkeypatch.setattr(pipeline, "free_bytes", lambda path: 1 << 20)
+    monkeypatch.setattr(preflight, "free_bytes", lambda path: 1 << 20)
     result = CliRunner().invoke(cli, ["train-and-serve", "--runs-dir", str(tmp_path / "runs"),
                                       "--base-model", str(base), "--data", "demo",
                                       "--ollama-host", "http://127.0.0.1:9"])

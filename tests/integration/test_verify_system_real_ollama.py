@@ -10,19 +10,19 @@ ZED = "You are Zed."
 
 
 def test_a_correct_model_with_a_system_prompt_passes_template_parity(ollama_server, tmp_path):
+    from ftdeploy.chat_template import mapping_for_template, read_gguf_chat_template
     from ftdeploy.config import ModelfileConfig
-    from ftdeploy.stages.modelfile import build_spec, mapping_for_template, read_gguf_chat_template
+    from ftdeploy.stages.modelfile import build_spec
     from ftdeploy.stages.register import register
     from ftdeploy.stages.verify import PARITY_CHATS, template_parity
-    from ftdeploy.templates import jinja_renderer
 
     gguf = smol_gguf_copy(tmp_path, "zed")
-    template, bos, eos = read_gguf_chat_template(gguf)
-    spec = build_spec(mapping_for_template(template, bos, eos, "t"), gguf, ModelfileConfig(), ZED, {})
+    chat = read_gguf_chat_template(gguf)
+    spec = build_spec(mapping_for_template(chat, "t"), gguf, ModelfileConfig(), ZED, {})
     assert spec.system == ZED
     register(ollama_server.client, "smol-zed", spec, show_progress=False)
     assert ollama_server.show_json("smol-zed")["system"] == ZED
-    render = jinja_renderer(template, bos, eos)
+    render = chat.renderer()
 
     result = template_parity(ollama_server.client, "smol-zed", render, None, PARITY_CHATS, system=ZED)
     assert result.passed and result.checked == len(PARITY_CHATS), result.to_dict()

@@ -291,7 +291,8 @@ def test_a_run_whose_chat_template_has_no_format_stops_before_the_data_stage(tmp
 
 def test_the_check_reads_a_local_base_and_skips_a_hub_id_not_downloaded(tmp_path):
     from ftdeploy.config import config_from_dict
-    from ftdeploy.pipeline import Context, _base_chat_template, check_chat_template
+    from ftdeploy.pipeline.context import Context
+    from ftdeploy.pipeline.preflight import _base_chat_template, check_chat_template
 
     base = local_base_with_template(tmp_path / "base", (TEMPLATES / "gemma3.jinja").read_text())
     for spec, expected in ((str(base), str(base)), ("ftdeploy-tests/never-downloaded-7f3a", None)):
@@ -299,7 +300,7 @@ def test_the_check_reads_a_local_base_and_skips_a_hub_id_not_downloaded(tmp_path
         ctx = Context.create(cfg, ollama_explicit=False)
         try:
             found = _base_chat_template(ctx)
-            assert (found and found[3]) == expected
+            assert (found and found[-1]) == expected  # where it was read, last
             check_chat_template(ctx)  # gemma: supported; the Hub id: nothing to read, no error
         finally:
             ctx.close()
@@ -308,7 +309,7 @@ def test_the_check_reads_a_local_base_and_skips_a_hub_id_not_downloaded(tmp_path
 def test_a_gguf_base_is_checked_from_its_header_alone(tmp_path):
     """The header's key/values are read without gguf's full reader (which indexes every tensor first)."""
     gguf = pytest.importorskip("gguf")
-    from ftdeploy.stages.modelfile import read_gguf_chat_template
+    from ftdeploy.chat_template import ChatTemplate, mapping_for_template, read_gguf_chat_template
 
     path = tmp_path / "base.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -321,11 +322,9 @@ def test_a_gguf_base_is_checked_from_its_header_alone(tmp_path):
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    template, bos, eos = read_gguf_chat_template(path)
-    assert (template, bos, eos) == ((TEMPLATES / "gemma3.jinja").read_text(), "<bos>", "<eos>")
-    from ftdeploy.stages.modelfile import mapping_for_template
-
-    assert mapping_for_template(template, bos, eos, "gguf").format.name == "gemma"
+    chat = read_gguf_chat_template(path)
+    assert chat == ChatTemplate((TEMPLATES / "gemma3.jinja").read_text(), "<bos>", "<eos>")
+    assert mapping_for_template(chat, "gguf").format.name == "gemma"
 
 
 def test_a_template_marking_the_assistant_turns_for_training_is_read_as_transformers_reads_it():

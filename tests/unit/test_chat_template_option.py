@@ -88,7 +88,8 @@ def test_load_tokenizer_trains_with_the_given_template(tmp_path, tiny_tokenizer)
 
 def _check(tmp_path: Path, base: Path, override: str | None) -> None:
     from ftdeploy.config import config_from_dict
-    from ftdeploy.pipeline import Context, check_chat_template
+    from ftdeploy.pipeline.context import Context
+    from ftdeploy.pipeline.preflight import check_chat_template
 
     cfg = config_from_dict({"base_model": str(base), "runs_dir": str(tmp_path / "runs"),
                             "data": {"chat_template": override}})

@@ -1,14 +1,21 @@
-"""Static checks of the container wiring, fast and engine-free; tests/container runs the same files for real."""
+"""Static checks of the container wiring, fast and engine-free; tests/container runs the same files for real.
 
+The files are parsed (compose with yaml, the Dockerfile into its stages and instructions, the .dockerignore with the
+rules Docker applies) and held to what makes them work together: a service named in an address exists and shares a
+network, a COPY source is in the build context, the entrypoint an image names is one it installs."""
+
+import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+RUNTIME_TARGETS = ("cpu", "gpu")
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -22,8 +29,82 @@ def _compose(name="compose.yaml"):
     return yaml.load((REPO / name).read_text(), Loader=ComposeLoader)
 
 
-def _dockerfile():
-    return (REPO / "Dockerfile").read_text()
+def _instructions() -> list[tuple[str, str]]:
+    """The Dockerfile as (INSTRUCTION, arguments): comments dropped, continuation lines joined."""
+    out, pending = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        instruction, _, args = (pending + line).strip().partition(" ")
+        out.append((instruction.upper(), re.sub(r"\s+", " ", args).strip()))
+        pending = ""
+    return out
+
+
+def _stages() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """{stage: (what it is built FROM, its instructions)}, in the Dockerfile's order."""
+    stages: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current = None
+    for instruction, args in _instructions():
+        if instruction == "FROM":
+            source, _, name = args.partition(" AS ")
+            current = name or source
+            stages[current] = (source, [])
+        elif current is not None:
+            stages[current][1].append((instruction, args))
+    return stages
+
+
+def _lineage(stage: str) -> list[str]:
+    """`stage` and the stages it builds on, base first."""
+    stages = _stages()
+    chain = [stage]
+    while stages[chain[0]][0] in stages:
+        chain.insert(0, stages[chain[0]][0])
+    return chain
+
+
+def _global_args() -> dict[str, str]:
+    """The ARGs before the first FROM (the ones a FROM line may use), with their defaults."""
+    args = {}
+    for instruction, value in _instructions():
+        if instruction == "FROM":
+            break
+        if instruction == "ARG":
+            name, _, default = value.partition("=")
+            args[name] = default
+    return args
+
+
+def _copies(stage: str) -> list[tuple[list[str], str]]:
+    """(sources, destination) of each COPY in `stage` and the stages it builds on."""
+    out = []
+    for name in _lineage(stage):
+        for instruction, args in _stages()[name][1]:
+            if instruction == "COPY":
+                *sources, dest = [a for a in args.split() if not a.startswith("--")]
+                out.append((sources, dest))
+    return out
+
+
+def _in_build_context(path: str) -> bool:
+    """Whether `path` (relative to the repo) is sent to the builder: the .dockerignore's rules in order, the last that
+    matches the path or a folder above it wins, and a `!` rule lets it back in."""
+    parts = PurePosixPath(path).parts
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    included = True
+    for rule in (REPO / ".dockerignore").read_text().splitlines():
+        rule = rule.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        pattern = rule.removeprefix("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        if any(re.fullmatch(regex, p) for p in prefixes):
+            included = rule.startswith("!")
+    return included
 
 
 def _tool(name):
@@ -33,29 +114,56 @@ def _tool(name):
     return found
 
 
+def test_the_build_context_rules_are_read_as_docker_reads_them():
+    assert _in_build_context("pyproject.toml") and _in_build_context("ftdeploy/assets/demo/demo.yaml")
+    assert not _in_build_context("ftdeploy/__pycache__/cli.cpython-311.pyc")
+    for private in ("runs/demo/manifest.json", ".venv/bin/python", "tests/unit/test_containers.py", ".git/config"):
+        assert not _in_build_context(private), f"{private} would be sent to the builder"
+
+
 def test_ollama_sidecar_is_pinned_healthchecked_and_internal():
-    ollama = _compose()["services"]["ollama"]
+    compose = _compose()
+    ollama = compose["services"]["ollama"]
     image, tag = ollama["image"].split(":")
     assert image == "ollama/ollama"
-    assert tuple(int(x) for x in tag.split(".")) >= (0, 17, 1)
-    assert ollama["healthcheck"]["test"] == ["CMD", "ollama", "list"]
+    assert tuple(int(x) for x in tag.split(".")) >= (0, 17, 1)  # the GGUF out-of-bounds read fix
+    check = ollama["healthcheck"]["test"]  # what ftdeploy's depends_on waits for
+    assert check[0] in ("CMD", "CMD-SHELL") and not {"curl", "wget"} & set(" ".join(check).split()), \
+        "the ollama image has neither curl nor wget"
     assert "ports" not in ollama
-    assert ollama["networks"] == ["internal"]
-    assert _compose()["networks"]["internal"]["internal"] is True
-    assert any(v.endswith(":/root/.ollama") for v in ollama["volumes"])
+    assert all(compose["networks"][n].get("internal") is True for n in ollama["networks"])
+    assert any(v.endswith(":/root/.ollama") for v in ollama["volumes"])  # models outlive the container
 
 
-def test_ftdeploy_waits_for_a_healthy_ollama_and_talks_http():
-    svc = _compose()["services"]["ftdeploy"]
+def test_ftdeploy_reaches_the_healthy_sidecar_by_service_name_and_keeps_its_runs():
+    compose = _compose()
+    svc = compose["services"]["ftdeploy"]
     assert svc["depends_on"]["ollama"]["condition"] == "service_healthy"
-    assert svc["environment"]["OLLAMA_HOST"] == "http://ollama:11434"
-    assert svc["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
-    assert "${FTDEPLOY_DATA_DIR:-./data}:/data:ro" in svc["volumes"]
-    assert "${FTDEPLOY_RUNS_DIR:-./runs}:/work/runs" in svc["volumes"]
+    from ftdeploy.sidecar import sidecar_spec
+
+    listens = int(next(iter(sidecar_spec()["ports"])).split("/")[0])  # the port Ollama listens on in its image
+    host = urlsplit(svc["environment"]["OLLAMA_HOST"])
+    assert host.hostname in compose["services"] and host.port == listens
+    assert set(compose["services"][host.hostname]["networks"]) & set(svc["networks"]), "no network in common"
+    # the closing hint's `docker compose exec SERVICE ollama run NAME` must name that same service
+    assert svc["environment"]["FTDEPLOY_COMPOSE_OLLAMA_SERVICE"] == host.hostname
+    assert re.fullmatch(r"\$\{HF_TOKEN(:?-)?\}", svc["environment"]["HF_TOKEN"]), "the token comes from the shell"
+    # SOURCE:TARGET[:MODE], the source possibly a ${VAR:-default} with colons of its own
+    mounts = dict(re.fullmatch(r"(?:\$\{[^}]*\}|[^:]*):([^:]+)(?::(\w+))?", v).groups() for v in svc["volumes"])
+    assert mounts["/data"] == "ro"
+    from ftdeploy.config import Config
+
+    workdir = [args for instruction, args in _stages()[svc["build"]["target"]][1] if instruction == "WORKDIR"][-1]
+    assert f"{workdir}/{Config().runs_dir}" in mounts, "the runs folder the image writes is the mounted one"
+
+
+def test_the_gpu_service_builds_the_gpu_image_and_reserves_the_gpu():
+    compose = _compose()
+    svc = compose["services"]["ftdeploy"]
+    assert svc["build"]["target"] == "gpu" and "gpu" in _stages()
     for service in ("ftdeploy", "ollama"):
-        gpu = _compose()["services"][service]["deploy"]["resources"]["reservations"]["devices"][0]
+        gpu = compose["services"][service]["deploy"]["resources"]["reservations"]["devices"][0]
         assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
-    assert svc["build"]["target"] == "gpu"
     # The gpu target must get torch with CUDA, whatever the cpu target's index is.
     assert svc["build"]["args"]["TORCH_INDEX_URL"] == ""
 
@@ -63,18 +171,22 @@ def test_ftdeploy_waits_for_a_healthy_ollama_and_talks_http():
 def test_cpu_override_drops_the_gpu_and_uses_the_cpu_target():
     services = _compose("compose.cpu.yaml")["services"]
     svc = services["ftdeploy"]
-    assert svc["build"]["target"] == "cpu"
+    assert svc["build"]["target"] == "cpu" and "cpu" in _stages()
     assert svc["deploy"] == services["ollama"]["deploy"] == {"__tag__": "reset"}
     assert "download.pytorch.org/whl/cpu" in svc["build"]["args"]["TORCH_INDEX_URL"]
 
 
 def _published_tags(target: str) -> set[str]:
-    """The tags docker.yml pushes for `target` from the default branch (docker/metadata-action's rules)."""
+    """The tags docker.yml pushes for `target` from the default branch (docker/metadata-action's rules), its suffix
+    read from the flavor's `matrix.target == 'X' && 'S' || 'T'` expression."""
     workflow = yaml.safe_load((REPO / ".github" / "workflows" / "docker.yml").read_text())
-    job = next(j for j in workflow["jobs"].values() if any(s.get("id") == "meta" for s in j["steps"]))
+    job = next(j for j in workflow["jobs"].values() if any(s.get("id") == "meta" for s in j.get("steps", [])))
+    assert target in job["strategy"]["matrix"]["target"]
     meta = next(s for s in job["steps"] if s.get("id") == "meta")["with"]
-    suffix = "-cpu" if target == "cpu" else ""
-    assert "suffix=${{ matrix.target == 'cpu' && '-cpu' || '' }},onlatest=true" in meta["flavor"]
+    rule = re.search(r"suffix=\$\{\{\s*matrix\.target == '(\w+)' && '([^']*)' \|\| '([^']*)'\s*\}\},onlatest=true",
+                     meta["flavor"])
+    assert rule, meta["flavor"]
+    suffix = rule[2] if target == rule[1] else rule[3]
     image = meta["images"].replace("${{ github.repository }}", "ftdeploy/ftdeploy")
     raw = re.findall(r"type=raw,value=(\S+?),enable=\{\{is_default_branch\}\}", meta["tags"])
     return {f"{image}:{tag}{suffix}" for tag in raw}
@@ -88,41 +200,51 @@ def test_compose_uses_the_tags_the_docker_workflow_publishes():
     assert default.fullmatch(cpu_image)[1] in _published_tags("cpu")
 
 
-def test_dockerfile_needs_no_registry_but_its_base_and_drops_root_in_its_entrypoint():
-    text = _dockerfile()
-    # A `# syntax=` line makes BuildKit pull a frontend image: air-gapped hosts cannot build that.
-    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.M | re.I)
-    assert re.findall(r"^FROM (\S+)", text, flags=re.M)[0] == "${BASE_IMAGE}"
-    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
-    runtime = [s for s in stages if re.match(r"\S+ AS (cpu|gpu)\b", s)]
-    assert len(runtime) == 2
-    for stage in runtime:
-        assert 'ENTRYPOINT ["ftdeploy-entrypoint"]' in stage
-        assert "org.opencontainers.image.licenses" in stage
-    entrypoint = (REPO / "scripts" / "docker-entrypoint.sh").read_text()
-    assert entrypoint.rstrip().splitlines()[-1].startswith("exec setpriv --reuid=")
-    ignored = (REPO / ".dockerignore").read_text().splitlines()
-    assert ignored[ignored.index("*") + 1:] and "!runs/" not in ignored and "!.venv/" not in ignored
+def test_dockerfile_needs_no_registry_but_its_base():
+    # A `# syntax=` parser directive makes BuildKit pull a frontend image: air-gapped hosts cannot build that.
+    assert not re.search(r"^#\s*syntax\s*=", (REPO / "Dockerfile").read_text(), flags=re.M | re.I)
+    seen: list[str] = []
+    for name, (source, _) in _stages().items():
+        assert source == "${BASE_IMAGE}" or source in seen, f"stage {name} is built FROM {source}, pulled"
+        seen.append(name)
+
+
+def test_each_image_starts_in_the_entrypoint_script_it_installs():
+    """The script that drops root (scripts/docker-entrypoint.sh; tests/container checks the user for real)."""
+    for target in RUNTIME_TARGETS:
+        entrypoints = [args for name in _lineage(target) for instruction, args in _stages()[name][1]
+                       if instruction == "ENTRYPOINT"]
+        command = json.loads(entrypoints[-1])[0]  # the exec form
+        installed = {PurePosixPath(dest).name: sources for sources, dest in _copies(target)
+                     if PurePosixPath(dest).parent == PurePosixPath("/usr/local/bin")}  # on every image's PATH
+        assert installed.get(command) == ["scripts/docker-entrypoint.sh"], f"{target}: {command} is not installed"
+        labels = " ".join(args for instruction, args in _stages()[target][1] if instruction == "LABEL")
+        assert "org.opencontainers.image.licenses=" in labels, f"{target}: no licence label"
 
 
 def test_the_dependency_layers_copy_nothing_that_changes_with_code_or_docs():
-    """The deps stages hold GBs (torch, CUDA libraries): only pyproject.toml may invalidate them, so editing
-    the README or the package rebuilds the last layer alone."""
-    text = _dockerfile()
-    deps = text[text.index("AS base"):text.index("AS cpu")]
-    copied = [line.split()[1:-1] for line in deps.splitlines() if line.startswith("COPY")]
-    assert [c for c in copied if not c[0].startswith("scripts/")] == [["pyproject.toml"]], copied
-    for target in ("AS cpu", "AS gpu"):
-        stage = text[text.index(target):]
-        assert "COPY README.md ./" in stage[:stage.index("image-pip --no-deps")]
+    """The deps stages hold GBs (torch, CUDA libraries): only pyproject.toml and the scripts they run may invalidate
+    them, so editing the README or the package rebuilds the last layer alone; that layer copies the README before
+    installing, since pyproject.toml names it."""
+    import tomllib
+
+    readme = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["readme"]
+    for target in RUNTIME_TARGETS:
+        for name in _lineage(target)[:-1]:
+            copied = [s for instruction, args in _stages()[name][1] if instruction == "COPY" for s in args.split()[:-1]]
+            assert all(s == "pyproject.toml" or s.startswith("scripts/") for s in copied), (name, copied)
+        steps = _stages()[target][1]
+        install = next(i for i, (instruction, args) in enumerate(steps) if instruction == "RUN" and "image-pip" in args)
+        assert any(instruction == "COPY" and args.split()[0] == readme for instruction, args in steps[:install])
 
 
 def test_base_images_are_pinned_and_no_secret_is_baked_in():
-    text = _dockerfile()
-    for image in re.findall(r"^ARG \w+_IMAGE=(\S+)", text, flags=re.M):
-        assert ":" in image and not image.endswith(":latest"), image
-    for line in re.findall(r"^(?:ENV|ARG) .*$", text, flags=re.M):
-        assert not re.search(r"(TOKEN|SECRET|PASSWORD|API_KEY)\s*=", line, flags=re.I), line
+    for name, image in _global_args().items():
+        if name.endswith("_IMAGE"):
+            assert ":" in image and not image.endswith(":latest"), image
+    for instruction, args in _instructions():
+        if instruction in ("ENV", "ARG"):
+            assert not re.search(r"(TOKEN|SECRET|PASSWORD|API_KEY)\s*=", args, flags=re.I), args
 
 
 def test_hadolint_passes():
@@ -147,10 +269,11 @@ def test_workflow_actions_are_pinned_to_commits():
 def test_sidecar_spec_matches_compose_and_listens_on_loopback_only():
     from ftdeploy.sidecar import OLLAMA_IMAGE, sidecar_spec
 
+    ollama = _compose()["services"]["ollama"]
     spec = sidecar_spec(port=12345)
-    assert spec["image"] == OLLAMA_IMAGE == _compose()["services"]["ollama"]["image"]
+    assert spec["image"] == OLLAMA_IMAGE == ollama["image"]
     assert spec["ports"] == {"11434/tcp": ("127.0.0.1", 12345)}
-    assert spec["healthcheck"]["test"] == ["CMD", "ollama", "list"]
+    assert spec["healthcheck"]["test"] == ollama["healthcheck"]["test"]
     assert list(spec["volumes"].values())[0]["bind"] == "/root/.ollama"
 
 
@@ -165,12 +288,20 @@ def test_ollama_up_without_an_engine_says_so_and_starts_nothing(monkeypatch):
     assert "no Docker engine is reachable" in result.output and "install-ollama.sh" in result.output
 
 
-def test_every_file_the_dockerfile_copies_passes_the_dockerignore():
-    """The build context is `*` minus the .dockerignore's exceptions: a COPY of a file left out fails the build
-    ("not found"), which only the container test would otherwise see (scripts/lib-cpu.sh did, issue 23)."""
-    allowed = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.startswith("!")]
-    copied = [line.split()[1] for line in _dockerfile().splitlines() if line.startswith("COPY ")]
-    assert copied
-    for source in copied:
-        assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is not in the build context"
+def test_everything_the_build_reads_is_in_the_build_context():
+    """A COPY or bind-mount source left out of the context fails the build ("not found"), which only the container
+    test would otherwise see; the package's data files must come along with `COPY ftdeploy`."""
+    sources = [s for target in RUNTIME_TARGETS for sources, _ in _copies(target) for s in sources]
+    sources += re.findall(r"--mount=type=bind,source=([^,\s]+)", " ".join(a for _, a in _instructions()))
+    assert sources
+    for source in sources:
+        assert _in_build_context(source), f"{source} is not in the build context"
+    import tomllib
+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = [f for package, patterns in package_data.items() for pattern in patterns
+               for f in (REPO / package.replace(".", "/")).glob(pattern)]
+    assert shipped
+    for f in shipped:
+        rel = f.relative_to(REPO).as_posix()
+        assert _in_build_context(rel) and any(rel.startswith(s.rstrip("/") + "/") for s in sources), rel

@@ -263,9 +263,10 @@ def test_the_bundled_tool_data_prepares_with_a_tool_template_and_inspect_counts_
                 if "tool_calls" in m}
     assert len(services) >= 5
     result = inspect_data(DataConfig(), str(DEMO / "tools.jsonl"), tok, mapping, None)
-    assert result["rows"] == stats.rows and result["tool_rows"] == stats.rows  # every row offers the tool
-    assert result["tool_calls"] >= len(with_calls)
-    assert "[[<tool_call>" in result["example"]["rendered"]
+    assert result.rows == stats.rows and result.tool_rows == stats.rows  # every row offers the tool
+    assert result.tool_calls >= len(with_calls)
+    assert "[[<tool_call>" in result.example.rendered
+    assert "plot" not in result.to_dict()  # --json names a plot only when one was written
 
 
 def test_the_bundled_tool_data_with_the_demo_bases_own_template_says_what_is_missing(tmp_path):

@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.lint  # tens of seconds: `-m "not lint"` leaves them out of a quick local loop
+
 
 def _tool(name: str) -> str:
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
@@ -44,9 +46,6 @@ MAX_FUNCTION_LINES = 80
 # Over the budget today, each allowed at most the lines it has now (by qualified name, so a move to another module
 # keeps its entry). Shrink these: split one under the budget and delete its entry; never raise a number.
 OVER_BUDGET = {
-    "sections": 148,  # report.py
-    "stage_verify": 134,  # stage_runs.py
-    "ChatFormat.render": 83,  # templates.py
 }
 
 

@@ -1,10 +1,7 @@
 """The stage registry: one declaration per stage, from which fingerprints and the plan follow."""
 
-import subprocess
-import sys
-
 from ftdeploy.config import load_config
-from ftdeploy.pipeline import REGISTRY, Context, plan_stages
+from ftdeploy.pipeline import REGISTRY, Context, fingerprint, plan_stages
 from ftdeploy.runs import STAGES, Run
 
 
@@ -17,15 +14,15 @@ def test_a_stricter_quant_gate_reruns_export(tmp_path):
     """Issue 15's bug: export picks the served quant with verify.min_fidelity, but its fingerprint ignored it,
     so a rerun with a stricter gate skipped export and kept serving the old quant."""
     loose, strict = _context(tmp_path, "verify.min_fidelity=0.5"), _context(tmp_path, "verify.min_fidelity=0.95")
-    assert loose.fingerprint("merge") == strict.fingerprint("merge")
-    assert loose.fingerprint("export") != strict.fingerprint("export")
+    assert fingerprint(loose, "merge") == fingerprint(strict, "merge")
+    assert fingerprint(loose, "export") != fingerprint(strict, "export")
 
 
 def test_a_finished_stage_with_the_same_fingerprint_and_outputs_is_skipped(tmp_path):
     ctx = _context(tmp_path)
     ctx.run.data_dir.mkdir(parents=True)
     (ctx.run.data_dir / "train.jsonl").write_text("{}\n")
-    ctx.run.update(stages={"data": {"status": "done", "fingerprint": ctx.fingerprint("data")}})
+    ctx.run.update(stages={"data": {"status": "done", "fingerprint": fingerprint(ctx, "data")}})
     plan = dict(plan_stages(ctx))
     assert plan["data"] is False and plan["train"] is True and plan["register"] is True
     assert dict(plan_stages(ctx, force=("data",)))["data"] is True
@@ -43,8 +40,13 @@ def test_the_registry_is_the_stage_list_and_each_declared_key_exists():
     assert "logging_steps" not in REGISTRY["train"].config_values(cfg)["train"]  # volatile keys stay out
 
 
-def test_the_registry_prints_each_stage_with_its_keys():
-    code = ("from ftdeploy.pipeline import REGISTRY\n"
-            "for s in REGISTRY.values(): print(s.name, *s.reads)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "export export name verify.min_fidelity" in out.splitlines()
+def test_a_declared_key_moves_its_stage_and_those_after_it_and_a_volatile_key_moves_none(tmp_path):
+    base = _context(tmp_path)
+    for stage, override in {"data": "data.max_seq_length=64", "train": "train.learning_rate=0.001",
+                            "export": "verify.min_fidelity=0.5", "modelfile": "modelfile.system=Be brief."}.items():
+        changed = _context(tmp_path, override)
+        at = STAGES.index(stage)
+        assert [fingerprint(changed, s) == fingerprint(base, s) for s in STAGES] == \
+            [i < at for i in range(len(STAGES))], override
+    quiet = _context(tmp_path, "train.logging_steps=7")
+    assert all(fingerprint(quiet, s) == fingerprint(base, s) for s in STAGES)

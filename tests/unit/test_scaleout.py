@@ -186,7 +186,7 @@ def test_an_adapter_modelfile_points_at_the_registered_base():
 
 
 def test_the_base_name_is_derived_from_the_base_model_and_quant():
-    from ftdeploy.stage_runs import base_name
+    from ftdeploy.pipeline.artifacts import base_name
 
     assert (base_name(_cfg("base_model=unsloth/Llama-3.2-3B-Instruct"), "q4_k_m")
             == "ftdeploy-base-llama-3.2-3b-instruct:q4_k_m")

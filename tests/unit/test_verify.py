@@ -8,7 +8,8 @@ from ftdeploy.stages.verify import check, failures, generation_limit, summarize,
 
 def _summary(done_reasons, oks, parity_ok=True, merged_stopped=None, ratios=None, gated=True):
     """A served model's verify summary: its answers' done reasons and matches, what the merged model did."""
-    answers = [Answer("q", "e", "a", ok, r, gated=gated) for ok, r in zip(oks, done_reasons, strict=True)]
+    answers = [Answer(prompt="q", expected="e", answer="a", ok=ok, done_reason=r, gated=gated)
+               for ok, r in zip(oks, done_reasons, strict=True)]
     s = summarize(answers, 0.8)
     s.min_agreement, s.max_tokens, s.prompts = 0.7, 31, ["q"] * len(answers)
     s.template_parity = TemplateParity(checked=3, passed=parity_ok,
@@ -183,10 +184,11 @@ def test_match_modes_per_eval_row(tmp_path):
 
 
 def _chatml_tools_mapping():
-    from ftdeploy.stages.modelfile import mapping_for_template
+    from ftdeploy.chat_template import ChatTemplate, mapping_for_template
     from ftdeploy.tokenizer import read_chat_template_file
 
-    mapping = mapping_for_template(read_chat_template_file("chatml-tools"), "", "<|im_end|>", "chatml-tools")
+    mapping = mapping_for_template(ChatTemplate(read_chat_template_file("chatml-tools"), "", "<|im_end|>"),
+                                   "chatml-tools")
     assert mapping.tools
     return mapping
 

@@ -38,7 +38,7 @@ def _ctx(data_dir):
 
 
 def test_the_data_stage_samples_raw_texts_and_verify_continues_them(tmp_path, tiny_tokenizer):
-    from ftdeploy.stage_runs import raw_text_data, verify_examples
+    from ftdeploy.pipeline.artifacts import raw_text_data, verify_examples
 
     texts = _prepared(tmp_path, tiny_tokenizer, [{"text": t} for t in TEXTS], "text")
     sample = load_train_sample(texts)
@@ -103,7 +103,7 @@ def test_raw_continuations_are_compared_with_the_merged_model_and_gated(tmp_path
 
 
 def test_raw_text_with_nothing_to_continue_says_what_the_data_is(tmp_path):
-    from ftdeploy.stage_runs import raw_text_data
+    from ftdeploy.pipeline.artifacts import raw_text_data
 
     found = failures(VerifySummary(prompt_source="train", raw=True), "m")
     assert [f.check for f in found] == ["no_prompts"]

@@ -133,7 +133,7 @@ def _ctx(data_dir, **cfg):
 
 
 def test_verify_asks_training_prompts_when_the_data_has_no_eval_rows(tmp_path, tiny_tokenizer):
-    from ftdeploy.stage_runs import verify_examples
+    from ftdeploy.pipeline.artifacts import verify_examples
 
     path = _write(tmp_path / "mine.jsonl", [{**r, "expect": "x"} for r in _own_rows(12)])
     prepare_data(DataConfig(train=str(path)), tiny_tokenizer, _mapping(tiny_tokenizer), tmp_path / "out", seed=0)

@@ -17,6 +17,7 @@ _.on_train_begin  # stages/train.py: transformers' TrainerCallback hooks, with t
 _.on_log
 _.control
 _._body  # templates.py: the {% generation %} extension's method, called by name from the compiled template
+_.__getattr__  # config.py: the module's (PEP 562), which Python calls to load the config models on first use
 
 # Set on another library's object, which reads it.
 _.encode_special_tokens  # tokenizers.Tokenizer: whether special tokens in the text are split (data/fast.py)
@@ -30,6 +31,8 @@ results.TrainResult.per_device_batch
 results.TrainResult.examples_per_s
 results.TrainResult.dataset_trained_tokens
 results.TrainResult.resumed_from
+results.LossPoint.lr  # metrics.train.loss_history (TrainMetrics); the plot reads step and loss
+results.LossPoint.elapsed_s
 
 # Library API that only tests and their harness call today (a decision for their owners: use them, or move them to
 # tests/ with their callers).

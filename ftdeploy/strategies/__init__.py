@@ -1,1 +1,0 @@
-"""Bundled multi-process strategy configs (DeepSpeed ZeRO-3)."""
