@@ -215,6 +215,17 @@ _DIST_FLAGS = {
     "strategy": ("train.strategy", click.option("--strategy", type=click.Choice(["ddp", "fsdp", "deepspeed"]),
                                                 help="Multi-process strategy (default ddp).")),
 }
+_METHOD_FLAGS = {
+    "method": ("train.method", click.option("--method", type=click.Choice(["sft", "dpo", "orpo", "kto", "grpo"]),
+                                            help="Training method: sft (default), dpo or orpo (chosen/rejected pairs; "
+                                                 "orpo: SFT and preference in one loss, no reference model), kto "
+                                                 "(answers labelled good or bad; settings: the preference section) "
+                                                 "or grpo (prompts, scored by the reward functions of the grpo "
+                                                 "section).")),
+    "from_run": ("from_run", click.option("--from-run", metavar="NAME",
+                                          help="Train on the merged model of an earlier run in --runs-dir instead of "
+                                               "--base-model (SFT, then DPO on it).")),
+}
 _DEPLOY_FLAGS = {
     "deploy": ("export.deploy", click.option("--deploy", type=click.Choice(["full", "adapter"]),
                                              help="Register the merged model (full) or the base once plus this tune "
@@ -281,7 +292,7 @@ def _ollama_run_line(name: str, host: str) -> str:
 
 
 @cli.command("train-and-serve")
-@config_options(extra=_DATA_FLAGS | _GATE_FLAGS | _DIST_FLAGS | _DEPLOY_FLAGS)
+@config_options(extra=_DATA_FLAGS | _GATE_FLAGS | _METHOD_FLAGS | _DIST_FLAGS | _DEPLOY_FLAGS)
 @click.option("--from", "from_stage", type=click.Choice(STAGE_NAMES), help="Rerun this stage and every one after it.")
 @click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES),
               help="Rerun this stage even if unchanged (repeatable).")
@@ -351,8 +362,8 @@ def _stage_command(stage: str, doc: str, extra: dict[str, Any] | None = None) ->
         _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items() if k != "answers"))
 
 
-_stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf; --nproc N for "
-               "torchrun).", _DIST_FLAGS)
+_stage_command("train", "Train a LoRA/QLoRA adapter on the prepared data (engine auto|unsloth|hf; --method "
+               "sft|dpo|orpo|kto|grpo; --nproc N for torchrun).", _METHOD_FLAGS | _DIST_FLAGS)
 _stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.")
 _stage_command("export", "Convert the merged model to GGUF and quantize it (default --quant auto: the smallest type "
                "that passes the quant gate); the quant gate picks the served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
@@ -363,7 +374,7 @@ _stage_command("verify", "Ask the served model the eval prompts (without eval ro
 
 
 @cli.group("data", cls=FtdeployGroup, invoke_without_command=True)
-@config_options(extra=_DATA_FLAGS)
+@config_options(extra=_DATA_FLAGS | _METHOD_FLAGS)
 @click.option("--json", "as_json", is_flag=True, help="Print the stage's outputs as JSON.")
 @click.pass_context
 def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
@@ -408,7 +419,7 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
         plot = Path(tempfile.gettempdir()) / f"ftdeploy-{cfg.name.replace('/', '_').replace(':', '_')}-data_lengths.png"
     base = resolve_base_model(cfg.base_model, cfg.trust_remote_code, cfg.base_revision, cfg.given_as("base_model"))
     tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code, cfg.data.chat_template)
-    result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot)
+    result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot, cfg.train.method)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

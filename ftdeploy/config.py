@@ -23,9 +23,11 @@ if TYPE_CHECKING:  # for the type checker; at run time __getattr__ below loads t
         Config,
         DataConfig,
         ExportConfig,
+        GrpoConfig,
         LoraConfig,
         ModelfileConfig,
         OllamaConfig,
+        PreferenceConfig,
         TrainConfig,
         VerifyConfig,
         describe_keys,
@@ -42,8 +44,8 @@ MODEL_NAME_RE = re.compile(
 )
 
 
-_MODELS = {"Config", "DataConfig", "LoraConfig", "TrainConfig", "ExportConfig", "ModelfileConfig", "OllamaConfig",
-           "VerifyConfig", "describe_keys"}
+_MODELS = {"Config", "DataConfig", "LoraConfig", "TrainConfig", "PreferenceConfig", "GrpoConfig", "ExportConfig",
+           "ModelfileConfig", "OllamaConfig", "VerifyConfig", "describe_keys"}
 
 
 def __getattr__(name: str) -> Any:

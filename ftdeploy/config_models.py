@@ -70,8 +70,10 @@ class DataConfig(_Section):
         "nothing. Unset (the default): data of 200 rows or more holds out 5% of its rows, at most 50, for verify's "
         "reference scoring; smaller data trains on every row, and verify compares the served model with the merged "
         "one on a sample of the training prompts (no reference scoring: that needs eval rows)."))
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "prompt_completion", "text"] = Field(default=
-        "auto", description="Dataset layout (auto: detected from the columns).")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "prompt_completion", "text", "preference",
+                    "kto"] = Field(default="auto", description=(
+        "Dataset layout (auto: detected from the columns); preference: chosen/rejected pairs (train.method dpo, "
+        "orpo or kto), kto: labelled answers (train.method kto)."))
     columns: AnyMapping = Field(default_factory=dict, description=(
         "Column names for other layouts: prompt, response, system (e.g. {prompt: question, response: answer})."))
     on_bad_row: Literal["error", "skip"] = Field(default="error", description=(
@@ -109,6 +111,15 @@ class LoraConfig(_Section):
 class TrainConfig(_Section):
     engine: Literal["auto", "unsloth", "hf"] = Field(default="auto", description=(
         "auto: unsloth when CUDA and unsloth are present, else hf (transformers + PEFT + TRL)."))
+    method: Literal["sft", "dpo", "orpo", "kto", "grpo"] = Field(default="sft", description=(
+        "Training method: sft (supervised, on chats), dpo (Direct Preference Optimization, on chosen/rejected pairs), "
+        "orpo (Odds Ratio Preference Optimization: SFT on the chosen answer and an odds-ratio preference term in one "
+        "loss, no reference model; on the same pairs), kto (Kahneman-Tversky Optimization, on answers labelled good "
+        "or bad), grpo (Group Relative Policy Optimization: the model answers each prompt several times and learns "
+        "toward the answers your reward functions score higher; on prompts); TRL's trainers on either engine. The "
+        "data's layout must match: preference pairs for dpo and orpo, labelled answers (or pairs, split) for kto, "
+        "prompts (or chats, whose last answer becomes the `answer` column) for grpo. Settings: the preference "
+        "section; grpo: the grpo section."))
     max_steps: Int = Field(default=60, ge=0, description="Optimizer steps (overrides epochs when > 0).")
     epochs: Float = Field(default=1.0, gt=0, description="Epochs, used when max_steps is 0.")
     learning_rate: Float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
@@ -146,6 +157,46 @@ class TrainConfig(_Section):
         "With several processes keep batch_size x gradient_accumulation as the global batch (accumulation is divided "
         "by the world size), so a config trains the same on 1 or N GPUs; false: each process takes the whole batch "
         "(global batch grows with N, as in Axolotl)."))
+
+
+class PreferenceConfig(_Section):
+    beta: Float = Field(default=0.1, gt=0, le=100, description=(
+        "dpo, kto: how far the trained model may move from the reference (the base with the adapter off); higher "
+        "stays closer (TRL's beta). orpo: the weight of the odds-ratio term beside the chosen answer's SFT loss "
+        "(the paper's lambda; TRL's ORPOConfig beta)."))
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero",
+                       "apo_down", "sft"] = Field(default="sigmoid", description=(
+        "dpo: the loss (TRL's DPOConfig loss_type; sigmoid is the original DPO)."))
+    label_smoothing: Float = Field(default=0.0, ge=0, lt=0.5, description=(
+        "dpo: the share of pairs assumed mislabelled (conservative DPO, robust loss); 0: none."))
+    desirable_weight: Float = Field(default=1.0, gt=0, le=100, description=(
+        "kto: the loss weight of the answers labelled good (raise it when good answers are rarer than bad ones)."))
+    undesirable_weight: Float = Field(default=1.0, gt=0, le=100, description=(
+        "kto: the loss weight of the answers labelled bad."))
+
+
+# grpo.rewards' default: the bundled arithmetic example (ftdeploy/rewards.py's EXAMPLE_SPECS, which a test compares)
+EXAMPLE_REWARDS = ("ftdeploy.rewards:format_reward", "ftdeploy.rewards:exact_answer")
+
+
+class GrpoConfig(_Section):
+    rewards: StrList = Field(default_factory=lambda: list(EXAMPLE_REWARDS), min_length=1, description=(
+        "grpo: the reward functions, each `module:function` or `path/to/file.py:function` (a file is read from the "
+        "working directory). Each is called as TRL's GRPOTrainer calls one: prompts=, completions=, completion_ids= "
+        "and every other data column (e.g. answer=) as keyword lists, and returns one number (or None: not "
+        "applicable) per completion; the rewards are summed. Default: the bundled arithmetic example (a final "
+        "`Answer: <number>` line, and that number equal to the row's `answer`)."))
+    num_generations: Int = Field(default=8, ge=2, le=1024, description=(
+        "grpo: answers sampled per prompt, scored against each other (the group). The global batch (train.batch_size "
+        "x train.gradient_accumulation x processes) counts answers, not prompts, and must be a multiple of it."))
+    max_completion_length: Int = Field(default=512, ge=1, le=1 << 20, description=(
+        "grpo: most tokens of each sampled answer (an answer cut here is scored as it is). The prompt itself is "
+        "bounded by data.max_seq_length."))
+    temperature: Float = Field(default=1.0, gt=0, le=10, description=(
+        "grpo: sampling temperature of the answers; higher gives a group more varied answers to learn from."))
+    beta: Float = Field(default=0.0, ge=0, le=100, description=(
+        "grpo: the KL coefficient, how strongly training holds the model to the reference (the base, with the adapter "
+        "off); 0 (TRL's default) computes no reference and logs no KL; DeepSeek-R1 used 0.001."))
 
 
 class ExportConfig(_Section):
@@ -227,9 +278,15 @@ class Config(_Section):
         "Hub revision (branch, tag or commit) of base_model; the commit used is recorded."))
     trust_remote_code: Bool = Field(default=False, description=(
         "Allow model code from the hub (off unless asked for; the commit is recorded)."))
+    from_run: Str | None = Field(default=None, description=(
+        "An earlier run (its name, in runs_dir) whose merged model this run trains instead of base_model: SFT, then "
+        "DPO on the SFT model, as two commands. The earlier run's merge is part of this run's fingerprint, so a rerun "
+        "that changed it trains this one again."))
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     modelfile: ModelfileConfig = Field(default_factory=ModelfileConfig)
     ollama: OllamaConfig = Field(default_factory=OllamaConfig)

@@ -27,7 +27,7 @@ from .config import Config, config_from_dict
 from .errors import FtdeployError
 from .results import TrainMetrics
 from .runs import atomic_path
-from .stages.train import fit, import_engine_first, select_engine
+from .stages.train import check_method, fit, import_engine_first, select_engine
 from .strategy import check_strategy, rank, world_size
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,11 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
 
     With `checkpoint_dir`, a checkpoint is saved every `train.save_steps` steps and, when `resume`,
     training continues from the newest usable one (same data order, optimizer and RNG state).
-    With train.nproc x train.nnodes > 1, the work is handed to torch's launcher (`launch`)."""
+    With train.nproc x train.nnodes > 1, the work is handed to torch's launcher (`launch`); each worker trains with
+    the config's train.method, and rank 0's metrics (a preference run's rewards among them) come back through
+    metrics.json (TrainMetrics.to_dict / from_dict)."""
     check_strategy(cfg, select_engine(cfg.train.engine))
+    check_method(cfg)  # a KTO batch too small per process: refused before torchrun starts
     if world_size(cfg) == 1:
         with atomic_path(adapter_dir) as tmp:
             return fit(base, data_dir, tmp, cfg, tokenizer, checkpoint_dir, resume)

@@ -79,3 +79,8 @@ class VerifyError(FtdeployError):
     """The served model failed verification."""
 
     exit_code = 3
+
+
+class RewardError(FtdeployError):
+    """A GRPO reward function (grpo.rewards) failed when called, or returned what GRPO cannot use: the message names
+    the function and the rows it was scoring."""

@@ -355,10 +355,14 @@ class OllamaClient:
         self._call(f"delete {model}", lambda: self._api.delete(model), request="DELETE /api/delete")
 
     def generate(self, model: str, prompt: str, raw: bool = False, options: dict[str, Any] | None = None,
-                 keep_alive: str | int | None = None) -> GenerateResponse:
+                 keep_alive: str | int | None = None, top_logprobs: int | None = None) -> GenerateResponse:
+        """top_logprobs: return each generated token's log-probability and the most likely `top_logprobs` tokens'
+        (0-20; Ollama gives log-probabilities of generated tokens only, not of a given text)."""
         # One JSON answer after the whole generation (not streamed), which may first load the model: the long bound.
+        extra: dict[str, Any] = {} if top_logprobs is None else {"logprobs": True, "top_logprobs": top_logprobs}
         return self._call(f"generate with {model}", lambda: self._long_api.generate(
-            model, prompt, raw=raw, options=options, keep_alive=keep_alive), request="POST /api/generate", long=True)
+            model, prompt, raw=raw, options=options, keep_alive=keep_alive, **extra), request="POST /api/generate",
+            long=True)
 
     def chat(self, model: str, messages: list[dict[str, Any]], options: dict[str, Any] | None = None,
              keep_alive: str | int | None = None, tools: list[dict[str, Any]] | None = None) -> ChatResponse:

@@ -7,7 +7,16 @@ import html
 from pathlib import Path
 from typing import Any
 
-from .results import ExportResult, Forgetting, ModelScore, RegisterResult, TrainMetrics, VerifySummary
+from .results import (
+    ExportResult,
+    Forgetting,
+    ModelScore,
+    PreferenceCheck,
+    RegisterResult,
+    RewardCheck,
+    TrainMetrics,
+    VerifySummary,
+)
 from .runs import LOSS_PLOT, MANIFEST_FILE, atomic_write_text, read_manifest
 
 REPORT_MD = "report.md"
@@ -63,6 +72,10 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[Section]:
         out.append(_eval_section(verify, export))
         if verify.prompts:
             out.append(_answers_section(verify))
+    if verify.preference:
+        out.append(_preference_section(verify.preference))
+    if verify.rewards:
+        out.append(_rewards_section(verify.rewards))
     if verify.forgetting:
         out.append(_forgetting_section(verify.forgetting))
     if metrics.get("train"):
@@ -167,6 +180,30 @@ def _answers_section(verify: VerifySummary) -> Section:
     return "Answers", [intro + "; [a/b]: the served answer repeats the first a of the merged answer's b tokens."], rows
 
 
+def _preference_section(pref: PreferenceCheck) -> Section:
+    """How the base, the merged and the served model rank the chosen answers over the rejected."""
+    if pref.method == "kto":
+        text = [f"On {pref.pairs} labelled answers, the tuned model's log-probability per token rose "
+                f"{_num(pref.merged_margin)} more for the good answers than for the bad ones, from the base."
+                if pref.merged_margin is not None else
+                f"{pref.pairs} labelled answers; the change from the base needs verify.compare."]
+        return ("Preference", text, None)
+    text = [f"On {pref.pairs} held-out pairs: the merged model prefers the chosen answer in "
+            f"{_pct(pref.merged_accuracy)} of pairs (mean log-probability margin {_num(pref.merged_margin)}), the base "
+            f"in {_pct(pref.base_accuracy)} ({_num(pref.base_margin)}). At the first token where the answers differ, "
+            f"the served model puts the chosen one first in {_pct(pref.served_accuracy)} of pairs and agrees with the "
+            f"merged model in {_pct(pref.agreement)} (Ollama returns log-probabilities of generated tokens only)."]
+    rows = [["prompt", "margin (merged)", "margin (base)", "merged first", "served first"]]
+    for item in pref.items:
+        rows.append([item.prompt[:60], _num(item.merged_margin, "{:.2f}"), _num(item.base_margin, "{:.2f}"),
+                     _choice(item.merged_first), _choice(item.served_first)])
+    return ("Preference", text, rows)
+
+
+def _choice(first: bool | None) -> str:
+    return "–" if first is None else "chosen" if first else "rejected"
+
+
 def _forgetting_section(forget: Forgetting) -> Section:
     text = [f"Of {forget.prompts} general-knowledge prompts, the base answered {forget.base_correct} correctly and "
             f"the tuned model {forget.tuned_correct}; the tune broke {forget.broken} and changed {forget.changed} "
@@ -180,7 +217,54 @@ def _training_section(train: TrainMetrics) -> Section:
     text = [f"Engine `{train.engine}` on {train.device}, {train.steps} steps, final loss "
             f"{_num(train.final_loss, '{:.4f}')}, {train.seconds} s"
             + (f" (resumed from {train.resumed_from})" if train.resumed_from else "") + "."]
+    if train.method == "grpo":
+        text.append(_grpo_paragraph(train))
+    elif train.method != "sft":
+        text.append(_preference_paragraph(train))
     return "Training", text + ([f"![loss]({LOSS_PLOT})"]), None
+
+
+def _grpo_paragraph(train: TrainMetrics) -> str:
+    """A GRPO run's method and how the mean reward of its sampled answers moved."""
+    text = (f"Method `grpo`: GRPO (Group Relative Policy Optimization), answers sampled and scored by the reward "
+            f"functions as it trained; final mean reward {_num(train.final_reward)}")
+    scored = [p for p in train.reward_history if p.reward is not None]
+    if len(scored) > 1:
+        text += f", from {_num(scored[0].reward)} at step {scored[0].step}"
+    if scored and scored[-1].functions:
+        text += " (" + ", ".join(f"{name} {_num(v)}" for name, v in scored[-1].functions.items()) + ")"
+    return text + "."
+
+
+def _rewards_section(check: RewardCheck) -> Section:
+    """The reward functions on the greedy answers to the eval prompts: served, merged and base."""
+    text = [f"The reward functions on greedy answers (at most {check.max_tokens} tokens) to {check.prompts} eval "
+            f"prompts: mean reward served {_num(check.served)}, merged {_num(check.merged)}, base "
+            f"{_num(check.base)}."]
+    rows = [["reward function", "served", "merged", "base", "served answers scored"]]
+    rows += [[f.name, _num(f.served), _num(f.merged), _num(f.base), str(f.scored)] for f in check.functions]
+    return "Rewards", text, rows
+
+
+def _preference_paragraph(train: TrainMetrics) -> str:
+    """A preference run's method and how its reward margin (and the reward accuracy of DPO and ORPO; ORPO's log odds
+    ratio) ended."""
+    names = {"dpo": "DPO (Direct Preference Optimization)", "kto": "KTO (Kahneman-Tversky Optimization)",
+             "orpo": "ORPO (Odds Ratio Preference Optimization: SFT on the chosen answers and an odds-ratio "
+                     "preference term in one loss, no reference model; its rewards are beta x the mean "
+                     "log-probability per answer token)"}
+    text = (f"Method `{train.method}`: {names.get(train.method, train.method)}; final reward margin (chosen minus "
+            f"rejected) {_num(train.final_margin)}")
+    margins = [p for p in train.preference_history if p.margin is not None]
+    if len(margins) > 1:
+        text += f", from {_num(margins[0].margin)} at step {margins[0].step}"
+    if train.final_accuracy is not None:
+        text += f"; final reward accuracy {_pct(train.final_accuracy)} (pairs whose chosen answer scored higher)"
+    odds = [p for p in train.preference_history if p.log_odds_ratio is not None]
+    if odds:
+        text += (f"; final log odds ratio (chosen over rejected) {_num(odds[-1].log_odds_ratio)}, SFT loss on the "
+                 f"chosen answers {_num(odds[-1].nll_loss, '{:.4f}')}")
+    return text + "."
 
 
 def _deploy_section(register: RegisterResult, export: ExportResult) -> Section:

@@ -51,6 +51,10 @@ class TrainResult(Result):
     resumed_from: str | None = None
     worker_node: bool = False  # a node > 0 of a multi-node run: it trained its share, node 0 wrote the adapter
     node_rank: int = 0
+    method: str = "sft"  # train.method: sft, dpo, orpo or kto
+    final_margin: float | None = None  # dpo, orpo, kto: the last logged reward margin (chosen - rejected)
+    final_accuracy: float | None = None  # dpo, orpo: the last logged share of pairs whose chosen reward is the higher
+    final_reward: float | None = None  # grpo: the last logged mean reward of the sampled answers
 
 
 class LossPoint(Result):
@@ -60,6 +64,36 @@ class LossPoint(Result):
     loss: float = 0.0
     lr: float = 0.0
     elapsed_s: float = 0.0  # 0.0 for the steps before a resume (read from the checkpoint)
+
+
+class PreferencePoint(Result):
+    """One logged step of a preference run (dpo, orpo, kto), as TRL logs it: the implicit rewards (beta x the
+    log-ratio of the trained model to the reference; orpo, which has no reference: beta x the mean log-probability
+    per answer token) of the chosen and rejected answers, their margin, the share of pairs whose chosen reward is the
+    higher (dpo and orpo) and KTO's KL estimate; ORPO's log odds ratio (log odds of the chosen answer minus that of
+    the rejected, per token: above 0, the chosen is the likelier) and its SFT loss on the chosen answers. None: not
+    logged at that step (a KTO batch with no rejected answer has no margin)."""
+
+    step: int = 0
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    margin: float | None = None
+    accuracy: float | None = None
+    kl: float | None = None
+    log_odds_ratio: float | None = None  # orpo: TRL logs it as log_odds_chosen (its log_odds_ratio: the log-sigmoid)
+    nll_loss: float | None = None  # orpo: the cross-entropy on the chosen answers' tokens
+
+
+class RewardPoint(Result):
+    """One logged step of a GRPO run, as TRL's GRPOTrainer logs it: the mean reward of the step's sampled answers
+    (each answer's rewards summed over the functions) and its standard deviation, each reward function's mean (None:
+    it scored none of the answers) by its name, and the KL to the reference (logged with grpo.beta above 0 only)."""
+
+    step: int = 0
+    reward: float | None = None
+    reward_std: float | None = None
+    functions: dict[str, float | None] = Field(default_factory=dict)
+    kl: float | None = None
 
 
 class TrainMetrics(Result):
@@ -83,6 +117,12 @@ class TrainMetrics(Result):
     examples_per_s: float = 0.0
     dataset_trained_tokens: int = 0
     resumed_from: str | None = None
+    method: str = "sft"
+    final_margin: float | None = None
+    final_accuracy: float | None = None
+    preference_history: list[PreferencePoint] = Field(default_factory=list)  # dpo, orpo, kto: a point a logged step
+    reward_history: list[RewardPoint] = Field(default_factory=list)  # grpo: a point a logged step
+    final_reward: float | None = None  # grpo: the last logged mean reward
 
 
 class MergeResult(Result):
@@ -225,6 +265,71 @@ class VerifyFailure(Result):
     example: str = ""
 
 
+class PairScore(Result):
+    """One preference pair, as verify saw it: the merged model's (and the base's) log-probability margin, chosen minus
+    rejected; at the first token where the two answers differ, which of the two the merged and the served model put
+    first (None: the served model ranked neither in its top 20)."""
+
+    prompt: str = ""
+    merged_margin: float = 0.0
+    base_margin: float | None = None
+    merged_first: bool | None = None
+    served_first: bool | None = None
+
+
+class PreferenceCheck(Result):
+    """verify on preference data (train.method dpo or kto). DPO pairs: accuracy is the share of pairs whose margin is
+    positive; `agreement` the share of pairs where the served model's choice at the first differing token is the
+    merged model's, gated by verify.min_agreement. KTO rows (one labelled answer each): the margin is the mean change
+    from the base in log-probability of the good answers minus that of the bad ones."""
+
+    method: str = "dpo"
+    pairs: int = 0
+    merged_accuracy: float | None = None
+    merged_margin: float | None = None
+    base_accuracy: float | None = None
+    base_margin: float | None = None
+    served_accuracy: float | None = None  # first differing token, through Ollama's top_logprobs
+    agreement: float | None = None
+    items: list[PairScore] = Field(default_factory=list)
+
+
+class RewardScore(Result):
+    """One reward function's mean over the eval prompts' greedy answers, for each model (None: not asked, or the
+    function scored none of its answers: None is its 'not applicable')."""
+
+    name: str = ""
+    served: float | None = None
+    merged: float | None = None
+    base: float | None = None
+    scored: int = 0  # the served model's answers it scored (not None)
+
+
+class RewardItem(Result):
+    """One eval prompt: each model's greedy answer, and the served answer's reward by function."""
+
+    prompt: str = ""
+    served: str = ""
+    merged: str | None = None
+    base: str | None = None
+    rewards: dict[str, float | None] = Field(default_factory=dict)
+
+
+class RewardCheck(Result):
+    """verify on a GRPO run: the reward functions (grpo.rewards, called as training calls them) on greedy answers to
+    the eval prompts, from the served model (Ollama), the merged model and the base (transformers). `served`,
+    `merged`, `base`: the mean reward, each answer's rewards summed over the functions as GRPO sums them (an answer
+    every function scored None left out)."""
+
+    prompts: int = 0
+    max_tokens: int = 0
+    served: float | None = None
+    merged: float | None = None
+    base: float | None = None
+    functions: list[RewardScore] = Field(default_factory=list)
+    items: list[RewardItem] = Field(default_factory=list)
+
+
 class VerifySummary(Result):
     hits: int = 0
     total: int = 0
@@ -254,6 +359,8 @@ class VerifySummary(Result):
     failures: list[VerifyFailure] = Field(default_factory=list)
     unverified: dict[str, str] = Field(default_factory=dict)  # failed name -> the name it was moved to
     seconds: dict[str, float] = Field(default_factory=dict)  # where verify spent its time
+    preference: PreferenceCheck | None = None  # preference runs only
+    rewards: RewardCheck | None = None  # grpo runs only
 
     def model(self, role: ModelRole) -> ModelScore | None:
         return next((m for m in self.models if m.role == role), None)

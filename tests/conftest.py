@@ -106,13 +106,14 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-def build_tiny_model_dir(path: Path) -> Path:
-    """A Llama-shaped model of about 40,000 parameters, random weights, saved with the tiny tokenizer: a
-    local base model that the real training code loads and trains in seconds on CPU."""
+def build_tiny_model_dir(path: Path, **tokenizer_kw: object) -> Path:
+    """A Llama-shaped model of about 40,000 parameters, random weights, saved with the tiny tokenizer (built with
+    `tokenizer_kw`: build_tiny_tokenizer's eos, pad, ...): a local base model that the real training code loads and
+    trains in seconds on CPU."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(**tokenizer_kw)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -31,10 +31,11 @@ train a turn other than the assistant's, is a bad row, and so are Axolotl's char
 nothing here honours yet. OpenAI's legacy function calling (a row's "functions", an assistant turn's "function_call", a
 "function" turn) is read as tools, tool calls and tool turns. A row-level "system" (the system column) is the system
 message in every chat layout; alpaca's "history" ([[instruction, response], ...]) gives the turns before it; a null or
-NaN field (pandas writes NaN) is absent. Preference data (chosen/rejected pairs, KTO labels) is refused as a whole,
-naming the file: only supervised rows train. A conversation must end on an assistant turn (or on tool results). A
-row holding more than `max_row_bytes` of text is a bad row before anything tokenizes it. Fields a layout does not read
-are ignored and named in one warning per dataset.
+NaN field (pandas writes NaN) is absent. Preference data (chosen/rejected pairs, KTO labels) is refused here as a
+whole, naming the file and the method that trains it: these layouts are sft's, and --method dpo / kto read preference
+data through preference.py (a RecordStream of its own, reusing these checks). A conversation must end on an assistant
+turn (or on tool results). A row holding more than `max_row_bytes` of text is a bad row before anything tokenizes it.
+Fields a layout does not read are ignored and named in one warning per dataset.
 
 Pure: no torch.
 """
@@ -47,7 +48,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DataConfig
@@ -58,6 +59,7 @@ from .sources import BadRow, demo_path, iter_rows, json_reason
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("messages", "sharegpt", "alpaca", "pairs", "prompt_completion", "text")
+PREFERENCE_FORMATS = ("preference", "kto")  # data.format's preference layouts (preference.py reads them)
 ROLES = ("system", "user", "assistant")
 TOOL_ROLE = "tool"  # a tool call's result, in the messages layout
 LEGACY_FUNCTION_ROLE = "function"  # OpenAI's legacy function result turn, read as a tool turn
@@ -75,7 +77,8 @@ MEDIA_PARTS = {"image": "images", "image_url": "images", "input_image": "images"
                "file": "files", "input_file": "files"}
 MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's row-level media lists
 # Columns that hold a list of messages, read from JSON text too (a CSV column, an export's string)
-JSON_MESSAGE_COLUMNS = ("messages", "conversations", "prompt", "completion")
+JSON_MESSAGE_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "preferred_output",
+                        "non_preferred_output")
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's (and LLaVA's) mark where an image goes in the text
 WEIGHT_KEYS = ("weight", "loss_weight")  # OpenAI's fine-tuning format, LLaMA-Factory's: 0 or 1
 TRAIN_FLAGS = ("training", "train")  # Axolotl's message_field_training (its docs' examples name it either way)
@@ -95,10 +98,23 @@ class Record:
     tools: list[dict[str, Any]] | None = None  # function specs the chat template renders (tools=...)
     untrained: tuple[int, ...] = ()  # assistant turns (0 = the first assistant message) given weight 0
     context_chars: int = 0  # raw text: its first characters (a plain prompt/completion row's prompt) are not trained
+    # Preference data (preference.py): `messages` is the prompt (the turns before the answer), and these the answers,
+    # each one assistant message: a DPO pair has both, a KTO row one (chosen: labelled good; rejected: bad).
+    chosen: dict[str, Any] | None = None
+    rejected: dict[str, Any] | None = None
+    # GRPO prompts (grpo.py): `messages` is the prompt, ending on the user turn the model answers, and these the row's
+    # other columns, which the reward functions are given (`answer`: the reference, where the row has one).
+    columns: dict[str, Any] = field(default_factory=dict)
 
     def uses_tools(self) -> bool:
         """Whether the conversation uses tools: tool specs, tool calls or tool results."""
-        return bool(self.tools) or any("tool_calls" in m or m["role"] == "tool" for m in self.messages or ())
+        answers = [m for m in (self.chosen, self.rejected) if m is not None]
+        return bool(self.tools) or any("tool_calls" in m or m["role"] == "tool"
+                                       for m in [*(self.messages or ()), *answers])
+
+    def is_preference(self) -> bool:
+        """Whether this is a preference record: a prompt with a chosen and/or a rejected answer."""
+        return self.chosen is not None or self.rejected is not None
 
 
 @dataclass
@@ -171,8 +187,10 @@ def preference_kind(row: dict[str, Any], columns: Columns) -> str | None:
 
 
 def _not_supervised(kind: str) -> str:
-    return f"preference data ({kind}): not supported yet; ftdeploy trains supervised fine-tuning rows " \
-           "(messages, conversations, instruction/output, prompt/response, prompt/completion, text)"
+    method, what = ("kto", "labelled answers") if "KTO" in kind else ("dpo or orpo", "preference pairs")
+    return f"preference data ({kind}): not supported by --method sft (train.method: sft, the default), which " \
+           "trains supervised fine-tuning rows (messages, conversations, instruction/output, prompt/response, " \
+           f"prompt/completion, text); --method {method} trains {what}"
 
 
 def refuse_preference(rows: list[tuple[str, Any]], columns: Columns, source: str, others: int | None = None) -> None:
@@ -702,23 +720,32 @@ def convert_row(row: Any, layout: str, columns: Columns) -> Record | str:
         return f"expected an object, got {type(row).__name__}"
     if kind := preference_kind(row, columns):
         return _not_supervised(kind)
-    if reason := _media(row):
-        return reason
-    expect = row.get("expect") if isinstance(row.get("expect"), str) else None
-    if expect is not None and (reason := _not_unicode(expect)):
-        return f"'expect' {reason}"
-    match = row.get("match", "contains")
-    if match not in ("contains", "exact", "regex"):
-        return f"'match' must be contains, exact or regex, got {match!r}"
-    if match == "regex" and expect is not None:
-        try:
-            re.compile(expect)
-        except re.error as exc:
-            return f"'expect' is not a valid regex: {exc}"
+    expect = expect_of(row)
+    if isinstance(expect, BadRow):
+        return expect.reason
     convert = _CONVERTERS.get(layout)
     if convert is None:
         raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     return convert(row, columns, expect)
+
+
+def expect_of(row: dict[str, Any]) -> str | None | BadRow:
+    """The row's `expect` (what verify compares the reply with; None for none), or why the row is bad: images,
+    videos or audio, an `expect` that is not Unicode or not a valid regex, an unknown `match`."""
+    if reason := _media(row):
+        return BadRow(reason)
+    expect = row.get("expect") if isinstance(row.get("expect"), str) else None
+    if expect is not None and (reason := _not_unicode(expect)):
+        return BadRow(f"'expect' {reason}")
+    match = row.get("match", "contains")
+    if match not in ("contains", "exact", "regex"):
+        return BadRow(f"'match' must be contains, exact or regex, got {match!r}")
+    if match == "regex" and expect is not None:
+        try:
+            re.compile(expect)
+        except re.error as exc:
+            return BadRow(f"'expect' is not a valid regex: {exc}")
+    return expect
 
 
 def _messages_row(row: dict[str, Any], columns: Columns, expect: str | None) -> Record | str:
@@ -890,13 +917,17 @@ def _to_record(where: str, row: Any, layout: str, columns: Columns, system_promp
                max_row_bytes: int = MAX_ROW_BYTES, unused: dict[str, str] | None = None) -> Record | str:
     """The row as a Record, or the bad-row line naming where it came from. Its size is checked first: the work
     (and memory) of rendering and tokenizing a row grows with it. `unused` collects the fields it does not read."""
-    if max_row_bytes > 0 and (size := _size_over(row, max_row_bytes)) is not None:
-        return f"{where}: the row holds {size:,} bytes of text, more than data.max_row_bytes={max_row_bytes:,}; " \
-               "refused before tokenizing (raise data.max_row_bytes to train on rows this long, or split the row)"
+    if reason := too_large(row, max_row_bytes):
+        return f"{where}: {reason}"
     if unused is not None:
         for name in unused_fields(row, layout, columns):
             unused.setdefault(name, where)
-    result = convert_row(row, layout, columns)
+    return placed(convert_row(row, layout, columns), where, row, system_prompt)
+
+
+def placed(result: Record | str, where: str, row: Any, system_prompt: str | None) -> Record | str:
+    """A converted row with where it came from, its `match` mode, and data.system_prompt as its first turn where it
+    has no system turn of its own; a bad row's reason, prefixed with where it came from."""
     if isinstance(result, str):
         return f"{where}: {result}"
     result.source = where
@@ -905,6 +936,14 @@ def _to_record(where: str, row: Any, layout: str, columns: Columns, system_promp
     if system_prompt and result.messages and result.messages[0]["role"] != "system":
         result.messages.insert(0, {"role": "system", "content": system_prompt})
     return result
+
+
+def too_large(row: Any, max_row_bytes: int) -> str | None:
+    """Why a row is too large to tokenize (over `max_row_bytes` of text; 0: no limit), or None."""
+    if max_row_bytes > 0 and (size := _size_over(row, max_row_bytes)) is not None:
+        return f"the row holds {size:,} bytes of text, more than data.max_row_bytes={max_row_bytes:,}; refused " \
+               "before tokenizing (raise data.max_row_bytes to train on rows this long, or split the row)"
+    return None
 
 
 def _size_over(row: Any, limit: int) -> int | None:
@@ -976,16 +1015,26 @@ class RecordStream:
         if not head:
             raise DataError(f"{spec}: the dataset is empty")
         try:
-            if layout == "auto":
-                layout = detect_layout(head, self.columns, spec)
-            else:
-                refuse_preference(head, self.columns, spec)
+            self.layout = self._detect(head, layout)
         except DataError:
             for _ in rows:  # a file-level error further down is the one reported
                 pass
             raise
-        self.layout = layout
         self._pending: tuple[list[tuple[str, Any]], Iterator[tuple[str, Any]]] | None = (head, rows)
+
+    def _detect(self, head: list[tuple[str, Any]], layout: str) -> str:
+        """The layout of the data, given (data.format) or detected from its first rows; preference data refused."""
+        if layout in PREFERENCE_FORMATS:
+            kind = f"data.format {layout}: " + ("KTO's good/bad labels" if layout == "kto" else "preference pairs")
+            raise DataError(f"{self.spec}: {_not_supervised(kind)}")
+        if layout == "auto":
+            return detect_layout(head, self.columns, self.spec)
+        refuse_preference(head, self.columns, self.spec)
+        return layout
+
+    def _convert(self, where: str, row: Any, unused: dict[str, str] | None) -> Record | str:
+        """A row as its Record, or the bad-row line naming it."""
+        return _to_record(where, row, self.layout, self.columns, self.system_prompt, self.max_row_bytes, unused)
 
     def _rows(self) -> Iterator[tuple[str, Any]]:
         return ((where, _json_columns(row)) for where, row in iter_rows(self.spec, self._hub_config, self._split))
@@ -1002,7 +1051,7 @@ class RecordStream:
         unused: dict[str, str] | None = None if self._warned else {}
         raw_text = 0  # records of raw text, which data.system_prompt cannot reach
         for where, row in rows:
-            result = _to_record(where, row, self.layout, self.columns, self.system_prompt, self.max_row_bytes, unused)
+            result = self._convert(where, row, unused)
             if isinstance(result, str):
                 bad.append(result)
                 continue

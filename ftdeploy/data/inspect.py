@@ -1,8 +1,13 @@
 """inspect_data: what the data stage would make of a dataset, without writing it: the layout, row counts, token-length
-statistics and histogram (and a plot of them), and one example as the model sees it, its trained spans marked."""
+statistics and histogram (and a plot of them), and one example as the model sees it, its trained spans marked. For
+dpo and kto, the rows and lengths are train.jsonl's (a row: the prompt and its longest completion; kto trains a pair
+as two rows) and the example shows the prompt with its chosen and rejected answers. For grpo, the lengths are the
+prompts' (the answers are sampled in training) and the example shows the first prompt with its columns."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +18,11 @@ from ..errors import DataError
 from ..runs import atomic_path
 from ..templates import TemplateMapping
 from .fast import tokenize_records
-from .formats import stream_records
+from .formats import Record, RecordStream, stream_records
+from .grpo import stream_grpo, tokenize_prompts
 from .labels import IGNORE_INDEX, Tokenized
+from .preference import METHODS, stream_preference
+from .preference_ids import PreferenceIds, row_length, tokenize_preference
 
 
 class TokenStats(BaseModel):
@@ -34,8 +42,12 @@ class Bucket(BaseModel):
 
 class InspectedExample(BaseModel):
     source: str
-    rendered: str  # as the model sees it, trained spans between [[ ]]
+    rendered: str  # as the model sees it, trained spans between [[ ]] (dpo, kto: the prompt, then each answer)
     tools: bool
+    # dpo, kto: the prompt and the answers, decoded from the ids train.jsonl holds (None: no such answer; sft: none)
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
 
 
 class DataInspection(BaseModel):
@@ -53,10 +65,14 @@ class DataInspection(BaseModel):
     histogram: list[Bucket]
     chat_format: str
     example: InspectedExample
+    method: str = "sft"  # what the data was read as and measured for (train.method)
+    desirable: int | None = None  # kto: rows labelled good
+    undesirable: int | None = None  # kto: rows labelled bad
     plot: str | None = None  # where the plot was written; no key when none was
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"plot"} if self.plot is None else None)
+        """The result as JSON takes it; a key whose value is None (no plot, an sft example's answers) is left out."""
+        return self.model_dump(exclude_none=True)
 
 
 def length_stats(lengths: list[int]) -> TokenStats:
@@ -95,41 +111,117 @@ def mark_trained(tokenizer: Any, tok: Tokenized, open_mark: str = "[[", close_ma
     return "".join(out)
 
 
-def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMapping,
-                 plot_path: Path | None) -> DataInspection:
-    """Layout, row counts, token-length statistics and histogram, and one example with its trained span marked."""
-    records = stream_records(cfg, spec, "train")
-    lengths: list[int] = []
+@dataclass
+class _Seen:
+    """What a pass over the data found: the train rows' token lengths, the example, the counts."""
+
+    lengths: list[int] = field(default_factory=list)
     example: InspectedExample | None = None
-    truncated, tool_rows, tool_calls = 0, 0, 0
+    truncated: int = 0
+    tool_rows: int = 0
+    tool_calls: int = 0
+    desirable: int = 0
+    undesirable: int = 0
+
+    def tools(self, rec: Record, messages: list[dict[str, Any]]) -> None:
+        if rec.uses_tools():
+            self.tool_rows += 1
+            self.tool_calls += sum(len(m.get("tool_calls", ())) for m in messages)
+
+
+def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMapping, plot_path: Path | None,
+                 method: str = "sft") -> DataInspection:
+    """Layout, row counts, token-length statistics and histogram, and one example with its trained span marked;
+    `method` (sft, dpo, orpo, kto): what the data is read as, as prepare_data reads it."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     trains_nothing: list[str] | None = [] if cfg.on_bad_row == "skip" else None  # bad rows found by tokenizing
+    records: RecordStream = stream_records(cfg, spec, "train") if method == "sft" else \
+        stream_grpo(cfg, spec) if method == "grpo" else stream_preference(cfg, spec, method)
     try:
-        for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on,
-                                         trains_nothing):
-            lengths.append(len(tok.input_ids))
-            truncated += tok.truncated
-            if rec.messages is not None and rec.uses_tools():
-                tool_rows += 1
-                tool_calls += sum(len(m.get("tool_calls", ())) for m in rec.messages)
-            # The first row with tools is the example where there is one: its masking is the one worth seeing.
-            if example is None or (tool_rows == 1 and rec.uses_tools() and not example.tools):
-                example = InspectedExample(source=rec.source, rendered=mark_trained(tokenizer, tok),
-                                           tools=rec.uses_tools())
+        if method == "sft":
+            seen = _seen_sft(records, tokenizer, mapping, cfg, trains_nothing)
+        elif method == "grpo":
+            seen = _seen_grpo(records, tokenizer, cfg, trains_nothing)
+        else:
+            seen = _seen_preference(records, tokenizer, mapping, cfg, trains_nothing, method)
     except DataError:
         records.check()  # the file's own errors (bad rows) come first
         raise
     bad = [*records.bad, *(trains_nothing or ())]
-    if not lengths or example is None:
+    if not seen.lengths or seen.example is None:
         raise DataError(f"{spec}: no usable rows ({len(bad)} bad rows skipped):\n  " + "\n  ".join(bad[:20]))
+    lengths, kto = seen.lengths, method == "kto"
     result = DataInspection(
-        format=records.layout, rows=len(lengths), bad_rows=len(bad), bad=bad[:50], tool_rows=tool_rows,
-        tool_calls=tool_calls, truncated=truncated, max_seq_length=cfg.max_seq_length, tokens=length_stats(lengths),
-        histogram=[Bucket(low=lo, high=hi, count=c) for lo, hi, c in histogram(lengths)],
-        chat_format=mapping.format.name, example=example)
+        format=records.layout, rows=len(lengths), bad_rows=len(bad), bad=bad[:50], tool_rows=seen.tool_rows,
+        tool_calls=seen.tool_calls, truncated=seen.truncated, max_seq_length=cfg.max_seq_length,
+        tokens=length_stats(lengths), histogram=[Bucket(low=lo, high=hi, count=c) for lo, hi, c in histogram(lengths)],
+        chat_format=mapping.format.name, example=seen.example, method=method,
+        desirable=seen.desirable if kto else None, undesirable=seen.undesirable if kto else None)
     if plot_path is not None:
         _plot(lengths, cfg.max_seq_length, f"{Path(spec).name}: {len(lengths)} examples ({records.layout})", plot_path)
         result.plot = str(plot_path)
     return result
+
+
+def _seen_sft(records: RecordStream, tokenizer: Any, mapping: TemplateMapping, cfg: DataConfig,
+              trains_nothing: list[str] | None) -> _Seen:
+    seen = _Seen()
+    for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, trains_nothing):
+        seen.lengths.append(len(tok.input_ids))
+        seen.truncated += tok.truncated
+        if rec.messages is not None:
+            seen.tools(rec, rec.messages)
+        # The first row with tools is the example where there is one: its masking is the one worth seeing.
+        if seen.example is None or (seen.tool_rows == 1 and rec.uses_tools() and not seen.example.tools):
+            seen.example = InspectedExample(source=rec.source, rendered=mark_trained(tokenizer, tok),
+                                            tools=rec.uses_tools())
+    return seen
+
+
+def _seen_preference(records: RecordStream, tokenizer: Any, mapping: TemplateMapping, cfg: DataConfig,
+                     trains_nothing: list[str] | None, method: str) -> _Seen:
+    seen = _Seen()
+    for rec, ids in tokenize_preference(records, tokenizer, mapping, cfg.max_seq_length, trains_nothing):
+        for row in ids.rows(method):  # kto: a pair is two rows
+            seen.lengths.append(row_length(row))
+            if "label" in row:
+                seen.desirable += row["label"]
+                seen.undesirable += not row["label"]
+        seen.truncated += ids.truncated
+        answers = [m for m in (rec.chosen, rec.rejected) if m is not None]
+        seen.tools(rec, [*(rec.messages or ()), *answers])
+        if seen.example is None or (seen.tool_rows == 1 and rec.uses_tools() and not seen.example.tools):
+            seen.example = preference_example(tokenizer, rec, ids)
+    return seen
+
+
+def _seen_grpo(records: RecordStream, tokenizer: Any, cfg: DataConfig, trains_nothing: list[str] | None) -> _Seen:
+    """GRPO prompts: their lengths as GRPOTrainer renders them; the example, the first prompt so rendered (the answer
+    that follows it is sampled in training) and the columns its reward functions get."""
+    seen = _Seen()
+    for rec, n in tokenize_prompts(records, tokenizer, cfg.max_seq_length, trains_nothing):
+        seen.lengths.append(n)
+        if seen.example is None:
+            assert rec.messages is not None
+            prompt = tokenizer.apply_chat_template(rec.messages, add_generation_prompt=True, tokenize=False)
+            columns = json.dumps(rec.columns, ensure_ascii=False)
+            seen.example = InspectedExample(source=rec.source, tools=False, prompt=prompt,
+                                            rendered=f"{prompt}[[the sampled answer]]\n--- columns: {columns}")
+    return seen
+
+
+def preference_example(tokenizer: Any, rec: Record, ids: PreferenceIds) -> InspectedExample:
+    """A preference row as the model sees it: the prompt, then each answer (the ids it trains) between [[ ]]."""
+    prompt = tokenizer.decode(ids.prompt_ids)
+    chosen = None if ids.chosen_ids is None else tokenizer.decode(ids.chosen_ids)
+    rejected = None if ids.rejected_ids is None else tokenizer.decode(ids.rejected_ids)
+    parts = [prompt]
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if text is not None:
+            parts.append(f"\n--- {name}, after the prompt:\n[[{text}]]")
+    return InspectedExample(source=rec.source, rendered="".join(parts), tools=rec.uses_tools(), prompt=prompt,
+                            chosen=chosen, rejected=rejected)
 
 
 def _plot(lengths: list[int], max_seq_length: int, title: str, path: Path) -> None:

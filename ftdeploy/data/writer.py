@@ -1,9 +1,19 @@
 """prepare_data: the records stream from the source through the tokenizer (fast.py) into the data directory.
 
-  train.jsonl         input_ids + labels a row (packed into sequences of at most max_seq_length with data.packing)
-  eval.jsonl          the eval chats (data.eval, the demo's eval split, or rows held out of the training data)
-  train_sample.jsonl  a sample of the training chats or raw texts: what verify asks when there are no eval rows
-  stats.json          row and token counts, the layout, bad rows, packed sequences, the chat format
+  train.jsonl         sft: input_ids + labels a row (packed into sequences of at most max_seq_length with
+                      data.packing); dpo and orpo: prompt_ids + chosen_ids + rejected_ids a row; kto: prompt_ids +
+                      completion_ids + label (true: a good answer) a row, a pair giving two (preference_ids.py);
+                      grpo: {"prompt": [messages], "columns": {...}, "source"} a row, the prompt as chat messages
+                      (GRPOTrainer renders and tokenizes it), the columns what the reward functions get (grpo.py)
+  eval.jsonl          the eval chats (data.eval, the demo's eval split, or rows held out of the training data); for
+                      dpo and kto, the prompts with their chosen and/or rejected answers; for grpo, the prompts
+                      (ending on the user turn) with their "columns"
+  train_sample.jsonl  a sample of the training chats or raw texts (or preference or GRPO prompts): what verify asks
+                      when there are no eval rows
+  stats.json          row and token counts, the method, the layout, bad rows, packed sequences, the chat format (for
+                      dpo and kto: a row's tokens are its prompt and longest completion, the trained ones its
+                      completions; kto counts its desirable and undesirable rows; grpo: a row's tokens are its
+                      prompt's, none trained: the answers are sampled in training)
 
 Memory stays flat in the rows: packing keeps two numbers a row, an eval split one bit of bookkeeping a row and a
 counting pass first.
@@ -27,7 +37,11 @@ from ..runs import atomic_path
 from ..templates import TemplateMapping
 from .fast import tokenize_records
 from .formats import Record, RecordStream, stream_records
+from .grpo import stream_grpo, tokenize_prompts
+from .grpo import train_row as grpo_train_row
 from .labels import IGNORE_INDEX, Tokenized
+from .preference import METHODS, stream_preference
+from .preference_ids import row_length, tokenize_preference
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,9 @@ class DataStats:
     max_length: int = 0
     layout: str = ""
     bad_rows: list[str] = field(default_factory=list)
+    method: str = "sft"
+    desirable: int = 0  # kto: rows labelled good
+    undesirable: int = 0  # kto: rows labelled bad
 
     def add(self, tok: Tokenized) -> None:
         self.rows += 1
@@ -55,6 +72,17 @@ class DataStats:
         self.total_tokens += len(tok.input_ids)
         self.trained_tokens += len(tok.labels) - tok.labels.count(IGNORE_INDEX)
         self.max_length = max(self.max_length, len(tok.input_ids))
+
+    def add_preference(self, row: dict[str, Any]) -> None:
+        """A dpo or kto train.jsonl row: its tokens the prompt and its longest completion, the completions trained."""
+        length = row_length(row)
+        self.rows += 1
+        self.total_tokens += length
+        self.trained_tokens += sum(len(row[k]) for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in row)
+        self.max_length = max(self.max_length, length)
+        if "label" in row:
+            self.desirable += row["label"]
+            self.undesirable += not row["label"]
 
     @property
     def mean_length(self) -> float:
@@ -111,7 +139,9 @@ class _TrainSample:
 
     def offer(self, rec: Record) -> None:
         raw = bool(rec.text) and not rec.messages
-        if not raw and (not rec.messages or rec.messages[-1].get("role") != "assistant"):
+        ends_answered = bool(rec.messages and rec.messages[-1].get("role") == "assistant")
+        prompt = bool(rec.messages and rec.messages[-1].get("role") == "user")  # a GRPO prompt (grpo.py)
+        if not (raw or ends_answered or prompt or rec.is_preference()):
             return
         self.seen += 1
         if len(self.kept) < self.size:
@@ -131,6 +161,11 @@ def _eval_line(rec: Record) -> str:
     row: dict[str, Any] = {"messages": rec.messages, "expect": rec.expect, "match": rec.match, "source": rec.source}
     if rec.tools:
         row["tools"] = rec.tools
+    for name in ("chosen", "rejected"):  # preference records: messages is the prompt
+        if getattr(rec, name) is not None:
+            row[name] = getattr(rec, name)
+    if rec.columns:  # GRPO prompts: the row's columns, for verify's reward check
+        row["columns"] = rec.columns
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
@@ -175,21 +210,27 @@ class _TrainWriter:
         self.spool.unlink()
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_dir: Path, seed: int) -> DataStats:
-    """Validate, split, tokenize; write train.jsonl (ids + labels), eval.jsonl (chats), train_sample.jsonl (a
-    sample of the training chats, for verify when there are no eval rows) and stats.json.
+def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_dir: Path, seed: int,
+                 method: str = "sft") -> DataStats:
+    """Validate, split, tokenize; write train.jsonl (sft: ids + labels; dpo and kto: prompt and completion ids),
+    eval.jsonl (chats), train_sample.jsonl (a sample of the training chats, for verify when there are no eval rows)
+    and stats.json. `method` (train.method) is sft, dpo, orpo or kto: what the data is prepared for, and read as
+    (orpo trains the pairs dpo does: the same rows, checks and errors; stats.json names the method).
 
     The records stream from the source through the tokenizer into train.jsonl: memory stays flat in the rows
     (packing keeps two numbers a row; an eval split, one bit of bookkeeping a row and a counting pass first)."""
-    train = stream_records(cfg, cfg.train, "train")
-    eval_stream, held = _eval_source(cfg, train, seed)
-    stats = DataStats(layout=train.layout)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    train = _stream(cfg, cfg.train, "train", method)
+    eval_stream, held = _eval_source(cfg, train, seed, method)
+    stats = DataStats(layout=train.layout, method=method)
     sample = _TrainSample(TRAIN_SAMPLE_ROWS, seed)
     # Rows that train on nothing once tokenized (all past max_seq_length): bad rows too, skipped with the others
     trains_nothing: list[str] | None = [] if cfg.on_bad_row == "skip" else None
+    packing = _packing(cfg, method)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        writer = _TrainWriter(tmp / "train.jsonl", cfg.packing, cfg.max_seq_length)
+        writer = _TrainWriter(tmp / "train.jsonl", packing, cfg.max_seq_length)
         try:
             with open(tmp / "eval.jsonl", "w", encoding="utf-8") as eval_fh:
                 try:
@@ -198,10 +239,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
                     records: Iterable[Record] = train
                     if held:
                         records = _hold_out(train, held, eval_fh, stats)
-                    for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on,
-                                                     trains_nothing):
-                        stats.add(tok)
-                        writer.write(tok, rec.source)
+                    for rec in _write_train(records, tokenizer, mapping, cfg, stats, writer, trains_nothing):
                         sample.offer(rec)
                 except DataError:
                     train.check()
@@ -213,14 +251,61 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
             _no_rows_left(cfg, stats)
         writer.close()
         sample.write(tmp / TRAIN_SAMPLE_FILE)
-        if stats.bad_rows:
-            log.warning("skipped %d bad rows (--on-bad-row skip):\n  %s", len(stats.bad_rows),
-                        "\n  ".join(stats.bad_rows[:20]))
-        if stats.truncated:
-            log.warning("%d of %d conversations were longer than max_seq_length=%d and were truncated",
-                        stats.truncated, stats.rows, cfg.max_seq_length)
-        _write_stats(tmp / "stats.json", cfg, stats, writer, mapping)
+        _warn(cfg, stats)
+        _write_stats(tmp / "stats.json", cfg, stats, writer if packing else None, mapping)
     return stats
+
+
+def _stream(cfg: DataConfig, spec: str, split: str, method: str) -> RecordStream:
+    """The records of `spec`, read as the method reads them: supervised rows for sft, prompts for grpo, preference
+    rows else."""
+    if method == "grpo":
+        return stream_grpo(cfg, spec, split)
+    return stream_records(cfg, spec, split) if method == "sft" else stream_preference(cfg, spec, method, split)
+
+
+def _packing(cfg: DataConfig, method: str) -> bool:
+    if cfg.packing and method != "sft":
+        log.warning("data.packing has no effect with --method %s: each %s is trained on its own", method,
+                    "prompt" if method == "grpo" else "preference row")
+    if cfg.train_on == "all" and method != "sft":
+        log.warning("data.train_on=all has no effect with --method %s: the answers are what trains", method)
+    return cfg.packing and method == "sft"
+
+
+def _write_train(records: Iterable[Record], tokenizer: Any, mapping: TemplateMapping, cfg: DataConfig,
+                 stats: DataStats, writer: _TrainWriter, bad: list[str] | None) -> Iterator[Record]:
+    """Tokenizes the records the method's way and writes their rows to train.jsonl; yields each record written."""
+    if stats.method == "sft":
+        for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, bad):
+            stats.add(tok)
+            writer.write(tok, rec.source)
+            yield rec
+        return
+    if stats.method == "grpo":  # the prompts, measured as GRPOTrainer renders them; their answers are sampled
+        for rec, n in tokenize_prompts(records, tokenizer, cfg.max_seq_length, bad):
+            stats.rows += 1
+            stats.total_tokens += n
+            stats.max_length = max(stats.max_length, n)
+            writer.fh.write(json.dumps(grpo_train_row(rec), ensure_ascii=False) + "\n")
+            yield rec
+        return
+    for rec, ids in tokenize_preference(records, tokenizer, mapping, cfg.max_seq_length, bad):
+        for row in ids.rows(stats.method):  # kto: a pair is two rows
+            stats.add_preference(row)
+            writer.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        stats.truncated += ids.truncated
+        yield rec
+
+
+def _warn(cfg: DataConfig, stats: DataStats) -> None:
+    if stats.bad_rows:
+        log.warning("skipped %d bad rows (--on-bad-row skip):\n  %s", len(stats.bad_rows),
+                    "\n  ".join(stats.bad_rows[:20]))
+    if stats.truncated:
+        what = "conversations were" if stats.method == "sft" else "preference rows had completions that were"
+        log.warning("%d of %d %s longer than max_seq_length=%d and were truncated", stats.truncated, stats.rows, what,
+                    cfg.max_seq_length)
 
 
 def _no_rows_left(cfg: DataConfig, stats: DataStats) -> None:
@@ -231,14 +316,15 @@ def _no_rows_left(cfg: DataConfig, stats: DataStats) -> None:
                     f"(data.eval_split={cfg.eval_split})")
 
 
-def _eval_source(cfg: DataConfig, train: RecordStream, seed: int) -> tuple[RecordStream | None, set[int]]:
+def _eval_source(cfg: DataConfig, train: RecordStream, seed: int,
+                 method: str = "sft") -> tuple[RecordStream | None, set[int]]:
     """Where the eval rows come from: a stream of their own (data.eval, or the demo's eval split), or the indices of
     the training rows held out for eval (data.eval_split; unset, only where the data can spare them)."""
     try:
         if cfg.eval:
-            return stream_records(cfg, cfg.eval, "eval"), set()
+            return _stream(cfg, cfg.eval, "eval", method), set()
         if cfg.train == DEMO_DATA and not cfg.eval_split:
-            return stream_records(cfg, DEMO_DATA, "eval"), set()
+            return _stream(cfg, DEMO_DATA, "eval", method), set()
         if cfg.eval_split is None or cfg.eval_split > 0:
             train.check()  # a counting pass: which rows are held out depends on how many there are
             held = held_out(train.records, cfg.eval_split, seed)
@@ -267,15 +353,21 @@ def _write_eval(cfg: DataConfig, eval_stream: RecordStream, eval_fh: IO[str], st
                         "data.eval unset (verify then asks a sample of the training prompts)")
 
 
-def _write_stats(path: Path, cfg: DataConfig, stats: DataStats, writer: _TrainWriter,
+def _write_stats(path: Path, cfg: DataConfig, stats: DataStats, writer: _TrainWriter | None,
                  mapping: TemplateMapping) -> None:
-    path.write_text(json.dumps({
+    out: dict[str, Any] = {
         "rows": stats.rows, "eval_rows": stats.eval_rows, "truncated": stats.truncated,
         "trained_tokens": stats.trained_tokens, "total_tokens": stats.total_tokens,
         "max_length": stats.max_length, "mean_length": stats.mean_length,
         "train_source": cfg.train, "layout": stats.layout, "bad_rows": len(stats.bad_rows),
-        "packed_sequences": writer.packed if cfg.packing else None, "chat_format": mapping.format.name,
-    }, indent=2))
+        "packed_sequences": writer.packed if writer is not None else None, "chat_format": mapping.format.name,
+    }
+    # sft's stats.json stays as it was (a reader takes a missing "method" for sft, as in data prepared before dpo)
+    if stats.method != "sft":
+        out["method"] = stats.method
+    if stats.method == "kto":
+        out.update(desirable=stats.desirable, undesirable=stats.undesirable)
+    path.write_text(json.dumps(out, indent=2))
 
 
 def _hold_out(records: Iterable[Record], held: set[int], eval_fh: IO[str], stats: DataStats) -> Iterator[Record]:
@@ -290,9 +382,17 @@ def _hold_out(records: Iterable[Record], held: set[int], eval_fh: IO[str], stats
 
 
 def load_tokenized(data_dir: Path) -> list[dict[str, list[int]]]:
+    """sft's train.jsonl rows: input_ids and labels."""
     path = data_dir / "train.jsonl"
     with open(path, encoding="utf-8") as fh:
         return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in map(json.loads, fh)]
+
+
+def load_preference_rows(data_dir: Path) -> list[dict[str, Any]]:
+    """dpo's or kto's train.jsonl rows, without their source: dpo {"prompt_ids", "chosen_ids", "rejected_ids"}, kto
+    {"prompt_ids", "completion_ids", "label"}."""
+    with open(data_dir / "train.jsonl", encoding="utf-8") as fh:
+        return [{k: v for k, v in r.items() if k != "source"} for r in map(json.loads, fh)]
 
 
 def load_train_sample(data_dir: Path) -> list[Record]:
@@ -308,5 +408,6 @@ def load_eval(data_dir: Path, name: str = "eval.jsonl") -> list[Record]:
     with open(path, encoding="utf-8") as fh:
         return [Record(r.get("source", ""), messages=r.get("messages"), text=r.get("text"),
                        context_chars=r.get("context_chars", 0), expect=r.get("expect"),
-                       match=r.get("match", "contains"), tools=r.get("tools"))
+                       match=r.get("match", "contains"), tools=r.get("tools"), chosen=r.get("chosen"),
+                       rejected=r.get("rejected"), columns=r.get("columns") or {})
                 for r in map(json.loads, fh)]

@@ -54,7 +54,9 @@ def eval_texts(ctx: Context, limit: int = 16) -> tuple[list[str], PromptSource]:
 
     render = read_chat_template(ctx.run.merged_dir).renderer()
     examples, source = verify_examples(ctx, limit)
-    return [render(r.messages, False) for r in examples if r.messages], source
+    # a preference row: its prompt with the chosen answer (or the only one: a bad answer is text the model still reads)
+    chats = [[*r.messages, *(a for a in (r.chosen or r.rejected,) if a is not None)] for r in examples if r.messages]
+    return [render(chat, False) for chat in chats], source
 
 
 def auto_quant(cfg: Config) -> bool:
@@ -132,6 +134,9 @@ def file_digest(spec: str | None, split: str) -> str | None:
 def data_files(cfg: Config) -> list[str | None]:
     """The data files' digests, and the chat template file's: editing it prepares the data again."""
     files = [file_digest(cfg.data.train, "train"), file_digest(cfg.data.eval, "eval") if cfg.data.eval else None]
+    if cfg.from_run:  # the earlier run's model as it was merged: a rerun of it that changed it trains this one again
+        earlier = Run(Path(cfg.runs_dir) / cfg.from_run)
+        files.append(earlier.stage_record("merge").get("fingerprint") if earlier.manifest_path.is_file() else None)
     if cfg.data.chat_template:
         from ..tokenizer import chat_template_digest
 

@@ -32,7 +32,8 @@ def stage_data(ctx: Context) -> DataResult:
 
     base = ctx.base()
     tokenizer, mapping = load_tokenizer(base, ctx.cfg.trust_remote_code, ctx.cfg.data.chat_template)
-    stats = prepare_data(ctx.cfg.data, tokenizer, mapping, ctx.run.data_dir, ctx.cfg.train.seed)
+    stats = prepare_data(ctx.cfg.data, tokenizer, mapping, ctx.run.data_dir, ctx.cfg.train.seed,
+                         ctx.cfg.train.method)
     ctx.run.update(base_model={**base_model.describe(ctx.cfg.base_model, base, ctx.cfg.base_revision),
                                "resolved": str(base), "trust_remote_code": ctx.cfg.trust_remote_code})
     return DataResult(rows=stats.rows, eval_rows=stats.eval_rows, truncated=stats.truncated,
@@ -67,7 +68,7 @@ def stage_train(ctx: Context) -> TrainResult:
         shutil.rmtree(ctx.run.checkpoint_dir)
     ctx.run.update(checkpoint_fingerprint=fingerprint)
     metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)
-    plot_loss(metrics.loss_history, ctx.run.path / LOSS_PLOT)
+    plot_loss(metrics.loss_history, ctx.run.path / LOSS_PLOT, metrics.preference_history, metrics.reward_history)
     ctx.run.record_artifact(ctx.run.adapter_dir)
     recorded = metrics.to_dict()
     result = TrainResult.from_dict(recorded)

@@ -71,11 +71,22 @@ class Context:
                     parent.rmdir()
 
     def base(self) -> Path | str:
+        """The checkpoint this run trains: the earlier run's merged model (from_run), else base_model resolved."""
+        if (earlier := self.from_run()) is not None:
+            return earlier
         return base_model.resolve_base_model(self.cfg.base_model, self.cfg.trust_remote_code, self.cfg.base_revision,
                                              self.cfg.given_as("base_model"))
 
+    def from_run(self) -> Path | None:
+        """The merged model of the run named by from_run (None: not given); an error naming it when it has none."""
+        if not self.cfg.from_run:
+            return None
+        return from_run_merged(self.cfg)
+
     def base_if_local(self) -> Path | None:
         """The base checkpoint directory when it is already on disk (never downloads or converts)."""
+        if (earlier := self.from_run()) is not None:
+            return earlier
         resolved = self.run.load_manifest().get("base_model", {}).get("resolved")
         if resolved and Path(resolved).is_dir():
             return Path(resolved)
@@ -86,6 +97,18 @@ class Context:
         if self._client is None:
             self._client = connect(self.cfg.ollama, self.ollama_explicit)
         return self._client
+
+
+def from_run_merged(cfg: Config) -> Path:
+    """The merged model of the earlier run `cfg.from_run` names, which must have finished its merge stage."""
+    earlier = Run(Path(cfg.runs_dir) / str(cfg.from_run))
+    record = earlier.stage_record("merge") if earlier.manifest_path.is_file() else {}
+    if record.get("status") != "done" or not (earlier.merged_dir / "config.json").is_file():
+        raise StageMissingError(
+            f"{cfg.given_as('from_run')}: run {cfg.from_run!r} in {cfg.runs_dir} has no merged model "
+            f"({earlier.merged_dir}); finish it first (`ftdeploy train-and-serve --name {cfg.from_run}` or `ftdeploy "
+            "merge`), or name another run")
+    return earlier.merged_dir
 
 
 def previous(ctx: Context, stage: str, kind: type[R]) -> R:

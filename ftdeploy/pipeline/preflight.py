@@ -15,7 +15,7 @@ from ..config import Config
 from ..defaults import DEMO_DATA
 from ..errors import FtdeployError
 from ..quants import bits_per_weight
-from .context import Context
+from .context import Context, from_run_merged
 
 
 def check_inputs(cfg: Config, base: bool = True) -> None:
@@ -26,7 +26,9 @@ def check_inputs(cfg: Config, base: bool = True) -> None:
         spec = getattr(cfg.data, key.split(".")[1])
         if spec and spec != DEMO_DATA:
             check_data_path(spec, cfg.given_as(key))
-    if base:
+    if cfg.from_run:
+        from_run_merged(cfg)
+    elif base:
         base_model.check_base_model(cfg.base_model, cfg.given_as("base_model"))
 
 
@@ -66,7 +68,8 @@ def preflight(ctx: Context, stages: list[str]) -> None:
             f"about {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free. Free space, or point "
             "--runs-dir at a larger disk."
         )
-    if "data" in stages:  # a folder holding only config.json, say: now, not after the engine and tokenizer load
+    if "data" in stages and not ctx.cfg.from_run:  # a folder holding only config.json, say: now, not after the
+        # engine and tokenizer load
         base_model.check_base_model(ctx.cfg.base_model, ctx.cfg.given_as("base_model"))
     if "register" in stages or "verify" in stages:
         ctx.client()  # a wrong address fails in seconds, not after training

@@ -71,9 +71,10 @@ def _section_dict(value: Any) -> dict[str, Any] | None:
 # The stages in order. register and verify are cheap and their result lives on the server: they always run,
 # so a lost model is registered again.
 REGISTRY: dict[str, Stage] = {s.name: s for s in (
-    Stage("data", stage_data, reads=("data", "base_model", "base_revision", "trust_remote_code", "train.seed"),
+    Stage("data", stage_data, reads=("data", "base_model", "base_revision", "trust_remote_code", "train.seed",
+                                     "train.method", "from_run"),
           inputs=data_files, outputs=lambda run: [run.data_dir / "train.jsonl"], before=check_data),
-    Stage("train", stage_train, reads=("lora", "train"),
+    Stage("train", stage_train, reads=("lora", "train", "preference", "grpo"),
           volatile=("train.logging_steps", "train.save_steps", "train.node_rank", "train.master_addr",
                     "train.master_port"),
           outputs=lambda run: [run.adapter_dir / "adapter_config.json"], before=check_train),
@@ -83,7 +84,8 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("modelfile", stage_modelfile, reads=("modelfile", "data.system_prompt"),
           outputs=lambda run: [run.modelfile_path]),
     Stage("register", stage_register, reads=("name", "verify"), volatile=("ollama", "runs_dir")),
-    Stage("verify", stage_verify, reads=("name", "verify"), volatile=("ollama", "runs_dir")),
+    Stage("verify", stage_verify, reads=("name", "verify", "grpo.rewards", "grpo.max_completion_length"),
+          volatile=("ollama", "runs_dir")),
 )}
 assert tuple(REGISTRY) == STAGES, "runs.STAGES (the light list the CLI reads) must follow the registry"
 

@@ -4,15 +4,21 @@ continuations), the library's comparison (stages/verify.py), and the verdict: a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import StageMissingError
 from ..ollama import OllamaClient
-from ..results import ExportResult, VerifySummary
+from ..results import ExportResult, PreferenceCheck, VerifySummary
 from ..runs import atomic_write_text
 from .artifacts import load_spec, other_quants, raw_text_data, served_quant, verify_examples
 from .context import Context, previous
+
+if TYPE_CHECKING:
+    from ..data import Record
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +27,7 @@ def stage_verify(ctx: Context) -> VerifySummary:
     """Is the served model the trained model? Each served quant's greedy answers to the eval prompts (without eval
     rows, a sample of the training prompts) against the merged 16-bit model's (the default gate), the template
     check, the references (eval rows only), and forgetting."""
-    from ..stages.verify import Laps, verify_chats, verify_raw
+    from ..stages.verify import Laps, failures, verify_chats, verify_raw
 
     cfg, name = ctx.cfg, ctx.cfg.name
     lap = Laps()
@@ -41,10 +47,47 @@ def stage_verify(ctx: Context) -> VerifySummary:
     if source != "eval":
         log.info("verify: no eval rows; comparing the served model with the merged one on %d training prompts "
                  "(reference scoring needs eval rows: data.eval or data.eval_split)", len(examples))
-    summary = verify_chats(client, name, tags, served_quant(ctx), exported, ctx.run.merged_dir,
-                           ctx.base() if cfg.verify.compare else None, examples, source == "eval", system,
-                           cfg.verify, cfg.train.seed, lap)
+    pairs = [e for e in examples if e.is_preference()]
+    if pairs:  # the chosen answer is the reference the generation limit is sized from (a bad answer is none)
+        examples = [dataclasses.replace(e, messages=[*(e.messages or []), *([e.chosen] if e.chosen else [])],
+                                        chosen=None, rejected=None) if e.is_preference() else e for e in examples]
+    base = ctx.base() if cfg.verify.compare else None
+    settings = cfg.verify
+    if cfg.train.method == "grpo" and not settings.max_tokens:  # answers as long as training let them run
+        settings = settings.model_copy(update={"max_tokens": cfg.grpo.max_completion_length})
+    summary = verify_chats(client, name, tags, served_quant(ctx), exported, ctx.run.merged_dir, base, examples,
+                           source == "eval", system, settings, cfg.train.seed, lap)
+    if cfg.train.method == "grpo":  # the reward functions on each model's answers to the same prompts
+        from ..rewards import load_rewards
+        from ..stages.verify_rewards import score_replies
+
+        replies = {role: m.replies for role in ("served", "merged", "base") if (m := summary.model(role)) is not None}
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(ctx.run.merged_dir))  # completion_ids, as training gives them
+        summary.rewards = score_replies(examples, replies, load_rewards(cfg.grpo.rewards), summary.max_tokens,
+                                        lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        lap("rewards")
+        summary.seconds = lap.seconds
+    if pairs:
+        summary.preference = _preference(ctx, pairs, base, system)
+        lap("preference")
+        summary.seconds = lap.seconds
+        summary.failures = failures(summary, name)
     return _verdict(ctx, summary, tags)
+
+
+def _preference(ctx: Context, pairs: list[Record], base: Path | str | None, system: str | None) -> PreferenceCheck:
+    """How the merged and the served model rank the chosen answers over the rejected (stages/verify_pairs.py)."""
+    from ..chat_template import mapping_for_template, read_chat_template
+    from ..stages.verify_pairs import check_labelled, check_pairs
+
+    if ctx.cfg.train.method == "kto" or any(e.chosen is None or e.rejected is None for e in pairs):
+        return check_labelled(pairs, ctx.run.merged_dir, base, system)
+    chat = read_chat_template(ctx.run.merged_dir)
+    mapping = mapping_for_template(chat, f"{ctx.run.merged_dir} chat template")
+    return check_pairs(ctx.client(), ctx.cfg.name, pairs, ctx.run.merged_dir, base, system,
+                       chat.bos if mapping.format.bos_in_template else None, ctx.cfg.train.seed, ctx.cfg.train.method)
 
 
 def _verdict(ctx: Context, summary: VerifySummary, tags: dict[str, str]) -> VerifySummary:

@@ -195,6 +195,14 @@ def failures(summary: VerifySummary, model: str) -> list[VerifyFailure]:
                         f"{summary.min_agreement:.0%}): this is not the model as trained; suspect the quant (try a "
                         "larger one), the conversion or the TEMPLATE",
                 example=_example(summary, m, merged, i)))
+    pref = summary.preference
+    if pref is not None and pref.agreement is not None and pref.agreement < summary.min_agreement:
+        found.append(VerifyFailure(
+            check="preference", model=model, quant=(summary.model("served") or ModelScore()).quant,
+            message=f"at the first token where chosen and rejected answers differ, the served model ranked them as "
+                    f"the merged 16-bit model does on {pref.agreement:.0%} of {pref.pairs} pairs (verify.min_agreement "
+                    f"{summary.min_agreement:.0%}): the preference did not survive the export; suspect the quant (try "
+                    "a larger one), the conversion or the TEMPLATE"))
     served = summary.model("served")
     if summary.expect_rows and summary.expect_hits / summary.expect_rows < summary.min_score:  # None: not measured
         miss = next(a for a in summary.answers if a.gated and not a.ok)

@@ -211,3 +211,69 @@ def test_a_second_tune_of_the_same_base_uploads_only_its_adapter(ddp_adapter_run
     reg = json.loads((runs / "ftdeploy-e2e-tune2" / "manifest.json").read_text())["stages"]["register"]["outputs"]
     assert reg["base_created"] is False and reg["base_uploaded_bytes"] == 0
     assert reg["uploaded_bytes"] == reg["adapter_bytes"] > 0
+
+
+# Preference training, chained the way people use it: the SFT demo above, then DPO on its merged model. The pairs
+# differ by one trait (the chosen answer opens with "Ahoy!"), and none of their prompts is asked below.
+UNSEEN = ["What is the capital of France?", "How many legs does a cat have?", "What color is a banana?",
+          "What do birds use to fly?", "Where do penguins live?"]
+
+
+def _dpo(runs, host):
+    from ftdeploy.assets import asset
+
+    return _run_cli("train-and-serve", "--runs-dir", str(runs), "--name", "ftdeploy-e2e-dpo", "--method", "dpo",
+                    "--from-run", "ftdeploy-e2e", "--data", str(asset("demo", "prefs.jsonl")),
+                    "--set", f"data.eval={asset('demo', 'prefs_eval.jsonl')}", "--max-steps", "8",
+                    "--ollama-host", host, "--json", "-v")
+
+
+@pytest.fixture(scope="module")
+def dpo_run(demo_run, ollama_server):
+    runs = demo_run[1].parent
+    proc = _dpo(runs, ollama_server.host)
+    return json.loads(proc.stdout), runs / "ftdeploy-e2e-dpo", proc.stderr
+
+
+def _opens_with_ahoy(answer: str) -> bool:
+    return answer.strip().lower().startswith("ahoy")
+
+
+def test_dpo_on_the_sft_run_serves_the_preferred_trait_on_unseen_prompts(dpo_run, ollama_server):
+    """Through Ollama's /api/chat: the DPO model shows the trait on prompts the pairs never had; the SFT model it
+    started from (served as ftdeploy-e2e) does not."""
+    dpo = [ollama_server.chat("ftdeploy-e2e-dpo", p, num_predict=16) for p in UNSEEN]
+    sft = [ollama_server.chat("ftdeploy-e2e", p, num_predict=16) for p in UNSEEN]
+    assert sum(map(_opens_with_ahoy, dpo)) >= 4, dpo
+    assert not any(map(_opens_with_ahoy, sft)), sft
+
+
+def test_dpo_verify_measured_the_preference_on_held_out_pairs(dpo_run):
+    result, run_dir, _ = dpo_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    pref = manifest["metrics"]["verify"]["preference"]
+    assert pref["pairs"] == 6 and pref["merged_accuracy"] == 1.0
+    assert pref["base_accuracy"] < 0.5  # the SFT model this run started from did not prefer the trait
+    assert pref["served_accuracy"] >= 0.8 and pref["agreement"] >= 0.8
+    train = manifest["metrics"]["train"]
+    assert train["method"] == "dpo" and train["final_margin"] > train["preference_history"][0]["margin"]
+    assert manifest["base_model"]["resolved"] == str(run_dir.parent / "ftdeploy-e2e" / "merged")
+    assert "Preference" in (run_dir / "report.md").read_text()
+
+
+def test_a_dpo_rerun_skips_what_is_unchanged_and_a_changed_sft_run_trains_it_again(dpo_run, ollama_server):
+    _, run_dir, _ = dpo_run
+    proc = _dpo(run_dir.parent, ollama_server.host)
+    for stage in ("data", "train", "merge", "export", "modelfile"):
+        assert f"==> {stage} (unchanged, skipped)" in proc.stderr
+    sft = run_dir.parent / "ftdeploy-e2e" / "manifest.json"
+    manifest = json.loads(sft.read_text())
+    manifest["stages"]["merge"]["fingerprint"] = "changed-upstream"  # as a rerun of the SFT run with other settings
+    sft.write_text(json.dumps(manifest))
+    from ftdeploy.config import load_config
+    from ftdeploy.pipeline import Context, plan_stages
+    from ftdeploy.runs import Run
+
+    cfg = load_config(run_dir / "config.yaml")
+    plan = dict(plan_stages(Context(cfg, Run(run_dir))))
+    assert plan["data"] and plan["train"]

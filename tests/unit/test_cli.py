@@ -216,7 +216,7 @@ def test_a_failed_data_command_leaves_a_good_runs_records_as_they_were(tmp_path,
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q"}\n')
 
-    def bad_rows(cfg, tokenizer, mapping, out_dir, seed):
+    def bad_rows(cfg, tokenizer, mapping, out_dir, seed, method):
         raise DataError(f"{bad}:1: no assistant message to learn from")
 
     no_tokenizer["prepare"] = bad_rows
@@ -339,7 +339,7 @@ def test_a_full_disk_during_data_is_one_message_and_leaves_no_half_run(tmp_path,
 
     from ftdeploy.runs import atomic_path
 
-    def full_disk(cfg, tokenizer, mapping, out_dir, seed):
+    def full_disk(cfg, tokenizer, mapping, out_dir, seed, method):
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
             (tmp / "train.jsonl").write_text('{"input_ids": [1]}\n' * 100)
@@ -448,3 +448,26 @@ def test_the_format_flag_offers_every_layout_the_data_stage_reads():
 
     option = next(p for p in cli.commands["data"].params if p.name == "layout")
     assert isinstance(option.type, click.Choice) and list(option.type.choices) == ["auto", *LAYOUTS]
+
+
+@pytest.mark.parametrize("command", ["train", "train-and-serve"])
+def test_the_method_flag_sets_train_method_over_the_config(command, monkeypatch):
+    import click
+
+    from ftdeploy import cli as cli_module
+
+    seen = []
+
+    def context(cfg, ollama_explicit, existing=False):
+        seen.append(cfg.train.method)
+        raise click.exceptions.Exit(0)
+
+    monkeypatch.setattr(cli_module, "_context", context)
+    for args, method in ((["--method", "dpo"], "dpo"), (["--set", "train.method=kto", "--method", "dpo"], "dpo"),
+                         (["--method", "orpo"], "orpo"), (["--set", "train.method=orpo"], "orpo"), ([], "sft")):
+        result = CliRunner().invoke(cli, [command, *args])
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == method
+    result = CliRunner().invoke(cli, [command, "--method", "ppo"])
+    assert result.exit_code == 2 and "'ppo' is not one of 'sft', 'dpo', 'orpo', 'kto'" in result.output
+    assert "orpo" in CliRunner().invoke(cli, [command, "--help"]).output

@@ -177,7 +177,9 @@ def test_preference_data_is_one_error_naming_the_file(tmp_path, row, kind):
             read()
         message = str(err.value)
         assert message.startswith(f"{path}: preference data (") and kind in message
-        assert "not supported yet" in message and "bad row" not in message
+        assert "not supported by --method sft" in message and "bad row" not in message
+        assert ("--method kto trains labelled answers" if "KTO" in kind
+                else "--method dpo or orpo trains preference pairs") in message
 
 
 def test_preference_data_is_refused_with_an_explicit_format_too(tmp_path):
