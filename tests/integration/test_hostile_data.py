@@ -139,8 +139,8 @@ def test_preference_data_is_one_error_naming_the_file_not_a_bad_row_each(tmp_pat
     assert _error_line(proc) == (
         "Error: dpo.jsonl: preference data (conversations + chosen + rejected: DPO/ORPO preference pairs): not "
         "supported by --method sft (train.method: sft, the default), which trains supervised fine-tuning rows "
-        "(messages, conversations, instruction/output, prompt/response, prompt/completion, text); --method dpo trains "
-        "preference pairs")
+        "(messages, conversations, instruction/output, prompt/response, prompt/completion, text); --method dpo or "
+        "orpo trains preference pairs")
 
 
 def test_a_30_mb_row_is_refused_by_size_before_it_is_tokenized(tmp_path, hub_listener):
