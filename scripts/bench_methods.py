@@ -8,10 +8,10 @@ ftdeploy must be importable (installed, or PYTHONPATH=. from the repository root
 Every method trains with what `ftdeploy train` builds (ftdeploy.stages.train.fit on data ftdeploy.data.prepare_data
 wrote) from the demo config plus `--set` items, on the bundled preference pairs (ftdeploy/assets/demo/prefs.jsonl):
 sft on each prompt with its chosen answer, dpo and orpo on the pairs, kto on the pairs split into a good and a bad
-answer each, grpo on the same chats' prompts (grpo.num_generations answers of up to grpo.max_completion_length tokens each, scored
-by the bundled rewards). The batch is `--batch` rows (kto: answers; grpo: prompts x generations) and one accumulation
-step. Each method runs in a process of its own; the first step (loading, compiling, caches) is left out of the
-figure: seconds per step is the mean over steps 2..N from the loss history's timestamps.
+answer each, grpo on the sft chats' prompts (grpo.num_generations answers of up to grpo.max_completion_length tokens
+each, scored by the bundled rewards). The batch is `--batch` rows (kto: answers; grpo: prompts x generations) and
+one accumulation step. Each method runs in a process of its own; the first step (loading, compiling, caches) is
+left out of the figure: seconds per step is the mean over steps 2..N from the loss history's timestamps.
 """
 
 from __future__ import annotations
