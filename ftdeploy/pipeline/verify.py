@@ -82,11 +82,11 @@ def _preference(ctx: Context, pairs: list[Record], base: Path | str | None, syst
     from ..chat_template import mapping_for_template, read_chat_template
     from ..stages.verify_pairs import check_labelled, check_pairs
 
-    if ctx.cfg.train.method == "kto" or any(e.chosen is None or e.rejected is None for e in pairs):
-        return check_labelled(pairs, ctx.run.merged_dir, base, system)
     chat = read_chat_template(ctx.run.merged_dir)
     mapping = mapping_for_template(chat, f"{ctx.run.merged_dir} chat template")
-    return check_pairs(ctx.client(), ctx.cfg.name, pairs, ctx.run.merged_dir, base, system,
+    if ctx.cfg.train.method == "kto" or any(e.chosen is None or e.rejected is None for e in pairs):
+        return check_labelled(pairs, ctx.run.merged_dir, base, system, mapping)
+    return check_pairs(ctx.client(), ctx.cfg.name, pairs, ctx.run.merged_dir, base, system, mapping,
                        chat.bos if mapping.format.bos_in_template else None, ctx.cfg.train.seed, ctx.cfg.train.method)
 
 

@@ -15,35 +15,30 @@ served model prefer what it does?
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data import Record
 from ..ollama import OllamaClient
 from ..results import PairScore, PreferenceCheck
 from .verify import with_system
 
+if TYPE_CHECKING:
+    from ..data import PreferenceIds
+    from ..templates import TemplateMapping
+
 TOP_LOGPROBS = 20  # the most Ollama returns per generated token
 
 
 class _Scorer:
-    """A checkpoint's log-probabilities of given answers to given chats (transformers, the training template)."""
+    """A checkpoint's log-probabilities of given answer ids after given prompt ids (transformers)."""
 
     def __init__(self, model_dir: Path | str) -> None:
         from ..fidelity import HFModel
 
         self.hf = HFModel(model_dir)
         self.tokenizer = self.hf.tokenizer
-
-    def ids(self, chat: list[dict[str, Any]], answer: dict[str, Any]) -> tuple[list[int], list[int]]:
-        """(prompt ids, answer ids): the answer through its end-of-turn token, as the data stage labels it."""
-        tok = self.tokenizer
-        prompt = self.hf.tokens(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
-        full = self.hf.tokens(tok.apply_chat_template([*chat, answer], tokenize=False))
-        n = next((i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), min(len(prompt), len(full)))
-        answer_ids = full[n:]
-        stop = next((i for i, t in enumerate(answer_ids) if t in self.hf.stop_ids), None)
-        return full[:n], answer_ids if stop is None else answer_ids[: stop + 1]
 
     def logp(self, prompt: list[int], answer: list[int], at: int | None = None) -> tuple[float, Any]:
         """The answer's summed log-probability, and the log-probabilities over the vocabulary before answer token
@@ -56,6 +51,15 @@ class _Scorer:
         logp = torch.log_softmax(logits[len(prompt) - 1: -1], dim=-1)
         total = float(logp.gather(1, ids[0, len(prompt):, None]).sum())
         return total, (logp[at] if at is not None else None)
+
+
+def _ids(examples: list[Record], system: str | None, tokenizer: Any, mapping: TemplateMapping) -> list[PreferenceIds]:
+    """Each row's prompt and answer ids as the data stage made them for training (data.tokenize_preference: the
+    SFT label rule, each answer through its end-of-turn token), the Modelfile's SYSTEM added as Ollama adds it."""
+    from ..data import tokenize_preference
+
+    rows = [dataclasses.replace(e, messages=with_system(e.messages or [], system)) for e in examples]
+    return [ids for _, ids in tokenize_preference(rows, tokenizer, mapping, max_seq_length=1 << 30)]
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
@@ -79,36 +83,31 @@ def _served_first(reply: Any, chosen: str, rejected: str) -> bool | None:
 
 
 def check_pairs(client: OllamaClient, name: str, examples: list[Record], merged_dir: Path,
-                base: Path | str | None, system: str | None, strip_bos: str | None, seed: int,
-                method: str = "dpo") -> PreferenceCheck:
+                base: Path | str | None, system: str | None, mapping: TemplateMapping, strip_bos: str | None,
+                seed: int, method: str = "dpo") -> PreferenceCheck:
     """DPO pairs: margins and accuracy of the merged model (and the base), and the served model's choice at each
     pair's first differing token against the merged model's."""
     merged = _Scorer(merged_dir)
     tok = merged.tokenizer
     items, asks = [], []
-    for e in examples:
-        assert e.chosen is not None and e.rejected is not None
-        chat = with_system(e.messages or [], system)
-        prompt, chosen = merged.ids(chat, e.chosen)
-        _, rejected = merged.ids(chat, e.rejected)
+    for e, ids in zip(examples, _ids(examples, system, tok, mapping), strict=True):
+        prompt, chosen, rejected = ids.prompt_ids, ids.chosen_ids, ids.rejected_ids
+        assert chosen is not None and rejected is not None
         k = _first_difference(chosen, rejected)
         chosen_lp, row = merged.logp(prompt, chosen, k)
         rejected_lp, _ = merged.logp(prompt, rejected)
         first = None if k is None else bool(row[chosen[k]] > row[rejected[k]])
-        items.append(PairScore(prompt=str(chat[-1].get("content") or ""),
+        items.append(PairScore(prompt=str((e.messages or [{}])[-1].get("content") or ""),
                                merged_margin=round(chosen_lp - rejected_lp, 4), merged_first=first))
-        asks.append((chat, prompt, chosen, rejected, k))
+        asks.append((prompt, chosen, rejected, k))
     del merged
     if base is not None:
         scorer = _Scorer(base)
-        for item, (chat, _, _, _, _), e in zip(items, asks, examples, strict=True):
-            assert e.chosen is not None and e.rejected is not None
-            p, c = scorer.ids(chat, e.chosen)
-            _, r = scorer.ids(chat, e.rejected)
-            item.base_margin = round(scorer.logp(p, c)[0] - scorer.logp(p, r)[0], 4)
+        for item, (prompt, chosen, rejected, _) in zip(items, asks, strict=True):
+            item.base_margin = round(scorer.logp(prompt, chosen)[0] - scorer.logp(prompt, rejected)[0], 4)
         del scorer
     options = {"temperature": 0, "num_predict": 1, "seed": seed}
-    for item, (_, prompt, chosen, rejected, k) in zip(items, asks, strict=True):
+    for item, (prompt, chosen, rejected, k) in zip(items, asks, strict=True):
         if k is None:
             continue
         raw = tok.decode(prompt + chosen[:k], skip_special_tokens=False)
@@ -137,25 +136,23 @@ def _pair_summary(items: list[PairScore], method: str) -> PreferenceCheck:
         agreement=share([i.served_first == i.merged_first for i in decided]))
 
 
-def check_labelled(examples: list[Record], merged_dir: Path, base: Path | str | None,
-                   system: str | None) -> PreferenceCheck:
+def check_labelled(examples: list[Record], merged_dir: Path, base: Path | str | None, system: str | None,
+                   mapping: TemplateMapping) -> PreferenceCheck:
     """KTO rows: the mean change from the base in log-probability per answer token, good answers minus bad ones
     (None without the base)."""
-    rows = [(with_system(e.messages or [], system), e.chosen or e.rejected, e.chosen is not None) for e in examples]
-    check = PreferenceCheck(method="kto", pairs=len(rows))
-    if base is None or not rows:
+    check = PreferenceCheck(method="kto", pairs=len(examples))
+    if base is None or not examples:
         return check
+    merged = _Scorer(merged_dir)
+    rows = [(ids.prompt_ids, ids.chosen_ids or ids.rejected_ids or [], ids.chosen_ids is not None)
+            for ids in _ids(examples, system, merged.tokenizer, mapping)]
 
-    def per_token(model_dir: Path | str) -> list[float]:
-        scorer = _Scorer(model_dir)
-        found = []
-        for chat, answer, _ in rows:
-            assert answer is not None
-            p, a = scorer.ids(chat, answer)
-            found.append(scorer.logp(p, a)[0] / max(len(a), 1))
-        return found
+    def per_token(scorer: _Scorer) -> list[float]:
+        return [scorer.logp(prompt, answer)[0] / max(len(answer), 1) for prompt, answer, _ in rows]
 
-    tuned, before = per_token(merged_dir), per_token(base)
+    tuned = per_token(merged)
+    del merged
+    before = per_token(_Scorer(base))
     good = [t - b for (_, _, ok), t, b in zip(rows, tuned, before, strict=True) if ok]
     bad = [t - b for (_, _, ok), t, b in zip(rows, tuned, before, strict=True) if not ok]
     if good and bad:
