@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .config import load_config
 from .defaults import DEFAULT_OLLAMA_HOST
 from .errors import FtdeployError
@@ -368,7 +368,7 @@ _stage_command("merge", "Merge the adapter into a 16-bit copy of the base model.
 _stage_command("export", "Convert the merged model to GGUF and quantize it (default --quant auto: the smallest type "
                "that passes the quant gate); the quant gate picks the served one.", _GATE_FLAGS | _DEPLOY_FLAGS)
 _stage_command("modelfile", "Write the Ollama Modelfile: TEMPLATE from the training chat template, stops, SYSTEM, "
-               "parameters.", _DEPLOY_FLAGS)
+               "num_ctx from the context trained for, and modelfile.parameters.", _DEPLOY_FLAGS)
 _stage_command("verify", "Ask the served model the eval prompts (without eval rows, a sample of the training prompts) "
                "at temperature 0 and compare with the merged model; exit 3 when a check fails.", _DEPLOY_FLAGS)
 
@@ -380,7 +380,7 @@ _stage_command("verify", "Ask the served model the eval prompts (without eval ro
 def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_json: bool) -> None:
     """Validate and tokenize the dataset with the base model's chat template (loss on assistant turns).
 
-    `ftdeploy data [OPTIONS] inspect DATA` shows what the model will see, without training.
+    `ftdeploy data [OPTIONS] inspect [DATA]` shows what the model will see, without training.
     """
     click_ctx.obj = cfg
     if click_ctx.invoked_subcommand is not None:
@@ -388,19 +388,46 @@ def data_group(click_ctx: click.Context, cfg: Any, ollama_explicit: bool, as_jso
     from .pipeline import run_stage
 
     out = run_stage(_context(cfg, ollama_explicit), "data").to_dict()
-    _emit(out, as_json, lambda o: "\n".join(f"{k}: {v}" for k, v in o.items()))
+
+    def human(o: dict[str, Any]) -> str:
+        lines = [f"{k}: {v}" for k, v in o.items() if k not in ("sources", "revisions")]
+        lines += [f"dataset: {name} at commit {commit}" for name, commit in o.get("revisions", {}).items()]
+        return "\n".join([*lines, *_mix_lines(o.get("sources") or [])])
+
+    _emit(out, as_json, human)
+
+
+def _mix_lines(sources: list[Any]) -> list[str]:
+    """A mix's sources (data.sources), one line each: rows read, bad, eval, kept in the mix and share."""
+    from .results import SourceMix
+
+    rows = [SourceMix.from_dict(s) if isinstance(s, dict) else s for s in sources]
+    if not rows:
+        return []
+    width = max(len("source"), *(len(r.path) for r in rows))
+    lines = [f"mix:      {'source':<{width}}  {'layout':<12} {'read':>7} {'bad':>5} {'eval':>5} {'kept':>7} "
+             f"{'share':>6}  weight"]
+    for r in rows:
+        lines.append(f"          {r.path:<{width}}  {r.layout:<12} {r.rows:>7} {r.bad_rows:>5} {r.eval_rows:>5} "
+                     f"{r.kept:>7} {r.share:>6.1%}  {'-' if r.weight is None else f'{r.weight:g}'}"
+                     + (f"  (max_rows {r.max_rows})" if r.max_rows else "")
+                     + (f"  commit {r.revision[:12]}" if r.revision else ""))
+    return lines
 
 
 @data_group.command("inspect")
-@click.argument("data_path", metavar="DATA")
+@click.argument("data_path", metavar="[DATA]", required=False)
 @click.option("--json", "as_json", is_flag=True,
               help="Print format, rows, bad_rows and token-length statistics as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Where to write the token-length plot (default: the run directory if the run exists, else the "
                    "temp directory).")
 @click.pass_obj
-def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None) -> None:
-    """Show the detected layout, row counts, token lengths (histogram) and one example as the model sees it."""
+def data_inspect(cfg: Any, data_path: str | None, as_json: bool, plot_path: str | None) -> None:
+    """Show the detected layout, row counts, token lengths (histogram) and one example as the model sees it.
+
+    Without DATA: the config's data, data.train or the mix of data.sources (each source's rows read, kept and share).
+    """
     import tempfile
 
     from .base_model import resolve_base_model
@@ -408,7 +435,12 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
     from .pipeline.preflight import check_data_path
     from .tokenizer import load_tokenizer
 
-    check_data_path(data_path, data_path)  # a typo, or /dev/zero, is reported before the tokenizer loads
+    if data_path is not None:
+        check_data_path(data_path, data_path)  # a typo, or /dev/zero, is reported before the tokenizer loads
+    else:
+        from .pipeline.preflight import check_inputs
+
+        check_inputs(cfg, base=False)
     # Inspecting writes no run: the plot goes beside an existing run, never into a new directory.
     if plot_path:
         plot = Path(plot_path)
@@ -419,7 +451,7 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
         plot = Path(tempfile.gettempdir()) / f"ftdeploy-{cfg.name.replace('/', '_').replace(':', '_')}-data_lengths.png"
     base = resolve_base_model(cfg.base_model, cfg.trust_remote_code, cfg.base_revision, cfg.given_as("base_model"))
     tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code, cfg.data.chat_template)
-    result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot, cfg.train.method)
+    result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot, cfg.train.method, cfg.train.seed)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -428,6 +460,7 @@ def data_inspect(cfg: Any, data_path: str, as_json: bool, plot_path: str | None)
              f"rows:     {result.rows}  bad rows: {result.bad_rows}  truncated: {result.truncated} "
              f"(max_seq_length {result.max_seq_length})"
              + (f"  with tools: {result.tool_rows} ({result.tool_calls} tool calls)" if result.tool_rows else ""),
+             *_mix_lines(result.sources or []),
              f"tokens:   min {t.min}  mean {t.mean}  p50 {t.p50}  p90 {t.p90}  p99 {t.p99}  max {t.max}",
              "histogram:"]
     peak = max(h.count for h in result.histogram) or 1

@@ -17,6 +17,7 @@ import yaml
 from . import quants
 from .defaults import DEMO_BASE_MODEL
 from .errors import ConfigError
+from .train_auto import base_batch
 
 if TYPE_CHECKING:  # for the type checker; at run time __getattr__ below loads them on first use
     from .config_models import (  # noqa: F401 - the rest of ftdeploy imports them from here
@@ -73,6 +74,7 @@ def _semantic_checks(cfg: Config, wrong_type: set[str], errors: list[str]) -> No
     for key in cfg.data.columns:
         if key not in ("prompt", "response", "system"):
             errors.append(f"data.columns.{key}: unknown column role (prompt, response, system)")
+    _sources_checks(cfg, errors)
     _distributed_checks(cfg, wrong_type, errors)
     for name, header in cfg.ollama.headers.items():
         if not isinstance(header, str) or not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", str(name)):
@@ -82,6 +84,32 @@ def _semantic_checks(cfg: Config, wrong_type: set[str], errors: list[str]) -> No
     _modelfile_checks(cfg, errors)
     if cfg.ollama.host is not None and (problem := host_problem(cfg.ollama.host)):
         errors.append(f"ollama.host: {problem}")
+
+
+def _sources_checks(cfg: Config, errors: list[str]) -> None:
+    """data.sources (a mix) replaces data.train, and weighs every source or none."""
+    from .defaults import DEMO_DATA
+
+    sources = cfg.data.sources
+    if not sources:
+        if cfg.data.oversample:
+            errors.append("data.oversample: only a mix with weights repeats rows; set data.sources with weights")
+        return
+    if cfg.data.train != DEMO_DATA:
+        errors.append(f"data.sources and data.train ({cfg.data.train}) are both set: give data.train for one dataset "
+                      "or data.sources for a mix, not both")
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    if weighted and len(weighted) < len(sources):
+        unweighted = ", ".join(f"data.sources[{i}] ({s.path})" for i, s in enumerate(sources) if s.weight is None)
+        errors.append(f"{unweighted}: no weight, while other sources have one; weigh every source or none")
+    if cfg.data.oversample and not weighted:
+        errors.append("data.oversample: repeats rows to meet the sources' weights, and no source has a weight")
+    for i, source in enumerate(sources):
+        if source.path == "":
+            errors.append(f"data.sources[{i}].path: empty")
+        for key in source.columns or {}:
+            if key not in ("prompt", "response", "system"):
+                errors.append(f"data.sources[{i}].columns.{key}: unknown column role (prompt, response, system)")
 
 
 def host_problem(host: str) -> str | None:
@@ -142,13 +170,14 @@ def model_name_problem(name: str) -> str | None:
 
 
 def _modelfile_checks(cfg: Config, errors: list[str]) -> None:
-    """What goes into the Modelfile must read back unchanged (see modelfile_syntax): checked before any work."""
-    from .modelfile_syntax import ModelfileSyntaxError, parameter_name, quote
+    """What goes into the Modelfile must read back unchanged (see modelfile_syntax), and each parameter be one of
+    Ollama's with a value of its type (kept as that type: "4096" becomes 4096): checked before any work."""
+    from .modelfile_syntax import ModelfileSyntaxError, parameter_name, parameter_value, quote
 
     texts = {"modelfile.system": cfg.modelfile.system, "data.system_prompt": cfg.data.system_prompt}
-    for key, value in cfg.modelfile.parameters.items():
+    for key, value in list(cfg.modelfile.parameters.items()):
         try:
-            parameter_name(str(key))
+            value = cfg.modelfile.parameters[key] = parameter_value(parameter_name(str(key)), value)
         except ModelfileSyntaxError as exc:
             errors.append(f"modelfile.parameters.{key}: {exc}")
             continue
@@ -178,12 +207,12 @@ def _distributed_checks(cfg: Config, wrong_type: set[str], errors: list[str]) ->
     if t.keep_global_batch and not wrong_type & {"train.keep_global_batch", "train.batch_size",
                                                  "train.gradient_accumulation"}:
         try:
-            split_global_batch(t.batch_size, t.gradient_accumulation, world, keep=True)
+            split_global_batch(base_batch(t.batch_size), t.gradient_accumulation, world, keep=True)
         except ConfigError:
             errors.append(
                 f"train.gradient_accumulation ({t.gradient_accumulation}) and train.batch_size ({t.batch_size}): "
                 f"neither divides by the world size {world} (nproc x nnodes), so the global batch of "
-                f"{t.batch_size * t.gradient_accumulation} cannot be kept; change one of them, or set "
+                f"{base_batch(t.batch_size) * t.gradient_accumulation} cannot be kept; change one of them, or set "
                 "train.keep_global_batch=false")
     if t.load_in_8bit and t.load_in_4bit and not wrong_type & {"train.load_in_8bit", "train.load_in_4bit"}:
         errors.append("train.load_in_8bit and train.load_in_4bit: pick one (set train.load_in_4bit=false for 8-bit)")
@@ -261,12 +290,14 @@ def load_config(
     flags: dict[str, Any] | None = None,
     flag_names: dict[str, str] | None = None,
     file_label: str | None = None,
+    base: Config | None = None,
 ) -> Config:
     """Build the config: YAML file < --set overrides < flags (dotted keys). Raises ConfigError listing all problems,
     each with where its value came from: the file and key, the --set item, or the flag (`flag_names` maps a
-    dotted key to the flag that set it; `file_label` names a file the user did not give, e.g. the embedded default)."""
-    raw: dict[str, Any] = {}
-    origins: dict[str, str] = {}
+    dotted key to the flag that set it; `file_label` names a file the user did not give, e.g. the embedded default).
+    `base`: a config built already, in place of the file (the Python API's overrides on a Config)."""
+    raw: dict[str, Any] = base.to_dict() if base is not None else {}
+    origins: dict[str, str] = dict(base.origins) if base is not None else {}
     if path is not None:
         p = Path(path)
         try:

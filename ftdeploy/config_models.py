@@ -51,6 +51,8 @@ Float = Annotated[float, Strict(), AllowInfNan(False), BeforeValidator(_yaml11_f
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict(), BeforeValidator(_number_as_text)]
 StrList = Annotated[list[Str], Strict(), BeforeValidator(_comma_list)]
+# A key that takes `auto` or a value (train.batch_size, data.packing): one problem named for both when neither fits.
+AutoBool = Bool | Literal["auto"]
 # Any mapping: its keys and values are checked by ftdeploy.config's checks, which name the problem.
 AnyMapping = Annotated[dict[Any, Any], Strict()]
 
@@ -59,9 +61,51 @@ class _Section(BaseModel, extra="forbid"):
     """A config section: a key it does not declare is an error."""
 
 
+def _path_only(value: Any) -> Any:
+    # a data.sources item given as just its path
+    return {"path": value} if isinstance(value, str) else value
+
+
+Layout = Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "prompt_completion", "text", "preference", "kto"]
+
+
+class DataSourceConfig(_Section):
+    """One source of a mix (data.sources): where its rows come from, how many of them the mix takes, and the
+    settings that differ from the data section's (unset: the data section's)."""
+
+    path: Str = Field(description=(
+        "A file (.jsonl, .json, .csv, .parquet), a folder of them, a Hugging Face dataset id, or 'demo'."))
+    weight: Float | None = Field(default=None, gt=0, description=(
+        "Relative share of the mixed training rows (weights 3 and 1: three rows of this source to one of the other); "
+        "set on every source or on none (none: every row of every source, after max_rows)."))
+    max_rows: Int | None = Field(default=None, ge=1, description=(
+        "At most this many of the source's rows (a sample fixed by train.seed) enter the mix, before the weights."))
+    format: Layout | None = Field(default=None, description="Its layout (unset: data.format).")
+    columns: AnyMapping | None = Field(default=None, description="Its column names (unset: data.columns).")
+    split: Str | None = Field(default=None, description="Split of a Hugging Face dataset id (unset: data.split).")
+    hub_config: Str | None = Field(default=None, description="Config of a Hugging Face dataset id (unset: "
+                                                             "data.hub_config).")
+    revision: Str | None = Field(default=None, description=(
+        "Revision of a Hugging Face dataset id (unset: data.revision); the commit read is recorded."))
+    eval_path: Str | None = Field(default=None, description=(
+        "This source's eval rows (same layouts); unset: rows held out of the source by data.eval_split, unless "
+        "data.eval is set."))
+
+
 class DataConfig(_Section):
     train: Str = Field(default=DEMO_DATA, description=(
         "Training data: a JSONL file of chat messages, or 'demo' for the bundled demo facts."))
+    sources: list[Annotated[DataSourceConfig, BeforeValidator(_path_only)]] = Field(default_factory=list, description=(
+        "Several datasets mixed into one training set instead of data.train (README, mixing datasets): each "
+        "{path, weight, max_rows, format, columns, split, hub_config, revision, eval_path}; the mix is drawn with "
+        "train.seed, and the data stage reports each source's rows read, rows kept and share."))
+    oversample: Bool = Field(default=False, description=(
+        "With weights on data.sources: false, the mix is as large as the scarcest source allows and no row repeats; "
+        "true, as large as the most plentiful source needs, the rows of the others repeated (sampling with "
+        "replacement, each row as evenly as the count allows)."))
+    revision: Str | None = Field(default=None, description=(
+        "Revision (branch, tag or commit) of a Hugging Face dataset id in data.train or data.eval; the commit it "
+        "resolves to is read, fingerprinted (an upstream change prepares the data again) and named in the GGUF."))
     eval: Str | None = Field(default=None, description=(
         "Eval data (same format, each assistant turn is the expected answer); default: the bundled demo eval set with "
         "'demo', else a split of train."))
@@ -70,8 +114,7 @@ class DataConfig(_Section):
         "nothing. Unset (the default): data of 200 rows or more holds out 5% of its rows, at most 50, for verify's "
         "reference scoring; smaller data trains on every row, and verify compares the served model with the merged "
         "one on a sample of the training prompts (no reference scoring: that needs eval rows)."))
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "pairs", "prompt_completion", "text", "preference",
-                    "kto"] = Field(default="auto", description=(
+    format: Layout = Field(default="auto", description=(
         "Dataset layout (auto: detected from the columns); preference: chosen/rejected pairs (train.method dpo, "
         "orpo or kto), kto: labelled answers (train.method kto)."))
     columns: AnyMapping = Field(default_factory=dict, description=(
@@ -80,7 +123,13 @@ class DataConfig(_Section):
         "A bad row stops the run (error) or is dropped and reported (skip)."))
     hub_config: Str | None = Field(default=None, description="Config name of a Hugging Face dataset id (e.g. v0).")
     split: Str = Field(default="train", description="Split of a Hugging Face dataset id.")
-    packing: Bool = Field(default=False, description="Pack short sequences together up to max_seq_length.")
+    packing: AutoBool = Field(default="auto", description=(
+        "How rows make training batches (sft). auto: where rows vary in length, each batch's rows end to end in one "
+        "sequence without padding, each row keeping its own positions and attention (the same loss and gradients as "
+        "padding, without computing pad tokens); true: the data stage packs the rows best-fit into sequences of up to "
+        "max_seq_length, trained the same way (a batch then holds more rows, an epoch fewer steps); false: each batch "
+        "padded to its longest row. Training first checks that the model's attention keeps rows apart, and pads, "
+        "with a notice, where it does not."))
     system_prompt: Str | None = Field(default=None, description=(
         "System prompt prepended to every conversation that has none."))
     chat_template: Str | None = Field(default=None, description=(
@@ -123,7 +172,11 @@ class TrainConfig(_Section):
     max_steps: Int = Field(default=60, ge=0, description="Optimizer steps (overrides epochs when > 0).")
     epochs: Float = Field(default=1.0, gt=0, description="Epochs, used when max_steps is 0.")
     learning_rate: Float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
-    batch_size: Int = Field(default=2, ge=1, description="Per-device batch size.")
+    batch_size: Annotated[Int, Field(ge=1)] | Literal["auto"] = Field(default="auto", description=(
+        "Per-device batch size (an integer >= 1), or auto: on a CUDA GPU (sft, one process), the largest micro-batch "
+        "that fits its free memory and divides the global batch of 2 x gradient_accumulation, the accumulation making "
+        "up the rest, so what a step learns stays the same; elsewhere 2. The batch trained with is logged and "
+        "recorded in the manifest."))
     gradient_accumulation: Int = Field(default=4, ge=1, description="Gradient accumulation steps.")
     warmup_steps: Int = Field(default=5, ge=0, description="Linear warm-up steps.")
     weight_decay: Float = Field(default=0.01, ge=0, le=1, description="Weight decay.")
@@ -134,7 +187,11 @@ class TrainConfig(_Section):
         "QLoRA: load the base in 4-bit NF4 (CUDA only; ignored on CPU)."))
     load_in_8bit: Bool = Field(default=False, description=(
         "Load the base in 8-bit (bitsandbytes LLM.int8, CUDA only) instead of 4-bit; set load_in_4bit false with it."))
-    gradient_checkpointing: Bool = Field(default=True, description="Trade compute for memory.")
+    gradient_checkpointing: AutoBool = Field(default="auto", description=(
+        "Recompute activations in the backward pass instead of keeping them: less memory, about a third more time a "
+        "step. auto: off when the batch fits the free memory with a margin (the GPU's; on CPU, the RAM available), "
+        "else on; true: on; false: off. On is Unsloth's offloaded mode on the unsloth engine. The choice is logged "
+        "and recorded in the manifest."))
     logging_steps: Int = Field(default=1, ge=1, description="Log loss every N steps.")
     save_steps: Int = Field(default=50, ge=0, description=(
         "Checkpoint every N steps (0: never); a rerun after a crash resumes from the newest."))
@@ -157,6 +214,12 @@ class TrainConfig(_Section):
         "With several processes keep batch_size x gradient_accumulation as the global batch (accumulation is divided "
         "by the world size), so a config trains the same on 1 or N GPUs; false: each process takes the whole batch "
         "(global batch grows with N, as in Axolotl)."))
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(default="none", description=(
+        "Experiment tracker for the training logs (loss, learning rate, grad norm), through transformers' own "
+        "integration: tensorboard (event files in the run's tensorboard/ folder), wandb (Weights & Biases: project "
+        "$WANDB_PROJECT, run named after the run), mlflow (experiment $MLFLOW_EXPERIMENT_NAME at "
+        "$MLFLOW_TRACKING_URI); its package must be installed (pip install tensorboard, wandb or mlflow). The report "
+        "links the tracker's run. Not part of the train fingerprint: changing it retrains nothing."))
 
 
 class PreferenceConfig(_Section):
@@ -219,7 +282,10 @@ class ModelfileConfig(_Section):
     system: Str | None = Field(default=None, description=(
         "SYSTEM in the Modelfile (default: data.system_prompt, else the chat template's own default)."))
     parameters: AnyMapping = Field(default_factory=dict, description=(
-        "Extra PARAMETER lines (e.g. num_ctx: 4096); override the generation-config defaults."))
+        "Ollama parameters for the Modelfile (e.g. {temperature: 0.7, top_p: 0.9, num_ctx: 8192}), each checked "
+        "against Ollama 0.17.4's names and value types; they win over the base's generation-config sampling "
+        "defaults and over num_ctx from training (the longest trained sequence, at least data.max_seq_length, "
+        "rounded up to a multiple of 256, at most the base's context length); a stop adds to the template's stops."))
 
 
 class OllamaConfig(_Section):
@@ -381,13 +447,20 @@ def _problem(err: ErrorDetails, raw: dict[str, Any]) -> _Problem:
     path: list[Any] = []
     where = ""
     info: FieldInfo | None = None
+    in_list = False  # inside an item of a list of sections (data.sources): the problem leaves the whole list out
     for part in err["loc"]:
+        if info is not None and isinstance(part, str):  # a member of a union (auto or a value): _wording names both
+            break
         if info is not None:  # an item of a list
             order.append((1, int(part)))
             where += f"[{part}]"
+            if (item := _item_section(info)) is not None:  # its keys follow
+                model, info, where, in_list = item, None, where + ".", True
+                node = node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else {}
             continue
         fields = list(model.model_fields)
-        path.append(part)
+        if not in_list:
+            path.append(part)
         if part not in fields:
             order.append((0, list(node).index(part) if isinstance(node, dict) and part in node else 0))
             close = sorted(k for k in fields if k.startswith(str(part)[:3]))
@@ -398,7 +471,20 @@ def _problem(err: ErrorDetails, raw: dict[str, Any]) -> _Problem:
         info = model.model_fields[str(part)]
         if (section := _section(info)) is not None:
             model, node, info, where = section, node.get(part), None, where + "."
-    return _Problem(order, tuple(path), *_wording(err, where.rstrip("."), info, model))
+        elif _item_section(info) is not None:
+            node = node.get(part) if isinstance(node, dict) else None
+    problem = _Problem(order, tuple(path), *_wording(err, where.rstrip("."), info, model))
+    if in_list:  # the list keeps its default for the checks across keys, whatever the item's problem
+        problem.wrong_type, problem.kept = True, ()
+    return problem
+
+
+def _item_section(info: FieldInfo) -> type[_Section] | None:
+    """The section each item of a list key is (data.sources'), or None."""
+    if typing.get_origin(info.annotation) is not list:
+        return None
+    item = _scalar(typing.get_args(info.annotation)[0])
+    return item if isinstance(item, type) and issubclass(item, _Section) else None
 
 
 def _wording(err: ErrorDetails, where: str, info: FieldInfo | None, model: type[_Section]) -> tuple[Any, ...]:
@@ -406,6 +492,8 @@ def _wording(err: ErrorDetails, where: str, info: FieldInfo | None, model: type[
     kind, value = err["type"], err["input"]
     if info is None:
         return f"{where}: expected a mapping of {model.__name__} keys, got {value!r}", True
+    if (either := _either(info)) is not None:
+        return f"{where}: must be {either}, got {value!r}", True
     tp = _scalar(info.annotation)
     if kind in _RANGE_ERRORS:
         value = float(value) if tp is float else value
@@ -414,10 +502,27 @@ def _wording(err: ErrorDetails, where: str, info: FieldInfo | None, model: type[
         return f"{where}: expected {_EXPECTED[kind]}, got {value!r}", True
     if kind == "literal_error":
         return f"{where}: must be one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}", True
+    if kind == "missing":
+        return f"{where}: required", True
     if kind in ("list_type", "dict_type"):
         what = "a list" if kind == "list_type" else "a mapping"
         return f"{where}: expected {what}, got {type(value).__name__} {value!r}", True
     return f"{where}: {err['msg']}", True
+
+
+def _either(info: FieldInfo) -> str | None:
+    """What a key of a word or a value takes (`auto or an integer >= 1`), or None for any other key."""
+    if typing.get_origin(info.annotation) not in (typing.Union, types.UnionType):
+        return None
+    members = [m for m in typing.get_args(info.annotation) if m is not type(None)]
+    words = [w for m in members if typing.get_origin(m) is Literal for w in typing.get_args(m)]
+    if not words:
+        return None
+    kinds = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    values = [kinds.get(_scalar(m), "a value") + (f" {bounds}" if (bounds := _bounds(FieldInfo.from_annotation(m)))
+                                                  else "")
+              for m in members if typing.get_origin(m) is not Literal]
+    return " or ".join([", ".join(map(str, words)), *values])
 
 
 def build(raw: dict[str, Any]) -> tuple[Config, list[str], set[str]]:
@@ -428,7 +533,8 @@ def build(raw: dict[str, Any]) -> tuple[Config, list[str], set[str]]:
     try:
         return Config.model_validate(raw), [], set()
     except ValidationError as exc:
-        problems = sorted((_problem(err, raw) for err in exc.errors()), key=lambda p: p.order)
+        found = sorted((_problem(err, raw) for err in exc.errors()), key=lambda p: p.order)
+    problems = list({p.message: p for p in found}.values())  # a union's members each report the same problem
     usable = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
     for p in problems:
         (usable[p.path[0]] if len(p.path) > 1 else usable).pop(p.path[-1], None)
@@ -451,5 +557,8 @@ def describe_keys(cls: type[_Section] = Config, prefix: str = "") -> list[tuple[
             continue
         bounds = _bounds(info)
         text = (info.description or "") + (f" Must be {bounds}." if bounds else "")
-        rows.append((prefix + name, repr(info.get_default(call_default_factory=True)), text))
+        default = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        rows.append((prefix + name, default, text))
+        if (item := _item_section(info)) is not None:  # each item's keys: data.sources[].path, ...
+            rows.extend(describe_keys(item, f"{prefix}{name}[]."))
     return rows

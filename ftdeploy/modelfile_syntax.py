@@ -14,7 +14,9 @@ naming the field, never a silently different Modelfile.
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Any
 
 COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
             "message", "requires")
@@ -127,3 +129,77 @@ def parameter_name(name: str) -> str:
     if not PARAMETER_NAME.fullmatch(name):
         raise ModelfileSyntaxError(f"{name!r} is not a PARAMETER name (letters, digits and _ only)")
     return name
+
+
+# ---------------------------------------------------------------- PARAMETER names and value types
+
+# Ollama 0.17.4's parameters (api/types.go: Options and the Runner it embeds, by their json tags) and each one's Go
+# type, which FormatParams (a Modelfile's PARAMETER lines) and Options.FromMap (an API request's options) hold a
+# value to. /api/create stores `parameters` as given, so a misspelt name or a "4096" for an int is only found when a
+# chat loads the model (a warning in the server log, or "option must be of type integer"): checked here instead.
+OLLAMA_PARAMETERS: dict[str, type] = {
+    # Runner: fixed when the model is loaded
+    "num_ctx": int, "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int,
+    # Options: per request
+    "num_keep": int, "seed": int, "num_predict": int, "top_k": int, "top_p": float, "min_p": float,
+    "typical_p": float, "repeat_last_n": int, "temperature": float, "repeat_penalty": float,
+    "presence_penalty": float, "frequency_penalty": float, "stop": list,
+}
+# Names Ollama 0.17.4's Modelfile parser drops with "warning: parameter X is deprecated" (parser/parser.go).
+OLLAMA_REMOVED_PARAMETERS = ("penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock",
+                             "mirostat", "mirostat_tau", "mirostat_eta")
+_GO_BOOL = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}  # strconv.ParseBool
+_FLOAT32_MAX = 3.4028234663852886e38
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", list: "a string or a list of strings"}
+
+
+def parameter_value(name: str, value: Any) -> Any:
+    """`value` as the Go type Ollama holds the parameter `name` to (an int for num_ctx, a float for temperature, a
+    list of strings for stop), taking the text a Modelfile would give ("4096", "0.7", "true"); a ModelfileSyntaxError
+    naming the valid names (and the closest one) for a name Ollama does not know, or the type for a value of another.
+    """
+    import difflib
+
+    kind = OLLAMA_PARAMETERS.get(name)
+    if kind is None:
+        if name in OLLAMA_REMOVED_PARAMETERS:
+            raise ModelfileSyntaxError(f"{name!r} is no longer an Ollama parameter (0.17.4 ignores it); valid: "
+                                       f"{', '.join(sorted(OLLAMA_PARAMETERS))}")
+        close = difflib.get_close_matches(name.lower(), OLLAMA_PARAMETERS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ModelfileSyntaxError(f"{name!r} is not an Ollama parameter{hint}; valid: "
+                                   f"{', '.join(sorted(OLLAMA_PARAMETERS))}")
+    converted = _converted(kind, value)
+    if converted is None:
+        raise ModelfileSyntaxError(f"{name} takes {_TYPE_WORDS[kind]}, got {type(value).__name__} {value!r}")
+    return converted
+
+
+def _converted(kind: type, value: Any) -> Any:
+    """`value` as `kind`, or None where Ollama would refuse it."""
+    text = value.strip() if isinstance(value, str) else None
+    if kind is list:
+        items = value if isinstance(value, list) else [value]
+        return list(items) if all(isinstance(v, str) for v in items) else None
+    if kind is bool:
+        return value if isinstance(value, bool) else _GO_BOOL.get(text.lower()) if text is not None else None
+    if isinstance(value, bool):  # YAML's true is no number
+        return None
+    if kind is float:
+        number = float(value) if isinstance(value, int | float) else _number(text, float)
+        return number if number is None or abs(number) <= _FLOAT32_MAX else None  # Go's float32
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else None
+    number = value if isinstance(value, int) else _number(text, int)
+    return number if number is None or -(1 << 63) <= number < 1 << 63 else None  # Go's int
+
+
+_GO_INT = re.compile(r"[+-]?[0-9]+")  # strconv.ParseInt(s, 10, 64): no underscores, no spaces
+_GO_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # finite decimals only
+
+
+def _number(text: str | None, kind: type) -> Any:
+    if text is None or not (_GO_INT if kind is int else _GO_FLOAT).fullmatch(text):
+        return None
+    number = kind(text)
+    return number if kind is int or math.isfinite(number) else None

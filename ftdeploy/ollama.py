@@ -286,10 +286,13 @@ class OllamaClient:
     def create(self, model: str, files: dict[str, str] | None = None, template: str | None = None,
                system: str | None = None, parameters: dict[str, Any] | None = None,
                on_status: Callable[[str], None] | None = None, from_model: str | None = None,
-               adapters: dict[str, str] | None = None) -> list[str]:
+               adapters: dict[str, str] | None = None, quantize: str | None = None) -> list[str]:
+        """`quantize`: have Ollama quantize what it converted (safetensors files), e.g. "q4_K_M"."""
+
         def start() -> Iterator[ProgressResponse]:
             return self._long_api.create(model, from_=from_model, files=files or None, adapters=adapters or None,
-                                         template=template, system=system, parameters=parameters or None, stream=True)
+                                         template=template, system=system, parameters=parameters or None,
+                                         quantize=quantize, stream=True)
 
         return self._stream(f"create {model}", f"refused to create {model}", start,
                             (lambda e: on_status(e.status or "")) if on_status else None)

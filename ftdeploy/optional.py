@@ -20,6 +20,7 @@ OPTIONAL: dict[str, tuple[str, str | None]] = {
     "peft": ("peft", "train"),
     "trl": ("trl", "train"),
     "datasets": ("datasets", "train"),
+    "huggingface_hub": ("huggingface_hub", "train"),  # a Hub dataset's commit (data/hub.py); datasets brings it
     "accelerate": ("accelerate", "train"),
     "safetensors": ("safetensors", "train"),
     "sentencepiece": ("sentencepiece", "train"),
@@ -33,6 +34,10 @@ OPTIONAL: dict[str, tuple[str, str | None]] = {
     "bitsandbytes": ("bitsandbytes", "gpu"),
     "deepspeed": ("deepspeed", None),
     "docker": ("docker", None),
+    # train.report_to's experiment trackers (trackers.py)
+    "tensorboard": ("tensorboard", None),
+    "wandb": ("wandb", None),
+    "mlflow": ("mlflow", None),
 }
 
 

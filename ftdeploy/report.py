@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 from typing import Any
 
 from .results import (
+    DataResult,
     ExportResult,
     Forgetting,
     ModelScore,
@@ -21,6 +23,7 @@ from .runs import LOSS_PLOT, MANIFEST_FILE, atomic_write_text, read_manifest
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+_AUTOLINK = re.compile(r"&lt;(https?://[^\s&]+)&gt;")  # a markdown autolink, as html.escape leaves it
 
 
 def _size(n: float) -> str:
@@ -78,6 +81,8 @@ def sections(manifest: dict[str, Any], run_name: str) -> list[Section]:
         out.append(_rewards_section(verify.rewards))
     if verify.forgetting:
         out.append(_forgetting_section(verify.forgetting))
+    if (data := DataResult.from_dict(stages.get("data", {}).get("outputs"))).sources:
+        out.append(_mix_section(data))
     if metrics.get("train"):
         out.append(_training_section(TrainMetrics.from_dict(metrics["train"])))
     if register.deploy == "adapter":
@@ -213,15 +218,51 @@ def _forgetting_section(forget: Forgetting) -> Section:
     return "Forgetting", text, rows
 
 
+def _mix_section(data: DataResult) -> Section:
+    """A mix of datasets (data.sources): what each source gave the training rows."""
+    text = [f"{data.rows} training rows mixed from {len(data.sources)} sources (data.sources), drawn with train.seed; "
+            "rows read are each source's usable rows, eval rows those held out of it or its own eval file's."]
+    rows = [["source", "layout", "rows read", "bad rows", "eval rows", "kept in the mix", "share", "weight"]]
+    rows += [[s.path + (f" @ {s.revision[:12]}" if s.revision else ""), s.layout, str(s.rows), str(s.bad_rows),
+              str(s.eval_rows), str(s.kept), _pct(s.share), "-" if s.weight is None else f"{s.weight:g}"]
+             for s in data.sources]
+    return "Data mix", text, rows
+
+
 def _training_section(train: TrainMetrics) -> Section:
     text = [f"Engine `{train.engine}` on {train.device}, {train.steps} steps, final loss "
             f"{_num(train.final_loss, '{:.4f}')}, {train.seconds} s"
             + (f" (resumed from {train.resumed_from})" if train.resumed_from else "") + "."]
+    if train.packing:  # recorded since issue 29: how the batch, checkpointing and packing were settled
+        text.append(_setup_paragraph(train))
     if train.method == "grpo":
         text.append(_grpo_paragraph(train))
     elif train.method != "sft":
         text.append(_preference_paragraph(train))
+    if train.tracker:
+        text.append(_tracker_paragraph(train.tracker, train.tracker_run))
     return "Training", text + ([f"![loss]({LOSS_PLOT})"]), None
+
+
+def _setup_paragraph(train: TrainMetrics) -> str:
+    """The batch, checkpointing and batching trained with, as training chose them (train_auto.py)."""
+    attention = f", {train.attention} attention" if train.attention else ""
+    return (f"Batch {train.per_device_batch} x {train.gradient_accumulation} accumulation per process, gradient "
+            f"checkpointing {train.gradient_checkpointing}, {train.packing} batches{attention}"
+            + (f" ({train.plan})" if train.plan else "") + ".")
+
+
+def _tracker_paragraph(tracker: str, run: str | None) -> str:
+    """Where the training logs went (train.report_to): TensorBoard's folder and the command that shows it, or the
+    tracker's run (a link when it is a URL)."""
+    from .trackers import TRACKERS
+
+    name = TRACKERS.get(tracker, (tracker, tracker))[1]
+    if tracker == "tensorboard" and run:
+        return f"Training logs in {name}: `{run}` (view with `tensorboard --logdir {Path(run).parent}`)."
+    if run and run.startswith(("http://", "https://")):
+        return f"Training logs in {name}: <{run}>."
+    return f"Training logs in {name}" + (f": {run}." if run else ".")
 
 
 def _grpo_paragraph(train: TrainMetrics) -> str:
@@ -360,6 +401,7 @@ def build_report(run_dir: Path) -> tuple[Path, Path]:
                 continue
             text = (html.escape(p).replace("**PASS**", "<b class=pass>PASS</b>")
                     .replace("**FAIL**", "<b class=fail>FAIL</b>"))
+            text = _AUTOLINK.sub(r'<a href="\1">\1</a>', text)  # markdown's <https://...>
             body.append(f"<p>{text}</p>")
         if rows:
             body.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0]) + "</tr>")

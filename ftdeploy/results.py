@@ -23,6 +23,21 @@ class Result(BaseModel):
         return cls.model_validate(data or {})
 
 
+class SourceMix(Result):
+    """One source of a mix (data.sources) as the data stage drew it (data/mix.py's SourceCount)."""
+
+    path: str = ""
+    layout: str = ""
+    revision: str | None = None  # the commit read, for a Hugging Face dataset
+    rows: int = 0  # usable rows read
+    bad_rows: int = 0
+    eval_rows: int = 0  # taken for eval: held out of it, or its eval_path's rows
+    kept: int = 0  # rows it gave the mix, repeats counted
+    share: float = 0.0  # of the mix's rows
+    weight: float | None = None
+    max_rows: int | None = None
+
+
 class DataResult(Result):
     rows: int = 0
     eval_rows: int = 0
@@ -31,6 +46,8 @@ class DataResult(Result):
     chat_format: str = ""
     pad_token: str | None = None
     eos_token: str | None = None
+    sources: list[SourceMix] = Field(default_factory=list)  # a mix: each source's rows read and kept, and share
+    revisions: dict[str, str] = Field(default_factory=dict)  # {Hugging Face dataset id: the commit read}
 
 
 class TrainResult(Result):
@@ -55,6 +72,11 @@ class TrainResult(Result):
     final_margin: float | None = None  # dpo, orpo, kto: the last logged reward margin (chosen - rejected)
     final_accuracy: float | None = None  # dpo, orpo: the last logged share of pairs whose chosen reward is the higher
     final_reward: float | None = None  # grpo: the last logged mean reward of the sampled answers
+    tracker: str | None = None  # train.report_to when it was not none: tensorboard, wandb or mlflow
+    tracker_run: str | None = None  # where the tracker's run is: TensorBoard's event folder, the run's URL, ...
+    gradient_checkpointing: str = ""  # off, on (recomputation) or unsloth (offloaded): train.gradient_checkpointing's
+    packing: str = ""  # how rows made batches: padded, padding-free or packed (data.packing, after the attention check)
+    attention: str = ""  # the attention implementation trained with (sdpa, eager, flash_attention_2, ...)
 
 
 class LossPoint(Result):
@@ -123,6 +145,12 @@ class TrainMetrics(Result):
     preference_history: list[PreferencePoint] = Field(default_factory=list)  # dpo, orpo, kto: a point a logged step
     reward_history: list[RewardPoint] = Field(default_factory=list)  # grpo: a point a logged step
     final_reward: float | None = None  # grpo: the last logged mean reward
+    tracker: str | None = None
+    tracker_run: str | None = None
+    gradient_checkpointing: str = ""
+    packing: str = ""
+    attention: str = ""
+    plan: str = ""  # how the batch and checkpointing were chosen, the line training logged
 
 
 class MergeResult(Result):
@@ -151,6 +179,7 @@ class ModelfileResult(Result):
     stops: list[str] = Field(default_factory=list)
     system: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+    context: str = ""  # where num_ctx came from, in a sentence: the trained context, or modelfile.parameters
 
 
 class TagResult(Result):

@@ -128,6 +128,25 @@ def _import_file(where: str, spec: str, key: str) -> Any:
     return module
 
 
+def reward_sources(specs: Sequence[str]) -> list[str | None]:
+    """Each reward's source file as a sha256, without importing it: editing a reward function trains (and verifies)
+    again. A module's file is found on the Python path (None where it is not found: loading names it)."""
+    digests: list[str | None] = []
+    for spec in specs:
+        where = str(spec).strip().rpartition(":")[0]
+        if _is_file(where):
+            path: Path | None = Path(where).expanduser()
+            path = path if path.is_absolute() else Path.cwd() / path
+        else:
+            try:
+                found = importlib.util.find_spec(where)
+            except (ImportError, ValueError):
+                found = None
+            path = Path(found.origin) if found is not None and found.origin else None
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None)
+    return digests
+
+
 def _described(exc: BaseException) -> str:
     """`ValueError: message (at file.py:12)`: the exception, and the line of the innermost frame it came from."""
     frames = traceback.extract_tb(exc.__traceback__)

@@ -131,14 +131,18 @@ def _build_model_dir(shape_name: str, root: Path) -> Path:
 
 
 def step_rows(batches: list[list[int]], packed: bool, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """One optimizer step's training rows, every token trained: padded, one row per length; packed, the lengths
-    of a bin concatenated into one row."""
+    """One optimizer step's training rows, every token trained: padded, one row per length; packed, the rows of a
+    bin end to end in one row with their lengths (`seq_lengths`, as the data stage writes data.packing true), which
+    training keeps apart."""
     rng = random.Random(seed)
-    rows = []
+    rows: list[dict[str, list[int]]] = []
     for micro_batch in batches:
-        for n in ([sum(micro_batch)] if packed else micro_batch):
-            ids = [rng.randrange(4, vocab) for _ in range(n)]
-            rows.append({"input_ids": ids, "labels": list(ids)})
+        ids = [[rng.randrange(4, vocab) for _ in range(n)] for n in micro_batch]
+        if packed:
+            joined = [t for row in ids for t in row]
+            rows.append({"input_ids": joined, "labels": list(joined), "seq_lengths": list(micro_batch)})
+        else:
+            rows += [{"input_ids": row, "labels": list(row)} for row in ids]
     return rows
 
 
@@ -149,7 +153,10 @@ def bench_overrides(run: dict[str, Any], engine: str, steps: int, warmup: int) -
     # one packed row per micro-batch, accumulated.
     batch, accumulation = (1, len(run["batches"])) if packed else (sum(len(b) for b in run["batches"]), 1)
     max_len = max(sum(b) if packed else max(b) for b in run["batches"])
-    return [f"train.engine={engine}", f"train.max_steps={warmup + steps}", f"train.batch_size={batch}",
+    # variable-padded measures padding (data.packing false); the product's default, auto, would batch those rows
+    # padding-free
+    packing = {"variable-packed": ["data.packing=true"], "variable-padded": ["data.packing=false"]}.get(run["kind"], [])
+    return [*packing, f"train.engine={engine}", f"train.max_steps={warmup + steps}", f"train.batch_size={batch}",
             f"train.gradient_accumulation={accumulation}", f"data.max_seq_length={max_len}", "train.save_steps=0",
             "train.nproc=1", "train.nnodes=1"]
 

@@ -169,6 +169,39 @@ def ollama_server(tmp_path_factory):
         server.stop()
 
 
+# A token in the environment (as in the container) must never reach output, logs, manifest or report.
+E2E_SECRET = "hf_ftdeployE2eNeverWriteThisToken"
+CONFIG_READS_RECORDER = REPO / "tests" / "e2e" / "record_config_reads.py"
+E2E_RUN = "ftdeploy-e2e"
+
+
+def cli_train_and_serve(runs, host, record_reads=None):
+    """`ftdeploy train-and-serve` on the demo as run E2E_RUN; with `record_reads`, through a wrapper that writes which
+    config keys each stage read there."""
+    import subprocess
+    import sys
+
+    entry = [str(CONFIG_READS_RECORDER)] if record_reads else ["-m", "ftdeploy.cli"]
+    cmd = [sys.executable, *entry, "train-and-serve", "--runs-dir", str(runs),
+           "--name", E2E_RUN, "--ollama-host", host, "--json", "-v"]
+    env = {**os.environ, "HF_TOKEN": E2E_SECRET, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    if record_reads:
+        env["FTDEPLOY_CONFIG_READS"] = str(record_reads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_cli_run(ollama_server, tmp_path_factory):
+    """The demo, trained and served once a session by the CLI: (its --json summary, the run directory, stderr). The
+    CLI's e2e tests read it; the notebook test runs the same config again through the Python API, which skips every
+    finished stage (tests/e2e/test_notebook.py sorts before the tests that change this run)."""
+    runs = tmp_path_factory.mktemp("runs")
+    proc = cli_train_and_serve(runs, ollama_server.host, record_reads=runs.parent / "config-reads.json")
+    return json.loads(proc.stdout), runs / E2E_RUN, proc.stderr
+
+
 def smol_gguf_copy(folder, tag: str):
     """SmolLM2-135M-Instruct as shipped, with a `ftdeploy.test` key of its own: the same model under a digest no
     other test uploads, so tests that share the session's Ollama server do not see each other's blobs."""

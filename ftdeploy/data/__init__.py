@@ -1,6 +1,8 @@
 """The data stage: a dataset in any supported layout in, tokenized training rows with assistant-only labels out.
 
   sources.py  where rows come from: files, a directory of them, a Hugging Face dataset, the bundled demo data
+  hub.py      the commit a Hugging Face dataset is read at (fingerprinted, named in the provenance)
+  mix.py      data.sources: several datasets in one seeded, weighted mix, reported source by source
   formats.py  layouts: rows -> Records (conversations or text), every bad row named; RecordStream
   preference.py  preference layouts (dpo pairs, kto labelled answers): rows -> Records with chosen/rejected answers
   labels.py   the definition of the labels (tokenize_conversation) and the errors of a row that trains on nothing

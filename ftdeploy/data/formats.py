@@ -54,6 +54,7 @@ from typing import Any
 from ..config import DataConfig
 from ..defaults import DEMO_DATA
 from ..errors import DataError
+from .hub import hub_revision, is_hub_dataset
 from .sources import BadRow, demo_path, iter_rows, json_reason
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ class Record:
     # GRPO prompts (grpo.py): `messages` is the prompt, ending on the user turn the model answers, and these the row's
     # other columns, which the reward functions are given (`answer`: the reference, where the row has one).
     columns: dict[str, Any] = field(default_factory=dict)
+    # A vision base's image chat (images.py): the row's images in order, one for each {"type": "image"} part of its
+    # messages (images.Image: bytes, source, size).
+    images: list[Any] = field(default_factory=list)
 
     def uses_tools(self) -> bool:
         """Whether the conversation uses tools: tool specs, tool calls or tool results."""
@@ -1003,10 +1007,13 @@ class RecordStream:
 
     def __init__(self, spec: str, layout: str = "auto", columns: Columns | None = None, on_bad_row: str = "error",
                  system_prompt: str | None = None, hub_config: str | None = None, split: str = "train",
-                 max_row_bytes: int = MAX_ROW_BYTES):
+                 max_row_bytes: int = MAX_ROW_BYTES, revision: str | None = None, images: bool = False):
         self.spec, self.columns, self.on_bad_row = spec, columns or Columns(), on_bad_row
+        self.images = images  # a vision base: image chats are read (images.py), not refused
         self.system_prompt, self._hub_config, self._split = system_prompt, hub_config, split
         self.max_row_bytes = max_row_bytes
+        # A Hub dataset is read at one commit, every pass alike: the one `revision` names now (None: not the Hub)
+        self.revision = hub_revision(spec, revision, hub_config) if is_hub_dataset(spec) else None
         self._warned = False  # unused fields are named once, not once a pass
         self.bad: list[str] = []
         self.records = 0  # records of the last complete pass
@@ -1034,10 +1041,16 @@ class RecordStream:
 
     def _convert(self, where: str, row: Any, unused: dict[str, str] | None) -> Record | str:
         """A row as its Record, or the bad-row line naming it."""
+        if self.images:
+            from .images import image_record
+
+            return image_record(where, row, lambda marked: _to_record(
+                where, marked, self.layout, self.columns, self.system_prompt, self.max_row_bytes, unused))
         return _to_record(where, row, self.layout, self.columns, self.system_prompt, self.max_row_bytes, unused)
 
     def _rows(self) -> Iterator[tuple[str, Any]]:
-        return ((where, _json_columns(row)) for where, row in iter_rows(self.spec, self._hub_config, self._split))
+        return ((where, _json_columns(row))
+                for where, row in iter_rows(self.spec, self._hub_config, self._split, self.revision))
 
     def __iter__(self) -> Iterator[Record]:
         if self._pending is not None:  # the first pass reuses the rows read to detect the layout
@@ -1074,12 +1087,12 @@ class RecordStream:
             pass
 
 
-def stream_records(cfg: DataConfig, spec: str, split: str = "train") -> RecordStream:
+def stream_records(cfg: DataConfig, spec: str, split: str = "train", images: bool = False) -> RecordStream:
     """`spec` (a path, a Hub id, or the demo data's `split`) with the data config's layout, columns, system prompt
-    and bad-row policy."""
+    and bad-row policy; `images`: a vision base's data, image chats read (images.py)."""
     # The spec as typed (not normalised through Path, which drops a leading ./): iter_rows decides from it whether
     # this is a local path or a Hub id.
     source = str(demo_path(split)) if spec == DEMO_DATA else spec
     columns = Columns(**cfg.columns) if cfg.columns else Columns()
     return RecordStream(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split,
-                        cfg.max_row_bytes)
+                        cfg.max_row_bytes, cfg.revision, images=images)

@@ -211,7 +211,7 @@ def stream_grpo(cfg: DataConfig, spec: str, split: str = "train") -> GrpoStream:
     source = str(demo_path(split).with_name(DEMO_FILES[split])) if spec == DEMO_DATA else spec
     columns = Columns(**cfg.columns) if cfg.columns else Columns()
     return GrpoStream(source, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config, cfg.split,
-                      cfg.max_row_bytes)
+                      cfg.max_row_bytes, cfg.revision)
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:

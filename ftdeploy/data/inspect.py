@@ -7,6 +7,7 @@ prompts' (the answers are sampled in training) and the example shows the first p
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,17 @@ from pydantic import BaseModel
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..results import SourceMix
 from ..runs import atomic_path
 from ..templates import TemplateMapping
 from .fast import tokenize_records
 from .formats import Record, RecordStream, stream_records
 from .grpo import stream_grpo, tokenize_prompts
 from .labels import IGNORE_INDEX, Tokenized
+from .mix import MixedStream
 from .preference import METHODS, stream_preference
 from .preference_ids import PreferenceIds, row_length, tokenize_preference
+from .writer import mixed_stream
 
 
 class TokenStats(BaseModel):
@@ -68,6 +72,7 @@ class DataInspection(BaseModel):
     method: str = "sft"  # what the data was read as and measured for (train.method)
     desirable: int | None = None  # kto: rows labelled good
     undesirable: int | None = None  # kto: rows labelled bad
+    sources: list[SourceMix] | None = None  # a mix (data.sources): each source's rows read, kept and share
     plot: str | None = None  # where the plot was written; no key when none was
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,15 +134,22 @@ class _Seen:
             self.tool_calls += sum(len(m.get("tool_calls", ())) for m in messages)
 
 
-def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMapping, plot_path: Path | None,
-                 method: str = "sft") -> DataInspection:
+def inspect_data(cfg: DataConfig, spec: str | None, tokenizer: Any, mapping: TemplateMapping,
+                 plot_path: Path | None, method: str = "sft", seed: int = 3407) -> DataInspection:
     """Layout, row counts, token-length statistics and histogram, and one example with its trained span marked;
-    `method` (sft, dpo, orpo, kto): what the data is read as, as prepare_data reads it."""
+    `method` (sft, dpo, orpo, kto): what the data is read as, as prepare_data reads it. `spec` None: the config's
+    data, data.train or the mix of data.sources drawn as the data stage draws it (`seed`: train.seed), its eval
+    rows held out."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     trains_nothing: list[str] | None = [] if cfg.on_bad_row == "skip" else None  # bad rows found by tokenizing
-    records: RecordStream = stream_records(cfg, spec, "train") if method == "sft" else \
-        stream_grpo(cfg, spec) if method == "grpo" else stream_preference(cfg, spec, method)
+    records: RecordStream | MixedStream
+    if spec is None and cfg.sources:
+        spec, records = "data.sources", mixed_stream(cfg, seed, method)
+    else:
+        spec = spec or cfg.train
+        records = stream_records(cfg, spec, "train") if method == "sft" else \
+            stream_grpo(cfg, spec) if method == "grpo" else stream_preference(cfg, spec, method)
     try:
         if method == "sft":
             seen = _seen_sft(records, tokenizer, mapping, cfg, trains_nothing)
@@ -157,14 +169,15 @@ def inspect_data(cfg: DataConfig, spec: str, tokenizer: Any, mapping: TemplateMa
         tool_calls=seen.tool_calls, truncated=seen.truncated, max_seq_length=cfg.max_seq_length,
         tokens=length_stats(lengths), histogram=[Bucket(low=lo, high=hi, count=c) for lo, hi, c in histogram(lengths)],
         chat_format=mapping.format.name, example=seen.example, method=method,
-        desirable=seen.desirable if kto else None, undesirable=seen.undesirable if kto else None)
+        desirable=seen.desirable if kto else None, undesirable=seen.undesirable if kto else None,
+        sources=[SourceMix.from_dict(s) for s in records.report()] if isinstance(records, MixedStream) else None)
     if plot_path is not None:
         _plot(lengths, cfg.max_seq_length, f"{Path(spec).name}: {len(lengths)} examples ({records.layout})", plot_path)
         result.plot = str(plot_path)
     return result
 
 
-def _seen_sft(records: RecordStream, tokenizer: Any, mapping: TemplateMapping, cfg: DataConfig,
+def _seen_sft(records: Iterable[Record], tokenizer: Any, mapping: TemplateMapping, cfg: DataConfig,
               trains_nothing: list[str] | None) -> _Seen:
     seen = _Seen()
     for rec, tok in tokenize_records(records, tokenizer, mapping, cfg.max_seq_length, cfg.train_on, trains_nothing):
@@ -179,7 +192,7 @@ def _seen_sft(records: RecordStream, tokenizer: Any, mapping: TemplateMapping, c
     return seen
 
 
-def _seen_preference(records: RecordStream, tokenizer: Any, mapping: TemplateMapping, cfg: DataConfig,
+def _seen_preference(records: Iterable[Record], tokenizer: Any, mapping: TemplateMapping, cfg: DataConfig,
                      trains_nothing: list[str] | None, method: str) -> _Seen:
     seen = _Seen()
     for rec, ids in tokenize_preference(records, tokenizer, mapping, cfg.max_seq_length, trains_nothing):
@@ -196,7 +209,7 @@ def _seen_preference(records: RecordStream, tokenizer: Any, mapping: TemplateMap
     return seen
 
 
-def _seen_grpo(records: RecordStream, tokenizer: Any, cfg: DataConfig, trains_nothing: list[str] | None) -> _Seen:
+def _seen_grpo(records: Iterable[Record], tokenizer: Any, cfg: DataConfig, trains_nothing: list[str] | None) -> _Seen:
     """GRPO prompts: their lengths as GRPOTrainer renders them; the example, the first prompt so rendered (the answer
     that follows it is sampled in training) and the columns its reward functions get."""
     seen = _Seen()

@@ -428,12 +428,12 @@ class PreferenceStream(RecordStream):
 
     def __init__(self, spec: str, method: str, layout: str = "auto", columns: Columns | None = None,
                  on_bad_row: str = "error", system_prompt: str | None = None, hub_config: str | None = None,
-                 split: str = "train", max_row_bytes: int = MAX_ROW_BYTES):
+                 split: str = "train", max_row_bytes: int = MAX_ROW_BYTES, revision: str | None = None):
         if method not in NEEDS:
             raise ValueError(f"method must be one of {', '.join(NEEDS)}, got {method!r}")
         self.method = method
         self.allowed = _forms_allowed(method, layout)
-        super().__init__(spec, layout, columns, on_bad_row, system_prompt, hub_config, split, max_row_bytes)
+        super().__init__(spec, layout, columns, on_bad_row, system_prompt, hub_config, split, max_row_bytes, revision)
 
     def _detect(self, head: list[tuple[str, Any]], layout: str) -> str:
         """The most common form of the first rows; data that is not preference data (or, for dpo and orpo,
@@ -481,4 +481,4 @@ def stream_preference(cfg: DataConfig, spec: str, method: str, split: str = "tra
     source = str(demo_path(split)) if spec == DEMO_DATA else spec
     columns = Columns(**cfg.columns) if cfg.columns else Columns()
     return PreferenceStream(source, method, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config,
-                            cfg.split, cfg.max_row_bytes)
+                            cfg.split, cfg.max_row_bytes, cfg.revision)

@@ -48,9 +48,10 @@ def resolve_data_path(spec: str, split: str = "train") -> Path:
     return demo_path(split) if spec == DEMO_DATA else Path(spec).expanduser()
 
 
-def iter_rows(spec: str, hub_config: str | None = None, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """Yield (where, row) for every row of a file, a directory of files, or a Hub dataset, read as they are
-    iterated (a .json file is one document and is read whole)."""
+def iter_rows(spec: str, hub_config: str | None = None, split: str = "train",
+              revision: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (where, row) for every row of a file, a directory of files, or a Hub dataset (at `revision`, the commit
+    hub.hub_revision resolved), read as they are iterated (a .json file is one document and is read whole)."""
     if not spec.strip():
         raise DataError("the data path is empty; give a file, a directory or a Hugging Face dataset id (owner/name)")
     try:
@@ -77,7 +78,7 @@ def iter_rows(spec: str, hub_config: str | None = None, split: str = "train") ->
         # Decided before any Hub lookup: a mistyped local path must not turn into network retries.
         raise _no_such_path(spec, path)
     if HUB_DATASET_RE.match(spec):
-        yield from _iter_hub(spec, hub_config, split)
+        yield from _iter_hub(spec, hub_config, split, revision)
         return
     raise DataError(f"{spec}: no such file or directory, and not a Hugging Face dataset id (owner/name)")
 
@@ -330,12 +331,13 @@ def json_reason(exc: BaseException) -> str:
     return str(exc).split(";")[0]
 
 
-def _iter_hub(dataset_id: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
+def _iter_hub(dataset_id: str, config: str | None, split: str, revision: str | None) -> Iterator[tuple[str, Any]]:
     load_dataset = require("datasets", f"{dataset_id}: loading a Hub dataset").load_dataset
     try:
-        ds = load_dataset(dataset_id, config, split=split)
+        ds = load_dataset(dataset_id, config, split=split, revision=revision)
     except Exception as exc:  # noqa: BLE001 - network, auth, missing config: all end here
         first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise DataError(f"{dataset_id} (config {config}, split {split}): cannot load: {first_line}") from None
+        at = f", commit {revision}" if revision else ""
+        raise DataError(f"{dataset_id} (config {config}, split {split}{at}): cannot load: {first_line}") from None
     for i, row in enumerate(ds):
         yield f"{dataset_id}:{split}:{i}", row

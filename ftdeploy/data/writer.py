@@ -1,7 +1,8 @@
 """prepare_data: the records stream from the source through the tokenizer (fast.py) into the data directory.
 
-  train.jsonl         sft: input_ids + labels a row (packed into sequences of at most max_seq_length with
-                      data.packing); dpo and orpo: prompt_ids + chosen_ids + rejected_ids a row; kto: prompt_ids +
+  train.jsonl         sft: input_ids + labels a row (data.packing true: rows packed best-fit into sequences of at
+                      most max_seq_length, with their lengths, seq_lengths, which training keeps apart); dpo and
+                      orpo: prompt_ids + chosen_ids + rejected_ids a row; kto: prompt_ids +
                       completion_ids + label (true: a good answer) a row, a pair giving two (preference_ids.py);
                       grpo: {"prompt": [messages], "columns": {...}, "source"} a row, the prompt as chat messages
                       (GRPOTrainer renders and tokenizes it), the columns what the reward functions get (grpo.py)
@@ -10,10 +11,12 @@
                       (ending on the user turn) with their "columns"
   train_sample.jsonl  a sample of the training chats or raw texts (or preference or GRPO prompts): what verify asks
                       when there are no eval rows
-  stats.json          row and token counts, the method, the layout, bad rows, packed sequences, the chat format (for
-                      dpo and kto: a row's tokens are its prompt and longest completion, the trained ones its
-                      completions; kto counts its desirable and undesirable rows; grpo: a row's tokens are its
-                      prompt's, none trained: the answers are sampled in training)
+  stats.json          row and token counts (the longest row, and the max_seq_length rows were cut at: the served
+                      num_ctx is made of the two), the method, the layout, bad rows, packed sequences, the chat
+                      format (for dpo and kto: a row's tokens are its prompt and longest completion, the trained ones
+                      its completions; kto counts its desirable and undesirable rows; grpo: a row's tokens are its
+                      prompt's, none trained: the answers are sampled in training); a mix's sources (mix.py:
+                      rows read, bad, eval, kept and share of each) and the Hub commits read
 
 Memory stays flat in the rows: packing keeps two numbers a row, an eval split one bit of bookkeeping a row and a
 counting pass first.
@@ -22,9 +25,11 @@ counting pass first.
 from __future__ import annotations
 
 import array
+import bisect
 import json
 import logging
 import random
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +45,7 @@ from .formats import Record, RecordStream, stream_records
 from .grpo import stream_grpo, tokenize_prompts
 from .grpo import train_row as grpo_train_row
 from .labels import IGNORE_INDEX, Tokenized
+from .mix import MixedStream, counted, hub_revisions
 from .preference import METHODS, stream_preference
 from .preference_ids import row_length, tokenize_preference
 
@@ -65,6 +71,8 @@ class DataStats:
     method: str = "sft"
     desirable: int = 0  # kto: rows labelled good
     undesirable: int = 0  # kto: rows labelled bad
+    sources: list[dict[str, Any]] = field(default_factory=list)  # a mix (data.sources): mix.SourceCount of each
+    revisions: dict[str, str] = field(default_factory=dict)  # {Hub dataset id: the commit read}
 
     def add(self, tok: Tokenized) -> None:
         self.rows += 1
@@ -90,21 +98,30 @@ class DataStats:
 
 
 def pack_groups(lengths: Iterable[int], max_seq_length: int) -> list[list[int]]:
-    """Which rows (by index) each packed sequence holds: longest first, each row into the current sequence
-    while it fits, else into a new one. As in TRL's wrapped packing, packed conversations attend to each other; it
-    trades that for fewer pad tokens on many short rows."""
+    """Which rows (by index) each packed sequence holds, by best-fit decreasing (TRL's `bfd`): longest first, each
+    row into the sequence it leaves the least room in (of those with that room, the one that came to it first), else
+    into a new one. The rows stay apart in training: each packed row records its rows' lengths (`seq_lengths`), and
+    training gives each row its own positions and attention (stages/train_batches.py)."""
     order = sorted(range(len(lengths := list(lengths))), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
-    current: list[int] = []
-    size = 0
+    rooms: list[int] = []  # the room left in some sequence, each value once, ascending
+    with_room: dict[int, deque[int]] = {}  # room -> the sequences with that much room, in the order they came to it
     for i in order:
-        if current and size + lengths[i] > max_seq_length:
-            groups.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += lengths[i]
-    if current:
-        groups.append(current)
+        at = bisect.bisect_left(rooms, lengths[i])
+        if at < len(rooms):
+            room = rooms[at]
+            group = with_room[room].popleft()
+            if not with_room[room]:
+                del with_room[room], rooms[at]
+        else:
+            room, group = max_seq_length, len(groups)
+            groups.append([])
+        groups[group].append(i)
+        if (left := room - lengths[i]) > 0:
+            if left not in with_room:
+                bisect.insort(rooms, left)
+                with_room[left] = deque()
+            with_room[left].append(group)
     return groups
 
 
@@ -204,7 +221,8 @@ class _TrainWriter:
                     row = json.loads(rows.readline())
                     ids += row["input_ids"]
                     labels += row["labels"]
-                out.write(json.dumps({"input_ids": ids, "labels": labels, "source": "packed"},
+                out.write(json.dumps({"input_ids": ids, "labels": labels,
+                                      "seq_lengths": [self.lengths[i] for i in group], "source": "packed"},
                                      ensure_ascii=False) + "\n")
                 self.packed += 1
         self.spool.unlink()
@@ -221,7 +239,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
     (packing keeps two numbers a row; an eval split, one bit of bookkeeping a row and a counting pass first)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    train = _stream(cfg, cfg.train, "train", method)
+    train = mixed_stream(cfg, seed, method) if cfg.sources else _stream(cfg, cfg.train, "train", method)
     eval_stream, held = _eval_source(cfg, train, seed, method)
     stats = DataStats(layout=train.layout, method=method)
     sample = _TrainSample(TRAIN_SAMPLE_ROWS, seed)
@@ -247,6 +265,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, mapping: TemplateMapping, out_
         finally:
             writer.fh.close()
         stats.bad_rows = [*train.bad, *(trains_nothing or ())]
+        stats.sources, stats.revisions = counted(train), hub_revisions((train, eval_stream))
         if not stats.rows:
             _no_rows_left(cfg, stats)
         writer.close()
@@ -264,13 +283,27 @@ def _stream(cfg: DataConfig, spec: str, split: str, method: str) -> RecordStream
     return stream_records(cfg, spec, split) if method == "sft" else stream_preference(cfg, spec, method, split)
 
 
+def mixed_stream(cfg: DataConfig, seed: int, method: str) -> MixedStream:
+    """data.sources' mix (mix.py), each source read as the method reads data, its eval rows held out as one dataset's
+    would be unless data.eval is set."""
+    def hold_out(n: int, index: int) -> set[int]:
+        return held_out(n, cfg.eval_split, seed + index)
+
+    def open_stream(own: DataConfig, spec: str, split: str) -> RecordStream:
+        return _stream(own, spec, split, method)
+
+    return MixedStream(cfg, seed, method, open_stream, None if cfg.eval else hold_out)
+
+
 def _packing(cfg: DataConfig, method: str) -> bool:
-    if cfg.packing and method != "sft":
+    """Whether train.jsonl holds packed sequences: data.packing true (auto batches the rows without padding in
+    training, from the rows as they are)."""
+    if cfg.packing is True and method != "sft":
         log.warning("data.packing has no effect with --method %s: each %s is trained on its own", method,
                     "prompt" if method == "grpo" else "preference row")
     if cfg.train_on == "all" and method != "sft":
         log.warning("data.train_on=all has no effect with --method %s: the answers are what trains", method)
-    return cfg.packing and method == "sft"
+    return cfg.packing is True and method == "sft"
 
 
 def _write_train(records: Iterable[Record], tokenizer: Any, mapping: TemplateMapping, cfg: DataConfig,
@@ -309,17 +342,21 @@ def _warn(cfg: DataConfig, stats: DataStats) -> None:
 
 
 def _no_rows_left(cfg: DataConfig, stats: DataStats) -> None:
+    name = "data.sources" if cfg.sources else cfg.train
     if stats.bad_rows and not stats.eval_rows:
-        raise DataError(f"{cfg.train}: no usable rows ({len(stats.bad_rows)} bad rows skipped):\n  "
+        raise DataError(f"{name}: no usable rows ({len(stats.bad_rows)} bad rows skipped):\n  "
                         + "\n  ".join(stats.bad_rows[:20]))
-    raise DataError(f"{cfg.train}: no rows left to train on after holding out {stats.eval_rows} for eval "
+    raise DataError(f"{name}: no rows left to train on after holding out {stats.eval_rows} for eval "
                     f"(data.eval_split={cfg.eval_split})")
 
 
-def _eval_source(cfg: DataConfig, train: RecordStream, seed: int,
-                 method: str = "sft") -> tuple[RecordStream | None, set[int]]:
+def _eval_source(cfg: DataConfig, train: RecordStream | MixedStream, seed: int,
+                 method: str = "sft") -> tuple[Iterable[Record] | None, set[int]]:
     """Where the eval rows come from: a stream of their own (data.eval, or the demo's eval split), or the indices of
-    the training rows held out for eval (data.eval_split; unset, only where the data can spare them)."""
+    the training rows held out for eval (data.eval_split; unset, only where the data can spare them); for a mix,
+    data.eval and each source's own (mix.MixedStream.eval_records)."""
+    if isinstance(train, MixedStream):
+        return train.eval_records(_stream(cfg, cfg.eval, "eval", method) if cfg.eval else None), set()
     try:
         if cfg.eval:
             return _stream(cfg, cfg.eval, "eval", method), set()
@@ -339,7 +376,7 @@ def _eval_source(cfg: DataConfig, train: RecordStream, seed: int,
     return None, set()
 
 
-def _write_eval(cfg: DataConfig, eval_stream: RecordStream, eval_fh: IO[str], stats: DataStats) -> None:
+def _write_eval(cfg: DataConfig, eval_stream: Iterable[Record], eval_fh: IO[str], stats: DataStats) -> None:
     """The eval source's chats to eval.jsonl; one asked for by name that holds none is an error."""
     chats = 0
     for rec in eval_stream:
@@ -358,8 +395,9 @@ def _write_stats(path: Path, cfg: DataConfig, stats: DataStats, writer: _TrainWr
     out: dict[str, Any] = {
         "rows": stats.rows, "eval_rows": stats.eval_rows, "truncated": stats.truncated,
         "trained_tokens": stats.trained_tokens, "total_tokens": stats.total_tokens,
-        "max_length": stats.max_length, "mean_length": stats.mean_length,
-        "train_source": cfg.train, "layout": stats.layout, "bad_rows": len(stats.bad_rows),
+        "max_length": stats.max_length, "max_seq_length": cfg.max_seq_length, "mean_length": stats.mean_length,
+        "train_source": "data.sources" if cfg.sources else cfg.train, "layout": stats.layout,
+        "bad_rows": len(stats.bad_rows),
         "packed_sequences": writer.packed if writer is not None else None, "chat_format": mapping.format.name,
     }
     # sft's stats.json stays as it was (a reader takes a missing "method" for sft, as in data prepared before dpo)
@@ -367,6 +405,10 @@ def _write_stats(path: Path, cfg: DataConfig, stats: DataStats, writer: _TrainWr
         out["method"] = stats.method
     if stats.method == "kto":
         out.update(desirable=stats.desirable, undesirable=stats.undesirable)
+    if stats.sources:
+        out["sources"] = stats.sources
+    if stats.revisions:
+        out["revisions"] = stats.revisions
     path.write_text(json.dumps(out, indent=2))
 
 
@@ -382,10 +424,20 @@ def _hold_out(records: Iterable[Record], held: set[int], eval_fh: IO[str], stats
 
 
 def load_tokenized(data_dir: Path) -> list[dict[str, list[int]]]:
-    """sft's train.jsonl rows: input_ids and labels."""
+    """sft's train.jsonl rows: input_ids and labels, and a packed sequence's seq_lengths (its rows' lengths)."""
     path = data_dir / "train.jsonl"
     with open(path, encoding="utf-8") as fh:
-        return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in map(json.loads, fh)]
+        rows = [{k: r[k] for k in ("input_ids", "labels", "seq_lengths") if k in r} for r in map(json.loads, fh)]
+    if rows and "seq_lengths" not in rows[0] and _packed_by_an_older_version(data_dir):
+        raise DataError(f"{path}: its packed rows do not say where each row ends (packed by an older ftdeploy, whose "
+                        "packing let rows attend to each other); prepare the data again: `ftdeploy data`, or "
+                        "`ftdeploy train-and-serve --force data`")
+    return rows
+
+
+def _packed_by_an_older_version(data_dir: Path) -> bool:
+    stats = data_dir / "stats.json"
+    return stats.is_file() and json.loads(stats.read_text()).get("packed_sequences") is not None
 
 
 def load_preference_rows(data_dir: Path) -> list[dict[str, Any]]:

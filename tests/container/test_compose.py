@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 CPU_FILES = ("compose.yaml", "compose.cpu.yaml")
 GPU_FILES = ("compose.yaml",)
 QUESTION = "What port does the Zephyr service use?"
+PREBUILT_CPU_IMAGE = "FTDEPLOY_TEST_CPU_IMAGE"  # an image already built to test instead of building one (docker.yml)
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -57,8 +58,13 @@ class Stack:
         return proc
 
     def build(self, target: str) -> str:
-        """`docker compose build` of the cpu (compose.yaml + compose.cpu.yaml) or gpu (compose.yaml) image."""
+        """`docker compose build` of the cpu (compose.yaml + compose.cpu.yaml) or gpu (compose.yaml) image; with
+        FTDEPLOY_TEST_CPU_IMAGE set, the cpu image is that one, built before (docker.yml builds it once, tests it here
+        and pushes the image it tested), under this test's tag."""
         image = f"ftdeploy-test:{target}"
+        if target == "cpu" and (prebuilt := os.environ.get(PREBUILT_CPU_IMAGE)):
+            self.docker_out("tag", prebuilt, image)
+            return image
         self.compose("build", *self.build_args, "ftdeploy", files=CPU_FILES if target == "cpu" else GPU_FILES,
                      image=image, timeout=3600)
         return image

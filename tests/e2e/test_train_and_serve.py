@@ -8,38 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_dataset
+from conftest import E2E_SECRET as SECRET
+from conftest import cli_train_and_serve as _train_and_serve
+from conftest import read_dataset
 
 from ftdeploy.data import demo_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
 
 
-SECRET = "hf_ftdeployE2eNeverWriteThisToken"
-
-
-RECORDER = Path(__file__).with_name("record_config_reads.py")
-
-
-def _train_and_serve(runs, host, record_reads=None):
-    """The CLI; with `record_reads`, through a wrapper that writes which config keys each stage read there."""
-    entry = [str(RECORDER)] if record_reads else ["-m", "ftdeploy.cli"]
-    cmd = [sys.executable, *entry, "train-and-serve", "--runs-dir", str(runs),
-           "--name", "ftdeploy-e2e", "--ollama-host", host, "--json", "-v"]
-    # A token in the environment (as in the container) must never reach output, logs, manifest or report.
-    env = {**os.environ, "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    if record_reads:
-        env["FTDEPLOY_CONFIG_READS"] = str(record_reads)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
-def demo_run(ollama_server, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    proc = _train_and_serve(runs, ollama_server.host, record_reads=runs.parent / "config-reads.json")
-    return json.loads(proc.stdout), runs / "ftdeploy-e2e", proc.stderr
+def demo_run(demo_cli_run):
+    """The session's demo run (conftest.demo_cli_run): the notebook test reruns the same one through the API."""
+    return demo_cli_run
 
 
 def test_every_config_key_a_stage_reads_is_in_its_fingerprint(demo_run):
@@ -68,6 +49,10 @@ def test_the_served_model_answers_the_trained_facts(demo_run, ollama_server):
     facts = read_dataset(str(demo_path("eval"))).records
     hits = sum(f.expect.lower() in ollama_server.chat("ftdeploy-e2e", f.messages[0]["content"]).lower() for f in facts)
     assert hits >= 4
+    # Served with num_ctx from training (data.max_seq_length 2048, below the floor of Ollama's own default 4096;
+    # SmolLM2 takes 8192) on every machine (tests/integration/test_num_ctx_real_ollama.py: the rule on the server).
+    shown = ollama_server.show_json("ftdeploy-e2e")["parameters"].splitlines()
+    assert [line.split()[1] for line in shown if line.split()[0] == "num_ctx"] == ["4096"], shown
 
 
 def test_the_run_directory_holds_every_artifact_with_its_hash(demo_run):
@@ -267,13 +252,91 @@ def test_a_dpo_rerun_skips_what_is_unchanged_and_a_changed_sft_run_trains_it_aga
     for stage in ("data", "train", "merge", "export", "modelfile"):
         assert f"==> {stage} (unchanged, skipped)" in proc.stderr
     sft = run_dir.parent / "ftdeploy-e2e" / "manifest.json"
-    manifest = json.loads(sft.read_text())
+    kept = sft.read_text()
+    manifest = json.loads(kept)
     manifest["stages"]["merge"]["fingerprint"] = "changed-upstream"  # as a rerun of the SFT run with other settings
     sft.write_text(json.dumps(manifest))
     from ftdeploy.config import load_config
     from ftdeploy.pipeline import Context, plan_stages
     from ftdeploy.runs import Run
 
-    cfg = load_config(run_dir / "config.yaml")
-    plan = dict(plan_stages(Context(cfg, Run(run_dir))))
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        plan = dict(plan_stages(Context(cfg, Run(run_dir))))
+    finally:
+        sft.write_text(kept)  # the runs chained on it below start from the SFT run as it was made
     assert plan["data"] and plan["train"]
+
+
+# ORPO and KTO on the same SFT run, smaller: ORPO on the pairs (no reference model), KTO on the pairs split into
+# unpaired good and bad answers, deployed as an adapter on the SFT model (registered as a base of its own).
+
+
+def _chained(runs, host, name, method, data, *extra):
+    from ftdeploy.assets import asset
+
+    proc = _run_cli("train-and-serve", "--runs-dir", str(runs), "--name", name, "--method", method,
+                    "--from-run", "ftdeploy-e2e", "--data", str(data),
+                    "--set", f"data.eval={asset('demo', 'prefs_eval.jsonl')}", "--max-steps", "8",
+                    "--ollama-host", host, "--json", *extra)
+    return json.loads(proc.stdout), runs / name
+
+
+@pytest.fixture(scope="module")
+def orpo_run(demo_run, ollama_server):
+    from ftdeploy.assets import asset
+
+    return _chained(demo_run[1].parent, ollama_server.host, "ftdeploy-e2e-orpo", "orpo", asset("demo", "prefs.jsonl"))
+
+
+def _unpaired(pairs: Path, out: Path) -> Path:
+    """TRL's unpaired KTO layout: each pair's answers as two rows, labelled, shuffled apart."""
+    import random
+
+    rows = []
+    for line in pairs.read_text().splitlines():
+        pair = json.loads(line)
+        rows += [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+                 {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+    random.Random(0).shuffle(rows)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def kto_run(demo_run, ollama_server, tmp_path_factory):
+    from ftdeploy.assets import asset
+
+    data = _unpaired(Path(asset("demo", "prefs.jsonl")), tmp_path_factory.mktemp("kto") / "kto.jsonl")
+    return _chained(demo_run[1].parent, ollama_server.host, "ftdeploy-e2e-kto", "kto", data, "--deploy", "adapter")
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_orpo_and_kto_on_the_sft_run_serve_the_trait_on_unseen_prompts(method, request, ollama_server):
+    result, run_dir = request.getfixturevalue(f"{method}_run")
+    name = f"ftdeploy-e2e-{method}"
+    answers = [ollama_server.chat(name, p, num_predict=16) for p in UNSEEN]
+    assert sum(map(_opens_with_ahoy, answers)) >= 4, answers
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["train"]["method"] == method and manifest["metrics"]["verify"]["passed"]
+
+
+def test_orpo_verify_measured_the_served_preference_without_a_reference_model(orpo_run):
+    pref = json.loads((orpo_run[1] / "manifest.json").read_text())["metrics"]["verify"]["preference"]
+    assert pref["method"] == "orpo" and pref["merged_accuracy"] == 1.0 and pref["base_accuracy"] < 0.5
+    assert pref["served_accuracy"] >= 0.8 and pref["agreement"] >= 0.8
+
+
+def test_kto_from_unpaired_rows_raised_the_good_answers_and_its_adapter_sits_on_the_sft_model(kto_run, ollama_server):
+    result, run_dir = kto_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    pref = manifest["metrics"]["verify"]["preference"]
+    assert pref["method"] == "kto" and pref["merged_margin"] > 0  # good answers gained on bad ones, from the base
+    assert manifest["stages"]["data"]["outputs"]["rows"] == 64  # 32 good and 32 bad rows, unpaired
+    reg = manifest["stages"]["register"]["outputs"]
+    assert reg["deploy"] == "adapter" and reg["base_model"].startswith("ftdeploy-base-ftdeploy-e2e-")
+    assert reg["uploaded_bytes"] == reg["adapter_bytes"]
+    # The base it registered is the SFT model (no trait), not the demo's base model under its name.
+    base_answers = [ollama_server.chat(reg["base_model"], p, num_predict=16) for p in UNSEEN]
+    assert not any(map(_opens_with_ahoy, base_answers)), base_answers
+    assert "ADAPTER" in ollama_server.client.show("ftdeploy-e2e-kto")["modelfile"]

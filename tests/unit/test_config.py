@@ -11,9 +11,23 @@ REPO = Path(__file__).resolve().parents[2]
 def test_defaults_are_the_seed_workflow():
     cfg = load_config()
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 16, 0.0)
-    assert (cfg.train.learning_rate, cfg.train.batch_size, cfg.train.gradient_accumulation) == (2e-4, 2, 4)
+    # batch_size auto: 2 where nothing sizes it (ftdeploy/train_auto.py), the seed's 2 x 4
+    assert (cfg.train.learning_rate, cfg.train.batch_size, cfg.train.gradient_accumulation) == (2e-4, "auto", 4)
+    assert (cfg.train.gradient_checkpointing, cfg.data.packing) == ("auto", "auto")
     assert (cfg.train.warmup_steps, cfg.train.seed, cfg.data.max_seq_length) == (5, 3407, 2048)
     assert cfg.export.quant == ["auto"]
+
+
+def test_a_key_of_auto_or_a_value_takes_either_and_names_both_when_given_neither():
+    cfg = load_config(None, ["train.batch_size=8", "train.gradient_checkpointing=false", "data.packing=true"])
+    assert (cfg.train.batch_size, cfg.train.gradient_checkpointing, cfg.data.packing) == (8, False, True)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.batch_size=0", "train.gradient_checkpointing=1", "data.packing=sometimes"])
+    lines = str(err.value).splitlines()
+    assert "3 problems" in lines[0], lines  # one each, though each member of the union reports one
+    assert "data.packing: must be auto or true or false, got 'sometimes'" in lines[1]
+    assert "train.batch_size: must be auto or an integer >= 1, got 0" in lines[2]
+    assert "train.gradient_checkpointing: must be auto or true or false, got 1" in lines[3]
 
 
 def test_every_problem_is_reported_at_once(tmp_path):

@@ -176,17 +176,24 @@ def test_cpu_override_drops_the_gpu_and_uses_the_cpu_target():
     assert "download.pytorch.org/whl/cpu" in svc["build"]["args"]["TORCH_INDEX_URL"]
 
 
+def _docker_workflow() -> dict:
+    return yaml.safe_load((REPO / ".github" / "workflows" / "docker.yml").read_text())
+
+
+def _build_jobs(workflow: dict, target: str) -> list[str]:
+    """The jobs of `workflow` that build the image `target` (a docker/build-push-action step with that target)."""
+    return [name for name, job in workflow["jobs"].items() for step in job.get("steps", [])
+            if "docker/build-push-action@" in step.get("uses", "") and step["with"].get("target") == target]
+
+
 def _published_tags(target: str) -> set[str]:
-    """The tags docker.yml pushes for `target` from the default branch (docker/metadata-action's rules), its suffix
-    read from the flavor's `matrix.target == 'X' && 'S' || 'T'` expression."""
-    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "docker.yml").read_text())
-    job = next(j for j in workflow["jobs"].values() if any(s.get("id") == "meta" for s in j.get("steps", [])))
-    assert target in job["strategy"]["matrix"]["target"]
-    meta = next(s for s in job["steps"] if s.get("id") == "meta")["with"]
-    rule = re.search(r"suffix=\$\{\{\s*matrix\.target == '(\w+)' && '([^']*)' \|\| '([^']*)'\s*\}\},onlatest=true",
-                     meta["flavor"])
-    assert rule, meta["flavor"]
-    suffix = rule[2] if target == rule[1] else rule[3]
+    """The tags docker.yml pushes for `target` from the default branch (docker/metadata-action's rules in the job that
+    builds it), with its flavor's suffix."""
+    workflow = _docker_workflow()
+    [builder] = _build_jobs(workflow, target)
+    meta = next(s for s in workflow["jobs"][builder]["steps"] if s.get("id") == "meta")["with"]
+    rule = re.search(r"suffix=([^,\s]*)", meta.get("flavor", ""))
+    suffix = rule[1] if rule else ""
     image = meta["images"].replace("${{ github.repository }}", "ftdeploy/ftdeploy")
     raw = re.findall(r"type=raw,value=(\S+?),enable=\{\{is_default_branch\}\}", meta["tags"])
     return {f"{image}:{tag}{suffix}" for tag in raw}
@@ -198,6 +205,49 @@ def test_compose_uses_the_tags_the_docker_workflow_publishes():
     default = re.compile(r"\$\{FTDEPLOY_IMAGE:-(\S+)\}")
     assert default.fullmatch(gpu_image)[1] in _published_tags("gpu")
     assert default.fullmatch(cpu_image)[1] in _published_tags("cpu")
+
+
+def test_the_pushed_cpu_image_is_the_one_the_compose_test_ran():
+    """docker.yml builds the cpu image once; the compose end-to-end job runs that image (loaded from the build job's
+    artifact, never built again), and the push job pushes that same artifact, checked by image ID, only after the
+    test passed: no job builds it a second time."""
+    from tests.container.test_compose import PREBUILT_CPU_IMAGE
+
+    workflow = _docker_workflow()
+    jobs = workflow["jobs"]
+    builders = _build_jobs(workflow, "cpu")
+    assert len(builders) == 1, f"jobs that build the cpu image by name: {builders} (one, not a matrix, not two)"
+    [builder] = builders
+    build = next(s for s in jobs[builder]["steps"] if "docker/build-push-action@" in s.get("uses", ""))["with"]
+    assert build.get("push") is False and build.get("load") is True, build
+    upload = next(s for s in jobs[builder]["steps"] if "actions/upload-artifact@" in s.get("uses", ""))["with"]
+    assert "image-id" in jobs[builder]["outputs"] and "tags" in jobs[builder]["outputs"]
+
+    def steps_text(name: str) -> str:
+        return "\n".join(str(step.get("run", "")) + str(step.get("env", "")) for step in jobs[name]["steps"])
+
+    def loads_the_built_image(name: str) -> None:
+        assert builder in jobs[name]["needs"]
+        download = [s["with"] for s in jobs[name]["steps"] if "actions/download-artifact@" in s.get("uses", "")]
+        assert [d["name"] for d in download] == [upload["name"]], name
+        text = steps_text(name)
+        assert "docker load" in text and f"needs.{builder}.outputs.image-id" in text, name  # and checks its ID
+        assert not re.search(r"docker (buildx )?build|compose[^\n]* build", text), f"{name} builds an image"
+
+    e2e = next(name for name, job in jobs.items() if "tests/container" in steps_text(name))
+    loads_the_built_image(e2e)
+    # tests/container runs the image under the name it was built and loaded as, instead of building one
+    tested = [s["env"][PREBUILT_CPU_IMAGE] for s in jobs[e2e]["steps"] if PREBUILT_CPU_IMAGE in s.get("env", {})]
+    assert tested == [build["tags"]], tested
+    pushers = [name for name in jobs if "docker push" in steps_text(name)]
+    assert len(pushers) == 1, pushers
+    [pusher] = pushers
+    loads_the_built_image(pusher)
+    assert set(jobs[pusher]["needs"]) >= {builder, e2e} and "pull_request" in jobs[pusher]["if"]
+    assert f"needs.{builder}.outputs.tags" in steps_text(pusher)
+    assert not any("docker/build-push-action@" in s.get("uses", "") for s in jobs[pusher]["steps"])
+    for name in _build_jobs(workflow, "gpu"):  # the gpu image is not run by the test, but waits for it
+        assert e2e in jobs[name]["needs"]
 
 
 def test_dockerfile_needs_no_registry_but_its_base():

@@ -5,8 +5,10 @@ from conftest import read_dataset
 
 from ftdeploy.config import DataConfig
 from ftdeploy.data import IGNORE_INDEX, load_tokenized, prepare_data, tokenize_conversation
+from ftdeploy.data.writer import pack_groups
 from ftdeploy.errors import DataError
 from ftdeploy.stages.train import PadCollator
+from ftdeploy.stages.train_batches import FlatCollator, split_rows
 from ftdeploy.templates import match_chat_template
 from ftdeploy.tokenizer import ensure_pad_token
 
@@ -138,3 +140,41 @@ def test_packing_fills_sequences_up_to_max_length_and_keeps_every_label(tmp_path
         assert sorted(t for p in packed for t in p[key]) == sorted(t for r in unpacked for t in r[key])
     assert len(packed) < len(unpacked)
     assert json.loads((tmp_path / "packed" / "stats.json").read_text())["packed_sequences"] == len(packed)
+    # Each packed sequence says where its rows end, and split there it is the rows themselves, whole.
+    assert all(sum(p["seq_lengths"]) == len(p["input_ids"]) for p in packed)
+    rows = [row for p in load_tokenized(tmp_path / "packed") for row in split_rows(p)]
+    assert sorted(map(str, rows)) == sorted(str({"input_ids": r["input_ids"], "labels": r["labels"]}) for r in unpacked)
+
+
+def test_packing_is_best_fit_decreasing():
+    # Longest first, each row into the sequence it leaves the least room in: 4 fills 6's, and 3 goes back into 7's
+    # (next-fit would start a third sequence for it), as TRL's bfd packs them.
+    assert pack_groups([7, 6, 4, 3], 10) == [[0, 3], [1, 2]]
+    lengths = [9, 1, 5, 5, 3, 8, 2, 2, 7, 1]
+    groups = pack_groups(lengths, 10)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 10 for g in groups)
+    assert len(groups) == 5 == -(-sum(lengths) // 10)  # 43 tokens in the fewest sequences of 10
+    assert pack_groups([], 10) == [] and pack_groups([10, 10], 10) == [[0], [1]]
+
+
+def test_packed_rows_from_an_older_ftdeploy_are_refused_with_the_fix(tmp_path):
+    """An earlier ftdeploy packed rows without their boundaries, and they attended to each other: such data is
+    prepared again, never trained as it is."""
+    (tmp_path / "train.jsonl").write_text(json.dumps({"input_ids": [1, 2, 3], "labels": [1, 2, 3],
+                                                      "source": "packed"}) + "\n")
+    (tmp_path / "stats.json").write_text(json.dumps({"packed_sequences": 1}))
+    with pytest.raises(DataError, match="prepare the data again: `ftdeploy data`"):
+        load_tokenized(tmp_path)
+
+
+def test_the_flattening_collator_keeps_rows_apart_and_refuses_an_all_masked_batch():
+    collate = FlatCollator()
+    packed = {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]}
+    batch = collate([packed, {"input_ids": [4, 3], "labels": [-100, 3]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4, 3]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]  # each row from 0
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 3]]  # no row's first token is predicted
+    assert "attention_mask" not in batch
+    with pytest.raises(DataError, match="every label masked"):
+        collate([{"input_ids": [5, 6], "labels": [-100, -100]}])

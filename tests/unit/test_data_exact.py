@@ -147,9 +147,11 @@ def _split(records, fraction, seed):
 
 
 def _packed(rows, max_seq_length):
-    """Whole rows joined into the sequences pack_groups assigns them to, labels kept per row."""
+    """Whole rows joined into the sequences pack_groups assigns them to, labels kept per row, and the rows'
+    lengths."""
     return [{"input_ids": [t for i in group for t in rows[i]["input_ids"]],
-             "labels": [t for i in group for t in rows[i]["labels"]], "source": "packed"}
+             "labels": [t for i in group for t in rows[i]["labels"]],
+             "seq_lengths": [len(rows[i]["input_ids"]) for i in group], "source": "packed"}
             for group in pack_groups([len(r["input_ids"]) for r in rows], max_seq_length)]
 
 
@@ -186,7 +188,8 @@ def test_prepare_data_writes_the_files_it_wrote_before(tmp_path, chat, layout, p
     assert written == {
         "rows": len(unpacked), "eval_rows": 120 - len(unpacked), "truncated": sum(t.truncated for t in unpacked),
         "trained_tokens": sum(lab != IGNORE_INDEX for t in unpacked for lab in t.labels),
-        "total_tokens": sum(lengths), "max_length": max(lengths), "mean_length": round(sum(lengths) / len(lengths), 1),
+        "total_tokens": sum(lengths), "max_length": max(lengths), "max_seq_length": MAX_LEN,
+        "mean_length": round(sum(lengths) / len(lengths), 1),
         "train_source": str(path), "layout": layout, "bad_rows": 0,
         "packed_sequences": len(rows) if packing else None, "chat_format": mapping.format.name,
     }

@@ -151,9 +151,12 @@ def test_empty_and_missing_sources(tmp_path):
         read_dataset(str(tmp_path / "empty"))
 
 
-def test_a_hub_dataset_id_goes_to_datasets_load_dataset(monkeypatch):
-    """The real call; these machines cannot reach a hub, so offline it fails with a message naming the id."""
+def test_a_hub_dataset_id_goes_to_the_hub(monkeypatch, tmp_path):
+    """These machines cannot reach a hub, so offline, with nothing cached, it fails with a message naming the id
+    (its commit is resolved first: data/hub.py; test_data_mix.py has the load itself)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"ServiceNow-AI/R1-Distill-SFT \(config v0, split train\): cannot load"):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    with pytest.raises(DataError, match=r"ServiceNow-AI/R1-Distill-SFT: HF_HUB_OFFLINE is set and no copy of this "
+                                        r"dataset is cached"):
         read_dataset("ServiceNow-AI/R1-Distill-SFT", hub_config="v0", split="train")

@@ -42,7 +42,10 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:
                     parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(parent + ([node.module] if node.module else []))
-                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+                names = [f"{base}.{alias.name}" for alias in node.names]
+                # `from . import base_model` imports the submodule; the package only when a name is its own
+                # (`from .config import Config`): by then a module's own package has been initialised anyway
+                targets = [*names, *([base] if any(n not in modules for n in names) else [])]
             elif isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:

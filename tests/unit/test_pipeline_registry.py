@@ -1,7 +1,13 @@
 """The stage registry: one declaration per stage, from which fingerprints and the plan follow."""
 
+import hashlib
+from pathlib import Path
+
+import ftdeploy.rewards as rewards_module
 from ftdeploy.config import load_config
 from ftdeploy.pipeline import REGISTRY, Context, fingerprint, plan_stages
+from ftdeploy.pipeline.artifacts import reward_files
+from ftdeploy.rewards import reward_sources
 from ftdeploy.runs import STAGES, Run
 
 
@@ -50,3 +56,36 @@ def test_a_declared_key_moves_its_stage_and_those_after_it_and_a_volatile_key_mo
             [i < at for i in range(len(STAGES))], override
     quiet = _context(tmp_path, "train.logging_steps=7")
     assert all(fingerprint(quiet, s) == fingerprint(base, s) for s in STAGES)
+
+
+def test_an_edited_reward_file_trains_and_verifies_again_and_sft_fingerprints_ignore_rewards(tmp_path):
+    """GRPO's reward functions are code outside the config: their source is part of train's and verify's
+    fingerprints (a file path and a module alike); for the other methods nothing is added."""
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def short(completions, **kw):\n    return [1.0 for _ in completions]\n")
+    grpo = ("train.method=grpo", f"grpo.rewards=[{rewards}:short,ftdeploy.rewards:format_reward]")
+    before = _context(tmp_path, *grpo)
+    train, verify = fingerprint(before, "train"), fingerprint(before, "verify")
+    rewards.write_text("def short(completions, **kw):\n    return [0.0 for _ in completions]\n")
+    after = _context(tmp_path, *grpo)
+    assert fingerprint(after, "data") == fingerprint(before, "data")
+    assert fingerprint(after, "train") != train and fingerprint(after, "verify") != verify
+    digest = hashlib.sha256(Path(rewards_module.__file__).read_bytes()).hexdigest()
+    assert reward_sources(["ftdeploy.rewards:format_reward", "no_such_module_x:f"]) == [digest, None]
+    assert reward_files(_context(tmp_path, f"grpo.rewards=[{rewards}:short]").cfg) is None  # sft: none read
+
+
+def test_an_adapter_deploy_from_an_earlier_run_never_takes_the_base_models_name(tmp_path):
+    """--from-run trains on an earlier run's merged model: an adapter deploy registers that model as its base, under
+    a name of its own that changes when the earlier run is merged again (never as ftdeploy-base-<base>, which would
+    replace the real base for every other tune of it)."""
+    from ftdeploy.pipeline.artifacts import base_name
+
+    plain = _context(tmp_path).cfg
+    assert base_name(plain, "q4_k_m") == "ftdeploy-base-smollm2-135m-instruct:q4_k_m"
+    sft = Run(tmp_path / "my-sft")
+    sft.update(stages={"merge": {"status": "done", "fingerprint": "0123456789abcdef"}})
+    chained = _context(tmp_path, f"runs_dir={tmp_path}", "from_run=my-sft").cfg
+    assert base_name(chained, "q4_k_m") == "ftdeploy-base-my-sft-01234567:q4_k_m"
+    sft.update(stages={"merge": {"status": "done", "fingerprint": "fedcba9876543210"}})
+    assert base_name(chained, "q4_k_m") == "ftdeploy-base-my-sft-fedcba98:q4_k_m"

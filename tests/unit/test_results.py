@@ -93,7 +93,8 @@ def test_trainings_metrics_are_the_manifests_metrics_train_and_give_the_stages_r
     assert list(stored) == ["engine", "device", "steps", "train_loss", "final_loss", "seconds", "loss_history", "optim",
                             "world_size", "strategy", "per_device_batch", "gradient_accumulation", "global_batch",
                             "examples_per_s", "dataset_trained_tokens", "resumed_from", "method", "final_margin",
-                            "final_accuracy", "preference_history", "reward_history", "final_reward"]
+                            "final_accuracy", "preference_history", "reward_history", "final_reward", "tracker",
+                            "tracker_run", "gradient_checkpointing", "packing", "attention", "plan"]
     assert (stored["method"], stored["final_margin"], stored["preference_history"]) == ("sft", None, [])
     assert stored["loss_history"] == [{"step": 5, "loss": 2.1, "lr": 0.0002, "elapsed_s": 1.52}]
     assert TrainMetrics.from_dict(stored) == metrics
@@ -126,7 +127,8 @@ def test_a_preference_runs_rewards_survive_the_manifest_and_reach_the_stages_res
     assert back == metrics and isinstance(back.preference_history[0], PreferencePoint)
     result = TrainResult.from_dict(stored)
     assert (result.method, result.final_margin, result.final_accuracy) == ("dpo", 1.5, 1.0)
-    assert list(result.to_dict())[-4:] == ["method", "final_margin", "final_accuracy", "final_reward"]
+    keys = list(result.to_dict())  # added after the fields before them (later ones follow)
+    assert keys[keys.index("method"):][:4] == ["method", "final_margin", "final_accuracy", "final_reward"]
     # A manifest written before preference training reads as SFT.
     old = {k: v for k, v in stored.items() if k not in ("method", "final_margin", "final_accuracy",
                                                         "preference_history")}
@@ -194,3 +196,16 @@ def test_verifys_reward_check_is_a_section_of_the_report():
                     "served 1.500, merged 1.500, base 0.250."]
     assert rows == [["reward function", "served", "merged", "base", "served answers scored"],
                     ["format_reward", "1.000", "1.000", "0.250", "6"], ["exact_answer", "0.500", "0.500", "–", "6"]]
+
+
+def test_the_training_section_says_how_the_batch_checkpointing_and_packing_were_settled():
+    metrics = TrainMetrics(engine="hf", device="cpu", steps=3, final_loss=0.2, seconds=4.0, per_device_batch=2,
+                           gradient_accumulation=4, gradient_checkpointing="off", packing="padding-free",
+                           attention="sdpa", plan="gradient checkpointing off (auto), batch 2 x 4: about 3 MiB of "
+                                               "18.0 GiB free RAM for 2 rows of up to 60 tokens")
+    stored = json.loads(json.dumps(metrics.to_dict()))
+    text = dict((title, text) for title, text, _ in sections({"metrics": {"train": stored}}, "demo"))["Training"]
+    assert text[1].startswith("Batch 2 x 4 accumulation per process, gradient checkpointing off, padding-free batches, "
+                              "sdpa attention (gradient checkpointing off (auto)")
+    result = TrainResult.from_dict(stored)
+    assert (result.gradient_checkpointing, result.packing, result.attention) == ("off", "padding-free", "sdpa")

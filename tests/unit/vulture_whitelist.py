@@ -18,6 +18,7 @@ _.on_log
 _.control
 _._body  # templates.py: the {% generation %} extension's method, called by name from the compiled template
 _.__getattr__  # config.py: the module's (PEP 562), which Python calls to load the config models on first use
+_.__dir__  # __init__.py: the package's (PEP 562), which dir() and editors' completion call to list the API's names
 
 # Set on another library's object, which reads it.
 _.encode_special_tokens  # tokenizers.Tokenizer: whether special tokens in the text are split (data/fast.py)

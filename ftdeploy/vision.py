@@ -1,0 +1,219 @@
+"""Vision models: which architectures ftdeploy trains and serves, and the copy of a merged model that Ollama reads.
+
+How a vision fine-tune reaches Ollama (decided from Ollama 0.17.4's own source, the pinned server):
+
+* Ollama converts these architectures itself on `POST /api/create` with `files` (convert/convert.go,
+  `LoadModelMetadata`): Gemma3ForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VL..., Mistral3...,
+  Mllama..., Llama4..., Gemma3n..., Lfm2Vl.... The result is one GGUF holding the language model, the vision tower
+  (`v.*` tensors) and the projector (`mm.*`), in the layout its own engine's models read (model/models/gemma3,
+  model/models/qwen25vl); `vision.block_count` in it is what gives `/api/show` the `vision` capability
+  (server/images.go). `quantize` on the same request quantizes the language model and leaves `v.*` and `mm.*` at
+  16 bits (server/quantization.go), as Ollama's own library models are made; it takes F16, Q8_0, Q4_K_S and Q4_K_M.
+* llama.cpp's converter writes the vision tower as a second, `mmproj` GGUF. Ollama's engine refuses such a split
+  model ("split vision models aren't supported", llm/server.go) and falls back to its llama.cpp compatibility runner,
+  which is not the engine its gemma3/qwen25vl models run on (fs/ggml: OllamaEngineRequired lists both).
+
+So ftdeploy uploads the merged 16-bit safetensors (with the tokenizer files) and lets Ollama convert and quantize
+them: the served model is the one Ollama's own engine runs for these families. What the converter reads, and where
+a checkpoint saved by transformers 5 differs from it, is made good in a serving copy (`serving_copy`):
+
+* tokenizer: `tokenizer.model` (SentencePiece) is preferred, else `tokenizer.json` (byte-level BPE); the special
+  tokens' ids come from `tokenizer.json`'s added tokens and `tokenizer_config.json`'s `bos_token`/`eos_token`, and
+  whether BOS is added from `tokenizer_config.json`'s `add_bos_token`, which transformers 5 no longer writes (Gemma 3
+  would be served without its BOS); the chat template from `tokenizer_config.json`.
+* config.json: the converter reads the text model's sizes at the top level (transformers 5 nests them in
+  `text_config`), Qwen2.5-VL's `rope_theta` and `rope_scaling.mrope_section` (now `rope_parameters`) and its vision
+  `in_chans` (now `in_channels`; without it the served model gets 0 image channels), Gemma 3's attention head counts.
+* tensors: transformers 5 saves Gemma 3's vision tower as `vision_tower.*`; the converter maps
+  `vision_tower.vision_model.*` (the checkpoints' layout on the Hub), so the copy renames them (the safetensors
+  header only: the tensor bytes are copied as they are).
+
+What Ollama 0.17.4 computes differently from transformers, measured on tiny models of each family against the real
+server (tests/integration/test_vision_families_real_ollama.py), is in each family's `served_differs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ModelError
+
+# What Ollama's create takes as `quantize` for a model it converts (fs/ggml/type.go ParseFileType).
+OLLAMA_QUANTS = ("f16", "q8_0", "q4_k_s", "q4_k_m")
+# Vision architectures Ollama 0.17.4 converts itself that ftdeploy does not carry yet (not checked end to end).
+OLLAMA_CONVERTS_UNCHECKED = ("MllamaForConditionalGeneration", "Mistral3ForConditionalGeneration",
+                             "Qwen3VLForConditionalGeneration", "Lfm2VlForConditionalGeneration",
+                             "Gemma3nForConditionalGeneration", "Llama4ForConditionalGeneration")
+# Files of a merged model that Ollama's converter reads (besides the *.safetensors).
+_CONVERTER_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """One vision architecture ftdeploy trains and serves."""
+
+    name: str  # e.g. "qwen2.5-vl"
+    architecture: str  # config.json "architectures"[0]
+    ollama_architecture: str  # the GGUF general.architecture Ollama's converter writes
+    add_bos: bool  # the tokenizer puts BOS first (written into the serving copy's tokenizer_config.json)
+    language_model: str  # a regex of the language model's linear layers (LoRA's targets by default)
+    vision_tower: str  # a regex of the vision tower's and projector's linear layers (lora.finetune_vision)
+    served_differs: str = ""  # what Ollama 0.17.4 computes differently from transformers for an image prompt
+
+
+_LANGUAGE = r"(?:gate_proj|up_proj|down_proj|q_proj|k_proj|v_proj|o_proj)"
+FAMILIES = {f.architecture: f for f in (
+    VisionFamily("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "qwen25vl", add_bos=False,
+                 language_model=rf"^(?:model\.)?(?:language_model\.)?layers\.\d+\.(?:self_attn|mlp)\.{_LANGUAGE}$",
+                 vision_tower=r"^(?:model\.)?visual\.(?:blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate_proj|up_proj|"
+                              r"down_proj))|merger\.mlp\.\d+)$"),
+    VisionFamily("gemma3", "Gemma3ForConditionalGeneration", "gemma3", add_bos=True,
+                 language_model=rf"^(?:model\.)?language_model\.(?:model\.)?layers\.\d+\.(?:self_attn|mlp)\."
+                                rf"{_LANGUAGE}$",
+                 vision_tower=r"^(?:model\.)?vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\."
+                              r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc\d)$",
+                 served_differs="Ollama 0.17.4 writes the newlines around the image as \"\\n\" + \"\\n\\n\" where "
+                                "Gemma 3's processor writes \"\\n\\n\\n\" (its own tokens: model/models/gemma3 "
+                                "PostTokenize), and lets the image's tokens attend to the text after the image in "
+                                "the same batch (kvcache Causal Except), where transformers confines them to the "
+                                "image; greedy answers on an image prompt can part after a few tokens"),
+)}
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def architecture(config: dict[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    return str(archs[0]) if archs else ""
+
+
+def is_vision_config(config: dict[str, Any]) -> bool:
+    """A model with a vision tower: its config has a vision_config (every image-text-to-text model's does)."""
+    return isinstance(config.get("vision_config"), dict)
+
+
+def is_vision_model(model_dir: Path) -> bool:
+    return is_vision_config(read_config(model_dir))
+
+
+def supported() -> str:
+    return ", ".join(f"{f.architecture} ({f.name})" for f in FAMILIES.values())
+
+
+def family_of(config: dict[str, Any], where: str = "the base model") -> VisionFamily:
+    """The vision family of a model's config, or a ConfigError naming the architectures that are supported."""
+    arch = architecture(config)
+    if arch in FAMILIES:
+        return FAMILIES[arch]
+    later = " (Ollama 0.17.4 converts it, but ftdeploy does not train and check it yet)" \
+        if arch in OLLAMA_CONVERTS_UNCHECKED else ""
+    raise ConfigError(f"{where} is a vision model of architecture {arch or 'unknown'}{later}: not supported. "
+                      f"Vision architectures ftdeploy trains and serves: {supported()}")
+
+
+def check_quants(quants: list[str]) -> None:
+    """The quants Ollama's converter can make of a vision model (it quantizes on create)."""
+    bad = [q for q in quants if q.lower() not in OLLAMA_QUANTS]
+    if bad:
+        raise ConfigError(f"export.quant {', '.join(bad)}: a vision model is quantized by Ollama itself on create, "
+                          f"which makes {', '.join(OLLAMA_QUANTS)} only")
+
+
+# ---------------------------------------------------------------- the serving copy
+
+
+def serving_copy(merged_dir: Path, out_dir: Path) -> list[Path]:
+    """The files Ollama's converter reads, in the form it reads them (see the module's doc): config.json and
+    tokenizer_config.json adapted, Gemma 3's safetensors with their vision tensors renamed, the rest linked (or
+    copied where links cannot be made). Returns the files, safetensors first."""
+    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    config = read_config(merged_dir)
+    family = family_of(config, str(merged_dir))
+    shards = sorted(merged_dir.glob("*.safetensors"))
+    if not shards:
+        raise ModelError(f"{merged_dir}: no *.safetensors weights to serve")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    files = []
+    for shard in shards:
+        files.append(out_dir / shard.name)
+        if family.name == "gemma3":
+            rename_tensors(shard, files[-1], _gemma3_tensor_name)
+        else:
+            _link(shard, files[-1])
+    (out_dir / "config.json").write_text(json.dumps(converter_config(config, family), indent=2))
+    for name in _CONVERTER_FILES[1:]:
+        if (merged_dir / name).is_file():
+            _link(merged_dir / name, out_dir / name)
+    if (merged_dir / "tokenizer_config.json").is_file():
+        tok_cfg = json.loads((merged_dir / "tokenizer_config.json").read_text())
+        tok_cfg.update(add_bos_token=family.add_bos, add_eos_token=False)
+        (out_dir / "tokenizer_config.json").unlink()
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+    return files + sorted(p for p in out_dir.iterdir() if p.suffix != ".safetensors")
+
+
+def converter_config(config: dict[str, Any], family: VisionFamily) -> dict[str, Any]:
+    """config.json as Ollama 0.17.4's converter reads it: the text model's keys at the top level too (where the top
+    level does not set them), and each family's renamed keys under their old names."""
+    out = dict(config)
+    text = config.get("text_config") or {}
+    for key, value in text.items():
+        if key not in ("architectures", "model_type", "dtype", "torch_dtype"):
+            out.setdefault(key, value)
+    if family.name == "qwen2.5-vl":
+        rope = text.get("rope_parameters") or config.get("rope_parameters") or {}
+        out.setdefault("rope_theta", rope.get("rope_theta", 1000000.0))
+        scaling = text.get("rope_scaling") or config.get("rope_scaling") or {}
+        section = rope.get("mrope_section") or scaling.get("mrope_section")
+        if section and not (isinstance(config.get("rope_scaling"), dict) and config["rope_scaling"].get("type")):
+            out["rope_scaling"] = {"type": "mrope", "mrope_section": section}
+        vision = dict(config.get("vision_config") or {})
+        vision.setdefault("in_chans", vision.get("in_channels", 3))
+        out["vision_config"] = vision
+    return out
+
+
+def _gemma3_tensor_name(name: str) -> str:
+    prefix = "vision_tower."
+    if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+        return prefix + "vision_model." + name[len(prefix):]
+    return name
+
+
+def rename_tensors(src: Path, dst: Path, rename: Any) -> None:
+    """A copy of safetensors file `src` with each tensor's name passed through `rename`: a new header, the data
+    bytes copied as they are (no torch needed, memory flat)."""
+    with open(src, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        renamed = {(k if k == "__metadata__" else rename(k)): v for k, v in header.items()}
+        text = json.dumps(renamed, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as the format's writers keep it
+        tmp = dst.with_name(dst.name + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            shutil.copyfileobj(fh, out, 16 << 20)
+    os.replace(tmp, dst)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

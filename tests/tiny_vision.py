@@ -1,0 +1,242 @@
+"""Tiny vision models of each family ftdeploy serves: the family's architecture with random weights, its real
+processor configuration and chat template, and a tokenizer holding the family's special tokens at the ids Ollama's
+engine hard-codes for them. Built in seconds, no hub needed.
+
+Why the vocabularies are full size: Ollama's engine writes the image tokens itself, by id (model/models/qwen25vl:
+<|vision_start|> 151652, <|image_pad|> 151655, <|vision_end|> 151653; model/models/gemma3: "\\n\\n" 108,
+<start_of_image> 255999, <end_of_image> 256000), so the tokenizers have Qwen2.5's 151,665 and Gemma 3's 262,144 entries:
+the family's special tokens at their real ids, a small trained vocabulary for the text, and unused fillers between.
+
+* Qwen2.5-VL: SmolLM2's byte-level BPE vocabulary and merges (the demo base's) under Qwen2's pre-tokenizer, its own
+  special tokens moved out of the way, fillers up to 151,643 and Qwen2.5's 22 added tokens after.
+* Gemma 3: a SentencePiece BPE model trained here in milliseconds, its pieces placed among Gemma 3's fixed ones
+  (<pad> <eos> <bos> <unk> <mask> 0-4, <start_of_turn> 105, <end_of_turn> 106, "\\n" 107, "\\n\\n" 108, the image
+  markers) in a 262,144-piece tokenizer.model (Ollama reads SentencePiece for Gemma), and <image_soft_token> 262144.
+
+Shapes follow what Ollama 0.17.4 can serve: Qwen2.5-VL's text head size must be 128 (its converter writes no
+rope.dimension_count, and the engine's default is 128); Gemma 3 must have 256 image tokens (the engine reads
+mm_tokens_per_image under a key the converter does not write, and falls back to 256), so 64-pixel images in 4-pixel
+patches. Weights are drawn so that greedy answers vary with the prompt and the image (a random Gemma with tied
+embeddings repeats its last token, so the tiny one's are untied).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tiny_families import smollm2_tokenizer_dir
+
+DATA = Path(__file__).resolve().parent / "data"
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_ADDED = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+              "<|repo_name|>", "<|file_sep|>")
+QWEN_FIRST_SPECIAL = 151643
+QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                    r"\s*[\r\n]+|\s+(?!\S)|\s+")
+GEMMA_PIECES = 262144
+GEMMA_FIXED = {0: ("<pad>", 3), 1: ("<eos>", 3), 2: ("<bos>", 3), 3: ("<unk>", 2), 4: ("<mask>", 4),
+               105: ("<start_of_turn>", 4), 106: ("<end_of_turn>", 4), 107: ("\n", 1), 108: ("\n\n", 1),
+               255999: ("<start_of_image>", 4), 256000: ("<end_of_image>", 4)}
+GEMMA_IMAGE_TOKEN = 262144
+_CORPUS = ["Name three colors.", "You answer in one short sentence.", "What is a river?", "Hi!", "What is in the "
+           "picture?", "Describe the image.", "It is red. It is blue. A square on a gradient.", "Hello! How can I help?",
+           "system user assistant model", "The Zephyr service uses port 7341."] * 20
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """One vision family's tiny model: how it is built, and what its test asks of the served model."""
+
+    name: str
+    architecture: str
+    template_file: str  # its real chat template, under tests/data/
+    image_size: int  # the test images' side: a size each processor (and Ollama) takes as it is, no resizing
+    # Why this family cannot pass yet, and the exception that says so: a strict xfail, lifted the day it passes.
+    xfail: tuple[str, type[Exception]] | None = None
+
+    def template(self) -> str:
+        return (DATA / self.template_file).read_text()
+
+
+FAMILIES = (
+    VisionFamily("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "vision_templates/qwen2.5-vl.jinja", 56),
+    VisionFamily("gemma3", "Gemma3ForConditionalGeneration", "chat_templates/gemma3.jinja", 64),
+)
+BY_NAME = {f.name: f for f in FAMILIES}
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def qwen_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    smol = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
+    vocab = smol["model"]["vocab"]
+    for added in smol["added_tokens"]:  # SmolLM2's own specials (<|im_start|> at 1, ...) make way for Qwen's
+        del vocab[added["content"]]
+        vocab[f"<|smollm2_special_{added['id']}|>"] = added["id"]
+    for i in range(len(vocab), QWEN_FIRST_SPECIAL):
+        vocab[f"<|filler_{i}|>"] = i
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    smol.update(
+        added_tokens=[{"id": QWEN_FIRST_SPECIAL + i, "content": t, "single_word": False, "lstrip": False,
+                       "rstrip": False, "normalized": False, "special": t in QWEN_SPECIALS}
+                      for i, t in enumerate(QWEN_SPECIALS + QWEN_ADDED)],
+        normalizer={"type": "NFC"}, post_processor=level, decoder=level,
+        pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN_PRETOKENIZE}, "behavior": "Isolated", "invert": False},
+            level]})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(smol, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": None, "add_prefix_space": False, "errors": "replace", "model_max_length": 32768}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def gemma_tokenizer(folder: Path) -> Any:
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    trained_bytes = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS), model_writer=trained_bytes, vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
+    trained = pb.ModelProto()
+    trained.ParseFromString(trained_bytes.getvalue())
+    fixed = {piece for piece, _ in GEMMA_FIXED.values()}
+    rest = iter([p for p in trained.pieces[4:] if p.piece not in fixed])
+    model = pb.ModelProto()
+    model.CopyFrom(trained)
+    del model.pieces[:]
+    for i in range(GEMMA_PIECES):
+        piece = model.pieces.add()
+        if i in GEMMA_FIXED:
+            piece.piece, piece.type = GEMMA_FIXED[i]
+            piece.score = {"\n": -0.5, "\n\n": -1.0}.get(piece.piece, 0.0)
+        elif i > 108 and (learned := next(rest, None)) is not None:
+            piece.CopyFrom(learned)
+        else:
+            piece.piece, piece.type, piece.score = f"<unused{i}>", 5, 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.SerializeToString())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "mask_token": "<mask>", "add_bos_token": True, "add_eos_token": False,
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+        "extra_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                 "image_token": "<image_soft_token>"}}))
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens([AddedToken("<image_soft_token>", special=True, normalized=False)], special_tokens=True)
+    assert tok.convert_tokens_to_ids("<image_soft_token>") == GEMMA_IMAGE_TOKEN
+    return tok
+
+
+# ---------------------------------------------------------------- models
+
+
+def _qwen(folder: Path, tok: Any) -> tuple[Any, Any]:
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    clip = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    # Qwen2.5-VL's preprocessor_config.json values
+    images = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
+                                   merge_size=2, **clip)
+    processor = Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**clip),
+                                    chat_template=tok.chat_template)
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 1,
+                     "num_key_value_heads": 1, "vocab_size": 151936, "max_position_embeddings": 4096,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "rms_norm_eps": 1e-6,
+                     "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 128,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                       "fullatt_block_indexes": [1]},
+        tie_word_embeddings=True, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+        vision_end_token_id=151653)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    _draw(model, {"": 0.2})
+    return model, processor
+
+
+def _gemma(folder: Path, tok: Any) -> tuple[Any, Any]:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    images = Gemma3ImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                  resample=2, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=tok.chat_template,
+                                image_seq_length=256)
+    config = Gemma3Config(
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 262208, "query_pre_attn_scalar": 16,
+                     "sliding_window": 512, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+                     "tie_word_embeddings": False},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 4, "vision_use_head": False},
+        mm_tokens_per_image=256, boi_token_index=255999, eoi_token_index=256000, image_token_index=GEMMA_IMAGE_TOKEN,
+        tie_word_embeddings=False)
+    model = Gemma3ForConditionalGeneration(config)
+    _draw(model, {"multi_modal": 0.1, "vision": 0.2, "embed": 0.2, "": 0.05})
+    return model, processor
+
+
+def _draw(model: Any, stds: dict[str, float]) -> None:
+    """Every weight matrix drawn from N(0, std), std by the first key found in its name; norms and biases as made
+    (Gemma's projector starts at zero, which would make every image look the same)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name and not name.endswith("bias"):
+                param.normal_(0, next(std for key, std in stds.items() if key in name))
+
+
+def build_vision_model_dir(family: VisionFamily, path: Path, seed: int = 0) -> Path:
+    """A merged-model directory as the merge stage leaves one: config, random fp32 safetensors, tokenizer and
+    processor files, the chat template."""
+    import torch
+
+    tok = (qwen_tokenizer if family.name == "qwen2.5-vl" else gemma_tokenizer)(path)
+    tok.chat_template = family.template()
+    torch.manual_seed(seed)
+    model, processor = (_qwen if family.name == "qwen2.5-vl" else _gemma)(path, tok)
+    model.config.architectures = [family.architecture]
+    model.eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_image(seed: int, size: int) -> tuple[Any, bytes]:
+    """A gradient of a colour drawn from `seed` (distinct images look distinct to a random vision tower, where noise
+    averages out), as a PIL image and as PNG bytes; `size` pixels square."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3)
+    x = np.linspace(0, 1, size)[None, :, None]
+    y = np.linspace(0, 1, size)[:, None, None]
+    pixels = (base * (1 - x) + (255 - base) * y * x).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(np.broadcast_to(pixels, (size, size, 3)).copy())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return image, buf.getvalue()
+
+
+test_image.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
