@@ -273,6 +273,12 @@ class _Progress:
             self.console.print(f"[green]{self.current} done[/green] in {time.monotonic() - self.started:.1f} s")
             self.current = None
 
+    def failed(self) -> None:
+        """The stage that was running when the call raised: shown as failed, never as done."""
+        if self.current is not None:
+            self.console.print(f"[red]{self.current} failed[/red] after {time.monotonic() - self.started:.1f} s")
+            self.current = None
+
     def summary(self, served: Served) -> None:
         from rich.table import Table
 
@@ -309,8 +315,10 @@ def _shown(progress: bool) -> Iterator[_Progress | None]:
         shown = _Progress(console)
         try:
             yield shown
-        finally:
-            shown.done()
+        except BaseException:
+            shown.failed()
+            raise
+        shown.done()
 
 
 @contextlib.contextmanager

@@ -451,7 +451,18 @@ def data_inspect(cfg: Any, data_path: str | None, as_json: bool, plot_path: str 
         plot = Path(tempfile.gettempdir()) / f"ftdeploy-{cfg.name.replace('/', '_').replace(':', '_')}-data_lengths.png"
     base = resolve_base_model(cfg.base_model, cfg.trust_remote_code, cfg.base_revision, cfg.given_as("base_model"))
     tokenizer, mapping = load_tokenizer(base, cfg.trust_remote_code, cfg.data.chat_template)
-    result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot, cfg.train.method, cfg.train.seed)
+    from .vision import is_vision_model
+
+    if is_vision_model(Path(base)):  # image chats, measured with the base's processor
+        from transformers import AutoProcessor
+
+        from .data.image_writer import inspect_vision_data
+
+        processor = AutoProcessor.from_pretrained(str(base), trust_remote_code=cfg.trust_remote_code)
+        processor.chat_template = tokenizer.chat_template
+        result = inspect_vision_data(cfg.data, data_path, processor, mapping, plot)
+    else:
+        result = inspect_data(cfg.data, data_path, tokenizer, mapping, plot, cfg.train.method, cfg.train.seed)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -460,7 +471,7 @@ def data_inspect(cfg: Any, data_path: str | None, as_json: bool, plot_path: str 
              f"rows:     {result.rows}  bad rows: {result.bad_rows}  truncated: {result.truncated} "
              f"(max_seq_length {result.max_seq_length})"
              + (f"  with tools: {result.tool_rows} ({result.tool_calls} tool calls)" if result.tool_rows else ""),
-             *_mix_lines(result.sources or []),
+             *_mix_lines(result.sources or []), *_image_lines(result.images),
              f"tokens:   min {t.min}  mean {t.mean}  p50 {t.p50}  p90 {t.p90}  p99 {t.p99}  max {t.max}",
              "histogram:"]
     peak = max(h.count for h in result.histogram) or 1
@@ -470,6 +481,16 @@ def data_inspect(cfg: Any, data_path: str | None, as_json: bool, plot_path: str 
     lines += [f"plot:     {result.plot}", f"example ({result.example.source}), trained spans in [[ ]]:",
               result.example.rendered]
     click.echo("\n".join(lines))
+
+
+def _image_lines(images: Any) -> list[str]:
+    """`data inspect`'s lines on a vision base's images."""
+    if images is None:
+        return []
+    per_row = "  ".join(f"{n} image{'s' * (n != '1')}: {rows} rows" for n, rows in images.per_row.items())
+    sizes = "  ".join(f"{size} ({count})" for size, count in images.sizes.items())
+    return [f"images:   {images.images} in {images.rows_with_images} rows  ({per_row})",
+            f"sizes:    smallest {images.smallest}  largest {images.largest}  {sizes}"]
 
 
 @cli.command("register")

@@ -155,6 +155,9 @@ class LoraConfig(_Section):
     target_modules: StrList = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Projections that get adapters.")
+    finetune_vision: bool = Field(default=False, description=(
+        "Vision models: put adapters on the vision tower and its projector too (default: on the language model "
+        "only, which keeps what the model sees as the base saw it)."))
 
 
 class TrainConfig(_Section):
@@ -402,6 +405,17 @@ def _section(info: FieldInfo) -> type[_Section] | None:
     return tp if isinstance(tp, type) and issubclass(tp, _Section) else None
 
 
+def _elsewhere(name: str, model: type[_Section]) -> list[str]:
+    """The top-level sections other than `model` that have a key `name` (`ollama.parameters` -> modelfile.parameters,
+    as peer tools and issues call Ollama's settings)."""
+    found = []
+    for section, info in Config.model_fields.items():
+        inner = _section(info)
+        if inner is not None and inner is not model and name in inner.model_fields:
+            found.append(f"{section}.{name}")
+    return found
+
+
 def _scalar(tp: Any) -> Any:
     """The type under `X | None` and Annotated[X, ...]: float for `Float | None`, the Literal for a Literal."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType, Annotated):
@@ -463,7 +477,7 @@ def _problem(err: ErrorDetails, raw: dict[str, Any]) -> _Problem:
             path.append(part)
         if part not in fields:
             order.append((0, list(node).index(part) if isinstance(node, dict) and part in node else 0))
-            close = sorted(k for k in fields if k.startswith(str(part)[:3]))
+            close = sorted(k for k in fields if k.startswith(str(part)[:3])) or _elsewhere(str(part), model)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             return _Problem(order, tuple(path), f"{where}{part}: unknown key{hint}")
         order.append((1, fields.index(str(part))))

@@ -41,6 +41,13 @@ def train(base: Path | str, data_dir: Path, adapter_dir: Path, cfg: Config, toke
     With train.nproc x train.nnodes > 1, the work is handed to torch's launcher (`launch`); each worker trains with
     the config's train.method, and rank 0's metrics (a preference run's rewards among them) come back through
     metrics.json (TrainMetrics.to_dict / from_dict)."""
+    from .data.image_writer import is_vision_data
+
+    if is_vision_data(data_dir):  # a vision base's image chats: its own trainer, one process (train_vision.py)
+        from .stages.train_vision import fit_vision
+
+        with atomic_path(adapter_dir) as tmp:
+            return fit_vision(base, data_dir, tmp, cfg, checkpoint_dir, resume)
     check_strategy(cfg, select_engine(cfg.train.engine))
     check_method(cfg)  # a KTO batch too small per process: refused before torchrun starts
     if world_size(cfg) == 1:

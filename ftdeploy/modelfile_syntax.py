@@ -148,6 +148,7 @@ OLLAMA_PARAMETERS: dict[str, type] = {
 # Names Ollama 0.17.4's Modelfile parser drops with "warning: parameter X is deprecated" (parser/parser.go).
 OLLAMA_REMOVED_PARAMETERS = ("penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock",
                              "mirostat", "mirostat_tau", "mirostat_eta")
+OLLAMA_MIN_CONTEXT = 4  # the least num_ctx Ollama 0.17.4 runs with (server/sched.go raises a smaller one to it)
 _GO_BOOL = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}  # strconv.ParseBool
 _FLOAT32_MAX = 3.4028234663852886e38
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", list: "a string or a list of strings"}
@@ -172,6 +173,10 @@ def parameter_value(name: str, value: Any) -> Any:
     converted = _converted(kind, value)
     if converted is None:
         raise ModelfileSyntaxError(f"{name} takes {_TYPE_WORDS[kind]}, got {type(value).__name__} {value!r}")
+    if name == "num_ctx" and converted < OLLAMA_MIN_CONTEXT:  # server/sched.go raises it, and cuts every prompt
+        raise ModelfileSyntaxError(f"num_ctx is the context in tokens, got {converted}: Ollama 0.17.4 serves "
+                                   f"{OLLAMA_MIN_CONTEXT} tokens for anything below {OLLAMA_MIN_CONTEXT}, which "
+                                   "cuts every prompt to fit")
     return converted
 
 

@@ -224,7 +224,8 @@ def _mix_section(data: DataResult) -> Section:
             "rows read are each source's usable rows, eval rows those held out of it or its own eval file's."]
     rows = [["source", "layout", "rows read", "bad rows", "eval rows", "kept in the mix", "share", "weight"]]
     rows += [[s.path + (f" @ {s.revision[:12]}" if s.revision else ""), s.layout, str(s.rows), str(s.bad_rows),
-              str(s.eval_rows), str(s.kept), _pct(s.share), "-" if s.weight is None else f"{s.weight:g}"]
+              str(s.eval_rows), str(s.kept) + (f" (max_rows {s.max_rows})" if s.max_rows else ""), _pct(s.share),
+              "-" if s.weight is None else f"{s.weight:g}"]
              for s in data.sources]
     return "Data mix", text, rows
 

@@ -135,8 +135,8 @@ def reward_sources(specs: Sequence[str]) -> list[str | None]:
     for spec in specs:
         where = str(spec).strip().rpartition(":")[0]
         if _is_file(where):
-            path: Path | None = Path(where).expanduser()
-            path = path if path.is_absolute() else Path.cwd() / path
+            local = Path(where).expanduser()
+            path: Path | None = local if local.is_absolute() else Path.cwd() / local
         else:
             try:
                 found = importlib.util.find_spec(where)

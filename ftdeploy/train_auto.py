@@ -66,12 +66,14 @@ class ModelFigures:
 
 @dataclass(frozen=True)
 class Plan:
-    """The per-device batch, the accumulation, the checkpointing mode, and one line saying why."""
+    """The per-device batch, the accumulation, the checkpointing mode, and one line saying why; `fits`: false where
+    the estimate is past the memory free (the note then says what would bring it down)."""
 
     batch: int
     accumulation: int
     checkpointing: str
     note: str
+    fits: bool = True
 
 
 def base_batch(batch_size: int | str) -> int:
@@ -122,14 +124,24 @@ def plan_memory(*, batch: int, accumulation: int, size_batch: bool, checkpointin
     warning = ""
     if chosen is None:
         chosen = (modes[-1], sizes[-1])
-        warning = "; may run out of memory: lower data.max_seq_length or train.batch_size"
+        warning = _remedies(checkpointing is False and first_fit(saving) is not None, sizes[-1])
     mode, b = chosen
     acc = share // b if size_batch else accumulation
     need = need_bytes(model, b * row_tokens, mode, costs)
     memory = "GPU" if device == "cuda" else "RAM"
     return Plan(b, acc, mode, f"{_said(mode, checkpointing)}, batch {b} x {acc}{' (auto)' if size_batch else ''}: "
                               f"about {_size(need)} of {free_bytes / GIB:.1f} GiB free {memory} for {b} "
-                              f"row{'s' if b > 1 else ''} of up to {row_tokens} tokens{warning}")
+                              f"row{'s' if b > 1 else ''} of up to {row_tokens} tokens{warning}", fits=not warning)
+
+
+def _remedies(checkpointing_fits: bool, batch: int) -> str:
+    """What a plan past the memory free says to change: checkpointing first where it was set off and would make the
+    batch fit, then the batch (when above 1) and the longest sequence (data.packing true fills it)."""
+    remedies = ["set train.gradient_checkpointing to auto or true (with it the batch fits)"] if checkpointing_fits \
+        else []
+    remedies += ["lower train.batch_size"] if batch > 1 else []
+    remedies.append("lower data.max_seq_length")
+    return "; may run out of memory: " + ", or ".join(remedies)
 
 
 def _size(count: int) -> str:

@@ -83,7 +83,8 @@ FAMILIES = {f.architecture: f for f in (
                                 "Gemma 3's processor writes \"\\n\\n\\n\" (its own tokens: model/models/gemma3 "
                                 "PostTokenize), and lets the image's tokens attend to the text after the image in "
                                 "the same batch (kvcache Causal Except), where transformers confines them to the "
-                                "image; greedy answers on an image prompt can part after a few tokens"),
+                                "image. On the tiny test model this moves the log-probabilities by about 0.02, "
+                                "15 times Ollama's own numeric error, without changing the greedy answer"),
 )}
 
 

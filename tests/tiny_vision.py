@@ -45,9 +45,9 @@ GEMMA_FIXED = {0: ("<pad>", 3), 1: ("<eos>", 3), 2: ("<bos>", 3), 3: ("<unk>", 2
                105: ("<start_of_turn>", 4), 106: ("<end_of_turn>", 4), 107: ("\n", 1), 108: ("\n\n", 1),
                255999: ("<start_of_image>", 4), 256000: ("<end_of_image>", 4)}
 GEMMA_IMAGE_TOKEN = 262144
-_CORPUS = ["Name three colors.", "You answer in one short sentence.", "What is a river?", "Hi!", "What is in the "
-           "picture?", "Describe the image.", "It is red. It is blue. A square on a gradient.", "Hello! How can I help?",
-           "system user assistant model", "The Zephyr service uses port 7341."] * 20
+_CORPUS = ["Name three colors.", "You answer in one short sentence.", "What is a river?", "Hi!",
+           "What is in the picture?", "Describe the image.", "It is red. It is blue. A square on a gradient.",
+           "Hello! How can I help?", "system user assistant model", "The Zephyr service uses port 7341."] * 20
 
 
 @dataclass(frozen=True)
@@ -148,14 +148,20 @@ def gemma_tokenizer(folder: Path) -> Any:
 
 
 def _qwen(folder: Path, tok: Any) -> tuple[Any, Any]:
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     clip = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
     # Qwen2.5-VL's preprocessor_config.json values
     images = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
                                    merge_size=2, **clip)
-    processor = Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**clip),
+    videos = Qwen2VLVideoProcessor(**clip)
+    processor = Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
                                     chat_template=tok.chat_template)
     config = Qwen2_5_VLConfig(
         text_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 1,
@@ -240,3 +246,19 @@ def test_image(seed: int, size: int) -> tuple[Any, bytes]:
 
 
 test_image.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+COLOURS = ((230, 20, 20), (20, 40, 230), (20, 200, 40), (128, 128, 128))  # red, blue, green, grey
+
+
+def colour_image(index: int, size: int) -> bytes:
+    """A plain picture of COLOURS[index] with a dark square in a corner that moves with it, as PNG bytes: pictures a
+    random vision tower tells apart well (the e2e test's images, each with its own answer)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), COLOURS[index])
+    corner = [(0, 0), (size // 2, 0), (0, size // 2), (size // 2, size // 2)][index]
+    ImageDraw.Draw(image).rectangle([corner, (corner[0] + size // 2 - 1, corner[1] + size // 2 - 1)], fill=(10, 10, 10))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -133,11 +133,9 @@ def _mark_messages(key: str, messages: list[Any], pending: list[Any], sources: l
                                           f"{source.reason}")
                         sources.append(source if source is not None else (pending.pop(0) if pending else None))
                         parts.append({"type": "text", "text": MARK})
-                    elif isinstance(part, dict) and part.get("type") == "text" and isinstance(
-                            part.get("text", part.get("value")), str) and PLACEHOLDER in part.get("text", part.get(
-                            "value")):
-                        text = _mark_text(part.get("text", part.get("value")), pending, sources)
-                        parts.append({"type": "text", "text": text})
+                    elif isinstance(part, dict) and part.get("type") == "text" and \
+                            isinstance(text := part.get("text", part.get("value")), str) and PLACEHOLDER in text:
+                        parts.append({"type": "text", "text": _mark_text(text, pending, sources)})
                     else:
                         parts.append(part)
                 m[field] = parts

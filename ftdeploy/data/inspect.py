@@ -54,6 +54,17 @@ class InspectedExample(BaseModel):
     rejected: str | None = None
 
 
+class ImageStats(BaseModel):
+    """A vision base's data: the images the rows hold."""
+
+    rows_with_images: int
+    images: int  # every image of every row (an image used twice counts twice)
+    per_row: dict[str, int]  # images in a row -> rows with that many
+    sizes: dict[str, int]  # "WxH" -> images of that size, the most common first (at most 20 sizes)
+    smallest: str  # "WxH" of the image with the fewest pixels
+    largest: str
+
+
 class DataInspection(BaseModel):
     """What `ftdeploy data inspect` shows (`--json`: to_dict)."""
 
@@ -74,6 +85,7 @@ class DataInspection(BaseModel):
     undesirable: int | None = None  # kto: rows labelled bad
     sources: list[SourceMix] | None = None  # a mix (data.sources): each source's rows read, kept and share
     plot: str | None = None  # where the plot was written; no key when none was
+    images: ImageStats | None = None  # a vision base: the rows' images (token lengths include their tokens)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON takes it; a key whose value is None (no plot, an sft example's answers) is left out."""

@@ -70,6 +70,7 @@ from .formats import (
 from .preference_ids import PAIR_METHODS
 from .sources import BadRow, demo_path
 
+DEMO_FILES = {"train": "prefs.jsonl", "eval": "prefs_eval.jsonl"}  # --method dpo, orpo or kto's demo data
 METHODS = ("sft", "dpo", "orpo", "kto", "grpo")  # train.method: what prepare_data and inspect_data prepare the data for
 PAIR_FORMS = {
     "trl_explicit": "prompt + chosen + rejected (TRL, explicit prompt)",
@@ -477,8 +478,9 @@ class PreferenceStream(RecordStream):
 
 def stream_preference(cfg: DataConfig, spec: str, method: str, split: str = "train") -> PreferenceStream:
     """`spec` read as preference data for `method` (dpo, orpo or kto), with the data config's layout, columns, system
-    prompt and bad-row policy."""
-    source = str(demo_path(split)) if spec == DEMO_DATA else spec
+    prompt and bad-row policy; `demo` is the bundled pairs whose chosen answers open with "Ahoy!" (KTO trains each
+    pair as a good and a bad answer)."""
+    source = str(demo_path(split).with_name(DEMO_FILES[split])) if spec == DEMO_DATA else spec
     columns = Columns(**cfg.columns) if cfg.columns else Columns()
     return PreferenceStream(source, method, cfg.format, columns, cfg.on_bad_row, cfg.system_prompt, cfg.hub_config,
                             cfg.split, cfg.max_row_bytes, cfg.revision)

@@ -59,16 +59,20 @@ def check_train(ctx: Context) -> TrainResult | None:
 
 def stage_train(ctx: Context) -> TrainResult:
     from ..distributed import train
-    from ..stages.train import plot_loss
+    from ..stages.train import finished_checkpoint, plot_loss
     from ..tokenizer import load_tokenizer
     from ..trackers import tracker_environment
 
     base = ctx.base()
     tokenizer, _ = load_tokenizer(base, ctx.cfg.trust_remote_code, ctx.cfg.data.chat_template)
-    # Checkpoints from a different config or data are not this training's: start over.
+    # Checkpoints from a different config or data are not this training's, and one where this training ended is not
+    # to be continued (it is asked for again): start over.
     fingerprint = ctx.fingerprints["train"]
     stale = ctx.run.load_manifest().get("checkpoint_fingerprint") != fingerprint
-    if ctx.run.checkpoint_dir.is_dir() and stale:
+    finished = None if stale else finished_checkpoint(ctx.run.checkpoint_dir)
+    if finished is not None:
+        log.info("%s is where this training finished: training again from the start", finished)
+    if ctx.run.checkpoint_dir.is_dir() and (stale or finished is not None):
         shutil.rmtree(ctx.run.checkpoint_dir)
     ctx.run.update(checkpoint_fingerprint=fingerprint)
     with tracker_environment(ctx.cfg.train.report_to, ctx.run.path, fingerprint):
@@ -80,6 +84,16 @@ def stage_train(ctx: Context) -> TrainResult:
     ctx.run.update(metrics={"train": recorded}, world_size=result.world_size,
                    distributed={k: getattr(ctx.cfg.train, k) for k in ("nproc", "nnodes", "strategy")})
     return result
+
+
+def note_unlogged_training(ctx: Context) -> None:
+    """train.report_to names a tracker the skipped (unchanged) training did not log to: the setting is not part of
+    the train stage's fingerprint, so say that nothing goes to it, and how to train again with it."""
+    wanted = ctx.cfg.train.report_to
+    logged = ctx.run.stage_record("train").get("outputs", {}).get("tracker")
+    if wanted != "none" and logged != wanted:
+        log.warning("train.report_to=%s: the training is unchanged and skipped, so nothing is logged to %s (it "
+                    "logged to %s); `--force train` trains again with it", wanted, wanted, logged or "no tracker")
 
 
 def _train_on_worker_node(ctx: Context) -> TrainResult:

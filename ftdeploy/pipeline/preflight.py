@@ -67,6 +67,9 @@ def preflight(ctx: Context, stages: list[str]) -> None:
         check_strategy(ctx.cfg, select_engine(ctx.cfg.train.engine))
     if "data" in stages:
         check_chat_template(ctx)
+    from .vision import check_vision_base
+
+    check_vision_base(ctx, stages)  # an architecture ftdeploy does not serve with its vision: named now
     needed = estimate_disk_bytes(ctx, stages)
     free = free_bytes(ctx.run.path)
     if needed > free:

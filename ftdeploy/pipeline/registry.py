@@ -17,11 +17,21 @@ from ..errors import ConfigError
 from ..results import RESULT_TYPES, Result
 from ..runs import STAGES, Run
 from .artifacts import data_files, export_files, reward_files
-from .build import check_data, check_merge, check_train, stage_data, stage_export, stage_merge, stage_train
+from .build import (
+    check_data,
+    check_merge,
+    check_train,
+    note_unlogged_training,
+    stage_data,
+    stage_export,
+    stage_merge,
+    stage_train,
+)
 from .context import Context
 from .preflight import check_inputs, preflight
 from .serve import stage_modelfile, stage_register
 from .verify import stage_verify
+from .vision import adapter_for
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           inputs=data_files, outputs=lambda run: [run.data_dir / "train.jsonl"], before=check_data),
     Stage("train", stage_train, reads=("lora", "train", "preference", "grpo"),
           volatile=("train.logging_steps", "train.save_steps", "train.node_rank", "train.master_addr",
-                    "train.master_port", "train.report_to"),
+                    "train.master_port", "train.report_to"), added=("lora.finetune_vision",),
           inputs=reward_files, outputs=lambda run: [run.adapter_dir / "adapter_config.json"], before=check_train),
     Stage("merge", stage_merge, outputs=lambda run: [run.merged_dir / "config.json"], before=check_merge),
     # The quant gate picks the served quant here, so its threshold is part of what export decides.
@@ -134,7 +144,7 @@ def run_stage(ctx: Context, name: str) -> Result:
     if stage.before is not None and (early := stage.before(ctx)) is not None:
         return early
     with ctx.run.stage(name, fingerprint(ctx, name)) as out:
-        result = stage.run(ctx)
+        result = adapter_for(ctx, name, stage.run)(ctx)  # a vision run's own adapter where it has one
         out.update(result.to_dict())
     return result
 
@@ -151,6 +161,8 @@ def train_and_serve(ctx: Context, on_stage: Callable[[str], None] | None = None,
 
         import_engine_first(ctx.cfg)  # Unsloth before the data stage's tokenizer brings in transformers
     preflight(ctx, [name for name, run in plan if run])
+    if ("train", False) in plan:
+        note_unlogged_training(ctx)
     results: dict[str, Result] = {}
     for name, run in plan:
         if not run:

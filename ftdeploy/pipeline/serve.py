@@ -32,6 +32,9 @@ def served_context(ctx: Context) -> tuple[int, str]:
         if base_max and user > base_max:
             log.warning("modelfile.parameters.num_ctx %d is above the base model's context length %d; Ollama will "
                         "serve %d", user, base_max, base_max)
+        if user < longest:
+            log.warning("modelfile.parameters.num_ctx %d is below the longest trained sequence (%d tokens): Ollama "
+                        "cuts a chat that long to fit %d tokens", user, longest, user)
         return int(user), f"num_ctx {user}: modelfile.parameters.num_ctx (the trained context is {num_ctx})"
     return num_ctx, note
 

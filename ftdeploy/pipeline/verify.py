@@ -84,8 +84,9 @@ def _preference(ctx: Context, pairs: list[Record], base: Path | str | None, syst
 
     chat = read_chat_template(ctx.run.merged_dir)
     mapping = mapping_for_template(chat, f"{ctx.run.merged_dir} chat template")
-    if ctx.cfg.train.method == "kto" or any(e.chosen is None or e.rejected is None for e in pairs):
+    if any(e.chosen is None or e.rejected is None for e in pairs):  # KTO's labelled answers: one answer a row
         return check_labelled(pairs, ctx.run.merged_dir, base, system, mapping)
+    # Pairs (a KTO run's held-out pairs too): margins, and the served model's choice where the answers first differ
     return check_pairs(ctx.client(), ctx.cfg.name, pairs, ctx.run.merged_dir, base, system, mapping,
                        chat.bos if mapping.format.bos_in_template else None, ctx.cfg.train.seed, ctx.cfg.train.method)
 

@@ -251,6 +251,18 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
+def finished_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint when a training ended there (its global_step at its max_steps: the trainer saves the last
+    step); None otherwise. Resuming it would train past the end, as transformers takes a step before it checks, so a
+    training asked for again (--force, --from, `ftdeploy train`) starts over instead."""
+    ckpt = latest_checkpoint(checkpoint_dir)
+    if ckpt is None:
+        return None
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    steps, last = state.get("global_step"), state.get("max_steps")
+    return ckpt if isinstance(steps, int) and isinstance(last, int) and 0 < last <= steps else None
+
+
 def _checkpoint_problem(ckpt: Path) -> str | None:
     state = ckpt / "trainer_state.json"
     try:
@@ -609,8 +621,10 @@ def fit(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, tokenizer:
     method = cfg.train.method
     rows = load_rows(data_dir, cfg)
     world = world_size(cfg)
-    log.info("training (%s) with engine=%s on %s x %d: %d examples, %d steps", method, engine,
-             "cuda" if on_cuda else "cpu", world, len(rows), cfg.train.max_steps)
+    packed = sum(len(r.get("seq_lengths") or ()) for r in rows)  # data.packing true: rows in fewer sequences
+    log.info("training (%s) with engine=%s on %s x %d: %s, %d steps", method, engine, "cuda" if on_cuda else "cpu",
+             world, f"{len(rows)} packed sequences of {packed} rows" if packed else f"{len(rows)} examples",
+             cfg.train.max_steps)
 
     history: list[LossPoint] = []
     preference: list[PreferencePoint] = []

@@ -153,8 +153,8 @@ def sft_batches(model: Any, rows: list[dict[str, Any]], setting: bool | str, pad
     attention = attention_name(model)
     packed_data = bool(rows) and "seq_lengths" in rows[0]
     mode = packing_mode(setting, "sft", packed_data, len({len(r["input_ids"]) for r in rows}) > 1)
-    if mode == PADDED:
-        return Batches(rows, padded, PADDED, attention)
+    if mode == PADDED:  # packed data trained with data.packing false: its rows, each padded on its own
+        return Batches([row for f in rows for row in split_rows(f)] if packed_data else rows, padded, PADDED, attention)
     flat = FlatCollator(flash=attention.startswith("flash"), unsloth=engine == "unsloth")
     if engine == "unsloth":
         _allow_unsloth_overlength(model)
@@ -253,7 +253,7 @@ def planner(cfg: Config, engine: str, on_cuda: bool, rows: list[dict[str, Any]])
         measured = world_size(cfg) == 1
         plan = _plan(cfg, engine, on_cuda, example_tokens(rows, cfg), model_figures(model, cfg) if measured else None,
                      free_memory(on_cuda) if measured else None)
-        log.info("train: %s", plan.note)
+        (log.info if plan.fits else log.warning)("train: %s", plan.note)
         return plan
 
     return plan_for

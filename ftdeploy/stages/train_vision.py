@@ -1,11 +1,7 @@
 """Train a vision model on image chats: LoRA on the language model (the vision tower and projector too with
 lora.finetune_vision), labels on the assistant turns only, as the text engine labels them.
 
-The label rule is the text one (ftdeploy/data/labels.py) with the processor in the tokenizer's place: the span of
-assistant turn i runs from the end of the chat before it (rendered with the generation prompt) to the end of the chat
-through it, counted in the processor's tokens (the images' tokens expanded as the model sees them). The processor
-renders each chat with the training chat template and places the images' tokens; nothing adds a BOS the template
-already writes (`add_special_tokens=False`).
+The labels are ftdeploy/data/image_labels.py's (the text label rule, counted in the processor's tokens).
 
 Engines: `hf` (transformers' AutoModelForImageTextToText + PEFT + transformers' Trainer, fp32 LoRA on CPU, QLoRA
 through bitsandbytes on CUDA) and `unsloth` (FastVisionModel, with the same collator and labels; guarded: it is
@@ -14,115 +10,23 @@ imported only on CUDA hosts that have it).
 
 from __future__ import annotations
 
-import io
+import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError
+from ..data.image_labels import IGNORE_INDEX, VisionExample, tokenize_example
+from ..errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-
-
-def pil_images(images: list[bytes]) -> list[Any]:
-    """Image bytes as RGB PIL images (the processors' input)."""
-    from PIL import Image
-
-    out = []
-    for data in images:
-        with Image.open(io.BytesIO(data)) as im:
-            out.append(im.convert("RGB"))
-    return out
-
-
-def render(processor: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def encode(processor: Any, text: str, images: list[bytes]) -> Any:
-    """The processor's tensors for one rendered chat and its images (batch of one)."""
-    return processor(text=[text], images=pil_images(images) or None, return_tensors="pt", add_special_tokens=False)
-
-
-def encode_prompt(processor: Any, messages: list[dict[str, Any]], images: list[bytes],
-                  system: str | None = None) -> Any:
-    """A chat up to the generation prompt, as the merged model is asked it (the Modelfile's SYSTEM first, as Ollama
-    adds it)."""
-    from .verify import with_system
-
-    return encode(processor, render(processor, with_system(messages, system), True), images)
-
-
-def count_images(messages: list[dict[str, Any]]) -> int:
-    return sum(1 for m in messages if isinstance(m.get("content"), list)
-               for p in m["content"] if p.get("type") == "image")
-
-
-@dataclass
-class VisionExample:
-    """One training chat, tokenized: the processor's tensors (batch of one) and the labels."""
-
-    features: dict[str, Any]
-    labels: list[int]
-
-    @property
-    def length(self) -> int:
-        return len(self.labels)
-
-    @property
-    def trained(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
-
-
-def assistant_spans(processor: Any, messages: list[dict[str, Any]], images: list[bytes],
-                    untrained: tuple[int, ...] = ()) -> list[tuple[int, int]]:
-    """The token spans (start, end) of the trained assistant turns, by the label rule (see the module's doc)."""
-    spans = []
-    turn = -1
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        turn += 1
-        if turn in untrained:
-            continue
-        before, through = render(processor, messages[:i], True), render(processor, messages[:i + 1], False)
-        if not through.startswith(before):
-            raise DataError("the chat template does not render this chat turn by turn (the chat before assistant "
-                            f"turn {turn}, with the generation prompt, is not where the chat through it begins)")
-        shown = count_images(messages[:i])
-        start = len(encode(processor, before, images[:shown])["input_ids"][0])
-        end = len(encode(processor, through, images[:count_images(messages[:i + 1])])["input_ids"][0])
-        spans.append((start, end))
-    return spans
-
-
-def tokenize_example(processor: Any, messages: list[dict[str, Any]], images: list[bytes],
-                     untrained: tuple[int, ...] = (), train_on: str = "assistant") -> VisionExample:
-    """The chat's tensors and labels: loss on the assistant turns (every token with train_on="all"), turns of weight
-    0 masked either way."""
-    full = encode(processor, render(processor, messages, False), images)
-    ids = full["input_ids"][0].tolist()
-    if train_on == "all":  # every token trains but the turns of weight 0
-        labels = list(ids)
-        for start, end in _untrained_spans(processor, messages, images, untrained):
-            labels[start:end] = [IGNORE_INDEX] * (end - start)
-    else:
-        labels = [IGNORE_INDEX] * len(ids)
-        for start, end in assistant_spans(processor, messages, images, untrained):
-            labels[start:end] = ids[start:end]
-    image_token = getattr(processor, "image_token_id", None)
-    if image_token is not None:  # an image's own tokens are never a target
-        labels = [IGNORE_INDEX if t == image_token else label for t, label in zip(ids, labels, strict=True)]
-    return VisionExample(dict(full), labels)
-
-
-def _untrained_spans(processor: Any, messages: list[dict[str, Any]], images: list[bytes],
-                     untrained: tuple[int, ...]) -> list[tuple[int, int]]:
-    every = assistant_spans(processor, messages, images, ())
-    return [span for turn, span in enumerate(every) if turn in untrained]
+# A SentencePiece tokenizer's files, which Ollama's converter prefers to tokenizer.json (Gemma 3 is served with
+# SentencePiece): the base's, carried into the merged model (the vocabulary is not changed by training).
+SENTENCEPIECE_FILES = ("tokenizer.model", "added_tokens.json")
 
 
 def collate(examples: list[VisionExample], pad_id: int) -> dict[str, Any]:
@@ -164,4 +68,153 @@ def lora_targets(model: Any, language_model: str, vision_tower: str, finetune_vi
     return names
 
 
-ProgressFn = Callable[[dict[str, float]], None]
+class VisionDataset:
+    """The prepared rows, tokenized as they are drawn (the pixels are not kept between epochs)."""
+
+    def __init__(self, rows: list[dict[str, Any]], data_dir: Any, processor: Any, train_on: str):
+        self.rows, self.data_dir, self.processor, self.train_on = rows, data_dir, processor, train_on
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> VisionExample:
+        from ..data.image_writer import load_images
+
+        row = self.rows[i]
+        example = tokenize_example(self.processor, row["messages"], load_images(self.data_dir, row["images"]),
+                                   tuple(row.get("untrained", ())), self.train_on)
+        if example.length != row.get("length", example.length):
+            raise DataError(f"{row['source']}: {example.length} tokens now, {row['length']} when the data was "
+                            "prepared: the processor changed; prepare the data again (`ftdeploy data`)")
+        return example
+
+
+def load_vision_model(base: Path | str, cfg: Config, engine: str, on_cuda: bool) -> tuple[Any, Any]:
+    """The base vision model with its LoRA, and its processor."""
+    from transformers import AutoProcessor
+
+    from ..vision import family_of, read_config
+
+    family = family_of(read_config(Path(base)), str(base))
+    processor = AutoProcessor.from_pretrained(str(base), trust_remote_code=cfg.trust_remote_code)
+    if engine == "unsloth":
+        return _load_unsloth_vision(base, cfg), processor
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText
+
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": torch.float32}
+    if on_cuda:
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if cfg.train.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=kwargs["dtype"])
+    model = AutoModelForImageTextToText.from_pretrained(str(base), **kwargs)
+    if on_cuda and cfg.train.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    targets = lora_targets(model, family.language_model, family.vision_tower, cfg.lora.finetune_vision)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias=cfg.lora.bias,
+                      target_modules=targets)
+    return get_peft_model(model, lora), processor
+
+
+def _load_unsloth_vision(base: Path | str, cfg: Config) -> Any:
+    """Unsloth's FastVisionModel, LoRA on the language model (and the vision layers with lora.finetune_vision),
+    as Unsloth's vision notebooks set it up. Reached only on CUDA hosts with Unsloth (select_engine)."""
+    from unsloth import FastVisionModel  # noqa: I001  (imported first by import_engine_first)
+
+    model, _ = FastVisionModel.from_pretrained(
+        str(base), load_in_4bit=cfg.train.load_in_4bit, use_gradient_checkpointing="unsloth",
+        trust_remote_code=cfg.trust_remote_code)
+    model = FastVisionModel.get_peft_model(
+        model, finetune_vision_layers=cfg.lora.finetune_vision, finetune_language_layers=True,
+        finetune_attention_modules=True, finetune_mlp_modules=True, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout, bias=cfg.lora.bias, random_state=cfg.train.seed)
+    FastVisionModel.for_training(model)
+    return model
+
+
+def fit_vision(base: Path | str, data_dir: Path, out_dir: Path, cfg: Config, checkpoint_dir: Path | None = None,
+               resume: bool = True) -> Any:
+    """Train the LoRA of a vision model on the prepared image chats (one process); save it with the processor into
+    `out_dir`; return TrainMetrics as the text engine's fit does."""
+    import time
+
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from ..data.image_writer import load_vision_rows
+    from ..results import LossPoint, TrainMetrics
+    from ..strategy import world_size
+    from .train import latest_checkpoint, make_progress_callback, save_adapter, select_engine, trainer_kwargs
+
+    if world_size(cfg) > 1:
+        raise ConfigError("train.nproc / train.nnodes: vision models train in one process (yet)")
+    engine = select_engine(cfg.train.engine)
+    set_seed(cfg.train.seed)
+    on_cuda = torch.cuda.is_available()
+    rows = load_vision_rows(data_dir)
+    model, processor = load_vision_model(base, cfg, engine, on_cuda)
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    kwargs = trainer_kwargs(cfg, engine, on_cuda, bf16, str(checkpoint_dir or out_dir.parent / ".vision-trainer"),
+                            checkpoint_dir is not None)
+    for sft_only in ("max_length", "dataset_kwargs", "packing"):
+        kwargs.pop(sft_only, None)
+    log.info("training (vision sft) with engine=%s on %s: %d image chats, %d steps", engine,
+             "cuda" if on_cuda else "cpu", len(rows), cfg.train.max_steps)
+    history: list[LossPoint] = []
+    pad_id = processor.tokenizer.pad_token_id
+    pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
+    trainer = Trainer(model=model, args=TrainingArguments(**kwargs),
+                      train_dataset=VisionDataset(rows, data_dir, processor, cfg.data.train_on),
+                      data_collator=lambda batch: collate(batch, pad_id), callbacks=[make_progress_callback(history)])
+    trainer.remove_callback(PrinterCallback)
+    resume_from = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.monotonic() - started
+    save_adapter(trainer, out_dir)
+    processor.save_pretrained(str(out_dir))
+    (out_dir / "ftdeploy-train.json").write_text(json.dumps(
+        {"base_model": str(base), "engine": engine, "world_size": 1, "vision": True}, indent=2))
+    batch = kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"]
+    return TrainMetrics(
+        engine=engine, device="cuda" if on_cuda else "cpu", steps=result.global_step,
+        train_loss=round(float(result.training_loss), 4), final_loss=history[-1].loss if history else None,
+        seconds=round(seconds, 1), loss_history=history, optim=kwargs["optim"],
+        per_device_batch=kwargs["per_device_train_batch_size"],
+        gradient_accumulation=kwargs["gradient_accumulation_steps"], global_batch=batch,
+        examples_per_s=round(result.global_step * batch / max(seconds, 1e-9), 2),
+        dataset_trained_tokens=sum(int(r.get("trained", 0)) for r in rows),
+        resumed_from=str(resume_from) if resume_from else None, packing="padded")
+
+
+def merge_vision(base: Path | str, adapter_dir: Path, merged_dir: Path, trust_remote_code: bool = False) -> Path:
+    """The adapter merged into a 16-bit copy of the base vision model (reloaded unquantized), saved with the
+    processor, tokenizer and chat template the adapter was trained with."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    from ..runs import atomic_path
+
+    on_cuda = torch.cuda.is_available()
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(base), dtype=torch.bfloat16 if on_cuda else torch.float32, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().to(torch.bfloat16)
+    processor = AutoProcessor.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
+    with atomic_path(merged_dir) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        try:
+            GenerationConfig.from_pretrained(str(base)).save_pretrained(str(tmp))
+        except OSError:
+            pass
+        for name in SENTENCEPIECE_FILES:  # transformers 5 saves tokenizer.json only; Ollama reads these first
+            if (Path(base) / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(Path(base) / name, tmp / name)
+    return merged_dir

@@ -139,13 +139,15 @@ def _pair_summary(items: list[PairScore], method: str) -> PreferenceCheck:
 def check_labelled(examples: list[Record], merged_dir: Path, base: Path | str | None, system: str | None,
                    mapping: TemplateMapping) -> PreferenceCheck:
     """KTO rows: the mean change from the base in log-probability per answer token, good answers minus bad ones
-    (None without the base)."""
+    (None without the base, or without both kinds); a held-out pair counts as one good and one bad answer."""
     check = PreferenceCheck(method="kto", pairs=len(examples))
     if base is None or not examples:
         return check
     merged = _Scorer(merged_dir)
-    rows = [(ids.prompt_ids, ids.chosen_ids or ids.rejected_ids or [], ids.chosen_ids is not None)
-            for ids in _ids(examples, system, merged.tokenizer, mapping)]
+    rows = []  # (prompt, answer, good?): a labelled row's one answer; a pair's two (held-out pairs, as KTO trains them)
+    for ids in _ids(examples, system, merged.tokenizer, mapping):
+        rows += [(ids.prompt_ids, answer, good) for answer, good in ((ids.chosen_ids, True), (ids.rejected_ids, False))
+                 if answer is not None]
 
     def per_token(scorer: _Scorer) -> list[float]:
         return [scorer.logp(prompt, answer)[0] / max(len(answer), 1) for prompt, answer, _ in rows]

@@ -23,6 +23,9 @@ class ImageAnswer:
 
     text: str
     tokens: list[str]  # each generated token as text
+    logprobs: list[float] | None = None  # each generated token's log-probability (the served side)
+    stopped: bool = False  # ended on a stop token, not at the length limit
+    ids: list[int] | None = None  # the generated ids (the merged side), the stop left out
 
 
 def ollama_messages(messages: list[dict[str, Any]], images: list[bytes]) -> list[dict[str, Any]]:
@@ -57,37 +60,65 @@ def served_answer(client: OllamaClient, model: str, messages: list[dict[str, Any
     body = {"model": model, "messages": ollama_messages(messages, images), "stream": False, "logprobs": True,
             "options": {**GREEDY, "num_predict": max_tokens}}
     reply = client._post_json("/api/chat", body)  # the official client's chat has no logprobs in 0.6
-    tokens = [lp.token for lp in (reply.logprobs or [])]
-    return ImageAnswer(reply.message.content or "", tokens)
+    logprobs = reply.logprobs or []
+    return ImageAnswer(reply.message.content or "", [lp.token for lp in logprobs], [lp.logprob for lp in logprobs],
+                       stopped=reply.done_reason == "stop")
+
+
+def prompt_tokens(client: OllamaClient, model: str, messages: list[dict[str, Any]], images: list[bytes]) -> int:
+    """How many tokens the prompt Ollama builds for an image chat has (its image tokens included)."""
+    body = {"model": model, "messages": ollama_messages(messages, images), "stream": False,
+            "options": {"temperature": 0, "num_predict": 1}}
+    return int(client._post_json("/api/chat", body).prompt_eval_count or 0)
+
+
+def encode_prompt(processor: Any, messages: list[dict[str, Any]], images: list[bytes],
+                  system: str | None = None) -> Any:
+    """A chat up to the generation prompt, as the merged model is asked it (the Modelfile's SYSTEM first, as Ollama
+    adds it)."""
+    from ..data.image_labels import encode, render
+    from .verify import with_system
+
+    return encode(processor, render(processor, with_system(messages, system), True), images)
 
 
 class MergedVision:
     """The merged model and its processor, loaded once, answering image chats greedily as it was trained: the
     training chat template renders the chat, the processor places the images' tokens and computes their pixels."""
 
-    def __init__(self, model_dir: Path, dtype: str = "float32"):
+    def __init__(self, model_dir: Path, stops: tuple[str, ...] = (), dtype: str = "float32"):
+        """`stops`: the Modelfile's stop tokens, where generation ends as Ollama's ends."""
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(str(model_dir))
         self.model = AutoModelForImageTextToText.from_pretrained(
             str(model_dir), dtype=getattr(torch, dtype)).eval()
+        vocab = self.processor.tokenizer.get_vocab()
+        self.stops = {vocab[s] for s in stops if s in vocab}
 
     def inputs(self, messages: list[dict[str, Any]], images: list[bytes], system: str | None = None) -> Any:
-        from .train_vision import encode_prompt
-
         return encode_prompt(self.processor, messages, images, system)
 
     def answer(self, messages: list[dict[str, Any]], images: list[bytes], max_tokens: int,
                system: str | None = None) -> ImageAnswer:
+        """The greedy answer (at most `max_tokens`, ending at a stop token), as the served side gets it."""
         import torch
 
         inputs = self.inputs(messages, images, system)
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                                      eos_token_id=sorted(self.stop_ids()))
         ids = out[0, inputs["input_ids"].shape[1]:].tolist()
         tok = self.processor.tokenizer
-        eos = {tok.eos_token_id, *(getattr(self.model.generation_config, "eos_token_id", None) or [])} \
-            if isinstance(getattr(self.model.generation_config, "eos_token_id", None), list) else {tok.eos_token_id}
-        shown = [i for i in ids if i not in eos]
-        return ImageAnswer(tok.decode(shown, skip_special_tokens=True), [tok.decode([i]) for i in shown])
+        stops = self.stop_ids()
+        stopped = bool(ids) and ids[-1] in stops
+        shown = [i for i in ids if i not in stops]
+        return ImageAnswer(tok.decode(shown, skip_special_tokens=True), [tok.decode([i]) for i in shown],
+                           stopped=stopped, ids=shown)
+
+    def stop_ids(self) -> set[int]:
+        """The ids generation stops at: the tokenizer's EOS and the generation config's."""
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        listed = configured if isinstance(configured, list) else [configured]
+        return {i for i in [self.processor.tokenizer.eos_token_id, *listed, *self.stops] if i is not None}

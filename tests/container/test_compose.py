@@ -175,6 +175,22 @@ def test_a_second_run_uploads_nothing(stack, demo):
     assert json.loads(proc.stdout)["verify"]["hits"] >= 4
 
 
+def test_dpo_on_the_demo_run_trains_and_serves_in_compose(stack, demo):
+    """Preference training in the image, chained the way people use it: DPO on the demo's bundled pairs (`--data
+    demo` with --method dpo), from the SFT run the compose demo made, served by the sidecar with its preference
+    measured (issue 26: the container runs the new methods unchanged)."""
+    proc = stack.run("train-and-serve", "--method", "dpo", "--from-run", "ftdeploy-demo", "--data", "demo",
+                     "--name", "ftdeploy-demo-dpo", "--max-steps", "8", "--json", timeout=3600)
+    result = json.loads(proc.stdout)
+    assert result["model"] == "ftdeploy-demo-dpo"
+    manifest = json.loads((stack.runs_dir / "ftdeploy-demo-dpo" / "manifest.json").read_text())
+    pref = manifest["metrics"]["verify"]["preference"]
+    assert manifest["metrics"]["train"]["method"] == "dpo" and pref["pairs"] == 6 and pref["merged_accuracy"] >= 0.8
+    answer = stack.compose("exec", "-T", "ollama", "ollama", "run", "ftdeploy-demo-dpo", "What is the capital of "
+                           "France?", timeout=300).stdout
+    assert answer.strip().lower().startswith("ahoy"), answer
+
+
 def test_the_model_outlives_down_and_up(stack, demo):
     stack.compose("down", timeout=300)
     stack.compose("up", "--detach", "--wait", "ollama", timeout=300)

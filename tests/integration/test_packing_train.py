@@ -130,7 +130,7 @@ def test_an_attention_that_lets_rows_mix_trains_padded_with_a_one_line_notice(ti
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_packed_data_trains_and_the_manifest_says_how(tiny_base, tokenizer, tmp_path):
+def test_packed_data_trains_and_the_manifest_says_how(tiny_base, tokenizer, tmp_path, caplog):
     """The data stage's best-fit packed sequences train through fit, and the metrics (the manifest's metrics.train)
     record the packing, the checkpointing and the batch chosen."""
     from ftdeploy.config import DataConfig
@@ -147,9 +147,11 @@ def test_packed_data_trains_and_the_manifest_says_how(tiny_base, tokenizer, tmp_
     packed = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
     assert len(packed) <= stats.rows // 4 and all(sum(p["seq_lengths"]) <= 400 for p in packed)
 
-    metrics = fit(tiny_base, tmp_path / "data", tmp_path / "adapter", _cfg("data.packing=true", "train.max_steps=4",
-                                                                           "data.max_seq_length=400"), tokenizer)
+    with caplog.at_level(logging.INFO, logger="ftdeploy"):
+        metrics = fit(tiny_base, tmp_path / "data", tmp_path / "adapter",
+                      _cfg("data.packing=true", "train.max_steps=4", "data.max_seq_length=400"), tokenizer)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert f"{len(packed)} packed sequences of 12 rows, 4 steps" in caplog.text  # not "3 examples" for 12 rows
     assert metrics.steps == 4 and metrics.loss_history[-1].loss < metrics.loss_history[0].loss
     assert (metrics.packing, metrics.gradient_checkpointing, metrics.attention) == ("packed", "off", "sdpa")
     assert (metrics.per_device_batch, metrics.gradient_accumulation) == (2, 1)  # auto on CPU: 2

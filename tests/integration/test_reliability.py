@@ -140,3 +140,22 @@ def test_ollama_killed_mid_upload_then_the_rerun_completes(tmp_path):
         assert reply.message.content
     finally:
         server.stop()
+
+
+def test_training_asked_for_again_after_it_finished_starts_over_instead_of_training_past_max_steps(tmp_path):
+    """A finished training leaves its last checkpoint (at train.max_steps). `--force train`, `--from train` or
+    `ftdeploy train` on the unchanged config must train the configured steps again, not resume from that checkpoint:
+    transformers takes one more step before it checks, so each such rerun trained one step more ("step 3/2")."""
+    from conftest import build_tiny_model_dir
+
+    from ftdeploy import api
+
+    base = build_tiny_model_dir(tmp_path / "base", pad="<|endoftext|>")
+    overrides = {"base_model": str(base), "runs_dir": str(tmp_path / "runs"), "name": "again", "train.engine": "hf",
+                 "train.max_steps": 2, "train.warmup_steps": 0, "train.batch_size": 2,
+                 "train.gradient_accumulation": 1, "data.eval_split": 0}
+    api.data(overrides=overrides, progress=False)
+    first = api.train(overrides=overrides, progress=False)
+    assert first.steps == 2 and (tmp_path / "runs" / "again" / "checkpoints" / "checkpoint-2").is_dir()
+    again = api.train(overrides=overrides, progress=False)
+    assert (again.steps, again.resumed_from) == (2, None)

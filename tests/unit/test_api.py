@@ -105,6 +105,17 @@ def test_the_data_stage_returns_its_typed_result_and_prints_nothing_on_stdout(ti
     assert (tmp_path / "tiny" / "data" / "train.jsonl").is_file()
 
 
+def test_a_stage_that_fails_is_shown_as_failed_not_done(tmp_path, capfd):
+    """The progress lines never say a stage is done when it raised: here the data stage, on a data file that is not
+    there (refused before anything loads)."""
+    from ftdeploy.errors import DataError
+
+    with pytest.raises(DataError, match="no such file"):
+        api.data(overrides={"data.train": str(tmp_path / "missing.jsonl"), "runs_dir": str(tmp_path / "runs")})
+    err = capfd.readouterr().err
+    assert "data failed" in err and "data done" not in err
+
+
 def test_a_missing_training_stack_is_the_typed_error_that_names_the_extra(tmp_path, monkeypatch):
     from ftdeploy.optional import MissingDependencyError
 

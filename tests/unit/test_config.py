@@ -207,3 +207,10 @@ def test_where_a_value_came_from_is_kept_for_messages(tmp_path):
     assert load_config(flags={"base_model": "./x"}, flag_names={"base_model": "--base-model"}).given_as(
         "base_model") == "--base-model ./x"
     assert "origins" not in load_config(path).to_dict()
+
+
+def test_a_key_of_another_section_is_named_where_it_lives():
+    """Ollama's settings are `ollama.parameters` in issues and peer tools; here the Modelfile holds them."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["ollama.parameters={num_ctx: 8192}"])
+    assert "ollama.parameters: unknown key (did you mean modelfile.parameters?)" in str(err.value)

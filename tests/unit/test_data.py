@@ -178,3 +178,17 @@ def test_the_flattening_collator_keeps_rows_apart_and_refuses_an_all_masked_batc
     assert "attention_mask" not in batch
     with pytest.raises(DataError, match="every label masked"):
         collate([{"input_ids": [5, 6], "labels": [-100, -100]}])
+
+
+def test_packed_data_trained_with_packing_false_is_padded_row_by_row():
+    """Data the data stage packed (data.packing true), trained by `ftdeploy train --set data.packing=false`: each
+    packed sequence goes back to its rows before padding, never padded as one sequence whose rows attend to each
+    other (and whose rows' first tokens are predicted from the row before), while the manifest says "padded"."""
+    from ftdeploy.stages.train_batches import sft_batches
+
+    packed = [{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
+              {"input_ids": [4, 3], "labels": [-100, 3], "seq_lengths": [2]}]
+    batches = sft_batches(object(), packed, False, "the padding collator")
+    assert (batches.packing, batches.collator) == ("padded", "the padding collator")
+    assert batches.rows == [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]},
+                            {"input_ids": [4, 3], "labels": [-100, 3]}]

@@ -222,6 +222,16 @@ def test_the_run_report_has_a_data_mix_section():
     assert rows[2] == ["acme/b @ cccccccccccc", "alpaca", "300", "0", "15", "90", "75%", "3"]
 
 
+def test_the_report_says_which_source_max_rows_cut():
+    """A source of 25 rows kept 10: the report says max_rows did it, as `ftdeploy data` does, not only the counts."""
+    manifest = {"stages": {"data": {"status": "done", "outputs": {"rows": 30, "sources": [
+        {"path": "a.json", "layout": "alpaca", "rows": 30, "kept": 20, "share": 0.67, "weight": 2.0},
+        {"path": "b.jsonl", "layout": "sharegpt", "rows": 25, "kept": 10, "share": 0.33, "weight": 1.0,
+         "max_rows": 10}]}}}}
+    (_, _, rows), = [s for s in sections(manifest, "demo") if s[0] == "Data mix"]
+    assert rows[1][5] == "20" and rows[2][5] == "10 (max_rows 10)"
+
+
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "base")

@@ -78,6 +78,19 @@ def test_a_value_of_another_type_is_refused_naming_the_type(name, given, message
         parameter_value(name, given)
 
 
+@pytest.mark.parametrize("given", [-5, 0, 3, "-1"])
+def test_a_num_ctx_ollama_would_raise_to_4_tokens_is_refused(given):
+    """Ollama 0.17.4 raises a num_ctx below 4 to 4 (server/sched.go): every prompt, the system prompt and the
+    template's tokens included, is cut to 4 tokens and the model answers nonsense. A typo'd sign or a 0 meant as
+    "the default" is refused where the config is read."""
+    with pytest.raises(ModelfileSyntaxError, match=r"num_ctx is the context in tokens, got -?\d+: Ollama 0.17.4 "
+                                                   r"serves 4 tokens for anything below 4"):
+        parameter_value("num_ctx", given)
+    assert parameter_value("num_ctx", 4) == 4
+    with pytest.raises(ConfigError, match=r"modelfile.parameters.num_ctx: num_ctx is the context in tokens"):
+        load_config(None, [f"modelfile.parameters={{num_ctx: {given}}}"])
+
+
 def test_an_unknown_name_lists_the_valid_ones_and_the_closest():
     with pytest.raises(ModelfileSyntaxError) as exc:
         parameter_value("temprature", 0.5)
@@ -168,3 +181,16 @@ def test_the_modelfile_stage_serves_the_trained_context(tmp_path):
     result = run_stage(Context(cfg, Run(runs / "ctx")), "modelfile")
     assert result.parameters["num_ctx"] == 4096
     assert result.context == "num_ctx 4096: modelfile.parameters.num_ctx (the trained context is 5120)"
+
+
+def test_a_users_num_ctx_below_the_longest_trained_sequence_is_served_with_a_warning(tmp_path, caplog):
+    from ftdeploy.pipeline import Context, run_stage
+
+    runs = tmp_path / "runs"
+    served_run(runs, "short", SMOL, {"max_length": 900, "max_seq_length": 2048, "rows": 4})
+    for num_ctx, warned in ((512, True), (1024, False)):
+        caplog.clear()
+        cfg = load_config(None, [f"runs_dir={runs}", "name=short", f"modelfile.parameters={{num_ctx: {num_ctx}}}"])
+        assert run_stage(Context(cfg, Run(runs / "short")), "modelfile").parameters["num_ctx"] == num_ctx
+        assert (f"modelfile.parameters.num_ctx {num_ctx} is below the longest trained sequence (900 tokens)"
+                in caplog.text) == warned

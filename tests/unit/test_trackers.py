@@ -77,6 +77,28 @@ def test_switching_the_tracker_retrains_nothing(tmp_path):
     assert train_fingerprint() != train_fingerprint("train.logging_steps=2", "train.max_steps=5")
 
 
+def test_a_tracker_asked_for_on_a_skipped_training_is_said_to_get_nothing(tmp_path, caplog):
+    """The demo trained without a tracker, then `--set train.report_to=tensorboard`: the training is skipped as
+    unchanged, so no event files are written; a warning says so and how to train again, rather than nothing at all."""
+    from ftdeploy.pipeline import Context
+    from ftdeploy.pipeline.build import note_unlogged_training
+    from ftdeploy.runs import Run
+
+    def note(logged, wanted):
+        caplog.clear()
+        cfg = load_config(overrides=[f"runs_dir={tmp_path}", f"train.report_to={wanted}"])
+        run = Run(cfg.run_dir)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.update(stages={"train": {"status": "done", "outputs": {"tracker": logged}}})
+        note_unlogged_training(Context(cfg, run))
+        return caplog.text
+
+    assert ("train.report_to=tensorboard: the training is unchanged and skipped, so nothing is logged to tensorboard "
+            "(it logged to no tracker); `--force train` trains again with it") in note(None, "tensorboard")
+    assert note("tensorboard", "tensorboard") == ""  # its events are there, and the report links them
+    assert note("tensorboard", "none") == ""
+
+
 def test_tensorboard_writes_in_the_run_and_the_environment_is_restored(tmp_path, monkeypatch):
     monkeypatch.delenv(trackers.TENSORBOARD_ENV, raising=False)
     with trackers.tracker_environment("tensorboard", tmp_path, "abc"):

@@ -101,6 +101,28 @@ def test_on_cpu_a_small_model_trains_without_checkpointing_while_the_ram_holds_i
     assert _cpu(16, checkpointing=True).checkpointing == ON
 
 
+def _demo_plan(checkpointing, rows):
+    from ftdeploy.api import load_config
+
+    demo = load_config().train  # the embedded demo config, which `--data my.jsonl` alone trains with
+    return plan_memory(batch=demo.batch_size, accumulation=demo.gradient_accumulation, size_batch=False,
+                       checkpointing=demo.gradient_checkpointing if checkpointing is None else checkpointing,
+                       engine="hf", device="cpu", row_tokens=rows, model=SMOL, free_bytes=int(19.5 * GIB))
+
+
+def test_the_demo_config_on_long_packed_rows_turns_checkpointing_on_instead_of_running_out_of_memory():
+    """The demo config's batch of 4 on data.packing true's sequences of up to 2048 tokens needs about 24 GiB without
+    checkpointing: more than a 20 GiB machine has (the kernel killed such a run). Its checkpointing is auto, so the
+    plan turns it on there and keeps it off for the demo's own short rows."""
+    assert _demo_plan(None, rows=2046).checkpointing == ON and _demo_plan(None, rows=2046).fits
+    assert _demo_plan(None, rows=100).checkpointing == OFF
+    forced = _demo_plan(False, rows=2046)  # set off by hand: a warning that says what would fit
+    assert not forced.fits and forced.checkpointing == OFF
+    assert forced.note.endswith("may run out of memory: set train.gradient_checkpointing to auto or true (with it "
+                                "the batch fits), or lower train.batch_size, or lower data.max_seq_length")
+    assert "gradient_checkpointing" not in _cpu(0.1, rows=64, checkpointing=False).note  # it would not help
+
+
 def test_auto_batch_is_two_until_sized():
     assert (base_batch("auto"), base_batch(6)) == (2, 6)
 
