@@ -29,7 +29,11 @@ a checkpoint saved by transformers 5 differs from it, is made good in a serving 
   header only: the tensor bytes are copied as they are).
 
 What Ollama 0.17.4 computes differently from transformers, measured on tiny models of each family against the real
-server (tests/integration/test_vision_families_real_ollama.py), is in each family's `served_differs`.
+server (tests/integration/test_vision_families_real_ollama.py), is in each family's `served_differs`. Not measured
+there (the test images need no resizing): an image whose sides are not what the model takes is resized by Ollama
+with a bilinear filter (model/imageproc) where the processors use bicubic (Qwen2.5-VL) or PIL's bilinear (Gemma 3),
+so its pixels differ slightly; and Ollama shrinks a Qwen2.5-VL image to at most 2,097,152 pixels where the processor
+allows 12,845,056.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ data through preference.py (a RecordStream of its own, reusing these checks). A 
 turn (or on tool results). A row holding more than `max_row_bytes` of text is a bad row before anything tokenizes it.
 Fields a layout does not read are ignored and named in one warning per dataset.
 
+A vision base's data (RecordStream(images=True)) reads image parts, "images" lists and <image> placeholders instead
+(images.py).
+
 Pure: no torch.
 """
 
@@ -603,7 +606,7 @@ def _media(row: dict[str, Any]) -> str | None:
             continue
         count = f" ({len(value)})" if isinstance(value, list) else ""
         return f"the row has {key!r}{count}: {key.rstrip('s') if key == 'audios' else key} not supported yet " \
-               "(ftdeploy trains text-only models)"
+               "(the base model is text-only; image chats train a vision base: Qwen2.5-VL, Gemma 3)"
     return None
 
 

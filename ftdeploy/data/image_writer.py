@@ -183,7 +183,10 @@ def inspect_vision_data(cfg: DataConfig, spec: str | None, processor: Any, mappi
 
     spec = spec or cfg.train
     stream = stream_records(cfg, spec, "train", images=True)
-    lengths, bad, per_row, sizes = [], [], Counter(), Counter()
+    lengths: list[int] = []
+    bad: list[str] = []
+    per_row: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
     example = None
     for rec in stream:
         data = [im.data for im in rec.images]

@@ -59,23 +59,6 @@ def data_dir_of(where: str) -> Path | None:
     return path.parent if path.is_file() else None
 
 
-def has_images(row: Any) -> bool:
-    """Whether a row carries an image in any layout this module reads."""
-    if not isinstance(row, dict):
-        return False
-    if isinstance(row.get("images"), list) and row["images"]:
-        return True
-    return any(_image_parts(v) for v in row.values() if isinstance(v, list))
-
-
-def _image_parts(messages: list[Any]) -> bool:
-    for m in messages:
-        if isinstance(m, dict) and isinstance(m.get("content"), list):
-            if any(isinstance(p, dict) and p.get("type") in IMAGE_PARTS for p in m["content"]):
-                return True
-    return False
-
-
 def take_images(where: str, row: Any) -> tuple[Any, list[Any]] | BadRow:
     """The row with each image replaced by MARK in its text (image parts become text parts holding MARK, <image>
     placeholders become MARK, the row's "images" list is taken out), and the images' sources in the order their
@@ -237,11 +220,6 @@ def _fetch(url: str) -> tuple[bytes, str] | str:
             return resp.read(), url
     except Exception as exc:  # noqa: BLE001 - no connection, HTTP errors, timeouts: the row is bad either way
         return f"image {url}: could not be fetched ({type(exc).__name__}: {str(exc)[:120]})"
-
-
-def image_for_chat(image_data: bytes) -> str:
-    """An image as Ollama's /api/chat takes it: base64 text."""
-    return base64.b64encode(image_data).decode()
 
 
 def image_record(where: str, row: Any, convert: Any) -> Any:

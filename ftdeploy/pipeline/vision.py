@@ -151,11 +151,14 @@ def stage_modelfile_vision(ctx: Context) -> ModelfileResult:
 
 def stage_register_vision(ctx: Context) -> RegisterResult:
     from ..stages.register_vision import register_vision
+    from ..vision import family_of, read_config
     from .artifacts import load_spec
 
     exported = previous(ctx, "export", ExportResult)
+    family = family_of(read_config(ctx.run.merged_dir), str(ctx.run.merged_dir))
     files = sorted(serving_dir(ctx.run).iterdir(), key=lambda p: (p.suffix != ".safetensors", p.name))
-    reg = register_vision(ctx.client(), ctx.cfg.name, load_spec(ctx), files, exported.served)
+    reg = register_vision(ctx.client(), ctx.cfg.name, load_spec(ctx), files, exported.served,
+                          architecture=family.ollama_architecture)
     ctx.run.update(versions={"ollama_server": reg.server_version})
     return RegisterResult.from_dict(reg.as_dict())
 
@@ -180,8 +183,12 @@ def stage_verify_vision(ctx: Context) -> VerifySummary:
             ctx.run.data_dir, "train_sample.jsonl")]
         limit_rows = cfg.verify.limit or cfg.verify.train_prompts
     rows = [r for r in rows if r["messages"] and r["messages"][-1]["role"] == "assistant"][:limit_rows]
+    from ..vision import family_of, read_config
+
     spec = load_spec(ctx)
     _require_registered(client, name)
+    if note := family_of(read_config(ctx.run.merged_dir), str(ctx.run.merged_dir)).served_differs:
+        log.info("verify: %s", note)  # what Ollama computes differently for this family, measured
     merged = MergedVision(ctx.run.merged_dir, tuple(spec.stops))
     tok = merged.processor.tokenizer
     references = [_text(r["messages"][-1]) for r in rows]

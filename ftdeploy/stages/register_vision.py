@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def register_vision(client: OllamaClient, name: str, spec: ModelfileSpec, files: list[Path], quant: str | None,
-                    show_progress: bool = True) -> Registration:
+                    show_progress: bool = True, architecture: str | None = None) -> Registration:
     """Upload `files` (vision.serving_copy's) and create `name` from them, quantized to `quant` (None or f16: as
-    converted). The Registration's digest stands for the set of files (the sha256 of their names and digests)."""
+    converted); `architecture`: the one Ollama's converter must have made of them (vision.VisionFamily's). The
+    Registration's digest stands for the set of files (the sha256 of their names and digests)."""
     if not any(f.suffix == ".safetensors" for f in files):
         raise ExportError(f"{spec.gguf}: no safetensors weights to register")
     server_version = client.require_version()
@@ -38,7 +39,12 @@ def register_vision(client: OllamaClient, name: str, spec: ModelfileSpec, files:
                   parameters=spec.ollama_parameters(), quantize=quantize,
                   on_status=lambda s: log.debug("create %s: %s", name, s))
     _confirm_template(client, name, spec)
-    capabilities = list(client.show(name).capabilities or [])
+    shown = client.show(name)
+    capabilities = list(shown.capabilities or [])
+    family = shown.details.family if shown.details else None
+    if architecture and family != architecture:
+        raise OllamaServerError(f"{name}: Ollama at {client.host} made a {family} model of the files, not "
+                                f"{architecture}")
     if "vision" not in capabilities:
         raise OllamaServerError(f"{name}: Ollama at {client.host} created the model without the vision capability "
                                 f"(it lists {', '.join(capabilities) or 'none'}): the vision tower did not survive "

@@ -208,8 +208,9 @@ def test_a_conversation_that_ends_on_a_user_turn_is_a_bad_row(tmp_path):
 
 def test_a_rows_images_and_image_placeholders_are_bad_rows(tmp_path):
     row = {"messages": [{"role": "user", "content": f"<image>{Q1}"}, CHAT[1]], "images": ["cat.png"]}
-    assert _bad(tmp_path, [{"messages": CHAT}, row]) == \
-        "the row has 'images' (1): images not supported yet (ftdeploy trains text-only models)"
+    assert _bad(tmp_path, [{"messages": CHAT}, row]) == (
+        "the row has 'images' (1): images not supported yet (the base model is text-only; image chats train a "
+        "vision base: Qwen2.5-VL, Gemma 3)")
     del row["images"]
     assert _bad(tmp_path, [{"messages": CHAT}, row]) == \
         "message 0 (user) holds an <image> placeholder: images not supported yet (it would train as literal text)"
