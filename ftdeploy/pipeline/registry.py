@@ -91,7 +91,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           inputs=data_files, outputs=lambda run: [run.data_dir / "train.jsonl"], before=check_data),
     Stage("train", stage_train, reads=("lora", "train", "preference", "grpo"),
           volatile=("train.logging_steps", "train.save_steps", "train.node_rank", "train.master_addr",
-                    "train.master_port", "train.report_to"), added=("lora.finetune_vision",),
+                    "train.master_port", "train.report_to", "name"), added=("lora.finetune_vision",),
           inputs=reward_files, outputs=lambda run: [run.adapter_dir / "adapter_config.json"], before=check_train),
     Stage("merge", stage_merge, outputs=lambda run: [run.merged_dir / "config.json"], before=check_merge),
     # The quant gate picks the served quant here, so its threshold is part of what export decides.
