@@ -17,7 +17,7 @@ def merge(base: Path | str, adapter_dir: Path, merged_dir: Path, trust_remote_co
         raise StageMissingError(f"{adapter_dir}: no adapter found; run `ftdeploy train` first")
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     on_cuda = torch.cuda.is_available()
     # Merge in fp32 on CPU (bf16 matmuls are slow there), bf16 on GPU; always save 16-bit.
@@ -32,10 +32,18 @@ def merge(base: Path | str, adapter_dir: Path, merged_dir: Path, trust_remote_co
     # The pad token chosen for training is part of the model's tokenizer from now on.
     merged.config.pad_token_id = tokenizer.pad_token_id
     with atomic_path(merged_dir) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        try:
-            GenerationConfig.from_pretrained(str(base)).save_pretrained(str(tmp))
-        except OSError:
-            pass
+        save_merged(merged, tokenizer, base, tmp)
     return merged_dir
+
+
+def save_merged(merged: object, tokenizer: object, base: Path | str, folder: Path) -> None:
+    """The merged model as bf16 safetensors, its tokenizer (or processor) and the base's generation config (where the
+    base has one) into `folder`."""
+    from transformers import GenerationConfig
+
+    merged.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[attr-defined]
+    tokenizer.save_pretrained(str(folder))  # type: ignore[attr-defined]
+    try:
+        GenerationConfig.from_pretrained(str(base)).save_pretrained(str(folder))
+    except OSError:
+        pass

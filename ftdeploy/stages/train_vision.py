@@ -198,9 +198,10 @@ def merge_vision(base: Path | str, adapter_dir: Path, merged_dir: Path, trust_re
     processor, tokenizer and chat template the adapter was trained with."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..runs import atomic_path
+    from .merge import save_merged
 
     on_cuda = torch.cuda.is_available()
     model = AutoModelForImageTextToText.from_pretrained(
@@ -208,12 +209,7 @@ def merge_vision(base: Path | str, adapter_dir: Path, merged_dir: Path, trust_re
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().to(torch.bfloat16)
     processor = AutoProcessor.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
     with atomic_path(merged_dir) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
-        try:
-            GenerationConfig.from_pretrained(str(base)).save_pretrained(str(tmp))
-        except OSError:
-            pass
+        save_merged(merged, processor, base, tmp)
         for name in SENTENCEPIECE_FILES:  # transformers 5 saves tokenizer.json only; Ollama reads these first
             if (Path(base) / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(Path(base) / name, tmp / name)
