@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import re
@@ -248,3 +249,68 @@ def image_record(where: str, row: Any, convert: Any) -> Any:
     result.messages = with_image_parts(result.messages)
     result.images = loaded
     return result
+
+
+# ---------------------------------------------------------------- the images a data file names, for its fingerprint
+
+
+def local_image_digests(path: Path) -> list[str]:
+    """`name sha256` of each local image file the rows of the data file `path` name (relative paths against its
+    folder), each once, in order; `name missing` for one that is not there (yet): an edited, added or restored image
+    prepares the data again, as an edited row does. Nothing for a file that names no image (no row is parsed unless
+    the file mentions one). Rows that do not parse are left to the data stage, which names them."""
+    if not _mentions_images(path):
+        return []
+    from ..errors import DataError
+    from .sources import iter_rows
+
+    seen: dict[Path, str] = {}
+    try:
+        for where, row in iter_rows(str(path)):
+            taken = take_images(where, row)
+            for source in [] if isinstance(taken, BadRow) else taken[1]:
+                local = _local_path(source, path.parent)
+                if local is not None and local not in seen:
+                    seen[local] = _file_sha(local)
+    except DataError:
+        pass
+    return [f"{p} {digest}" for p, digest in seen.items()]
+
+
+def _mentions_images(path: Path) -> bool:
+    needles = (b'"images"', b'"image"', b'"image_url"', b'"input_image"', PLACEHOLDER.encode())
+    tail = b""
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            if any(n in tail + block for n in needles):
+                return True
+            tail = block[-16:]
+    return False
+
+
+def _local_path(source: Any, base: Path) -> Path | None:
+    if isinstance(source, dict):
+        source = source.get("path") if not isinstance(source.get("bytes"), bytes | bytearray) else None
+    if not isinstance(source, str) or not source.strip() or source.startswith(("data:", "http://", "https://")):
+        return None
+    path = Path(source).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _file_sha(path: Path) -> str:
+    try:
+        stat = path.stat()
+    except OSError:
+        return "missing"
+    return _sha_of(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _sha_of(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed again
+    del size, mtime_ns
+    from ..runs import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return "unreadable"

@@ -139,8 +139,9 @@ def load_spec(ctx: Context) -> ModelfileSpec:
 
 
 def file_digest(spec: str | None, split: str, revision: str | None = None, hub_config: str | None = None) -> str | None:
-    """sha256 of a data file (or of every file in a directory); a Hugging Face dataset, its id at the commit its
-    revision names now (`id@commit`, data/hub.py), so an upstream change is a change."""
+    """sha256 of a data file (with the local image files its rows name: data/images.local_image_digests) or of every
+    file in a directory; a Hugging Face dataset, its id at the commit its revision names now (`id@commit`,
+    data/hub.py), so an upstream change is a change."""
     from ..data import resolve_data_path
     from ..data.hub import hub_revision, is_hub_dataset
 
@@ -148,7 +149,12 @@ def file_digest(spec: str | None, split: str, revision: str | None = None, hub_c
         return None
     path = resolve_data_path(spec, split)
     if path.is_file():
-        return sha256_file(path)
+        from ..data.images import local_image_digests
+
+        images = local_image_digests(path)  # the image files its rows name are data too
+        if not images:
+            return sha256_file(path)
+        return hashlib.sha256("\n".join([sha256_file(path), *images]).encode()).hexdigest()
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):

@@ -134,3 +134,32 @@ def test_videos_are_still_refused_with_a_vision_base(tmp_path, pics):
 def test_an_image_row_survives_json_round_trip_of_its_parts(tmp_path, pics):
     (rec,) = rows_read(tmp_path, [GOOD], images=True)
     assert json.loads(json.dumps(rec.messages)) == WANT
+
+
+def test_the_images_a_data_file_names_are_in_its_fingerprint(tmp_path, pics):
+    """Editing, adding or restoring an image prepares the data again, as editing a row does; a file without images
+    keeps the fingerprint it always had (its sha256)."""
+    from ftdeploy.pipeline.artifacts import file_digest
+    from ftdeploy.runs import sha256_file
+
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "img/red.png"},
+                                                       {"type": "text", "text": Q}]},
+                          {"role": "assistant", "content": A}]},
+            {"messages": [{"role": "user", "content": f"<image>{Q}"}, {"role": "assistant", "content": A}],
+             "images": [str(tmp_path / "img" / "blue.png")]},
+            {"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]}]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    first = file_digest(str(data), "train")
+    assert first != sha256_file(data)
+    png(tmp_path / "img" / "blue.png", (0, 0, 254), (4, 4))  # one pixel value, same size and name
+    edited = file_digest(str(data), "train")
+    assert edited != first
+    (tmp_path / "img" / "red.png").unlink()
+    assert file_digest(str(data), "train") not in (first, edited)
+    png(tmp_path / "img" / "red.png")
+    assert file_digest(str(data), "train") == edited  # the content, not the file's time
+
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps(rows[2]) + "\n")
+    assert file_digest(str(text), "train") == sha256_file(text)
