@@ -23,7 +23,13 @@ a checkpoint saved by transformers 5 differs from it, is made good in a serving 
   would be served without its BOS); the chat template from `tokenizer_config.json`.
 * config.json: the converter reads the text model's sizes at the top level (transformers 5 nests them in
   `text_config`), Qwen2.5-VL's `rope_theta` and `rope_scaling.mrope_section` (now `rope_parameters`) and its vision
-  `in_chans` (now `in_channels`; without it the served model gets 0 image channels), Gemma 3's attention head counts.
+  `in_chans` (now `in_channels`; without it the served model gets 0 image channels), Gemma 3's attention head counts,
+  Mistral 3's `text_config.rope_parameters.factor` (absent where there is no scaling: the converter writes it as 0,
+  and the engine's RoPE divides by it, making every logit NaN); Qwen3-VL's text model in `text_config` itself, its
+  `rope_theta` and `rope_scaling` there and the vision tower's `rope_theta` under those names (now `rope_parameters`;
+  without `rope_theta` the served model's rope base is 0).
+* preprocessor_config.json: Qwen3-VL's converter reads the image sizes, mean and std there and fails without it;
+  transformers 5 keeps the image processor's settings in `processor_config.json`, so the copy writes them out.
 * tensors: transformers 5 saves Gemma 3's vision tower as `vision_tower.*`; the converter maps
   `vision_tower.vision_model.*` (the checkpoints' layout on the Hub), so the copy renames them (the safetensors
   header only: the tensor bytes are copied as they are).
@@ -33,7 +39,16 @@ server (tests/integration/test_vision_families_real_ollama.py), is in each famil
 there (the test images need no resizing): an image whose sides are not what the model takes is resized by Ollama
 with a bilinear filter (model/imageproc) where the processors use bicubic (Qwen2.5-VL) or PIL's bilinear (Gemma 3),
 so its pixels differ slightly; and Ollama shrinks a Qwen2.5-VL image to at most 2,097,152 pixels where the processor
-allows 12,845,056.
+allows 12,845,056. Mistral 3: Ollama rounds an image's sides up to the patch size (14 pixels, model/models/mistral3
+imageproc.go) where the processor rounds them up to patch size x spatial merge (28), so an image with an odd number of
+patches a side is served with fewer image tokens (its last row and column of patches dropped by the merge: a 98-pixel
+square image is 196 prompt tokens served, 204 trained), and its projector's GELU is the tanh approximation where
+transformers computes the exact one (within Ollama's numeric error on the tiny model: 0.007 at most). Qwen3-VL: Ollama
+numbers the text after an image from the image's first position plus its width in merged patches
+(model/models/qwen3vl/model.go PostTokenize) where transformers adds the larger side (get_rope_index), so an image
+taller than wide is served with other positions than trained (measured, its own test: the tiny model's greedy answer
+changes, log-probabilities move by up to 0.5; square and wide images are served as trained); Ollama shrinks its images
+to at most 2,097,152 pixels where the processor allows 16,777,216, and resizes them bilinearly where it uses bicubic.
 """
 
 from __future__ import annotations
@@ -51,9 +66,17 @@ from .errors import ConfigError, ModelError
 # What Ollama's create takes as `quantize` for a model it converts (fs/ggml/type.go ParseFileType).
 OLLAMA_QUANTS = ("f16", "q8_0", "q4_k_s", "q4_k_m")
 # Vision architectures Ollama 0.17.4 converts itself that ftdeploy does not carry yet (not checked end to end).
-OLLAMA_CONVERTS_UNCHECKED = ("MllamaForConditionalGeneration", "Mistral3ForConditionalGeneration",
-                             "Qwen3VLForConditionalGeneration", "Lfm2VlForConditionalGeneration",
-                             "Gemma3nForConditionalGeneration", "Llama4ForConditionalGeneration")
+OLLAMA_CONVERTS_UNCHECKED = ("Lfm2VlForConditionalGeneration", "Gemma3nForConditionalGeneration",
+                             "Llama4ForConditionalGeneration")
+# Vision architectures Ollama 0.17.4 converts but serves wrong, measured on a tiny model against the real server: a
+# fine-tune of one would be registered and then answer as a different model. Refused in preflight, saying why.
+OLLAMA_SERVES_WRONG = {
+    "MllamaForConditionalGeneration": (
+        "Ollama 0.17.4 computes its cross-attention gates with an in-place tanh (model/models/mllama/model_text.go "
+        "AttentionGate.Tanh and MLPGate.Tanh; ggml_tanh_inplace), so every forward pass applies tanh to the loaded "
+        "gates once more: only the first token after a load is the trained model's (measured: the same greedy chat "
+        "asked three times scores -5.64, -5.95, -6.24 and changes its answer)"),
+}
 # Files of a merged model that Ollama's converter reads (besides the *.safetensors).
 _CONVERTER_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                     "special_tokens_map.json", "added_tokens.json", "generation_config.json")
@@ -70,6 +93,8 @@ class VisionFamily:
     language_model: str  # a regex of the language model's linear layers (LoRA's targets by default)
     vision_tower: str  # a regex of the vision tower's and projector's linear layers (lora.finetune_vision)
     served_differs: str = ""  # what Ollama 0.17.4 computes differently from transformers for an image prompt
+    # What it computes differently for some images only (not the family test's): verify says so, the test pins it.
+    caveat: str = ""
 
 
 _LANGUAGE = r"(?:gate_proj|up_proj|down_proj|q_proj|k_proj|v_proj|o_proj)"
@@ -89,6 +114,19 @@ FAMILIES = {f.architecture: f for f in (
                                 "the same batch (kvcache Causal Except), where transformers confines them to the "
                                 "image. On the tiny test model this moves the log-probabilities by about 0.02, "
                                 "15 times Ollama's own numeric error, without changing the greedy answer"),
+    VisionFamily("mistral3", "Mistral3ForConditionalGeneration", "mistral3", add_bos=True,
+                 language_model=rf"^(?:model\.)?language_model\.(?:model\.)?layers\.\d+\.(?:self_attn|mlp)\."
+                                rf"{_LANGUAGE}$",
+                 vision_tower=r"^(?:model\.)?(?:vision_tower\.transformer\.layers\.\d+\.(?:attention\.(?:q_proj|k_proj|"
+                              r"v_proj|o_proj)|feed_forward\.(?:gate_proj|up_proj|down_proj))|multi_modal_projector\."
+                              r"(?:linear_[12]|patch_merger\.merging_layer))$"),
+    VisionFamily("qwen3-vl", "Qwen3VLForConditionalGeneration", "qwen3vl", add_bos=False,
+                 language_model=rf"^(?:model\.)?(?:language_model\.)?layers\.\d+\.(?:self_attn|mlp)\.{_LANGUAGE}$",
+                 vision_tower=r"^(?:model\.)?visual\.(?:blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.linear_fc[12])|"
+                              r"(?:merger|deepstack_merger_list\.\d+)\.linear_fc[12])$",
+                 caveat="Ollama 0.17.4 numbers the text after an image by the image's width in merged patches "
+                        "(model/models/qwen3vl/model.go PostTokenize) where transformers uses its longer side, so "
+                        "answers about images taller than wide can differ from the trained model's"),
 )}
 
 
@@ -123,7 +161,8 @@ def family_of(config: dict[str, Any], where: str = "the base model") -> VisionFa
     arch = architecture(config)
     if arch in FAMILIES:
         return FAMILIES[arch]
-    later = " (Ollama 0.17.4 converts it, but ftdeploy does not train and check it yet)" \
+    later = f" ({OLLAMA_SERVES_WRONG[arch]})" if arch in OLLAMA_SERVES_WRONG else \
+        " (Ollama 0.17.4 converts it, but ftdeploy does not train and check it yet)" \
         if arch in OLLAMA_CONVERTS_UNCHECKED else ""
     raise ConfigError(f"{where} is a vision model of architecture {arch or 'unknown'}{later}: not supported. "
                       f"Vision architectures ftdeploy trains and serves: {supported()}")
@@ -169,6 +208,8 @@ def serving_copy(merged_dir: Path, out_dir: Path) -> list[Path]:
         tok_cfg.update(add_bos_token=family.add_bos, add_eos_token=False)
         (out_dir / "tokenizer_config.json").unlink()
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+    if family.name == "qwen3-vl":
+        _preprocessor_config(merged_dir, out_dir)
     return files + sorted(p for p in out_dir.iterdir() if p.suffix != ".safetensors")
 
 
@@ -190,7 +231,52 @@ def converter_config(config: dict[str, Any], family: VisionFamily) -> dict[str, 
         vision = dict(config.get("vision_config") or {})
         vision.setdefault("in_chans", vision.get("in_channels", 3))
         out["vision_config"] = vision
+    if family.name == "qwen3-vl":
+        out.update(_qwen3vl_config(config))
+    if family.name == "mistral3":
+        # The converter writes text_config.rope_parameters.factor as it finds it, 0 where the checkpoint has no
+        # scaling, and the engine divides by it (model/models/mistral3 RoPE: 1/0, every logit NaN): 1 is no scaling.
+        rope = dict(text.get("rope_parameters") or {})
+        rope["factor"] = rope.get("factor") or 1.0
+        out["text_config"] = {**text, "rope_parameters": rope}
     return out
+
+
+def _qwen3vl_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-VL's text_config and vision_config as the converter reads them (convert/convert_qwen3vl.go: the text
+    model's keys in text_config, not at the top level): rope_theta and rope_scaling named as on the Hub (transformers
+    5 writes rope_parameters; without rope_theta the served model gets a rope base of 0), the vision tower's
+    rope_theta likewise. Ollama's engine reads the mrope sections and the vision position grid under keys the
+    converter does not write (model/models/qwen3vl: "mrope_sections", "vision.num_positional_embeddings") and takes
+    every published Qwen3-VL's, [24, 20, 20] and 2304: a checkpoint with others would be served wrong."""
+    text = dict(config.get("text_config") or {})
+    rope = text.get("rope_parameters") or {}
+    section = rope.get("mrope_section") or (text.get("rope_scaling") or {}).get("mrope_section") or [24, 20, 20]
+    text.setdefault("rope_theta", rope.get("rope_theta", 500000.0))  # Qwen3VLTextConfig's default_theta
+    text.setdefault("rope_scaling", {"rope_type": rope.get("rope_type", "default"), "mrope_section": section,
+                                     "mrope_interleaved": rope.get("mrope_interleaved", True)})
+    vision = dict(config.get("vision_config") or {})
+    vision.setdefault("rope_theta", (vision.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    if list(section) != [24, 20, 20] or vision.get("num_position_embeddings", 2304) != 2304:
+        raise ModelError(f"Qwen3-VL with mrope sections {section} and {vision.get('num_position_embeddings')} vision "
+                         "position embeddings: Ollama 0.17.4 serves only [24, 20, 20] and 2304 (every published "
+                         "Qwen3-VL's)")
+    return {"text_config": text, "vision_config": vision}
+
+
+def _preprocessor_config(merged_dir: Path, out_dir: Path) -> None:
+    """preprocessor_config.json, which Qwen3-VL's converter requires (the image sizes, mean and std are read there):
+    transformers 5 saves the image processor's settings inside processor_config.json instead."""
+    own = merged_dir / "preprocessor_config.json"
+    if own.is_file():
+        _link(own, out_dir / own.name)
+        return
+    try:
+        images = json.loads((merged_dir / "processor_config.json").read_text())["image_processor"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{merged_dir}: neither preprocessor_config.json nor an image processor in "
+                         "processor_config.json: Ollama's Qwen3-VL converter reads the image sizes there") from err
+    (out_dir / own.name).write_text(json.dumps(images, indent=2))
 
 
 def _gemma3_tensor_name(name: str) -> str:

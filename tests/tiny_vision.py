@@ -9,15 +9,23 @@ the family's special tokens at their real ids, a small trained vocabulary for th
 
 * Qwen2.5-VL: SmolLM2's byte-level BPE vocabulary and merges (the demo base's) under Qwen2's pre-tokenizer, its own
   special tokens moved out of the way, fillers up to 151,643 and Qwen2.5's 22 added tokens after.
+* Qwen3-VL: the same, with Qwen3's 26 added tokens (<tool_response> </tool_response> <think> </think> last); its
+  engine (model/models/qwen3vl) writes the image tokens by the same ids as Qwen2.5-VL's.
 * Gemma 3: a SentencePiece BPE model trained here in milliseconds, its pieces placed among Gemma 3's fixed ones
   (<pad> <eos> <bos> <unk> <mask> 0-4, <start_of_turn> 105, <end_of_turn> 106, "\\n" 107, "\\n\\n" 108, the image
   markers) in a 262,144-piece tokenizer.model (Ollama reads SentencePiece for Gemma), and <image_soft_token> 262144.
+* Mistral 3: Tekken's 1,000 special tokens first (<unk> <s> </s> [INST] [/INST] ... [IMG] 10, [IMG_BREAK] 12,
+  [IMG_END] 13, [SYSTEM_PROMPT] 17 ..., <SPECIAL_n> up to 999), SmolLM2's byte-level BPE vocabulary and merges after
+  them, fillers up to 131,072, under Tekken's pre-tokenizer (Ollama's engine hard-codes it: model/models/mistral3).
 
 Shapes follow what Ollama 0.17.4 can serve: Qwen2.5-VL's text head size must be 128 (its converter writes no
 rope.dimension_count, and the engine's default is 128); Gemma 3 must have 256 image tokens (the engine reads
 mm_tokens_per_image under a key the converter does not write, and falls back to 256), so 64-pixel images in 4-pixel
 patches. Weights are drawn so that greedy answers vary with the prompt and the image (a random Gemma with tied
-embeddings repeats its last token, so the tiny one's are untied).
+embeddings repeats its last token, so the tiny one's are untied). Qwen3-VL: text head size 128, mrope sections
+[24, 20, 20] and a 48 x 48 vision position grid (the engine reads none of them from the converter's GGUF), and more
+text layers than deepstack ones (see _qwen3); 256-pixel images, the fewest pixels its processor and Ollama take
+unenlarged (65,536).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_st
                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 QWEN_ADDED = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
               "<|repo_name|>", "<|file_sep|>")
+QWEN3_ADDED = QWEN_ADDED + ("<tool_response>", "</tool_response>", "<think>", "</think>")  # Qwen3's 151665-151668
 QWEN_FIRST_SPECIAL = 151643
 QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                     r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -45,6 +54,13 @@ GEMMA_FIXED = {0: ("<pad>", 3), 1: ("<eos>", 3), 2: ("<bos>", 3), 3: ("<unk>", 2
                105: ("<start_of_turn>", 4), 106: ("<end_of_turn>", 4), 107: ("\n", 1), 108: ("\n\n", 1),
                255999: ("<start_of_image>", 4), 256000: ("<end_of_image>", 4)}
 GEMMA_IMAGE_TOKEN = 262144
+MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
+MISTRAL_VOCAB = 131072
+TEKKEN_PRETOKENIZE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                      r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
+                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _CORPUS = ["Name three colors.", "You answer in one short sentence.", "What is a river?", "Hi!",
            "What is in the picture?", "Describe the image.", "It is red. It is blue. A square on a gradient.",
            "Hello! How can I help?", "system user assistant model", "The Zephyr service uses port 7341."] * 20
@@ -68,6 +84,11 @@ class VisionFamily:
 FAMILIES = (
     VisionFamily("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "vision_templates/qwen2.5-vl.jinja", 56),
     VisionFamily("gemma3", "Gemma3ForConditionalGeneration", "chat_templates/gemma3.jinja", 64),
+    # Mistral Small 3.1's template; 112 pixels: 8 x 8 patches of 14, merged 2 x 2 (the processor rounds an image up to
+    # 28 pixels, Ollama to 14)
+    VisionFamily("mistral3", "Mistral3ForConditionalGeneration", "chat_templates/mistral-v7.jinja", 112),
+    # 256 pixels: Qwen3-VL's processor (and Ollama) enlarge an image of fewer than 65,536 pixels
+    VisionFamily("qwen3-vl", "Qwen3VLForConditionalGeneration", "vision_templates/qwen3-vl.jinja", 256),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -75,7 +96,7 @@ BY_NAME = {f.name: f for f in FAMILIES}
 # ---------------------------------------------------------------- tokenizers
 
 
-def qwen_tokenizer(folder: Path) -> Any:
+def qwen_tokenizer(folder: Path, extra: tuple[str, ...] = QWEN_ADDED) -> Any:
     from transformers import AutoTokenizer
 
     smol = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
@@ -89,7 +110,7 @@ def qwen_tokenizer(folder: Path) -> Any:
     smol.update(
         added_tokens=[{"id": QWEN_FIRST_SPECIAL + i, "content": t, "single_word": False, "lstrip": False,
                        "rstrip": False, "normalized": False, "special": t in QWEN_SPECIALS}
-                      for i, t in enumerate(QWEN_SPECIALS + QWEN_ADDED)],
+                      for i, t in enumerate(QWEN_SPECIALS + extra)],
         normalizer={"type": "NFC"}, post_processor=level, decoder=level,
         pre_tokenizer={"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": QWEN_PRETOKENIZE}, "behavior": "Isolated", "invert": False},
@@ -144,6 +165,32 @@ def gemma_tokenizer(folder: Path) -> Any:
     return tok
 
 
+def mistral_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    smol = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
+    own = {added["content"] for added in smol["added_tokens"]}  # SmolLM2's specials (ids 0-16) make way for Tekken's
+    specials = list(MISTRAL_SPECIALS) + [f"<SPECIAL_{i}>" for i in range(len(MISTRAL_SPECIALS), 1000)]
+    vocab = {text: i - len(own) + len(specials) for text, i in smol["model"]["vocab"].items() if text not in own}
+    vocab.update({text: i for i, text in enumerate(specials)})
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), MISTRAL_VOCAB)})
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    smol["model"]["vocab"] = vocab
+    smol.update(
+        added_tokens=[{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                       "normalized": False, "special": True} for i, t in enumerate(specials)],
+        normalizer=None, post_processor=level, decoder=level,
+        pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": TEKKEN_PRETOKENIZE}, "behavior": "Isolated", "invert": False},
+            level]})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(smol, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "model_max_length": 131072}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -178,6 +225,40 @@ def _qwen(folder: Path, tok: Any) -> tuple[Any, Any]:
     return model, processor
 
 
+def _qwen3(folder: Path, tok: Any) -> tuple[Any, Any]:
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    # Qwen3-VL's preprocessor_config.json values
+    images = Qwen2VLImageProcessor(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16,
+                                   temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                                 chat_template=tok.chat_template)
+    # Ollama's engine takes the text head size, mrope sections and position-embedding grid as every Qwen3-VL has
+    # them (128, [24, 20, 20], 48 x 48): the converter writes none of them where the engine reads them. More text
+    # layers than deepstack layers: the engine adds a deepstack output after the last layer's rows are cut to the
+    # outputs' and crashes (model/models/qwen3vl/model.go Forward), which no published Qwen3-VL is near
+    config = Qwen3VLConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 4096,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                         "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                     "rms_norm_eps": 1e-6, "bos_token_id": 151643, "eos_token_id": 151645},
+        vision_config={"depth": 3, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "num_position_embeddings": 2304, "deepstack_visual_indexes": [0, 1]},
+        tie_word_embeddings=True, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+        vision_end_token_id=151653)
+    model = Qwen3VLForConditionalGeneration(config)
+    _draw(model, {"": 0.2})
+    return model, processor
+
+
 def _gemma(folder: Path, tok: Any) -> tuple[Any, Any]:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
@@ -199,6 +280,29 @@ def _gemma(folder: Path, tok: Any) -> tuple[Any, Any]:
     return model, processor
 
 
+def _mistral3(folder: Path, tok: Any) -> tuple[Any, Any]:
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
+
+    # Mistral Small 3.1's preprocessor_config.json and processor_config.json values
+    images = PixtralImageProcessor(size={"longest_edge": 1540}, patch_size=14, resample=3)
+    processor = PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=14, spatial_merge_size=2,
+                                 chat_template=tok.chat_template)
+    # rms_norm_eps 1e-5: Ollama's engine takes it for the projector's norm (it reads a key the converter does not write)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": MISTRAL_VOCAB,
+                     "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e9,
+                     "sliding_window": None, "tie_word_embeddings": False},
+        vision_config={"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "head_dim": 16, "patch_size": 14, "image_size": 1540,
+                       "hidden_act": "silu", "rope_theta": 10000.0},
+        image_token_index=10, spatial_merge_size=2, projector_hidden_act="gelu", multimodal_projector_bias=False,
+        vision_feature_layer=-1, tie_word_embeddings=False)
+    model = Mistral3ForConditionalGeneration(config)
+    _draw(model, {"vision": 0.2, "multi_modal": 0.2, "embed": 0.2, "lm_head": 0.3, "": 0.1})
+    return model, processor
+
+
 def _draw(model: Any, stds: dict[str, float]) -> None:
     """Every weight matrix drawn from N(0, std), std by the first key found in its name; norms and biases as made
     (Gemma's projector starts at zero, which would make every image look the same)."""
@@ -215,10 +319,16 @@ def build_vision_model_dir(family: VisionFamily, path: Path, seed: int = 0) -> P
     processor files, the chat template."""
     import torch
 
-    tok = (qwen_tokenizer if family.name == "qwen2.5-vl" else gemma_tokenizer)(path)
+    if family.name == "mistral3":
+        tok = mistral_tokenizer(path)
+    elif family.name == "qwen3-vl":
+        tok = qwen_tokenizer(path, QWEN3_ADDED)
+    else:
+        tok = (qwen_tokenizer if family.name == "qwen2.5-vl" else gemma_tokenizer)(path)
     tok.chat_template = family.template()
     torch.manual_seed(seed)
-    model, processor = (_qwen if family.name == "qwen2.5-vl" else _gemma)(path, tok)
+    build = {"qwen2.5-vl": _qwen, "qwen3-vl": _qwen3, "mistral3": _mistral3}.get(family.name, _gemma)
+    model, processor = build(path, tok)
     model.config.architectures = [family.architecture]
     model.eval().save_pretrained(path)
     processor.save_pretrained(path)

@@ -64,12 +64,12 @@ def check_vision_base(ctx: Context, stages: list[str]) -> None:
     """Preflight: a vision base of an architecture ftdeploy does not carry fails here, naming those it does; so do
     settings a vision run cannot take (a quant Ollama cannot make, several processes, a method other than sft)."""
     from ..errors import ConfigError
-    from ..vision import check_quants, family_of, is_vision_config, read_config
+    from ..vision import check_quants, converter_config, family_of, is_vision_config, read_config
 
     base = ctx.base_if_local()
     if base is None or not base.is_dir() or not is_vision_config(config := read_config(base)):
         return
-    family_of(config, ctx.cfg.given_as("base_model"))
+    converter_config(config, family_of(config, ctx.cfg.given_as("base_model")))  # what Ollama cannot serve, now
     if "export" in stages and ctx.cfg.export.quant != ["auto"]:
         check_quants(ctx.cfg.export.quant)
     if "train" in stages and ctx.cfg.train.method != "sft":
@@ -187,7 +187,8 @@ def stage_verify_vision(ctx: Context) -> VerifySummary:
 
     spec = load_spec(ctx)
     _require_registered(client, name)
-    if note := family_of(read_config(ctx.run.merged_dir), str(ctx.run.merged_dir)).served_differs:
+    family = family_of(read_config(ctx.run.merged_dir), str(ctx.run.merged_dir))
+    for note in filter(None, (family.served_differs, family.caveat)):
         log.info("verify: %s", note)  # what Ollama computes differently for this family, measured
     merged = MergedVision(ctx.run.merged_dir, tuple(spec.stops))
     tok = merged.processor.tokenizer
@@ -200,8 +201,7 @@ def stage_verify_vision(ctx: Context) -> VerifySummary:
         shown = images[:_images_in(prompt)]
         served = served_answer(client, name, prompt, shown, limit)
         want = merged.answer(prompt, shown, limit, spec.system)
-        agreements.append(_agreement(want, [int(i) for i in tok(served.text, add_special_tokens=False)["input_ids"]],
-                                     served.stopped))
+        agreements.append(_agreement(want, served, tok))
         served_replies.append(served.text)
         merged_replies.append(want.text)
         expect = row.get("expect")
@@ -210,20 +210,55 @@ def stage_verify_vision(ctx: Context) -> VerifySummary:
                               gated=expect is not None, done_reason="stop" if served.stopped else "length"))
         if not parity.checked:
             parity = _parity(client, name, merged, prompt, shown, spec.system)
+    from ..fidelity import score
+
+    expected = [a.expected if source == "eval" else "" for a in answers]
+    modes = [row.get("match", "contains") for row in rows]
     served_score = ModelScore(role="served", label=f"served ({ctx.cfg.name})", quant=previous(
-        ctx, "export", ExportResult).served, tag=name, replies=served_replies, gated=True, total=len(rows),
-        **agreement_scores(agreements))
+        ctx, "export", ExportResult).served, tag=name, replies=served_replies, gated=True,
+        **score(served_replies, expected, merged_replies, modes), **agreement_scores(agreements))
     served_score.passed = served_score.token_agreement is None or served_score.token_agreement >= \
         cfg.verify.min_agreement
     gated = [a for a in answers if a.gated]
     summary = VerifySummary(
         hits=sum(a.ok for a in answers), total=len(answers), score=round(sum(a.ok for a in answers) / max(
             len(answers), 1), 4), min_score=cfg.verify.min_score, answers=answers, template_parity=parity,
-        models=[served_score, ModelScore(role="merged", label="merged", replies=merged_replies, total=len(rows))],
+        models=[served_score, ModelScore(role="merged", label="merged", replies=merged_replies,
+                                         **score(merged_replies, expected, None, modes))],
         prompts=[a.prompt for a in answers], references=references, expect_rows=len(gated),
         expect_hits=sum(a.ok for a in gated), max_tokens=limit, min_agreement=cfg.verify.min_agreement,
         prompt_source=source, system=spec.system)
+    if cfg.verify.compare:
+        asked = [(row["messages"][:-1], load_images(ctx.run.data_dir, row["images"])) for row in rows]
+        _compare_base(ctx, merged, [(p, i[:_images_in(p)]) for p, i in asked], limit, spec.system, modes, summary)
     return _verdict(ctx, summary, {})
+
+
+def _compare_base(ctx: Context, merged: Any, asked: list[tuple[list[dict[str, Any]], list[bytes]]], limit: int,
+                  system: str | None, modes: list[str], summary: VerifySummary) -> None:
+    """verify.compare, as for text models: the base's answers to the same image chats, scored as the merged model's
+    are, and forgetting on the general prompts (text only: a vision fine-tune must still answer what its base
+    answered). One model in memory at a time: the merged model is freed before the base loads."""
+    from ..fidelity import forgetting, general_prompts, score
+    from ..results import Forgetting, ForgettingItem
+    from ..stages.verify import GENERAL_TOKENS
+    from ..stages.verify_vision import MergedVision
+
+    general = general_prompts()
+    chats, expects = [g["messages"] for g in general], [g["expect"] for g in general]
+    tuned = [merged.answer(chat, [], GENERAL_TOKENS).text for chat in chats]
+    stops, merged.model = tuple(merged.stops_text), None
+    base = MergedVision(Path(ctx.base()), stops)
+    replies = [base.answer(prompt, images, limit, system).text for prompt, images in asked]
+    base_general = [base.answer(chat, [], GENERAL_TOKENS).text for chat in chats]
+    del base
+    merged_replies = next(m.replies for m in summary.models if m.role == "merged")
+    expected = [a.expected if summary.prompt_source == "eval" else "" for a in summary.answers]
+    summary.models.append(ModelScore(role="base", label="base", replies=replies,
+                                     **score(replies, expected, merged_replies, modes)))
+    summary.forgetting = Forgetting(**forgetting(base_general, tuned, expects), items=[
+        ForgettingItem(prompt=c[-1]["content"], expect=e, base=b, tuned=t)
+        for c, e, b, t in zip(chats, expects, base_general, tuned, strict=True)])
 
 
 def _images_in(messages: list[dict[str, Any]]) -> int:
@@ -245,14 +280,17 @@ def _matches(answer: str, expected: str, mode: str) -> bool:
     return matches(answer, expected, mode)
 
 
-def _agreement(merged: Any, served_ids: list[int], served_stopped: bool) -> PromptAgreement:
-    """How far the served answer (in the merged tokenizer's ids) follows the merged one; the stop counts as one more
-    token of an answer that stopped (as the text verify counts it)."""
-    want = list(merged.ids) + ([-1] if merged.stopped else [])
-    got = served_ids + ([-1] if served_stopped else [])
-    prefix = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got)))
-    return PromptAgreement(prefix=prefix, length=len(want), ratio=round(prefix / max(len(want), 1), 4),
-                           merged_stopped=merged.stopped, served_stopped=served_stopped)
+def _agreement(merged: Any, served: Any, tok: Any) -> PromptAgreement:
+    """How far the served answer follows the merged one (fidelity.prompt_agreement). Ollama names each token it
+    generated (its log-probabilities' tokens), so the two are compared as the tokens each model chose; only a server
+    that names none has its answer tokenized again, which can split a text differently from how it was generated (a
+    random model's answer of rare tokens, measured: 20% of steps agreed that way, every step token by token)."""
+    from ..fidelity import prompt_agreement
+
+    if served.tokens or not served.text:
+        return prompt_agreement(served.tokens, served.stopped, merged.tokens, merged.stopped)
+    again = [int(i) for i in tok(served.text, add_special_tokens=False)["input_ids"]]
+    return prompt_agreement(again, served.stopped, list(merged.ids), merged.stopped)
 
 
 def _parity(client: Any, name: str, merged: Any, prompt: list[dict[str, Any]], images: list[bytes],

@@ -95,6 +95,7 @@ class MergedVision:
         self.model = AutoModelForImageTextToText.from_pretrained(
             str(model_dir), dtype=getattr(torch, dtype)).eval()
         vocab = self.processor.tokenizer.get_vocab()
+        self.stops_text = stops
         self.stops = {vocab[s] for s in stops if s in vocab}
 
     def inputs(self, messages: list[dict[str, Any]], images: list[bytes], system: str | None = None) -> Any:

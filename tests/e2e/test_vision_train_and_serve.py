@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import REPO
-from tiny_vision import FAMILIES, build_vision_model_dir, colour_image
+from tiny_vision import BY_NAME, build_vision_model_dir, colour_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ollama, pytest.mark.slow]
 
@@ -38,7 +38,12 @@ def _rows(images: list[str]) -> list[dict]:
     return rows + [{"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello!"}]}]
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=[f.name for f in FAMILIES])
+# The whole pipeline on the two families the issue names; every family's serving is checked against the real server
+# in tests/integration/test_vision_families_real_ollama.py (its stages after training are the same code).
+E2E = [BY_NAME["qwen2.5-vl"], BY_NAME["gemma3"]]
+
+
+@pytest.fixture(scope="module", params=E2E, ids=[f.name for f in E2E])
 def vision_run(request, ollama_server, tmp_path_factory):
     family = request.param
     folder = tmp_path_factory.mktemp(family.name)
@@ -69,6 +74,11 @@ def test_a_vision_fine_tune_trains_serves_and_verifies(vision_run, ollama_server
     assert verify["template_parity"]["passed"]
     served = next(m for m in verify["models"] if m["role"] == "served")
     assert served["token_agreement"] == 1.0
+    # verify.compare, as for text models: the base asked the same image chats (only the fine-tune tells the
+    # pictures apart), and the general prompts asked to both (forgetting)
+    base = next(m for m in verify["models"] if m["role"] == "base")
+    assert served["hits"] == len(ANSWERS) and base["hits"] < len(ANSWERS) and len(base["replies"]) == len(ANSWERS)
+    assert verify["forgetting"]["prompts"] == len(verify["forgetting"]["items"]) > 0
     manifest = json.loads((run_dir / "manifest.json").read_text())
     data = manifest["stages"]["data"]["outputs"]
     assert data["rows"] == 3 * len(ANSWERS) + 1 and data["eval_rows"] == len(ANSWERS)
@@ -84,3 +94,27 @@ def test_the_served_model_tells_the_pictures_apart(vision_run, ollama_server):
             {"role": "user", "content": QUESTION, "images": [colour_image(i, family.image_size)]}],
             options={"temperature": 0, "num_predict": 16})
         assert reply.message.content.strip() == answer
+
+
+def test_a_text_only_fine_tune_of_a_vision_base_keeps_its_vision(ollama_server, tmp_path):
+    """A stranger's text chats (no image anywhere, no eval file, a system prompt) on a vision base: trained, served
+    and verified on the vision path, so the served model still has its vision tower and sees the image."""
+    family = E2E[0]
+    base = build_vision_model_dir(family, tmp_path / "base")
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in (("Hi!", "Hello!"), ("What is a river?", "Water that flows."), ("Name a colour.", "Red."),
+                          ("Thanks!", "You are welcome."))] * 3
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    name = f"vision-text-only-{family.name}"
+    proc = _cli("train-and-serve", "--base-model", str(base), "--data", str(tmp_path / "chats.jsonl"),
+                "--system-prompt", "You answer in one short sentence.", "--runs-dir", str(tmp_path / "runs"),
+                "--name", name, "--max-steps", "4", "--quant", "f16", "--ollama-host", ollama_server.host)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    verify = json.loads((tmp_path / "runs" / name / "verify.json").read_text())
+    # 12 rows hold none out: verify asks a sample of the training chats, with the system prompt
+    assert verify["passed"] and verify["prompt_source"] == "train" and verify["system"]
+    assert "vision" in ollama_server.show_json(name)["capabilities"]
+    replies = {ollama_server.official.chat(model=name, messages=[
+        {"role": "user", "content": QUESTION, "images": [colour_image(i, family.image_size)]}],
+        options={"temperature": 0, "num_predict": 12}).message.content for i in range(len(ANSWERS))}
+    assert len(replies) == len(ANSWERS), f"the served model answers both pictures alike: {replies}"

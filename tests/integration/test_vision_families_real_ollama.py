@@ -82,8 +82,9 @@ class Forced:
     def ids(self, tokens: list[str]) -> list[list[int]]:
         return [self.ids_of[t] for t in tokens]
 
-    def processor_prompt(self, png: bytes, served: list[list[int]]):
-        """log-probabilities (steps x vocab) on the training processor's prompt."""
+    def processor_prompt(self, png: bytes, served: list[list[int]], positions=None):
+        """log-probabilities (steps x vocab) on the training processor's prompt (`positions`: a function of the
+        inputs giving the position ids to use instead of the model's own)."""
         import torch
 
         inputs = dict(self.merged.inputs(CHAT, [png], self.spec.system))
@@ -93,8 +94,9 @@ class Forced:
             if hasattr(value, "shape") and value.dim() == 2 and value.shape[1] == prompt:
                 fill = extra if key == "input_ids" else torch.full_like(extra, 1 if key == "attention_mask" else 0)
                 inputs[key] = torch.cat([value, fill], dim=1)
+        moved = {"position_ids": positions(inputs)} if positions else {}
         with torch.no_grad():
-            logits = self.merged.model(**inputs).logits[0, prompt - 1:]
+            logits = self.merged.model(**inputs, **moved).logits[0, prompt - 1:]
         return logits.float().log_softmax(-1)
 
     def ollama_prompt(self, family: VisionFamily, png: bytes, served: list[list[int]]):
@@ -154,7 +156,8 @@ def test_the_served_model_is_the_merged_model_and_sees_the_image(family, served,
     merged, name, spec = served(family)
     shown = ollama_server.show_json(name)
     assert "vision" in shown["capabilities"]
-    assert shown["details"]["family"] == {"qwen2.5-vl": "qwen25vl", "gemma3": "gemma3"}[family.name]
+    assert shown["details"]["family"] == {"qwen2.5-vl": "qwen25vl", "gemma3": "gemma3",
+                                          "qwen3-vl": "qwen3vl", "mistral3": "mistral3"}[family.name]
     forced = Forced(merged, spec)
     answers = {}
     for seed in SEEDS:
@@ -232,3 +235,44 @@ def test_ollama_quantizes_the_language_model_and_keeps_the_vision_tower(family, 
     assert {t for name, t in tensors.items() if name.startswith("v.") and name.endswith("weight")} <= {"F16", "F32"}
     _, png = test_image(0, family.image_size)
     assert _ask(ollama_server, "vision-q8", png).tokens
+
+
+def _qwen3vl_ollama_positions(inputs):
+    """The positions Ollama 0.17.4 gives a Qwen3-VL prompt holding one image (model/models/qwen3vl/model.go
+    PostTokenize and Forward): transformers' own, but the text after the image numbered on from the image's first
+    position plus its width in merged patches, where transformers adds the larger side (get_rope_index)."""
+    import torch
+
+    ids = inputs["input_ids"][0].tolist()
+    _, rows, cols = (int(n) // merge for n, merge in zip(inputs["image_grid_thw"][0], (1, 2, 2), strict=True))
+    first, count = ids.index(151655), rows * cols
+    cell = torch.arange(count)
+    positions = torch.arange(len(ids)).expand(3, -1).clone()
+    positions[:, first:first + count] = first + torch.stack([cell * 0, cell // cols, cell % cols])
+    positions[:, first + count:] = first + cols + torch.arange(len(ids) - first - count)
+    return positions[:, None]
+
+
+def test_qwen3_vl_numbers_the_text_after_a_portrait_image_by_its_width(served, ollama_server):
+    """An image taller than wide: the served Qwen3-VL is the merged model with Ollama's positions (above), which are
+    not training's, so it answers differently from the merged model as trained. A square or wide image gets the same
+    positions either way (the family tests above). When Ollama numbers the text as transformers does, this fails:
+    then the note in ftdeploy/vision.py and the README goes."""
+    import io
+
+    from tiny_vision import BY_NAME
+
+    merged, name, spec = served(BY_NAME["qwen3-vl"])
+    image, _ = test_image(0, 512)
+    buf = io.BytesIO()
+    image.crop((0, 0, 256, 512)).save(buf, format="PNG")
+    png = buf.getvalue()
+    forced = Forced(merged, spec)
+    answer = _ask(ollama_server, name, png)
+    ids = forced.ids(answer.tokens)
+    decode, stops = merged.processor.tokenizer.decode, merged.stop_ids()
+    as_served, _ = disagreements(answer, ids, forced.processor_prompt(png, ids, _qwen3vl_ollama_positions), stops,
+                                 decode)
+    assert not as_served, "; ".join(as_served)
+    as_trained, off = disagreements(answer, ids, forced.processor_prompt(png, ids), stops, decode)
+    assert as_trained, f"served as trained (log-probabilities within {off:.4f}): Ollama's positions are fixed"
