@@ -533,8 +533,11 @@ DEEPSEEK_R1 = ChatFormat(
     reasoning="r1",
     turn_by_turn=False,
 )
+# ChatML after the tokenizer's BOS (LFM2, LFM2-VL: `{{bos_token}}` opens the template): Ollama's tokenizer writes the
+# BOS (add_bos_token), the ChatML template the rest. Last, so a ChatML template without BOS stays `chatml`.
+CHATML_BOS = dataclasses.replace(CHATML, name="chatml-bos", bos_in_template=True, tools=None)
 FORMATS = (CHATML, LLAMA3, GEMMA, MISTRAL_V3, MISTRAL_V3_TEKKEN, MISTRAL_V7, PHI3, PHI4_MINI, PHI4, QWEN3,
-           DEEPSEEK_R1)
+           DEEPSEEK_R1, CHATML_BOS)
 
 
 @dataclass(frozen=True)

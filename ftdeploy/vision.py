@@ -20,7 +20,8 @@ a checkpoint saved by transformers 5 differs from it, is made good in a serving 
 * tokenizer: `tokenizer.model` (SentencePiece) is preferred, else `tokenizer.json` (byte-level BPE); the special
   tokens' ids come from `tokenizer.json`'s added tokens and `tokenizer_config.json`'s `bos_token`/`eos_token`, and
   whether BOS is added from `tokenizer_config.json`'s `add_bos_token`, which transformers 5 no longer writes (Gemma 3
-  would be served without its BOS); the chat template from `tokenizer_config.json`.
+  would be served without its BOS; LFM2-VL's template opens with it, and the Modelfile's TEMPLATE, `chatml-bos`, leaves
+  it to the tokenizer); the chat template from `tokenizer_config.json`.
 * config.json: the converter reads the text model's sizes at the top level (transformers 5 nests them in
   `text_config`), Qwen2.5-VL's `rope_theta` and `rope_scaling.mrope_section` (now `rope_parameters`) and its vision
   `in_chans` (now `in_channels`; without it the served model gets 0 image channels), Gemma 3's attention head counts,
@@ -30,9 +31,10 @@ a checkpoint saved by transformers 5 differs from it, is made good in a serving 
   without `rope_theta` the served model's rope base is 0).
 * preprocessor_config.json: Qwen3-VL's converter reads the image sizes, mean and std there and fails without it;
   transformers 5 keeps the image processor's settings in `processor_config.json`, so the copy writes them out.
+  LFM2-VL's converter reads `processor_config.json` itself (tiling, image-token limits, mean, std): the copy carries it.
 * tensors: transformers 5 saves Gemma 3's vision tower as `vision_tower.*`; the converter maps
   `vision_tower.vision_model.*` (the checkpoints' layout on the Hub), so the copy renames them (the safetensors
-  header only: the tensor bytes are copied as they are).
+  header only: the tensor bytes are copied as they are); LFM2-VL's `model.vision_tower.*` likewise.
 
 What Ollama 0.17.4 computes differently from transformers, measured on tiny models of each family against the real
 server (tests/integration/test_vision_families_real_ollama.py), is in each family's `served_differs`. Not measured
@@ -49,6 +51,11 @@ numbers the text after an image from the image's first position plus its width i
 taller than wide is served with other positions than trained (measured, its own test: the tiny model's greedy answer
 changes, log-probabilities move by up to 0.5; square and wide images are served as trained); Ollama shrinks its images
 to at most 2,097,152 pixels where the processor allows 16,777,216, and resizes them bilinearly where it uses bicubic.
+LFM2-VL: its projector's GELU is the tanh approximation where transformers computes the exact one, and Ollama resizes
+an image with Go's bilinear filter where the processor uses torchvision's antialiased one; measured on the tiny model
+beyond the family test's image: a 128-pixel image (enlarged) and a 1024-pixel one (2 x 2 tiles and a thumbnail) move the
+log-probabilities by 0.017 and 0.026, the greedy answer unchanged; wide and tall images (the position embeddings
+interpolated, as transformers does) are served as trained (0.004).
 """
 
 from __future__ import annotations
@@ -66,8 +73,7 @@ from .errors import ConfigError, ModelError
 # What Ollama's create takes as `quantize` for a model it converts (fs/ggml/type.go ParseFileType).
 OLLAMA_QUANTS = ("f16", "q8_0", "q4_k_s", "q4_k_m")
 # Vision architectures Ollama 0.17.4 converts itself that ftdeploy does not carry yet (not checked end to end).
-OLLAMA_CONVERTS_UNCHECKED = ("Lfm2VlForConditionalGeneration", "Gemma3nForConditionalGeneration",
-                             "Llama4ForConditionalGeneration")
+OLLAMA_CONVERTS_UNCHECKED: tuple[str, ...] = ()
 # Vision architectures Ollama 0.17.4 converts but serves wrong, measured on a tiny model against the real server: a
 # fine-tune of one would be registered and then answer as a different model. Refused in preflight, saying why.
 OLLAMA_SERVES_WRONG = {
@@ -76,6 +82,18 @@ OLLAMA_SERVES_WRONG = {
         "AttentionGate.Tanh and MLPGate.Tanh; ggml_tanh_inplace), so every forward pass applies tanh to the loaded "
         "gates once more: only the first token after a load is the trained model's (measured: the same greedy chat "
         "asked three times scores -5.64, -5.95, -6.24 and changes its answer)"),
+    "Llama4ForConditionalGeneration": (
+        "Ollama 0.17.4 normalizes Llama 4's text model with LayerNorm, which subtracts the mean, where Llama 4 uses "
+        "RMSNorm (model/models/llama4/model_text.go:111, 114, 162: nn.LayerNorm), applies the query/key norm on the "
+        "NoPE layers too where transformers applies it on the RoPE layers only (model_text.go:39), and closes an "
+        "image with <|image_start|> (200080) where <|image_end|> (200081) belongs (model.go:163). Measured on a tiny "
+        "model: a text-only chat's served log-probabilities are up to 2.7 off the merged model's and its greedy "
+        "answer differs, while the merged model with those changes gives the served ones within 0.008"),
+    "Gemma3nForConditionalGeneration": (
+        "Ollama 0.17.4 converts Gemma 3n as a text model: its converter drops the vision tower and its projector "
+        "(convert/convert_gemma3n.go:87-92, \"TODO: handle audio and vision towers\") and its gemma3n engine has no "
+        "vision model (model/models/gemma3n). Measured on a tiny model: the converted model has no v.* or mm.* "
+        "tensors and no vision keys, and /api/show lists only 'completion', so the fine-tune would be served blind"),
 }
 # Files of a merged model that Ollama's converter reads (besides the *.safetensors).
 _CONVERTER_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -127,6 +145,12 @@ FAMILIES = {f.architecture: f for f in (
                  caveat="Ollama 0.17.4 numbers the text after an image by the image's width in merged patches "
                         "(model/models/qwen3vl/model.go PostTokenize) where transformers uses its longer side, so "
                         "answers about images taller than wide can differ from the trained model's"),
+    VisionFamily("lfm2-vl", "Lfm2VlForConditionalGeneration", "lfm2", add_bos=True,
+                 language_model=r"^(?:model\.)?language_model\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|"
+                                r"out_proj)|conv\.(?:in_proj|out_proj)|feed_forward\.w[123])$",
+                 vision_tower=r"^(?:model\.)?(?:vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\."
+                              r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])|"
+                              r"multi_modal_projector\.linear_[12])$"),
 )}
 
 
@@ -197,6 +221,8 @@ def serving_copy(merged_dir: Path, out_dir: Path) -> list[Path]:
         files.append(out_dir / shard.name)
         if family.name == "gemma3":
             rename_tensors(shard, files[-1], _gemma3_tensor_name)
+        elif family.name == "lfm2-vl":
+            rename_tensors(shard, files[-1], _lfm2_vl_tensor_name)
         else:
             _link(shard, files[-1])
     (out_dir / "config.json").write_text(json.dumps(converter_config(config, family), indent=2))
@@ -210,6 +236,9 @@ def serving_copy(merged_dir: Path, out_dir: Path) -> list[Path]:
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
     if family.name == "qwen3-vl":
         _preprocessor_config(merged_dir, out_dir)
+    if family.name == "lfm2-vl" and (merged_dir / "processor_config.json").is_file():
+        # LFM2-VL's converter reads the image processor's tiling, token limits, mean and std there
+        _link(merged_dir / "processor_config.json", out_dir / "processor_config.json")
     return files + sorted(p for p in out_dir.iterdir() if p.suffix != ".safetensors")
 
 
@@ -281,6 +310,16 @@ def _preprocessor_config(merged_dir: Path, out_dir: Path) -> None:
 
 def _gemma3_tensor_name(name: str) -> str:
     prefix = "vision_tower."
+    if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+        return prefix + "vision_model." + name[len(prefix):]
+    return name
+
+
+def _lfm2_vl_tensor_name(name: str) -> str:
+    """transformers 5 saves LFM2-VL's vision tower as `model.vision_tower.*`; the converter maps
+    `model.vision_tower.vision_model.*` (the Hub's layout), and under other names writes tensors the engine does not
+    read."""
+    prefix = "model.vision_tower."
     if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
         return prefix + "vision_model." + name[len(prefix):]
     return name

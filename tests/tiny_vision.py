@@ -17,6 +17,10 @@ the family's special tokens at their real ids, a small trained vocabulary for th
 * Mistral 3: Tekken's 1,000 special tokens first (<unk> <s> </s> [INST] [/INST] ... [IMG] 10, [IMG_BREAK] 12,
   [IMG_END] 13, [SYSTEM_PROMPT] 17 ..., <SPECIAL_n> up to 999), SmolLM2's byte-level BPE vocabulary and merges after
   them, fillers up to 131,072, under Tekken's pre-tokenizer (Ollama's engine hard-codes it: model/models/mistral3).
+* LFM2-VL: LFM2's specials first (<|pad|> <|startoftext|> <|endoftext|> ... <|im_start|> 6, <|im_end|> 7), <image> 396,
+  <|img_row_R_col_C|> 397-496, <|img_thumbnail|> 497, <|image_start|> 498, <|image_end|> 499 (the converter finds the
+  markers by text, the engine takes <image> from config.json's image_token_id), SmolLM2's vocabulary after them,
+  fillers up to 65,536, under the Llama 3 pre-tokenizer (the engine's for LFM2).
 
 Shapes follow what Ollama 0.17.4 can serve: Qwen2.5-VL's text head size must be 128 (its converter writes no
 rope.dimension_count, and the engine's default is 128); Gemma 3 must have 256 image tokens (the engine reads
@@ -25,7 +29,8 @@ patches. Weights are drawn so that greedy answers vary with the prompt and the i
 embeddings repeats its last token, so the tiny one's are untied). Qwen3-VL: text head size 128, mrope sections
 [24, 20, 20] and a 48 x 48 vision position grid (the engine reads none of them from the converter's GGUF), and more
 text layers than deepstack ones (see _qwen3); 256-pixel images, the fewest pixels its processor and Ollama take
-unenlarged (65,536).
+unenlarged (65,536). LFM2-VL: tied embeddings (the converter maps no lm_head), 256-pixel images: 16 x 16 patches, the
+vision tower's position grid as LFM2-VL's is, 64 image tokens.
 """
 
 from __future__ import annotations
@@ -61,6 +66,15 @@ MISTRAL_VOCAB = 131072
 TEKKEN_PRETOKENIZE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
                       r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
                       r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LFM2_SPECIALS = ("<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
+                 "<|im_start|>", "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>",
+                 "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>")
+# <image>; after it <|img_row_R_col_C|> 397-496 (row-major), <|img_thumbnail|> 497, <|image_start|> 498,
+# <|image_end|> 499, as LFM2-VL has them (Ollama's own test: model/models/lfm2/model_multimodal_test.go)
+LFM2_IMAGE_TOKEN = 396
+LFM2_VOCAB = 65536
+LLAMA3_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _CORPUS = ["Name three colors.", "You answer in one short sentence.", "What is a river?", "Hi!",
            "What is in the picture?", "Describe the image.", "It is red. It is blue. A square on a gradient.",
            "Hello! How can I help?", "system user assistant model", "The Zephyr service uses port 7341."] * 20
@@ -89,6 +103,9 @@ FAMILIES = (
     VisionFamily("mistral3", "Mistral3ForConditionalGeneration", "chat_templates/mistral-v7.jinja", 112),
     # 256 pixels: Qwen3-VL's processor (and Ollama) enlarge an image of fewer than 65,536 pixels
     VisionFamily("qwen3-vl", "Qwen3VLForConditionalGeneration", "vision_templates/qwen3-vl.jinja", 256),
+    # 256 pixels: the fewest LFM2-VL's processor (and Ollama) take unenlarged (64 image tokens), and 16 x 16 patches,
+    # the vision tower's position grid, which neither side then interpolates
+    VisionFamily("lfm2-vl", "Lfm2VlForConditionalGeneration", "vision_templates/lfm2-vl.jinja", 256),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -189,6 +206,39 @@ def mistral_tokenizer(folder: Path) -> Any:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "pad_token": "<pad>", "model_max_length": 131072}))
     return AutoTokenizer.from_pretrained(folder)
+
+
+def lfm2_tokenizer(folder: Path) -> Any:
+    """LFM2's fixed tokens first (its specials, fillers, the image tokens at 396-499), SmolLM2's byte-level BPE
+    vocabulary and merges after them, fillers up to 65,536, under the Llama 3 pre-tokenizer Ollama's engine uses for
+    LFM2 (model/models/lfm2 New)."""
+    from transformers import AutoTokenizer
+
+    smol = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
+    own = {added["content"] for added in smol["added_tokens"]}  # SmolLM2's specials (ids 0-16) make way for LFM2's
+    grid = [f"<|img_row_{r}_col_{c}|>" for r in range(1, 11) for c in range(1, 11)]
+    fixed = [*LFM2_SPECIALS, *(f"<|reserved_{i}|>" for i in range(len(LFM2_SPECIALS), LFM2_IMAGE_TOKEN)), "<image>",
+             *grid, "<|img_thumbnail|>", "<|image_start|>", "<|image_end|>"]
+    vocab = {text: i - len(own) + len(fixed) for text, i in smol["model"]["vocab"].items() if text not in own}
+    vocab.update({text: i for i, text in enumerate(fixed)})
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), LFM2_VOCAB)})
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    smol["model"]["vocab"] = vocab
+    smol.update(
+        added_tokens=[{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                       "normalized": False, "special": True} for i, t in enumerate(fixed)],
+        normalizer=None, post_processor=level, decoder=level,
+        pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PRETOKENIZE}, "behavior": "Isolated", "invert": False},
+            level]})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(smol, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|pad|>", "model_max_length": 128000}))
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.convert_tokens_to_ids(["<image>", "<|img_thumbnail|>", "<|image_end|>"]) == [396, 497, 499]
+    return tok
 
 
 # ---------------------------------------------------------------- models
@@ -303,6 +353,34 @@ def _mistral3(folder: Path, tok: Any) -> tuple[Any, Any]:
     return model, processor
 
 
+def _lfm2_vl(folder: Path, tok: Any) -> tuple[Any, Any]:
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration, Lfm2VlImageProcessor, Lfm2VlProcessor
+
+    # LFM2-VL-1.6B's processor_config.json values
+    images = Lfm2VlImageProcessor(downsample_factor=2, do_image_splitting=True, min_tiles=2, max_tiles=10,
+                                  use_thumbnail=True, min_image_tokens=64, max_image_tokens=256, encoder_patch_size=16,
+                                  tile_size=512, max_pixels_tolerance=2.0, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Lfm2VlProcessor(image_processor=images, tokenizer=tok, chat_template=tok.chat_template)
+    # Tied embeddings, as every LFM2's: the converter maps no lm_head (convert/convert_lfm2.go), the engine takes the
+    # token embeddings for the output. Short-convolution layers between attention layers, as LFM2 has them
+    config = Lfm2VlConfig(
+        text_config={"model_type": "lfm2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": LFM2_VOCAB,
+                     "max_position_embeddings": 4096, "norm_eps": 1e-5, "conv_L_cache": 3,
+                     "block_auto_adjust_ff_dim": False,
+                     "layer_types": ["conv", "full_attention", "conv", "full_attention"],
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                     "bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 0, "tie_word_embeddings": True},
+        vision_config={"model_type": "siglip2_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 16, "num_patches": 256,
+                       "vision_use_head": False},
+        image_token_id=LFM2_IMAGE_TOKEN, projector_hidden_size=64, downsample_factor=2, tie_word_embeddings=True)
+    model = Lfm2VlForConditionalGeneration(config)
+    # embeddings smaller than the layers' weights: with tied embeddings the answer otherwise repeats its last token
+    _draw(model, {"vision": 0.2, "multi_modal": 0.2, "embed": 0.1, "": 0.2})
+    return model, processor
+
+
 def _draw(model: Any, stds: dict[str, float]) -> None:
     """Every weight matrix drawn from N(0, std), std by the first key found in its name; norms and biases as made
     (Gemma's projector starts at zero, which would make every image look the same)."""
@@ -323,11 +401,14 @@ def build_vision_model_dir(family: VisionFamily, path: Path, seed: int = 0) -> P
         tok = mistral_tokenizer(path)
     elif family.name == "qwen3-vl":
         tok = qwen_tokenizer(path, QWEN3_ADDED)
+    elif family.name == "lfm2-vl":
+        tok = lfm2_tokenizer(path)
     else:
         tok = (qwen_tokenizer if family.name == "qwen2.5-vl" else gemma_tokenizer)(path)
     tok.chat_template = family.template()
     torch.manual_seed(seed)
-    build = {"qwen2.5-vl": _qwen, "qwen3-vl": _qwen3, "mistral3": _mistral3}.get(family.name, _gemma)
+    build = {"qwen2.5-vl": _qwen, "qwen3-vl": _qwen3, "mistral3": _mistral3, "lfm2-vl": _lfm2_vl}.get(family.name,
+                                                                                                     _gemma)
     model, processor = build(path, tok)
     model.config.architectures = [family.architecture]
     model.eval().save_pretrained(path)

@@ -117,6 +117,10 @@ def stack(engine, tmp_path_factory) -> Stack:
         # dependencies change): remove those, and only those, so repeated runs do not fill the disk.
         subprocess.run([stack.docker, "image", "prune", "-f", "--filter", f"label={IMAGE_SOURCE_LABEL}"],
                        env=stack.env, capture_output=True, timeout=300)
+        # The builder's cache grows with every build too (21 GB after a day of runs here, which left CI too little
+        # disk for its fresh .venv): keep the newest 12 GB, enough for the next build of both images to be warm.
+        subprocess.run([stack.docker, "builder", "prune", "-f", "--keep-storage", "12gb"], env=stack.env,
+                       capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

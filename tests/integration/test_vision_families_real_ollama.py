@@ -157,7 +157,7 @@ def test_the_served_model_is_the_merged_model_and_sees_the_image(family, served,
     shown = ollama_server.show_json(name)
     assert "vision" in shown["capabilities"]
     assert shown["details"]["family"] == {"qwen2.5-vl": "qwen25vl", "gemma3": "gemma3",
-                                          "qwen3-vl": "qwen3vl", "mistral3": "mistral3"}[family.name]
+                                          "qwen3-vl": "qwen3vl", "mistral3": "mistral3", "lfm2-vl": "lfm2"}[family.name]
     forced = Forced(merged, spec)
     answers = {}
     for seed in SEEDS:

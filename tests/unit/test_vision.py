@@ -129,10 +129,44 @@ def test_qwen3_vl_serving_copy_has_the_rope_keys_and_the_preprocessor_config_the
         serving_copy(folder, tmp_path / "ollama")
 
 
+def test_lfm2_vl_serving_copy_renames_the_vision_tower_and_carries_the_processor_config(tmp_path):
+    """transformers 5 saves the vision tower as model.vision_tower.*, the converter maps
+    model.vision_tower.vision_model.*; it reads the tiling and image-token limits from processor_config.json; the
+    template opens with BOS, which Ollama's tokenizer then adds. LoRA's patterns find LFM2's linear layers."""
+    import re
+
+    from ftdeploy.vision import FAMILIES, serving_copy
+
+    lfm2 = {"architectures": ["Lfm2VlForConditionalGeneration"], "model_type": "lfm2_vl",
+            "text_config": {"hidden_size": 64, "model_type": "lfm2"}, "vision_config": {"hidden_size": 32}}
+    names = ["model.language_model.layers.0.conv.in_proj.weight", "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+             "model.vision_tower.vision_model.post_layernorm.weight", "model.multi_modal_projector.linear_1.weight"]
+    folder = model_dir(tmp_path, lfm2, names, {"bos_token": "<|startoftext|>"})
+    images = {"image_processor_type": "Lfm2VlImageProcessor", "tile_size": 512, "max_image_tokens": 256}
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": images}))
+    files = serving_copy(folder, tmp_path / "ollama")
+    header, data = read_header(files[0])
+    assert sorted(k for k in header if k != "__metadata__") == sorted([
+        "model.language_model.layers.0.conv.in_proj.weight",
+        "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+        "model.vision_tower.vision_model.post_layernorm.weight", "model.multi_modal_projector.linear_1.weight"])
+    assert data == b"\x01\x02\x03\x04" * 4
+    assert json.loads((tmp_path / "ollama" / "processor_config.json").read_text())["image_processor"] == images
+    assert json.loads((tmp_path / "ollama" / "config.json").read_text())["text_config"]["hidden_size"] == 64
+    assert json.loads((tmp_path / "ollama" / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    family = FAMILIES["Lfm2VlForConditionalGeneration"]
+    for layer in ("self_attn.out_proj", "conv.in_proj", "conv.out_proj", "feed_forward.w2"):
+        assert re.search(family.language_model, f"model.language_model.layers.3.{layer}"), layer
+    assert not re.search(family.language_model, "model.vision_tower.encoder.layers.0.self_attn.q_proj")
+    for name in ("model.vision_tower.encoder.layers.1.self_attn.out_proj", "model.multi_modal_projector.linear_2"):
+        assert re.search(family.vision_tower, name), name
+
+
 @pytest.mark.parametrize(("arch", "said"), [
     ("LlavaForConditionalGeneration", "not supported"),
-    ("Llama4ForConditionalGeneration", "Ollama 0.17.4 converts it, but ftdeploy does not train and check it yet"),
+    ("Gemma3nForConditionalGeneration", "converts Gemma 3n as a text model"),
     ("MllamaForConditionalGeneration", "in-place tanh"),  # converted, but served wrong: why is said
+    ("Llama4ForConditionalGeneration", "where Llama 4 uses RMSNorm"),
 ])
 def test_an_architecture_not_carried_is_refused_naming_those_that_are(arch, said):
     from ftdeploy.vision import family_of
