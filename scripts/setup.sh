@@ -45,7 +45,8 @@ native_tools() {
 native_log="$(mktemp)"
 native_tools > "$native_log" 2>&1 &
 native_pid=$!
-trap 'kill "$native_pid" 2>/dev/null; rm -f "$native_log" "$native_log.bin"' EXIT
+# (`|| true`: under set -e a kill of the finished job would fail the trap, and with it a setup that succeeded)
+trap 'kill "$native_pid" 2>/dev/null || true; rm -f "$native_log" "$native_log.bin"' EXIT
 
 # Every dependency goes through a wheelhouse first: the llama.cpp build (about 10 minutes) and the torch
 # download happen once per machine, and the container images install from the same wheels
