@@ -182,46 +182,17 @@ def gemma_tokenizer(folder: Path) -> Any:
     return tok
 
 
-def mistral_tokenizer(folder: Path) -> Any:
+def _fixed_then_smollm2(folder: Path, fixed: list[str], size: int, pretokenize: str, config: dict) -> Any:
+    """A tokenizer whose first ids are a family's fixed tokens (its specials at their real ids), SmolLM2's byte-level
+    BPE vocabulary and merges after them (SmolLM2's own specials, ids 0-16, make way), fillers up to `size`, under
+    the family's pre-tokenizer regex."""
     from transformers import AutoTokenizer
 
     smol = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
-    own = {added["content"] for added in smol["added_tokens"]}  # SmolLM2's specials (ids 0-16) make way for Tekken's
-    specials = list(MISTRAL_SPECIALS) + [f"<SPECIAL_{i}>" for i in range(len(MISTRAL_SPECIALS), 1000)]
-    vocab = {text: i - len(own) + len(specials) for text, i in smol["model"]["vocab"].items() if text not in own}
-    vocab.update({text: i for i, text in enumerate(specials)})
-    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), MISTRAL_VOCAB)})
-    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    smol["model"]["vocab"] = vocab
-    smol.update(
-        added_tokens=[{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                       "normalized": False, "special": True} for i, t in enumerate(specials)],
-        normalizer=None, post_processor=level, decoder=level,
-        pre_tokenizer={"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": TEKKEN_PRETOKENIZE}, "behavior": "Isolated", "invert": False},
-            level]})
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.json").write_text(json.dumps(smol, ensure_ascii=False))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "pad_token": "<pad>", "model_max_length": 131072}))
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def lfm2_tokenizer(folder: Path) -> Any:
-    """LFM2's fixed tokens first (its specials, fillers, the image tokens at 396-499), SmolLM2's byte-level BPE
-    vocabulary and merges after them, fillers up to 65,536, under the Llama 3 pre-tokenizer Ollama's engine uses for
-    LFM2 (model/models/lfm2 New)."""
-    from transformers import AutoTokenizer
-
-    smol = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
-    own = {added["content"] for added in smol["added_tokens"]}  # SmolLM2's specials (ids 0-16) make way for LFM2's
-    grid = [f"<|img_row_{r}_col_{c}|>" for r in range(1, 11) for c in range(1, 11)]
-    fixed = [*LFM2_SPECIALS, *(f"<|reserved_{i}|>" for i in range(len(LFM2_SPECIALS), LFM2_IMAGE_TOKEN)), "<image>",
-             *grid, "<|img_thumbnail|>", "<|image_start|>", "<|image_end|>"]
+    own = {added["content"] for added in smol["added_tokens"]}
     vocab = {text: i - len(own) + len(fixed) for text, i in smol["model"]["vocab"].items() if text not in own}
     vocab.update({text: i for i, text in enumerate(fixed)})
-    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), LFM2_VOCAB)})
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), size)})
     level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     smol["model"]["vocab"] = vocab
     smol.update(
@@ -229,14 +200,33 @@ def lfm2_tokenizer(folder: Path) -> Any:
                        "normalized": False, "special": True} for i, t in enumerate(fixed)],
         normalizer=None, post_processor=level, decoder=level,
         pre_tokenizer={"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_PRETOKENIZE}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": pretokenize}, "behavior": "Isolated", "invert": False},
             level]})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(json.dumps(smol, ensure_ascii=False))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>",
-        "pad_token": "<|pad|>", "model_max_length": 128000}))
-    tok = AutoTokenizer.from_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def mistral_tokenizer(folder: Path) -> Any:
+    """Tekken's specials at their real ids ([IMG] 10, [IMG_BREAK] 12, [IMG_END] 13), 1000 of them, then SmolLM2's
+    vocabulary, up to 131,072 ids, under Tekken's pre-tokenizer (Ollama's engine hard-codes both)."""
+    specials = list(MISTRAL_SPECIALS) + [f"<SPECIAL_{i}>" for i in range(len(MISTRAL_SPECIALS), 1000)]
+    return _fixed_then_smollm2(folder, specials, MISTRAL_VOCAB, TEKKEN_PRETOKENIZE, {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "model_max_length": 131072})
+
+
+def lfm2_tokenizer(folder: Path) -> Any:
+    """LFM2's fixed tokens first (its specials, fillers, the image tokens at 396-499), SmolLM2's byte-level BPE
+    vocabulary and merges after them, fillers up to 65,536, under the Llama 3 pre-tokenizer Ollama's engine uses for
+    LFM2 (model/models/lfm2 New)."""
+    grid = [f"<|img_row_{r}_col_{c}|>" for r in range(1, 11) for c in range(1, 11)]
+    fixed = [*LFM2_SPECIALS, *(f"<|reserved_{i}|>" for i in range(len(LFM2_SPECIALS), LFM2_IMAGE_TOKEN)), "<image>",
+             *grid, "<|img_thumbnail|>", "<|image_start|>", "<|image_end|>"]
+    tok = _fixed_then_smollm2(folder, fixed, LFM2_VOCAB, LLAMA3_PRETOKENIZE, {
+        "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>", "model_max_length": 128000})
     assert tok.convert_tokens_to_ids(["<image>", "<|img_thumbnail|>", "<|image_end|>"]) == [396, 497, 499]
     return tok
 
