@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ftdeploy.errors import ConfigError
+from ftdeploy.errors import ConfigError, ModelError
 
 QWEN = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
         "text_config": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
@@ -104,7 +104,6 @@ def test_mistral3_serving_copy_gives_the_text_rope_a_scaling_factor_of_one(tmp_p
 def test_qwen3_vl_serving_copy_has_the_rope_keys_and_the_preprocessor_config_the_converter_reads(tmp_path):
     """transformers 5 writes rope_parameters and keeps the image processor in processor_config.json; the converter
     reads text_config.rope_theta, vision_config.rope_theta and preprocessor_config.json (it fails without it)."""
-    from ftdeploy.errors import ModelError
     from ftdeploy.vision import serving_copy
 
     qwen3 = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
@@ -223,6 +222,11 @@ def test_preflight_refuses_an_unsupported_vision_base_and_settings_a_vision_run_
     with pytest.raises(ConfigError, match="train.method dpo: vision models train with sft only"):
         check_vision_base(_ctx(tmp_path / "d", QWEN, train={"method": "dpo"}), ["train"])
     check_vision_base(_ctx(tmp_path / "e", {"architectures": ["LlamaForCausalLM"]}), ["data", "train"])  # text
+    # A checkpoint Ollama would serve wrong fails here, before training, not at export
+    odd = {"architectures": ["Qwen3VLForConditionalGeneration"], "vision_config": {},
+           "text_config": {"rope_parameters": {"rope_theta": 5e6, "mrope_section": [16, 24, 24]}}}
+    with pytest.raises(ModelError, match=r"mrope sections \[16, 24, 24\]"):
+        check_vision_base(_ctx(tmp_path / "f", odd), ["data", "train"])
 
 
 def test_the_cli_fails_in_preflight_before_any_stage(tmp_path):
