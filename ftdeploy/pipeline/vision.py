@@ -169,7 +169,7 @@ def stage_verify_vision(ctx: Context) -> VerifySummary:
     gated by verify.min_score; the prompt Ollama builds from the first chat (image included) as long as the
     training processor's."""
     from ..data.image_writer import load_images, load_vision_rows
-    from ..fidelity import agreement_scores
+    from ..fidelity import agreement_scores, score
     from ..stages.verify_vision import MergedVision, served_answer
     from .artifacts import load_spec
     from .verify import _require_registered, _verdict
@@ -194,11 +194,12 @@ def stage_verify_vision(ctx: Context) -> VerifySummary:
     tok = merged.processor.tokenizer
     references = [_text(r["messages"][-1]) for r in rows]
     limit = cfg.verify.max_tokens or max([len(tok(ref)["input_ids"]) for ref in references] + [16]) * 3 // 2 + 8
-    answers, agreements, served_replies, merged_replies = [], [], [], []
+    answers, agreements, served_replies, merged_replies, asked = [], [], [], [], []
     parity = TemplateParity()
     for row, reference in zip(rows, references, strict=True):
         prompt, images = row["messages"][:-1], load_images(ctx.run.data_dir, row["images"])
         shown = images[:_images_in(prompt)]
+        asked.append((prompt, shown))
         served = served_answer(client, name, prompt, shown, limit)
         want = merged.answer(prompt, shown, limit, spec.system)
         agreements.append(_agreement(want, served, tok))
@@ -210,8 +211,6 @@ def stage_verify_vision(ctx: Context) -> VerifySummary:
                               gated=expect is not None, done_reason="stop" if served.stopped else "length"))
         if not parity.checked:
             parity = _parity(client, name, merged, prompt, shown, spec.system)
-    from ..fidelity import score
-
     expected = [a.expected if source == "eval" else "" for a in answers]
     modes = [row.get("match", "contains") for row in rows]
     served_score = ModelScore(role="served", label=f"served ({ctx.cfg.name})", quant=previous(
@@ -229,16 +228,16 @@ def stage_verify_vision(ctx: Context) -> VerifySummary:
         expect_hits=sum(a.ok for a in gated), max_tokens=limit, min_agreement=cfg.verify.min_agreement,
         prompt_source=source, system=spec.system)
     if cfg.verify.compare:
-        asked = [(row["messages"][:-1], load_images(ctx.run.data_dir, row["images"])) for row in rows]
-        _compare_base(ctx, merged, [(p, i[:_images_in(p)]) for p, i in asked], limit, spec.system, modes, summary)
+        _compare_base(ctx, merged, asked, limit, spec.system, (expected, modes, merged_replies), summary)
     return _verdict(ctx, summary, {})
 
 
 def _compare_base(ctx: Context, merged: Any, asked: list[tuple[list[dict[str, Any]], list[bytes]]], limit: int,
-                  system: str | None, modes: list[str], summary: VerifySummary) -> None:
-    """verify.compare, as for text models: the base's answers to the same image chats, scored as the merged model's
-    are, and forgetting on the general prompts (text only: a vision fine-tune must still answer what its base
-    answered). One model in memory at a time: the merged model is freed before the base loads."""
+                  system: str | None, scoring: tuple[list[str], list[str], list[str]], summary: VerifySummary) -> None:
+    """verify.compare, as for text models: the base's answers to the same image chats (`asked`: each prompt with
+    its images), scored as the merged model's are (`scoring`: the expected answers, their match modes, the merged
+    model's replies), and forgetting on the general prompts (text only: a vision fine-tune must still answer what
+    its base answered). One model in memory at a time: the merged model is freed before the base loads."""
     from ..fidelity import forgetting, general_prompts, score
     from ..results import Forgetting, ForgettingItem
     from ..stages.verify import GENERAL_TOKENS
@@ -252,8 +251,7 @@ def _compare_base(ctx: Context, merged: Any, asked: list[tuple[list[dict[str, An
     replies = [base.answer(prompt, images, limit, system).text for prompt, images in asked]
     base_general = [base.answer(chat, [], GENERAL_TOKENS).text for chat in chats]
     del base
-    merged_replies = next(m.replies for m in summary.models if m.role == "merged")
-    expected = [a.expected if summary.prompt_source == "eval" else "" for a in summary.answers]
+    expected, modes, merged_replies = scoring
     summary.models.append(ModelScore(role="base", label="base", replies=replies,
                                      **score(replies, expected, merged_replies, modes)))
     summary.forgetting = Forgetting(**forgetting(base_general, tuned, expects), items=[
