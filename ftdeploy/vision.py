@@ -60,6 +60,7 @@ interpolated, as transformers does) are served as trained (0.004).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -219,10 +220,9 @@ def serving_copy(merged_dir: Path, out_dir: Path) -> list[Path]:
     files = []
     for shard in shards:
         files.append(out_dir / shard.name)
-        if family.name == "gemma3":
-            rename_tensors(shard, files[-1], _gemma3_tensor_name)
-        elif family.name == "lfm2-vl":
-            rename_tensors(shard, files[-1], _lfm2_vl_tensor_name)
+        if family.name in _VISION_TOWER_PREFIX:
+            rename_tensors(shard, files[-1], functools.partial(_under_vision_model,
+                                                               _VISION_TOWER_PREFIX[family.name]))
         else:
             _link(shard, files[-1])
     (out_dir / "config.json").write_text(json.dumps(converter_config(config, family), indent=2))
@@ -308,18 +308,12 @@ def _preprocessor_config(merged_dir: Path, out_dir: Path) -> None:
     (out_dir / own.name).write_text(json.dumps(images, indent=2))
 
 
-def _gemma3_tensor_name(name: str) -> str:
-    prefix = "vision_tower."
-    if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
-        return prefix + "vision_model." + name[len(prefix):]
-    return name
+# Where transformers 5 saves a family's vision tower without the `vision_model.` level the converter maps (the
+# Hub's layout: `vision_tower.vision_model.*`; under other names it writes tensors the engine does not read).
+_VISION_TOWER_PREFIX = {"gemma3": "vision_tower.", "lfm2-vl": "model.vision_tower."}
 
 
-def _lfm2_vl_tensor_name(name: str) -> str:
-    """transformers 5 saves LFM2-VL's vision tower as `model.vision_tower.*`; the converter maps
-    `model.vision_tower.vision_model.*` (the Hub's layout), and under other names writes tensors the engine does not
-    read."""
-    prefix = "model.vision_tower."
+def _under_vision_model(prefix: str, name: str) -> str:
     if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
         return prefix + "vision_model." + name[len(prefix):]
     return name
